@@ -1,0 +1,44 @@
+// swift-tools-version:6.0
+// migrated: live migration and snapshots for virtual machines.
+// Layering (lower rows never import higher ones) is described in ARCHITECTURE.md:
+//   C shims -> LinuxSystem -> KVMBackend -> MicroVM -> executables
+//   CZstd/CLZ4 -> PageCodec;  MigrationWire (no platform dependencies)
+import PackageDescription
+
+let package = Package(
+    name: "migrated",
+    products: [
+        .library(name: "KVMBackend", targets: ["KVMBackend"]),
+        .library(name: "MicroVM", targets: ["MicroVM"]),
+        .library(name: "MigrationWire", targets: ["MigrationWire"]),
+        .library(name: "PageCodec", targets: ["PageCodec"]),
+        .executable(name: "microvm", targets: ["MicroVMCLI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // System libraries, from Debian's -dev packages.
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        // Thin C wrappers for <linux/kvm.h> ioctls, whose request numbers are macros Swift cannot import.
+        .target(name: "CKVM"),
+
+        .target(name: "LinuxSystem", dependencies: ["CKVM"]),
+        .target(name: "KVMBackend", dependencies: ["CKVM", "LinuxSystem"]),
+        .target(name: "MicroVM", dependencies: ["KVMBackend", "LinuxSystem"]),
+        .executableTarget(name: "MicroVMCLI", dependencies: [
+            "MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .target(name: "MigrationWire"),
+        .target(name: "PageCodec", dependencies: ["CZstd", "CLZ4"]),
+
+        .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM"]),
+        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM"]),
+        .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
+        .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,1 @@
+// KVMBackend: sources follow.

@@ -1,0 +1,1 @@
+// LinuxSystem: sources follow.

@@ -1,0 +1,1 @@
+// MicroVM: sources follow.

@@ -1,0 +1,1 @@
+// MigrationWire: sources follow.

@@ -1,0 +1,1 @@
+// PageCodec: sources follow.

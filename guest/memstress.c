@@ -1,0 +1,340 @@
+/*
+ * memstress: writes stamped pages at a paced rate and verifies every page
+ * ever written once a second, so that a migration which loses a write (the
+ * page is self-consistent but STALE) or corrupts one is caught.
+ *
+ * Page layout (4096 bytes, at WORKLOAD_BASE + index * 4096):
+ *   u64 index      page index within the working set
+ *   u64 gen        how many times this page has been written (1-based)
+ *   u64 checksum   hash_payload() of bytes 32..4095
+ *   u32 kind       0 zero, 1 text, 2 random
+ *   u32 magic      STAMP_MAGIC
+ *   payload        4064 bytes
+ * The expected generation of every page lives in genarr[] below 16 MiB.
+ */
+#include "user.h"
+
+#define PAGE_WORDS 512
+#define HDR_WORDS 4
+#define PAYLOAD_WORDS (PAGE_WORDS - HDR_WORDS)   /* 508, a multiple of 4 */
+#define STAMP_MAGIC 0x5054534dU                 /* "MSTP" */
+
+enum { KIND_ZERO, KIND_TEXT, KIND_RANDOM, PATTERN_MIXED };
+static const char *const pattern_names[] = { "zero", "text", "random", "mixed" };
+
+/* Uninitialised .bss is fine: only the first npages entries are used, and
+ * they are cleared at start. */
+static u32 genarr[MAX_WORK_PAGES];
+
+#define CORPUS_SIZE 65536
+static char corpus[CORPUS_SIZE + 4096];   /* + slack so a page never wraps */
+
+static u64 npages, seed, stride;
+static int pattern;
+static u64 zero_sum;
+
+static inline u64 rotl(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
+
+/* splitmix64 finaliser: turns (seed, page, gen) into well-spread bits. */
+static inline u64 mix64(u64 z)
+{
+	z += 0x9e3779b97f4a7c15UL;
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9UL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebUL;
+	return z ^ (z >> 31);
+}
+
+/* Four independent multiply-rotate lanes keep the multiplier busy: a few GB/s
+ * per core, far more than the 1 s verify budget needs. */
+#define H1 0x9fb21c651e98df25UL
+#define H2 0xc2b2ae3d27d4eb4fUL
+#define HASH_ROUND(h, w) ((h) = rotl(((h) ^ (w)) * H1, 29))
+
+static inline u64 hash_final(u64 a, u64 b, u64 c, u64 d)
+{
+	return mix64(a ^ rotl(b, 16) ^ rotl(c, 32) ^ rotl(d, 48) ^ H2);
+}
+
+#define HASH_INIT u64 ha = 0x243f6a8885a308d3UL, hb = 0x13198a2e03707344UL, \
+	hc = 0xa4093822299f31d0UL, hd = 0x082efa98ec4e6c89UL
+
+static u64 hash_payload(const u64 *p)
+{
+	HASH_INIT;
+	for (int i = 0; i < PAYLOAD_WORDS; i += 4) {
+		HASH_ROUND(ha, p[i]);
+		HASH_ROUND(hb, p[i + 1]);
+		HASH_ROUND(hc, p[i + 2]);
+		HASH_ROUND(hd, p[i + 3]);
+	}
+	return hash_final(ha, hb, hc, hd);
+}
+
+static u64 fill_zero(u64 *p)
+{
+	for (int i = 0; i < PAYLOAD_WORDS; i++)
+		p[i] = 0;
+	return zero_sum;
+}
+
+/* Incompressible payload: four xorshift64 streams, hashed as they are stored. */
+static u64 fill_random(u64 *p, u64 r)
+{
+	u64 s0 = mix64(r) | 1, s1 = mix64(r + 1) | 1, s2 = mix64(r + 2) | 1, s3 = mix64(r + 3) | 1;
+	HASH_INIT;
+#define XS(s) (s ^= s << 13, s ^= s >> 7, s ^= s << 17, s)
+	for (int i = 0; i < PAYLOAD_WORDS; i += 4) {
+		u64 a = XS(s0), b = XS(s1), c = XS(s2), d = XS(s3);
+		p[i] = a;
+		p[i + 1] = b;
+		p[i + 2] = c;
+		p[i + 3] = d;
+		HASH_ROUND(ha, a);
+		HASH_ROUND(hb, b);
+		HASH_ROUND(hc, c);
+		HASH_ROUND(hd, d);
+	}
+#undef XS
+	return hash_final(ha, hb, hc, hd);
+}
+
+/* Text-like payload: a window of the word corpus at a per-write offset, so it
+ * compresses like prose yet differs from write to write. */
+static u64 fill_text(u64 *p, u64 r)
+{
+	const char *src = corpus + (r % CORPUS_SIZE);
+	HASH_INIT;
+	for (int i = 0; i < PAYLOAD_WORDS; i += 4) {
+		u64 w[4];
+		__builtin_memcpy(w, src + 8 * i, sizeof(w));
+		p[i] = w[0];
+		p[i + 1] = w[1];
+		p[i + 2] = w[2];
+		p[i + 3] = w[3];
+		HASH_ROUND(ha, w[0]);
+		HASH_ROUND(hb, w[1]);
+		HASH_ROUND(hc, w[2]);
+		HASH_ROUND(hd, w[3]);
+	}
+	return hash_final(ha, hb, hc, hd);
+}
+
+static const char *const vocab[] = {
+	"the", "of", "and", "a", "to", "in", "is", "it", "that", "was", "for", "on", "are",
+	"with", "as", "be", "at", "this", "have", "from", "or", "by", "not", "but", "what",
+	"all", "were", "when", "we", "there", "can", "an", "your", "which", "their", "said",
+	"memory", "page", "migration", "kernel", "virtual", "machine", "dirty", "bitmap",
+	"network", "socket", "buffer", "compress", "snapshot", "restore", "guest", "host",
+	"register", "interrupt", "timer", "device", "queue", "thread", "process", "signal",
+	"during", "between", "because", "although", "however", "therefore", "without",
+};
+
+static void build_corpus(void)
+{
+	u64 r = seed ^ 0x7e47UL, col = 0, n = 0;
+	const u64 nv = sizeof(vocab) / sizeof(vocab[0]);
+	while (n < sizeof(corpus)) {
+		r = mix64(r);
+		const char *w = vocab[r % nv];
+		for (u64 i = 0; w[i] && n < sizeof(corpus); i++, col++)
+			corpus[n++] = (i == 0 && (r >> 40) % 11 == 0) ? (char)(w[0] - 32) : w[i];
+		if (n >= sizeof(corpus))
+			break;
+		u64 sep = (r >> 20) % 16;
+		if (sep == 0 && n + 2 < sizeof(corpus)) {
+			corpus[n++] = '.';
+			corpus[n++] = ' ';
+		} else if (sep == 1) {
+			corpus[n++] = ',';
+		} else if (col > 70) {
+			corpus[n++] = '\n';
+			col = 0;
+			continue;
+		}
+		if (n < sizeof(corpus))
+			corpus[n++] = ' ';
+		col++;
+	}
+}
+
+static void write_page(u64 page, u64 gen)
+{
+	u64 *p = (u64 *)(WORKLOAD_BASE + page * 4096);
+	u64 r = mix64(seed ^ (page * 0x9e3779b97f4a7c15UL) ^ (gen << 40) ^ gen);
+	u64 kind = pattern == PATTERN_MIXED ? (r >> 32) % 3 : (u64)pattern;
+	u64 sum;
+	if (kind == KIND_ZERO)
+		sum = fill_zero(p + HDR_WORDS);
+	else if (kind == KIND_TEXT)
+		sum = fill_text(p + HDR_WORDS, r);
+	else
+		sum = fill_random(p + HDR_WORDS, r);
+	p[0] = page;
+	p[1] = gen;
+	p[2] = sum;
+	p[3] = kind | ((u64)STAMP_MAGIC << 32);
+	genarr[page] = (u32)gen;
+}
+
+/* The i-th write overall goes to page (i mod n) * stride mod n: each pass
+ * covers every page once, scattered across 2 MiB regions rather than a
+ * sliding window, which is harder on dirty tracking. */
+static u64 page_of(u64 i) { return ((i % npages) * stride) % npages; }
+static u64 gen_of(u64 i) { return i / npages + 1; }
+
+static u64 gcd(u64 a, u64 b)
+{
+	while (b) {
+		u64 t = a % b;
+		a = b;
+		b = t;
+	}
+	return a;
+}
+
+/* Checks every page with a nonzero expected generation; exits 0x11 on the first bad one. */
+static void verify_all(void)
+{
+	for (u64 page = 0; page < npages; page++) {
+		u64 g = genarr[page];
+		if (!g)
+			continue;
+		const u64 *p = (const u64 *)(WORKLOAD_BASE + page * 4096);
+		u64 sum = hash_payload(p + HDR_WORDS);
+		if (p[0] == page && p[1] == g && p[3] >> 32 == STAMP_MAGIC && (u32)p[3] <= KIND_RANDOM && p[2] == sum)
+			continue;
+		const char *why = "corrupt";
+		if (p[0] == page && p[3] >> 32 == STAMP_MAGIC && p[2] == sum)
+			why = p[1] < g ? "stale" : "generation-mismatch";
+		uprintf("memstress verify=FAIL page=%lu reason=%s addr=0x%lx expected index=%lu gen=%lu found index=%lu gen=%lu kind=%lu magic=0x%lx checksum stored=0x%lx computed=0x%lx ticks=%lu\n",
+			page, why, (u64)p, page, g, p[0], p[1], p[3] & 0xffffffffUL, p[3] >> 32, p[2], sum, ticks);
+		sys_exit(EXIT_FAIL);
+	}
+}
+
+static void setup(u64 size_mib)
+{
+	const char *pat = cmd_get("pattern");
+	pattern = PATTERN_MIXED;
+	if (pat) {
+		int found = 0;
+		for (int k = 0; k < 4; k++) {
+			const char *a = pattern_names[k], *b = pat;
+			while (*a && *a == *b)
+				a++, b++;
+			if (!*a && (*b == ' ' || !*b)) {
+				pattern = k;
+				found = 1;
+			}
+		}
+		if (!found)
+			die(EXIT_BADCMD, "bad command line: pattern= must be zero, text, random or mixed\n");
+	}
+	seed = cmd_u64("seed", 0x5eed);
+	if (size_mib == 0 || size_mib > (MAX_WORK_PAGES >> 8))
+		die(EXIT_BADCMD, "bad command line: size_mib out of range\n");
+	npages = size_mib * 256;
+	claim_workload(size_mib << 20, "memstress");
+	for (u64 i = 0; i < npages; i++)
+		genarr[i] = 0;
+	/* A stride near n/phi that is coprime to n makes i -> i*stride mod n a permutation. */
+	stride = (npages * 618) / 1000 | 1;
+	while (gcd(stride, npages) != 1)
+		stride += 2;
+	build_corpus();
+	__builtin_memcpy(corpus + CORPUS_SIZE, corpus, 4096);
+	u64 zeros[PAYLOAD_WORDS] = { 0 };
+	zero_sum = hash_payload(zeros);
+}
+
+void memstress_main(void)
+{
+	u64 size_mib = cmd_u64("size_mib", 64);
+	u64 rate_mib = cmd_u64("rate_mib", 0);
+	u64 duration = cmd_u64("duration_s", 0);
+	setup(size_mib);
+	uprintf("memstress boot size_mib=%lu rate_mib=%lu pattern=%s seed=%lu duration_s=%lu pages_total=%lu\n",
+		size_mib, rate_mib, pattern_names[pattern], seed, duration, npages);
+
+	const u64 rate_pages = rate_mib * 256;   /* pages per second */
+	u64 written = 0;                         /* writes done, all generations */
+	u64 credit = 0;                          /* in pages * TIMER_HZ */
+	u64 last_tick = ticks;
+	u64 next_verify = 0;                     /* 0: first status line right away */
+	for (;;) {
+		u64 t = ticks;
+		if (t != last_tick) {
+			/* Pace by the tick counter; cap the backlog at one second so a
+			 * long pause (e.g. a migration) does not cause a write storm. */
+			credit += (t - last_tick) * rate_pages;
+			if (credit > rate_pages * TIMER_HZ)
+				credit = rate_pages * TIMER_HZ;
+			last_tick = t;
+		}
+		if (duration && t >= duration * TIMER_HZ) {
+			verify_all();
+			uprintf("memstress t=%lu gen=%lu pages=%lu ticks=%lu verify=ok\n",
+				t / TIMER_HZ, (written + npages - 1) / npages, written < npages ? written : npages, t);
+			die(EXIT_PASS, "memstress done\n");
+		}
+		if (t >= next_verify) {
+			verify_all();
+			uprintf("memstress t=%lu gen=%lu pages=%lu ticks=%lu verify=ok\n",
+				t / TIMER_HZ, (written + npages - 1) / npages, written < npages ? written : npages, t);
+			next_verify = (t / TIMER_HZ + 1) * TIMER_HZ;
+			continue;
+		}
+		u64 quota;
+		if (rate_mib == 0)
+			quota = written < npages ? npages - written : 0;   /* fill once */
+		else
+			quota = credit / TIMER_HZ;
+		if (quota == 0) {
+			sys_wait();
+			continue;
+		}
+		/* Small batches so the tick counter (verify/duration deadlines) is
+		 * looked at every ~100 us even when writing flat out. */
+		if (quota > 64)
+			quota = 64;
+		for (u64 k = 0; k < quota; k++, written++)
+			write_page(page_of(written), gen_of(written));
+		if (rate_mib)
+			credit -= quota * TIMER_HZ;
+	}
+}
+
+/*
+ * workload=bench size_mib=N: measures write and verify throughput for each
+ * pattern, timed with the TSC calibrated against the 100 Hz LAPIC tick.
+ */
+void bench_main(void)
+{
+	u64 size_mib = cmd_u64("size_mib", 256);
+	setup(size_mib);
+	uprintf("bench boot size_mib=%lu\n", size_mib);
+	sys_wait();
+	u64 tk0 = ticks, c0 = rdtsc();
+	while (ticks < tk0 + 50)
+		sys_wait();
+	u64 tsc_hz = (rdtsc() - c0) * TIMER_HZ / (ticks - tk0);
+	uprintf("bench tsc_mhz=%lu\n", tsc_hz / 1000000);
+
+	/* Pass 0 touches every page once so first-touch (host page faults) is
+	 * measured separately from steady-state throughput. */
+	static const int order[] = { KIND_ZERO, KIND_ZERO, KIND_TEXT, KIND_RANDOM, PATTERN_MIXED };
+	for (u64 pass = 0; pass < sizeof(order) / sizeof(order[0]); pass++) {
+		pattern = order[pass];
+		u64 a = rdtsc();
+		for (u64 page = 0; page < npages; page++)
+			write_page(page, pass + 1);
+		u64 b = rdtsc();
+		verify_all();
+		u64 c = rdtsc();
+		u64 mib_ms_w = (b - a) * 1000 / tsc_hz, mib_ms_v = (c - b) * 1000 / tsc_hz;
+		uprintf("bench pattern=%s%s write_ms=%lu write_mib_s=%lu verify_ms=%lu verify_mib_s=%lu\n",
+			pattern_names[pattern], pass == 0 ? "(first-touch)" : "",
+			mib_ms_w, size_mib * tsc_hz / (b - a + 1), mib_ms_v, size_mib * tsc_hz / (c - b + 1));
+	}
+	die(EXIT_PASS, "bench done\n");
+}

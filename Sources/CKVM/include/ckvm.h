@@ -1,2 +1,132 @@
+// CKVM: the parts of <linux/kvm.h> and a few Linux system calls that Swift cannot import directly.
+// KVM's ioctl request numbers are function-like macros (_IOR, _IOW, ...), and glibc's ioctl() is variadic;
+// Swift imports neither, so this header re-exports the numbers as constants and offers fixed-arity calls.
+// Nothing here retries on EINTR or interprets errors: that is done once, in Swift (LinuxSystem).
 #pragma once
 #include <linux/kvm.h>
+#include <stdint.h>
+#include <stddef.h>
+
+// MARK: ioctl with a fixed arity
+
+int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg);
+int ckvm_ioctl_val(int fd, unsigned long request, unsigned long arg);
+
+// MARK: request numbers
+
+// /dev/kvm
+static const unsigned long CKVM_GET_API_VERSION = KVM_GET_API_VERSION;
+static const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;
+static const unsigned long CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
+static const unsigned long CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
+static const unsigned long CKVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+// VM
+static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
+static const unsigned long CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
+static const unsigned long CKVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
+static const unsigned long CKVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
+static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
+static const unsigned long CKVM_CREATE_PIT2 = KVM_CREATE_PIT2;
+static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+static const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
+static const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
+static const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
+static const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
+static const unsigned long CKVM_ENABLE_CAP = KVM_ENABLE_CAP;
+static const unsigned long CKVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG;
+static const unsigned long CKVM_CLEAR_DIRTY_LOG = KVM_CLEAR_DIRTY_LOG;
+static const unsigned long CKVM_RESET_DIRTY_RINGS = KVM_RESET_DIRTY_RINGS;
+// vCPU
+static const unsigned long CKVM_RUN = KVM_RUN;
+static const unsigned long CKVM_GET_REGS = KVM_GET_REGS;
+static const unsigned long CKVM_SET_REGS = KVM_SET_REGS;
+static const unsigned long CKVM_GET_SREGS = KVM_GET_SREGS;
+static const unsigned long CKVM_SET_SREGS = KVM_SET_SREGS;
+static const unsigned long CKVM_GET_FPU = KVM_GET_FPU;
+static const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
+static const unsigned long CKVM_GET_XSAVE = KVM_GET_XSAVE;
+static const unsigned long CKVM_GET_XSAVE2 = KVM_GET_XSAVE2;
+static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
+static const unsigned long CKVM_GET_XCRS = KVM_GET_XCRS;
+static const unsigned long CKVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long CKVM_GET_MSRS = KVM_GET_MSRS;
+static const unsigned long CKVM_SET_MSRS = KVM_SET_MSRS;
+static const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
+static const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
+static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
+static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
+static const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+static const unsigned long CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long CKVM_GET_CPUID2 = KVM_GET_CPUID2;
+static const unsigned long CKVM_SET_CPUID2 = KVM_SET_CPUID2;
+static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
+
+static const unsigned long CKVM_DIRTY_LOG_PAGE_OFFSET = KVM_DIRTY_LOG_PAGE_OFFSET;
+
+// MARK: struct kvm_run, whose exit data sits in anonymous unions Swift imports poorly
+
+struct ckvm_io_exit {
+    uint8_t direction;   // KVM_EXIT_IO_IN or KVM_EXIT_IO_OUT
+    uint8_t size;        // 1, 2 or 4 bytes per access
+    uint16_t port;
+    uint32_t count;      // string I/O repeats
+    uint64_t data_offset; // from the start of struct kvm_run
+};
+struct ckvm_mmio_exit {
+    uint64_t phys_addr;
+    uint32_t len;
+    uint8_t is_write;
+    uint8_t data[8];
+};
+
+static inline struct ckvm_io_exit ckvm_run_io(const struct kvm_run *run) {
+    struct ckvm_io_exit e = { run->io.direction, run->io.size, run->io.port, run->io.count, run->io.data_offset };
+    return e;
+}
+static inline struct ckvm_mmio_exit ckvm_run_mmio(const struct kvm_run *run) {
+    struct ckvm_mmio_exit e;
+    e.phys_addr = run->mmio.phys_addr;
+    e.len = run->mmio.len;
+    e.is_write = run->mmio.is_write;
+    for (int i = 0; i < 8; i++) e.data[i] = run->mmio.data[i];
+    return e;
+}
+static inline void ckvm_run_set_mmio_data(struct kvm_run *run, const uint8_t *data, uint32_t len) {
+    for (uint32_t i = 0; i < len && i < 8; i++) run->mmio.data[i] = data[i];
+}
+static inline uint32_t ckvm_run_internal_suberror(const struct kvm_run *run) { return run->internal.suberror; }
+static inline uint64_t ckvm_run_fail_entry_reason(const struct kvm_run *run) {
+    return run->fail_entry.hardware_entry_failure_reason;
+}
+static inline uint32_t ckvm_run_system_event_type(const struct kvm_run *run) { return run->system_event.type; }
+
+// MARK: dirty ring entries are shared with the kernel: flags need acquire/release ordering
+
+static inline uint32_t ckvm_dirty_gfn_load_flags(const struct kvm_dirty_gfn *gfn) {
+    return __atomic_load_n(&gfn->flags, __ATOMIC_ACQUIRE);
+}
+static inline void ckvm_dirty_gfn_store_flags(struct kvm_dirty_gfn *gfn, uint32_t flags) {
+    __atomic_store_n(&gfn->flags, flags, __ATOMIC_RELEASE);
+}
+
+// MARK: signals
+
+// Installs a handler that does nothing for `signo`, without SA_RESTART, so that a signal sent to a vCPU thread
+// makes its KVM_RUN return EINTR. Returns 0 or -1 with errno set.
+int ckvm_install_kick_handler(int signo);
+int ckvm_sigrtmin(void);
+
+// MARK: system calls glibc hides behind _GNU_SOURCE
+
+int ckvm_memfd_create(const char *name, unsigned int flags);
+static const unsigned int CKVM_MFD_CLOEXEC = 1U; // MFD_CLOEXEC from <linux/memfd.h>
+
+// _BITUL() flags Swift cannot import.
+static const uint32_t CKVM_DIRTY_GFN_F_DIRTY = KVM_DIRTY_GFN_F_DIRTY;
+static const uint32_t CKVM_DIRTY_GFN_F_RESET = KVM_DIRTY_GFN_F_RESET;
+static const int CKVM_SEEK_DATA = 3; // SEEK_DATA from <unistd.h> with _GNU_SOURCE
+static const int CKVM_SEEK_HOLE = 4; // SEEK_HOLE

@@ -1,1 +1,0 @@
-// KVMBackend: sources follow.

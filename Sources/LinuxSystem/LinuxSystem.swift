@@ -1,1 +1,0 @@
-// LinuxSystem: sources follow.

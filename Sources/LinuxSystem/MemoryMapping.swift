@@ -1,0 +1,32 @@
+import CKVM
+import Glibc
+
+/// A region mapped with mmap, unmapped when this object goes away.
+public final class MemoryMapping: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let size: Int
+
+    /// Maps `size` bytes of `file` from `offset`.
+    public init(file: OwnedFileDescriptor, offset: Int64 = 0, size: Int,
+                protection: Int32 = PROT_READ | PROT_WRITE, flags: Int32 = MAP_SHARED) throws {
+        guard let address = mmap(nil, size, protection, flags, file.rawValue, off_t(offset)),
+              address != MAP_FAILED else {
+            throw SystemError("mmap of \(size) bytes at offset \(offset)", errno: errno)
+        }
+        self.base = address
+        self.size = size
+    }
+
+    public var buffer: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: size) }
+
+    deinit { munmap(base, size) }
+}
+
+/// Anonymous shared memory (memfd_create), for guest RAM: sparse until written, so a VM of tens of GiB costs
+/// nothing to create, and a file descriptor that another process or userfaultfd can be handed later.
+public func makeMemoryFile(name: String, size: Int64) throws -> OwnedFileDescriptor {
+    let fd = try systemCall("memfd_create \(name)") { ckvm_memfd_create(name, CKVM_MFD_CLOEXEC) }
+    let file = OwnedFileDescriptor(taking: fd)
+    try file.truncate(to: size)
+    return file
+}

@@ -1,0 +1,77 @@
+import CKVM
+import Glibc
+
+/// A file descriptor that this object owns and closes when it goes away.
+public final class OwnedFileDescriptor: @unchecked Sendable {
+    public let rawValue: Int32
+
+    public init(taking rawValue: Int32) {
+        precondition(rawValue >= 0, "not a file descriptor: \(rawValue)")
+        self.rawValue = rawValue
+    }
+
+    /// Opens a path; `flags` always gains O_CLOEXEC, so no descriptor leaks into child processes by accident.
+    public convenience init(opening path: String, flags: Int32, mode: mode_t = 0o600) throws {
+        let fd = try systemCall("open \(path)") { open(path, flags | O_CLOEXEC, mode) }
+        self.init(taking: fd)
+    }
+
+    deinit { close(rawValue) }
+
+    /// Writes all of `buffer` at `offset`, whatever the kernel's short writes.
+    public func write(all buffer: UnsafeRawBufferPointer, at offset: Int64) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = try systemCall("pwrite") {
+                pwrite(rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            done += n
+        }
+    }
+
+    /// Fills all of `buffer` from `offset`; reaching the end of the file first is an error.
+    public func read(all buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = try systemCall("pread") {
+                pread(rawValue, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            if n == 0 { throw SystemError("pread: file ends \(buffer.count - done) bytes early", errno: EIO) }
+            done += n
+        }
+    }
+
+    public func size() throws -> Int64 {
+        var info = stat()
+        _ = try systemCall("fstat") { fstat(rawValue, &info) }
+        return Int64(info.st_size)
+    }
+
+    public func truncate(to size: Int64) throws {
+        _ = try systemCall("ftruncate to \(size) bytes") { ftruncate(rawValue, off_t(size)) }
+    }
+
+    public func sync() throws {
+        _ = try systemCall("fsync") { fsync(rawValue) }
+    }
+
+    /// The byte ranges below `limit` that hold data; the rest are holes, which read as zeros.
+    /// Found with SEEK_DATA and SEEK_HOLE, so a sparse file of tens of GiB is walked in a few calls.
+    public func dataRanges(from start: Int64 = 0, below limit: Int64) throws -> [Range<Int64>] {
+        var ranges: [Range<Int64>] = []
+        var position = start
+        while position < limit {
+            let dataStart = lseek(rawValue, off_t(position), CKVM_SEEK_DATA)
+            if dataStart < 0 {
+                if errno == ENXIO { break } // no data after `position`
+                throw SystemError("lseek SEEK_DATA", errno: errno)
+            }
+            guard dataStart < limit else { break }
+            let holeStart = try systemCall("lseek SEEK_HOLE") { lseek(rawValue, dataStart, CKVM_SEEK_HOLE) }
+            let end = min(Int64(holeStart), limit)
+            ranges.append(Int64(dataStart) ..< end)
+            position = end
+        }
+        return ranges
+    }
+}

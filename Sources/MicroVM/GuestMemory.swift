@@ -1,0 +1,84 @@
+import Glibc
+import KVMBackend
+import LinuxSystem
+
+/// Guest RAM: one memfd, mapped once, presented to KVM as one or two memory slots.
+///
+/// RAM starts at guest-physical 0. The 1 GiB below 4 GiB is left for devices (LAPIC, IOAPIC and their
+/// kind live there), so RAM beyond 3 GiB continues at 4 GiB in a second slot. The memfd is sparse: a
+/// VM of tens of GiB costs nothing until the guest writes to it.
+public final class GuestMemory: @unchecked Sendable {
+    public let size: UInt64
+    public let file: OwnedFileDescriptor
+    public let mapping: MemoryMapping
+    public let slots: [MemorySlot]
+
+    /// RAM below this address; the rest of RAM starts at 4 GiB.
+    public static let lowMemoryLimit: UInt64 = 3 << 30
+    public static let highMemoryBase: UInt64 = 4 << 30
+    /// Sizes are whole 2 MiB pages, so that the guest may map all of its RAM with large pages.
+    public static let sizeGranularity: UInt64 = 2 << 20
+    public static let minimumSize: UInt64 = 16 << 20
+    /// The largest guest this VMM will create: 1 TiB, well inside the 40+ physical address bits of any x86-64
+    /// host, and more than a test guest will ever need.
+    public static let maximumSize: UInt64 = 1 << 40
+
+    public init(size: UInt64) throws {
+        try Self.validate(size: size)
+        self.size = size
+        file = try makeMemoryFile(name: "guest-ram", size: Int64(size))
+        mapping = try MemoryMapping(file: file, size: Int(size), flags: MAP_SHARED | MAP_NORESERVE)
+        let low = min(size, Self.lowMemoryLimit)
+        var slots = [MemorySlot(id: 0, guestPhysicalAddress: 0, size: low, hostAddress: mapping.base)]
+        if size > low {
+            slots.append(MemorySlot(id: 1, guestPhysicalAddress: Self.highMemoryBase, size: size - low,
+                                    hostAddress: mapping.base + Int(low)))
+        }
+        self.slots = slots
+    }
+
+    public static func validate(size: UInt64) throws(GuestMemoryError) {
+        guard size >= minimumSize else { throw .sizeDoesNotFit(size, "it is below the minimum of \(minimumSize >> 20) MiB") }
+        guard size <= maximumSize else { throw .sizeDoesNotFit(size, "it exceeds the maximum of \(maximumSize >> 30) GiB") }
+        guard size % sizeGranularity == 0 else { throw .sizeDoesNotFit(size, "it is not a multiple of 2 MiB") }
+    }
+
+    /// A host pointer to `length` bytes of guest RAM at `address`, or nil when that range is not all RAM.
+    public func pointer(guestPhysicalAddress address: UInt64, length: Int) -> UnsafeMutableRawPointer? {
+        for slot in slots where address >= slot.guestPhysicalAddress {
+            let offset = address - slot.guestPhysicalAddress
+            if offset <= slot.size, UInt64(length) <= slot.size - offset { return slot.hostAddress + Int(offset) }
+        }
+        return nil
+    }
+
+    /// Offset of a guest-physical address within the memfd.
+    public func fileOffset(guestPhysicalAddress address: UInt64) -> UInt64? {
+        guard let pointer = pointer(guestPhysicalAddress: address, length: 1) else { return nil }
+        return UInt64(pointer - mapping.base)
+    }
+
+    /// Writes `bytes` into guest RAM, as a device would; the caller reports the write to dirty tracking.
+    public func write(_ bytes: UnsafeRawBufferPointer, at address: UInt64) throws(GuestMemoryError) {
+        guard let target = pointer(guestPhysicalAddress: address, length: bytes.count) else {
+            throw .outsideRAM(address, bytes.count)
+        }
+        if let source = bytes.baseAddress { target.copyMemory(from: source, byteCount: bytes.count) }
+    }
+
+    /// The byte ranges of the memfd that hold data (others are holes, which read as zero).
+    public func dataRanges() throws -> [Range<Int64>] { try file.dataRanges(below: Int64(size)) }
+}
+
+public enum GuestMemoryError: Error, CustomStringConvertible, Equatable {
+    case sizeDoesNotFit(UInt64, String)
+    case outsideRAM(UInt64, Int)
+
+    public var description: String {
+        switch self {
+        case .sizeDoesNotFit(let size, let why): "guest memory of \(size) bytes does not fit: \(why)"
+        case .outsideRAM(let address, let length):
+            "guest-physical range 0x\(String(address, radix: 16)) + \(length) is not guest RAM"
+        }
+    }
+}

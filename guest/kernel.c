@@ -79,11 +79,17 @@ static void set_gate(int vec, void *handler, int dpl, int ist)
 	g->off2 = (u32)(a >> 32);
 }
 
-/* Serial output, polling LSR.THRE so QEMU never has to drop a byte. */
+/* Set once LSR.THRE has failed to come up: a VMM without a line status
+ * register (reads as 0) must not cost us 64 polls per byte forever. */
+static int lsr_absent __attribute__((section(".data")));
+
+/* Serial output.  Polling LSR.THRE lets QEMU's 8250 keep up without dropping
+ * bytes; the poll is bounded so a VMM that reads LSR as 0 cannot hang CPL0. */
 static void kputc(char c)
 {
-	while (!(inb(PORT_COM1 + 5) & 0x20))
-		;
+	for (int i = 0; !lsr_absent && !(inb(PORT_COM1 + 5) & 0x20); i++)
+		if (i == 64)
+			lsr_absent = 1;
 	outb(PORT_COM1, (u8)c);
 }
 

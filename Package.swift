@@ -35,8 +35,9 @@ let package = Package(
         .target(name: "MigrationWire"),
         .target(name: "PageCodec", dependencies: ["CZstd", "CLZ4"]),
 
-        .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM"]),
-        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM"]),
+        .target(name: "TestSupport", dependencies: ["KVMBackend"], path: "Tests/TestSupport"),
+        .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),
+        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
     ],

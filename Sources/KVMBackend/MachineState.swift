@@ -17,6 +17,24 @@ public struct VCPUState {
     public var modelSpecificRegisters: [kvm_msr_entry]
     public var events: kvm_vcpu_events
     public var tscFrequencyKHz: UInt32
+
+    public init(id: UInt32, cpuid: [kvm_cpuid_entry2], multiprocessing: kvm_mp_state, registers: kvm_regs,
+                specialRegisters: kvm_sregs, xsave: [UInt8], extendedControlRegisters: kvm_xcrs,
+                debugRegisters: kvm_debugregs, localAPIC: kvm_lapic_state, modelSpecificRegisters: [kvm_msr_entry],
+                events: kvm_vcpu_events, tscFrequencyKHz: UInt32) {
+        self.id = id
+        self.cpuid = cpuid
+        self.multiprocessing = multiprocessing
+        self.registers = registers
+        self.specialRegisters = specialRegisters
+        self.xsave = xsave
+        self.extendedControlRegisters = extendedControlRegisters
+        self.debugRegisters = debugRegisters
+        self.localAPIC = localAPIC
+        self.modelSpecificRegisters = modelSpecificRegisters
+        self.events = events
+        self.tscFrequencyKHz = tscFrequencyKHz
+    }
 }
 
 /// The VM-wide devices that live in the kernel.
@@ -26,6 +44,14 @@ public struct VMDeviceState {
     public var ioapic: kvm_irqchip
     public var timer: kvm_pit_state2
     public var clock: kvm_clock_data
+
+    public init(picMaster: kvm_irqchip, picSlave: kvm_irqchip, ioapic: kvm_irqchip, timer: kvm_pit_state2, clock: kvm_clock_data) {
+        self.picMaster = picMaster
+        self.picSlave = picSlave
+        self.ioapic = ioapic
+        self.timer = timer
+        self.clock = clock
+    }
 }
 
 /// The complete in-kernel state of a paused VM: what, together with guest memory, lets another VM carry on.

@@ -1,1 +1,0 @@
-// MigrationWire: sources follow.

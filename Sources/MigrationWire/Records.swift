@@ -1,0 +1,285 @@
+// Typed records of the native stream (stream.md §5-6): plain values, no behaviour beyond checks.
+
+/// The 32-byte header that opens every stream (stream.md §3).
+public struct StreamHeader: Hashable, Sendable {
+    public var version: UInt16
+    /// Guest page size in bytes: a power of two from 4096 to 65536.
+    public var pageSize: UInt32
+    public var features: StreamFeatures
+    /// Index of this channel, 0 for the main channel.
+    public var channel: UInt16
+    /// Number of channels of this migration, at least 1.
+    public var channelCount: UInt16
+
+    public init(version: UInt16 = WireFormat.version, pageSize: UInt32 = 4096,
+                features: StreamFeatures = [], channel: UInt16 = 0, channelCount: UInt16 = 1) {
+        self.version = version
+        self.pageSize = pageSize
+        self.features = features
+        self.channel = channel
+        self.channelCount = channelCount
+    }
+}
+
+/// Set of page codecs, one bit per `PageEncoding` raw value.
+public struct CodecSet: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public init(_ encodings: [PageEncoding]) {
+        self.rawValue = encodings.reduce(0) { $0 | (1 << UInt32($1.rawValue)) }
+    }
+    public static let zero = CodecSet(rawValue: 1 << 0)
+    public static let raw = CodecSet(rawValue: 1 << 1)
+    public static let lz4 = CodecSet(rawValue: 1 << 2)
+    public static let zstd = CodecSet(rawValue: 1 << 3)
+    public static let all: CodecSet = [.zero, .raw, .lz4, .zstd]
+
+    public func contains(_ encoding: PageEncoding) -> Bool { rawValue & (1 << UInt32(encoding.rawValue)) != 0 }
+}
+
+/// Optional protocol abilities a side offers (stream.md §6.1).
+public struct CapabilityFlags: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt64
+    public init(rawValue: UInt64) { self.rawValue = rawValue }
+    /// The side can resume an interrupted migration.
+    public static let resume = CapabilityFlags(rawValue: 1 << 0)
+    /// The side can finish a migration in post-copy mode.
+    public static let postCopy = CapabilityFlags(rawValue: 1 << 1)
+    /// Page batches may be compressed as a whole.
+    public static let wholeBatchCompression = CapabilityFlags(rawValue: 1 << 2)
+}
+
+/// A side's offer, or the agreed set (stream.md §6.1).
+public struct Capabilities: Hashable, Sendable {
+    public var codecs: CodecSet
+    public var maxChannels: UInt16
+    public var flags: CapabilityFlags
+
+    public init(codecs: CodecSet = .all, maxChannels: UInt16 = 1, flags: CapabilityFlags = []) {
+        self.codecs = codecs
+        self.maxChannels = maxChannels
+        self.flags = flags
+    }
+
+    /// The agreed set of two offers: what both support.
+    public func agreed(with other: Capabilities) -> Capabilities {
+        Capabilities(codecs: codecs.intersection(other.codecs).union([.zero, .raw]),
+                     maxChannels: max(1, min(maxChannels, other.maxChannels)),
+                     flags: flags.intersection(other.flags))
+    }
+}
+
+/// Flags of a memory region (stream.md §6.3).
+public struct RegionFlags: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// The guest cannot write the region (ROM, firmware).
+    public static let readOnly = RegionFlags(rawValue: 1 << 0)
+    /// The region is device memory rather than RAM; informational.
+    public static let device = RegionFlags(rawValue: 1 << 1)
+}
+
+/// One region of guest-physical memory.
+public struct MemoryRegion: Hashable, Sendable {
+    public var guestPhysicalAddress: UInt64
+    public var size: UInt64
+    public var flags: RegionFlags
+
+    public init(guestPhysicalAddress: UInt64, size: UInt64, flags: RegionFlags = []) {
+        self.guestPhysicalAddress = guestPhysicalAddress
+        self.size = size
+        self.flags = flags
+    }
+}
+
+/// The memory layout: sorted, non-overlapping, page-aligned regions (stream.md §6.3).
+public struct GuestMemoryLayout: Hashable, Sendable {
+    public var regions: [MemoryRegion]
+    public init(regions: [MemoryRegion]) { self.regions = regions }
+
+    /// Index of the first invalid region for the given page size, or nil when all are valid.
+    public func firstInvalidRegion(pageSize: UInt32) -> Int? {
+        let mask = UInt64(pageSize) - 1
+        var previousEnd: UInt64 = 0
+        for (i, r) in regions.enumerated() {
+            if r.size == 0 || r.guestPhysicalAddress & mask != 0 || r.size & mask != 0 { return i }
+            let (end, overflow) = r.guestPhysicalAddress.addingReportingOverflow(r.size)
+            if overflow { return i }
+            if i > 0 && r.guestPhysicalAddress < previousEnd { return i }
+            previousEnd = end
+        }
+        return nil
+    }
+
+    /// Whether guest frame `gfn` (address / page size) lies inside a region.
+    public func contains(frame gfn: UInt64, pageShift: Int) -> Bool {
+        guard gfn <= (UInt64.max >> UInt64(pageShift)) else { return false }
+        let address = gfn << UInt64(pageShift)
+        var lo = 0, hi = regions.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            let r = regions[mid]
+            if address < r.guestPhysicalAddress { hi = mid }
+            else if address - r.guestPhysicalAddress >= r.size { lo = mid + 1 }
+            else { return true }
+        }
+        return false
+    }
+
+    /// Total bytes of all regions.
+    public var totalBytes: UInt64 { regions.reduce(0) { $0 &+ $1.size } }
+}
+
+/// One page inside a decoded batch: where it goes, how it is encoded, where its bytes are.
+public struct PageDescriptor: Hashable, Sendable {
+    /// Guest frame number: guest-physical address divided by the page size.
+    public var frame: UInt64
+    public var encoding: PageEncoding
+    /// Offset of the page's bytes in the (uncompressed) payload area.
+    public var offset: Int
+    /// Number of payload bytes: 0 for zero pages, the page size for raw pages.
+    public var length: Int
+
+    public init(frame: UInt64, encoding: PageEncoding, offset: Int, length: Int) {
+        self.frame = frame
+        self.encoding = encoding
+        self.offset = offset
+        self.length = length
+    }
+}
+
+/// A decoded page batch. Its payload is a slice of the decoder's buffer, not a copy.
+public struct PageBatch: Sendable {
+    public var pass: UInt32
+    public var channel: UInt16
+    public var sequence: UInt64
+    public var compression: BatchCompression
+    /// Descriptors in stream order; offsets refer to the uncompressed payload area.
+    public var pages: [PageDescriptor]
+    /// The payload area as transmitted (compressed when `compression` is not `.none`).
+    public var payload: ByteSlice
+    /// Length of the payload area once decompressed (equal to `payload.count` when uncompressed).
+    public var uncompressedPayloadLength: Int
+    /// The CRC32C carried by the batch (already verified by the decoder).
+    public var checksum: UInt32
+
+    /// Calls `body` with the bytes of page `index`. Only for uncompressed batches; for a
+    /// compressed batch, decompress `payload` first and slice it with the descriptors.
+    public func withPageBytes<R>(_ index: Int, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        precondition(compression == .none, "decompress the batch payload first")
+        let d = pages[index]
+        return try payload.withUnsafeBytes { try body(UnsafeRawBufferPointer(rebasing: $0[d.offset ..< d.offset + d.length])) }
+    }
+}
+
+/// Well-known device-state component ids (stream.md §6.5). The blob format of each belongs to
+/// the component; the wire only carries it.
+public enum DeviceComponent {
+    public static let kvmVCPU: UInt32 = 0x0001
+    public static let kvmVM: UInt32 = 0x0002
+    public static let kvmClock: UInt32 = 0x0003
+    public static let serial: UInt32 = 0x0100
+    /// Ids from here up are free for a VMM's own devices.
+    public static let vmmPrivateBase: UInt32 = 0x1000_0000
+}
+
+/// One device-state blob.
+public struct DeviceState: Sendable {
+    public var componentID: UInt32
+    public var instance: UInt32
+    public var componentVersion: UInt32
+    public var blob: ByteSlice
+
+    public init(componentID: UInt32, instance: UInt32, componentVersion: UInt32, blob: ByteSlice) {
+        self.componentID = componentID
+        self.instance = instance
+        self.componentVersion = componentVersion
+        self.blob = blob
+    }
+}
+
+/// End of a pass, with what the sender saw and did during it (stream.md §6.6).
+public struct PassBoundary: Hashable, Sendable {
+    public var pass: UInt32
+    /// Pages found dirty when the pass ended: what the next pass will send.
+    public var dirtyPages: UInt64
+    public var pagesSent: UInt64
+    public var zeroPages: UInt64
+    /// Bytes of records written during the pass.
+    public var wireBytes: UInt64
+    public var durationNanoseconds: UInt64
+
+    public init(pass: UInt32, dirtyPages: UInt64, pagesSent: UInt64 = 0, zeroPages: UInt64 = 0,
+                wireBytes: UInt64 = 0, durationNanoseconds: UInt64 = 0) {
+        self.pass = pass
+        self.dirtyPages = dirtyPages
+        self.pagesSent = pagesSent
+        self.zeroPages = zeroPages
+        self.wireBytes = wireBytes
+        self.durationNanoseconds = durationNanoseconds
+    }
+}
+
+/// The source is paused; what follows is the final pass and the device state (stream.md §6.7).
+public struct Switchover: Hashable, Sendable {
+    public var finalPass: UInt32
+    public init(finalPass: UInt32) { self.finalPass = finalPass }
+}
+
+/// Digest algorithms for the end record.
+public enum DigestAlgorithm {
+    /// No digest (secondary channels).
+    public static let none: UInt32 = 0
+    /// PageCodec's MemoryDigest, version 1: 128 bits, see stream.md §7.
+    public static let pageSum128: UInt32 = 1
+}
+
+/// End of the stream, with the digest of all guest memory (stream.md §6.8).
+public struct End: Hashable, Sendable {
+    public var digestAlgorithm: UInt32
+    public var digest: [UInt8]
+    public init(digestAlgorithm: UInt32, digest: [UInt8]) {
+        self.digestAlgorithm = digestAlgorithm
+        self.digest = digest
+    }
+}
+
+/// Why a peer stops (stream.md §6.9).
+public struct AbortReason: RawRepresentable, Hashable, Sendable {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let unspecified = AbortReason(rawValue: 0)
+    public static let cancelled = AbortReason(rawValue: 1)
+    public static let sourceError = AbortReason(rawValue: 2)
+    public static let destinationError = AbortReason(rawValue: 3)
+    public static let protocolError = AbortReason(rawValue: 4)
+    public static let digestMismatch = AbortReason(rawValue: 5)
+    public static let noConvergence = AbortReason(rawValue: 6)
+    public static let resourceExhausted = AbortReason(rawValue: 7)
+}
+
+public struct Abort: Hashable, Sendable {
+    public var reason: AbortReason
+    public var message: String
+    public init(reason: AbortReason, message: String) {
+        self.reason = reason
+        self.message = message
+    }
+}
+
+/// What the decoder yields, in stream order: the events the engine speaks.
+public enum StreamEvent: Sendable {
+    case header(StreamHeader)
+    case capabilitiesOffer(Capabilities)
+    case capabilitiesAgreed(Capabilities)
+    case layout(GuestMemoryLayout)
+    case pageBatch(PageBatch)
+    case deviceState(DeviceState)
+    case passBoundary(PassBoundary)
+    case switchover(Switchover)
+    case end(End)
+    case abort(Abort)
+    case note(String)
+    /// An optional record this reader does not know; its body was skipped.
+    case skippedOptional(type: UInt32, length: Int)
+}

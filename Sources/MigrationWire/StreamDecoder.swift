@@ -1,0 +1,370 @@
+// Turns bytes into events (stream.md §3-9). Feed bytes in chunks of any size; take events out.
+// The decoder
+//  - never traps on input: every length, count and index is checked before use;
+//  - never allocates on the say-so of the stream: its buffer grows only with the bytes fed,
+//    and a record longer than the limits is refused as soon as its header is seen;
+//  - refuses pages outside the declared layout, and records out of order;
+//  - reports each rejection as a WireError with the stream offset and a typed reason, after
+//    which it stays failed.
+// Page payloads and device-state blobs are yielded as slices of its buffer, not copied.
+
+public final class StreamDecoder {
+    public struct Options: Sendable {
+        public var limits: WireLimits
+        /// Verify batch and device-state checksums. Only fuzzing turns this off, to reach
+        /// the checks that lie behind a valid checksum.
+        public var verifyChecksums: Bool
+        public init(limits: WireLimits = .v1, verifyChecksums: Bool = true) {
+            self.limits = limits
+            self.verifyChecksums = verifyChecksums
+        }
+    }
+
+    public let options: Options
+    public let checksum: ChecksumFunction
+
+    /// The stream header, once read.
+    public private(set) var header: StreamHeader?
+    /// The memory layout, once read.
+    public private(set) var layout: GuestMemoryLayout?
+    /// The agreed capabilities, if the stream carried them.
+    public private(set) var agreed: Capabilities?
+    /// Stream offset of the next byte the decoder will parse.
+    public private(set) var offset: UInt64 = 0
+    /// True after an end or abort record: the stream is complete.
+    public private(set) var isComplete = false
+    /// Number of unknown optional records skipped.
+    public private(set) var skippedRecords = 0
+
+    private var storage: ByteStorage
+    private var readIndex = 0
+    private var writeIndex = 0
+    private var failure: WireError?
+
+    private var pageShift = 12
+    private var sawOffer = false
+    private var sawSwitchover = false
+    private var nextSequence: UInt64 = 0
+    private var lastBatchPass: UInt32?
+    private var lastBoundaryPass: UInt32?
+
+    public init(options: Options = Options(), checksum: @escaping ChecksumFunction = CRC32C.software) {
+        self.options = options
+        self.checksum = checksum
+        self.storage = ByteStorage(capacity: 64 << 10)
+    }
+
+    /// Bytes fed but not yet turned into events.
+    public var bufferedByteCount: Int { writeIndex - readIndex }
+
+    // MARK: input
+
+    /// Appends bytes to the decoder's buffer. The buffer grows by what is fed, so callers
+    /// should feed in bounded chunks (the size of their socket reads).
+    public func feed(_ bytes: UnsafeRawBufferPointer) {
+        let n = bytes.count
+        guard n > 0, let src = bytes.baseAddress else { return }
+        let unread = writeIndex - readIndex
+        if storage.capacity - writeIndex < n {
+            if isKnownUniquelyReferenced(&storage) && storage.capacity >= unread + n {
+                // Nothing else sees this storage: slide the unread bytes to the front.
+                if unread > 0 { storage.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
+            } else {
+                // Yielded slices may still point into the old storage: leave it to them.
+                var capacity = 64 << 10
+                while capacity < unread + n { capacity *= 2 }
+                let fresh = ByteStorage(capacity: capacity)
+                if unread > 0 { fresh.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
+                storage = fresh
+            }
+            readIndex = 0
+            writeIndex = unread
+        }
+        (storage.base + writeIndex).copyMemory(from: src, byteCount: n)
+        writeIndex += n
+    }
+
+    public func feed(_ bytes: [UInt8]) { bytes.withUnsafeBytes { feed($0) } }
+
+    /// Signals the end of input: throws `truncated` unless the stream ended with an end or
+    /// abort record and nothing follows it.
+    public func finish() throws {
+        if let failure { throw failure }
+        while try next() != nil {}
+        if !isComplete || writeIndex > readIndex {
+            throw fail(isComplete ? offset : offset, isComplete ? .dataAfterEnd : .truncated)
+        }
+    }
+
+    // MARK: output
+
+    /// The next event, or nil when more bytes are needed.
+    public func next() throws -> StreamEvent? {
+        if let failure { throw failure }
+        let available = writeIndex - readIndex
+        guard header != nil else {
+            return try available >= WireFormat.headerLength || available >= 8 ? parseHeader(available) : nil
+        }
+        if isComplete {
+            if available > 0 { throw fail(offset, .dataAfterEnd) }
+            return nil
+        }
+        guard available >= WireFormat.recordHeaderLength else { return nil }
+        let view = UnsafeRawBufferPointer(start: storage.base + readIndex, count: available)
+        let type = RecordType(rawValue: view.le32(0))
+        let length = view.le32(4)
+        if Int(length) > options.limits.maxRecordBody { throw fail(offset + 4, .recordTooLarge(type: type.rawValue, length: length)) }
+        if !type.isOptional && !Self.knownTypes.contains(type) { throw fail(offset, .unknownMandatoryRecord(type.rawValue)) }
+        let bodyLength = Int(length)
+        let total = WireFormat.recordHeaderLength + bodyLength + WireFormat.padding(forBodyLength: bodyLength)
+        guard available >= total else { return nil }
+        for i in (WireFormat.recordHeaderLength + bodyLength) ..< total where view[i] != 0 {
+            throw fail(offset + UInt64(i), .nonZeroPadding)
+        }
+        let body = UnsafeRawBufferPointer(rebasing: view[WireFormat.recordHeaderLength ..< WireFormat.recordHeaderLength + bodyLength])
+        let event = try parseRecord(type, body: body, bodyIndex: readIndex + WireFormat.recordHeaderLength)
+        readIndex += total
+        offset += UInt64(total)
+        return event
+    }
+
+    private static let knownTypes: Set<RecordType> = [
+        .capabilitiesOffer, .capabilitiesAgreed, .memoryLayout, .pageBatch, .deviceState,
+        .passBoundary, .switchover, .end, .abort, .note,
+    ]
+
+    private func fail(_ at: UInt64, _ reason: WireError.Reason) -> WireError {
+        let e = WireError(offset: at, reason: reason)
+        failure = e
+        return e
+    }
+
+    // MARK: header
+
+    private func parseHeader(_ available: Int) throws -> StreamEvent? {
+        let h = UnsafeRawBufferPointer(start: storage.base + readIndex, count: available)
+        // Reject a wrong magic as soon as 8 bytes are in, before waiting for more.
+        if !WireFormat.magic.withUnsafeBytes({ $0.elementsEqual(h[0..<8]) }) { throw fail(0, .badMagic) }
+        guard available >= WireFormat.headerLength else { return nil }
+        let version = h.le16(8)
+        if version == 0 || version > WireFormat.version { throw fail(8, .unsupportedVersion(version)) }
+        let headerLength = h.le16(10)
+        if Int(headerLength) != WireFormat.headerLength { throw fail(10, .badHeaderLength(headerLength)) }
+        let pageSize = h.le32(12)
+        if pageSize < 4096 || pageSize > 65536 || pageSize & (pageSize - 1) != 0 { throw fail(12, .badPageSize(pageSize)) }
+        let features = h.le64(16)
+        let unknown = features & StreamFeatures.mandatoryMask & ~StreamFeatures.knownMandatory
+        if unknown != 0 { throw fail(16, .unsupportedMandatoryFeatures(unknown)) }
+        let channel = h.le16(24), count = h.le16(26)
+        if count == 0 || channel >= count { throw fail(24, .badChannel(channel: channel, count: count)) }
+        if h.le32(28) != 0 { throw fail(28, .reservedNotZero) }
+        let header = StreamHeader(version: version, pageSize: pageSize, features: StreamFeatures(rawValue: features),
+                                  channel: channel, channelCount: count)
+        self.header = header
+        pageShift = pageSize.trailingZeroBitCount
+        readIndex += WireFormat.headerLength
+        offset += UInt64(WireFormat.headerLength)
+        return .header(header)
+    }
+
+    // MARK: records
+
+    private func parseRecord(_ type: RecordType, body: UnsafeRawBufferPointer, bodyIndex: Int) throws -> StreamEvent {
+        let at = offset + UInt64(WireFormat.recordHeaderLength) // stream offset of body[0]
+        let isMain = header!.channel == 0
+        func need(_ ok: Bool) throws {
+            if !ok { throw fail(offset + 4, .badRecordLength(type: type.rawValue, length: UInt32(body.count))) }
+        }
+        func unexpected() -> WireError { fail(offset, .unexpectedRecord(type.rawValue)) }
+        func reservedZero(_ fieldOffset: Int, _ value: UInt64) throws {
+            if value != 0 { throw fail(at + UInt64(fieldOffset), .reservedNotZero) }
+        }
+
+        switch type {
+        case .capabilitiesOffer, .capabilitiesAgreed:
+            try need(body.count == 16)
+            let agreedRecord = type == .capabilitiesAgreed
+            if !isMain || layout != nil || agreed != nil || (!agreedRecord && sawOffer) { throw unexpected() }
+            try reservedZero(6, UInt64(body.le16(6)))
+            let caps = Capabilities(codecs: CodecSet(rawValue: body.le32(0)), maxChannels: body.le16(4),
+                                    flags: CapabilityFlags(rawValue: body.le64(8)))
+            if agreedRecord { agreed = caps; return .capabilitiesAgreed(caps) }
+            sawOffer = true
+            return .capabilitiesOffer(caps)
+
+        case .memoryLayout:
+            try need(body.count >= 8)
+            if layout != nil { throw unexpected() }
+            let count = body.le32(0)
+            if Int(count) > options.limits.maxRegions { throw fail(at, .tooManyRegions(count)) }
+            try reservedZero(4, UInt64(body.le32(4)))
+            try need(body.count == 8 + 24 * Int(count))
+            var regions: [MemoryRegion] = []
+            regions.reserveCapacity(Int(count))
+            for i in 0..<Int(count) {
+                let o = 8 + 24 * i
+                try reservedZero(o + 20, UInt64(body.le32(o + 20)))
+                regions.append(MemoryRegion(guestPhysicalAddress: body.le64(o), size: body.le64(o + 8),
+                                            flags: RegionFlags(rawValue: body.le32(o + 16))))
+            }
+            let l = GuestMemoryLayout(regions: regions)
+            if let bad = l.firstInvalidRegion(pageSize: header!.pageSize) {
+                throw fail(at + 8 + 24 * UInt64(bad), .badRegion(index: bad))
+            }
+            layout = l
+            return .layout(l)
+
+        case .pageBatch:
+            return try parseBatch(body, bodyIndex: bodyIndex, at: at)
+
+        case .deviceState:
+            try need(body.count >= 24)
+            if !isMain { throw unexpected() }
+            let blobLength = body.le32(16)
+            if Int(blobLength) > options.limits.maxDeviceStateBlob { throw fail(at + 16, .blobTooLarge(blobLength)) }
+            try need(body.count == 24 + Int(blobLength))
+            try reservedZero(20, UInt64(body.le32(20)))
+            try verify(stored: body.le32(0), body, at: at)
+            return .deviceState(DeviceState(componentID: body.le32(4), instance: body.le32(8),
+                                            componentVersion: body.le32(12),
+                                            blob: ByteSlice(storage: storage, start: bodyIndex + 24, count: Int(blobLength))))
+
+        case .passBoundary:
+            try need(body.count == 48)
+            try reservedZero(4, UInt64(body.le32(4)))
+            let pass = body.le32(0)
+            if let last = lastBoundaryPass, pass <= last { throw fail(at, .passOutOfOrder(previous: last, found: pass)) }
+            if let last = lastBatchPass, pass < last { throw fail(at, .passOutOfOrder(previous: last, found: pass)) }
+            lastBoundaryPass = pass
+            return .passBoundary(PassBoundary(pass: pass, dirtyPages: body.le64(8), pagesSent: body.le64(16),
+                                              zeroPages: body.le64(24), wireBytes: body.le64(32),
+                                              durationNanoseconds: body.le64(40)))
+
+        case .switchover:
+            try need(body.count == 8)
+            if !isMain || sawSwitchover || layout == nil { throw unexpected() }
+            try reservedZero(4, UInt64(body.le32(4)))
+            sawSwitchover = true
+            return .switchover(Switchover(finalPass: body.le32(0)))
+
+        case .end:
+            try need(body.count >= 8)
+            if layout == nil { throw unexpected() }
+            let length = body.le32(4)
+            if Int(length) > options.limits.maxDigest { throw fail(at + 4, .digestTooLong(length)) }
+            try need(body.count == 8 + Int(length))
+            isComplete = true
+            return .end(End(digestAlgorithm: body.le32(0), digest: Array(body[8...])))
+
+        case .abort:
+            try need(body.count >= 8)
+            let length = body.le32(4)
+            if Int(length) > options.limits.maxText { throw fail(at + 4, .textTooLong(length)) }
+            try need(body.count == 8 + Int(length))
+            guard let text = String(validating: body[8...], as: UTF8.self) else { throw fail(at + 8, .badText) }
+            isComplete = true
+            return .abort(Abort(reason: AbortReason(rawValue: body.le32(0)), message: text))
+
+        case .note:
+            try need(body.count >= 8)
+            let length = body.le32(0)
+            if Int(length) > options.limits.maxText { throw fail(at, .textTooLong(length)) }
+            try need(body.count == 8 + Int(length))
+            try reservedZero(4, UInt64(body.le32(4)))
+            guard let text = String(validating: body[8...], as: UTF8.self) else { throw fail(at + 8, .badText) }
+            return .note(text)
+
+        default:
+            // Unknown and optional (unknown mandatory types were refused at the record header).
+            skippedRecords += 1
+            return .skippedOptional(type: type.rawValue, length: body.count)
+        }
+    }
+
+    private func verify(stored: UInt32, _ body: UnsafeRawBufferPointer, at: UInt64) throws {
+        guard options.verifyChecksums else { return }
+        let computed = checksum(0, UnsafeRawBufferPointer(rebasing: body[4...]))
+        if computed != stored { throw fail(at, .checksumMismatch(stored: stored, computed: computed)) }
+    }
+
+    private func parseBatch(_ body: UnsafeRawBufferPointer, bodyIndex: Int, at: UInt64) throws -> StreamEvent {
+        guard let layout else { throw fail(offset, .unexpectedRecord(RecordType.pageBatch.rawValue)) }
+        let header = self.header!
+        if body.count < 32 { throw fail(offset + 4, .badRecordLength(type: RecordType.pageBatch.rawValue, length: UInt32(body.count))) }
+        let count = body.le32(4)
+        if Int(count) > options.limits.maxPagesPerBatch { throw fail(at + 4, .tooManyPages(count)) }
+        let sequence = body.le64(8)
+        let pass = body.le32(16)
+        let channel = body.le16(20)
+        let compressionValue = body[22]
+        if body[23] != 0 { throw fail(at + 23, .reservedNotZero) }
+        let payloadLength = body.le32(24)
+        let uncompressedLength = body.le32(28)
+        let descriptorsEnd = 32 + 16 * Int(count)
+        if descriptorsEnd > body.count {
+            throw fail(offset + 4, .badRecordLength(type: RecordType.pageBatch.rawValue, length: UInt32(body.count)))
+        }
+        let actualPayload = body.count - descriptorsEnd
+        if Int(payloadLength) != actualPayload {
+            throw fail(at + 24, .payloadLengthMismatch(declared: payloadLength, actual: UInt32(actualPayload)))
+        }
+        if channel != header.channel { throw fail(at + 20, .wrongChannel(channel)) }
+        guard let compression = BatchCompression(rawValue: compressionValue) else {
+            throw fail(at + 22, .badBatchCompression(compressionValue))
+        }
+        if compression != .none, let agreed {
+            let needed: CodecSet = compression == .lz4 ? .lz4 : .zstd
+            if !agreed.flags.contains(.wholeBatchCompression) || !agreed.codecs.contains(needed) {
+                throw fail(at + 22, .codecNotAgreed(compressionValue))
+            }
+        }
+        if sequence != nextSequence { throw fail(at + 8, .sequenceGap(expected: nextSequence, found: sequence)) }
+        if let last = lastBoundaryPass, pass <= last { throw fail(at + 16, .passOutOfOrder(previous: last, found: pass)) }
+        if let last = lastBatchPass, pass < last { throw fail(at + 16, .passOutOfOrder(previous: last, found: pass)) }
+
+        let pageSize = Int(header.pageSize)
+        var pages: [PageDescriptor] = []
+        pages.reserveCapacity(Int(count))
+        var payloadOffset = 0
+        for i in 0..<Int(count) {
+            let o = 32 + 16 * i
+            let fieldAt = at + UInt64(o)
+            let frame = body.le64(o)
+            let length = body.le32(o + 8)
+            let encodingValue = body[o + 12]
+            if body[o + 13] != 0 || body[o + 14] != 0 || body[o + 15] != 0 { throw fail(fieldAt + 13, .reservedNotZero) }
+            guard let encoding = PageEncoding(rawValue: encodingValue),
+                  compression == .none || encoding == .zero || encoding == .raw else {
+                throw fail(fieldAt + 12, .badPageEncoding(index: i, value: encodingValue))
+            }
+            if let agreed, !agreed.codecs.contains(encoding), encoding != .zero, encoding != .raw {
+                throw fail(fieldAt + 12, .codecNotAgreed(encodingValue))
+            }
+            let lengthOK: Bool
+            switch encoding {
+            case .zero: lengthOK = length == 0
+            case .raw: lengthOK = Int(length) == pageSize
+            case .lz4, .zstd: lengthOK = length > 0 && Int(length) <= pageSize
+            }
+            if !lengthOK { throw fail(fieldAt + 8, .badPageLength(index: i, length: length)) }
+            if !layout.contains(frame: frame, pageShift: pageShift) {
+                throw fail(fieldAt, .pageOutsideLayout(index: i, frame: frame))
+            }
+            pages.append(PageDescriptor(frame: frame, encoding: encoding, offset: payloadOffset, length: Int(length)))
+            payloadOffset += Int(length)
+        }
+        let expectedUncompressed = compression == .none ? Int(payloadLength) : Int(uncompressedLength)
+        if payloadOffset != expectedUncompressed || Int(uncompressedLength) != payloadOffset {
+            throw fail(at + 28, .payloadLengthMismatch(declared: uncompressedLength, actual: UInt32(payloadOffset)))
+        }
+        try verify(stored: body.le32(0), body, at: at)
+
+        nextSequence += 1
+        lastBatchPass = pass
+        return .pageBatch(PageBatch(pass: pass, channel: channel, sequence: sequence, compression: compression,
+                                    pages: pages,
+                                    payload: ByteSlice(storage: storage, start: bodyIndex + descriptorsEnd,
+                                                       count: Int(payloadLength)),
+                                    uncompressedPayloadLength: Int(uncompressedLength), checksum: body.le32(0)))
+    }
+}

@@ -1,0 +1,86 @@
+// Every rejection carries the stream offset of the offending bytes and a typed reason
+// (stream.md §9 lists them).
+
+public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// Offset in the stream of the first byte of the field (or record) that is wrong.
+    public var offset: UInt64
+    public var reason: Reason
+
+    public init(offset: UInt64, reason: Reason) {
+        self.offset = offset
+        self.reason = reason
+    }
+
+    public enum Reason: Equatable, Sendable {
+        case badMagic
+        case unsupportedVersion(UInt16)
+        case badHeaderLength(UInt16)
+        case badPageSize(UInt32)
+        case unsupportedMandatoryFeatures(UInt64)
+        case badChannel(channel: UInt16, count: UInt16)
+        case reservedNotZero
+        case recordTooLarge(type: UInt32, length: UInt32)
+        case unknownMandatoryRecord(UInt32)
+        case nonZeroPadding
+        case badRecordLength(type: UInt32, length: UInt32)
+        case unexpectedRecord(UInt32)
+        case tooManyRegions(UInt32)
+        case badRegion(index: Int)
+        case tooManyPages(UInt32)
+        case badPageEncoding(index: Int, value: UInt8)
+        case badPageLength(index: Int, length: UInt32)
+        case pageOutsideLayout(index: Int, frame: UInt64)
+        case badBatchCompression(UInt8)
+        case codecNotAgreed(UInt8)
+        case payloadLengthMismatch(declared: UInt32, actual: UInt32)
+        case checksumMismatch(stored: UInt32, computed: UInt32)
+        case sequenceGap(expected: UInt64, found: UInt64)
+        case passOutOfOrder(previous: UInt32, found: UInt32)
+        case wrongChannel(UInt16)
+        case textTooLong(UInt32)
+        case badText
+        case blobTooLarge(UInt32)
+        case digestTooLong(UInt32)
+        case dataAfterEnd
+        case truncated
+
+        /// Stable name used by the test vectors and logs.
+        public var name: String {
+            switch self {
+            case .badMagic: "badMagic"
+            case .unsupportedVersion: "unsupportedVersion"
+            case .badHeaderLength: "badHeaderLength"
+            case .badPageSize: "badPageSize"
+            case .unsupportedMandatoryFeatures: "unsupportedMandatoryFeatures"
+            case .badChannel: "badChannel"
+            case .reservedNotZero: "reservedNotZero"
+            case .recordTooLarge: "recordTooLarge"
+            case .unknownMandatoryRecord: "unknownMandatoryRecord"
+            case .nonZeroPadding: "nonZeroPadding"
+            case .badRecordLength: "badRecordLength"
+            case .unexpectedRecord: "unexpectedRecord"
+            case .tooManyRegions: "tooManyRegions"
+            case .badRegion: "badRegion"
+            case .tooManyPages: "tooManyPages"
+            case .badPageEncoding: "badPageEncoding"
+            case .badPageLength: "badPageLength"
+            case .pageOutsideLayout: "pageOutsideLayout"
+            case .badBatchCompression: "badBatchCompression"
+            case .codecNotAgreed: "codecNotAgreed"
+            case .payloadLengthMismatch: "payloadLengthMismatch"
+            case .checksumMismatch: "checksumMismatch"
+            case .sequenceGap: "sequenceGap"
+            case .passOutOfOrder: "passOutOfOrder"
+            case .wrongChannel: "wrongChannel"
+            case .textTooLong: "textTooLong"
+            case .badText: "badText"
+            case .blobTooLarge: "blobTooLarge"
+            case .digestTooLong: "digestTooLong"
+            case .dataAfterEnd: "dataAfterEnd"
+            case .truncated: "truncated"
+            }
+        }
+    }
+
+    public var description: String { "stream rejected at byte \(offset): \(reason)" }
+}

@@ -1,0 +1,174 @@
+import MigrationWire
+
+/// The test vectors of protocol/vectors: each a stream built with the encoder, then perhaps
+/// damaged, and the error the decoder must report (nil for valid streams).
+struct Vector {
+    var name: String
+    var description: String
+    var bytes: [UInt8]
+    var expectedError: WireError?
+}
+
+let vectorPageSize = 4096
+
+/// A recognisable page: byte i is (seed + i * 7) mod 251.
+func patternPage(_ seed: Int) -> [UInt8] { (0..<vectorPageSize).map { UInt8((seed + $0 * 7) % 251) } }
+
+let vectorLayout = GuestMemoryLayout(regions: [
+    MemoryRegion(guestPhysicalAddress: 0, size: 0xA0000),
+    MemoryRegion(guestPhysicalAddress: 0x100000, size: 0x100000),
+    MemoryRegion(guestPhysicalAddress: 0xFFFC0000, size: 0x40000, flags: .readOnly),
+])
+
+func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
+
+/// Builds a stream: header, layout, then `records` appended by the closure.
+func stream(features: StreamFeatures = .snapshotFile, layout: GuestMemoryLayout? = vectorLayout,
+            _ records: (inout StreamEncoder, inout [UInt8]) -> Void = { _, _ in }) -> [UInt8] {
+    var enc = StreamEncoder(header: StreamHeader(pageSize: UInt32(vectorPageSize), features: features))
+    var out: [UInt8] = []
+    enc.encodeHeader(into: &out)
+    if let layout { enc.encodeLayout(layout, into: &out) }
+    records(&enc, &out)
+    return out
+}
+
+func batch(_ enc: inout StreamEncoder, _ out: inout [UInt8], pass: UInt32, pages: [(UInt64, [UInt8]?)]) {
+    // Keep the page arrays alive while the encoder reads them through pointers.
+    let storage = pages.map { $0.1 ?? [] }
+    var sources: [PageSource] = []
+    func build(_ i: Int) {
+        if i == storage.count {
+            enc.encodePageBatch(pass: pass, pages: sources, into: &out)
+            return
+        }
+        storage[i].withUnsafeBytes { buf in
+            sources.append(pages[i].1 == nil ? .zero(frame: pages[i].0)
+                           : PageSource(frame: pages[i].0, encoding: .raw, bytes: buf))
+            build(i + 1)
+        }
+    }
+    build(0)
+}
+
+let endRecord = End(digestAlgorithm: DigestAlgorithm.pageSum128, digest: Array(0..<16))
+
+func allVectors() -> [Vector] {
+    var v: [Vector] = []
+
+    v.append(Vector(name: "valid-minimal-snapshot", description: "header, layout, end with a 16-byte digest",
+                    bytes: stream { enc, out in enc.encodeEnd(endRecord, into: &out) }))
+
+    let migration = stream(features: .liveMigration, layout: nil) { enc, out in
+        enc.encodeCapabilities(Capabilities(codecs: .all, maxChannels: 4, flags: [.resume, .wholeBatchCompression]),
+                               agreed: false, into: &out)
+        enc.encodeCapabilities(Capabilities(codecs: [.zero, .raw, .lz4], maxChannels: 2, flags: [.wholeBatchCompression]),
+                               agreed: true, into: &out)
+        enc.encodeLayout(vectorLayout, into: &out)
+        batch(&enc, &out, pass: 0, pages: [(0, patternPage(1)), (1, nil), (2, nil), (0x100, patternPage(2))])
+        enc.encodePassBoundary(PassBoundary(pass: 0, dirtyPages: 1, pagesSent: 4, zeroPages: 2, wireBytes: 8400,
+                                            durationNanoseconds: 1_000_000), into: &out)
+        enc.encodeSwitchover(Switchover(finalPass: 1), into: &out)
+        batch(&enc, &out, pass: 1, pages: [(0x100, patternPage(3))])
+        let blob: [UInt8] = Array("vcpu0-state".utf8)
+        blob.withUnsafeBytes {
+            enc.encodeDeviceState(componentID: DeviceComponent.kvmVCPU, instance: 0, componentVersion: 1, blob: $0, into: &out)
+        }
+        enc.encodePassBoundary(PassBoundary(pass: 1, dirtyPages: 0, pagesSent: 1), into: &out)
+        enc.encodeEnd(endRecord, into: &out)
+    }
+    v.append(Vector(name: "valid-migration", description:
+        "negotiation, layout, two passes with zero and raw pages, switchover, device state, end", bytes: migration))
+
+    v.append(Vector(name: "valid-optional-records", description:
+        "a note and an unknown optional record (type 0x80000042), both skipped or reported, then end",
+        bytes: stream { enc, out in
+            enc.encodeNote("written by the vector generator", into: &out)
+            enc.encodeRawRecord(type: 0x8000_0042, body: [1, 2, 3, 4, 5], into: &out)
+            enc.encodeEnd(endRecord, into: &out)
+        }))
+
+    v.append(Vector(name: "valid-abort", description: "the sender aborts after the layout", bytes: stream { enc, out in
+        enc.encodeAbort(Abort(reason: .noConvergence, message: "dirty rate above link rate"), into: &out)
+    }))
+
+    // Invalid streams. Offsets are stream offsets; the layout record occupies 32..<120.
+    let minimal = v[0].bytes
+    let afterLayout = 32 + 8 + 8 + 24 * 3
+    var badMagic = minimal; badMagic[1] = UInt8(ascii: "X")
+    v.append(Vector(name: "invalid-bad-magic", description: "second magic byte changed",
+                    bytes: badMagic, expectedError: WireError(offset: 0, reason: .badMagic)))
+    var future = minimal; future[8] = 2
+    v.append(Vector(name: "invalid-future-version", description: "format version 2",
+                    bytes: future, expectedError: WireError(offset: 8, reason: .unsupportedVersion(2))))
+    var feature = minimal; feature[16] = 0x01
+    v.append(Vector(name: "invalid-unknown-mandatory-feature", description: "mandatory feature bit 0 set",
+                    bytes: feature, expectedError: WireError(offset: 16, reason: .unsupportedMandatoryFeatures(1))))
+    var pageSize = minimal; pageSize[12] = 0; pageSize[13] = 0x30
+    v.append(Vector(name: "invalid-page-size", description: "page size 12288 is not a power of two",
+                    bytes: pageSize, expectedError: WireError(offset: 12, reason: .badPageSize(12288))))
+    v.append(Vector(name: "invalid-truncated", description: "the end record is cut after 5 of its 32 bytes",
+                    bytes: Array(minimal[..<(afterLayout + 5)]),
+                    expectedError: WireError(offset: UInt64(afterLayout), reason: .truncated)))
+    var oversize = Array(minimal[..<afterLayout]); oversize += le32(RecordType.deviceState.rawValue) + le32(0xFFFF_FFF0)
+    v.append(Vector(name: "invalid-oversize-record", description: "a device-state record claiming 4 GiB",
+                    bytes: oversize,
+                    expectedError: WireError(offset: UInt64(afterLayout + 4),
+                                             reason: .recordTooLarge(type: 5, length: 0xFFFF_FFF0))))
+    v.append(Vector(name: "invalid-unknown-mandatory-record", description: "record type 0x77 (mandatory, unknown)",
+                    bytes: stream { enc, out in
+                        enc.encodeRawRecord(type: 0x77, body: [0, 0, 0, 0], into: &out)
+                        enc.encodeEnd(endRecord, into: &out)
+                    }, expectedError: WireError(offset: UInt64(afterLayout), reason: .unknownMandatoryRecord(0x77))))
+    v.append(Vector(name: "invalid-page-outside-layout", description: "a zero page at frame 0xA0 (the hole at 640 KiB)",
+                    bytes: stream { enc, out in
+                        batch(&enc, &out, pass: 0, pages: [(0, nil), (0xA0, nil)])
+                        enc.encodeEnd(endRecord, into: &out)
+                    }, expectedError: WireError(offset: UInt64(afterLayout + 8 + 32 + 16),
+                                                reason: .pageOutsideLayout(index: 1, frame: 0xA0))))
+    var badCRC = stream { enc, out in
+        batch(&enc, &out, pass: 0, pages: [(5, patternPage(9))])
+        enc.encodeEnd(endRecord, into: &out)
+    }
+    badCRC[afterLayout + 8 + 32 + 16 + 100] ^= 0x40
+    let storedCRC = badCRC[(afterLayout + 8)..<(afterLayout + 12)].reversed().reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+    var damaged = badCRC[(afterLayout + 12)..<(afterLayout + 8 + 32 + 16 + 4096)]
+    let computed = damaged.withUnsafeBytes { CRC32C.update(0, $0) }
+    damaged = []
+    v.append(Vector(name: "invalid-bad-checksum", description: "one payload bit flipped in a raw page",
+                    bytes: badCRC, expectedError: WireError(offset: UInt64(afterLayout + 8),
+                                                            reason: .checksumMismatch(stored: storedCRC, computed: computed))))
+    var gap = stream { enc, out in
+        batch(&enc, &out, pass: 0, pages: [(1, nil)])
+    }
+    var skipping = StreamEncoder(header: StreamHeader(pageSize: UInt32(vectorPageSize), features: .snapshotFile))
+    var throwaway: [UInt8] = []
+    batch(&skipping, &throwaway, pass: 0, pages: [(1, nil)])
+    batch(&skipping, &throwaway, pass: 0, pages: [(1, nil)])
+    let gapAt = gap.count
+    batch(&skipping, &gap, pass: 0, pages: [(2, nil)]) // sequence 2 where 1 is expected
+    v.append(Vector(name: "invalid-sequence-gap", description: "batch sequence jumps from 0 to 2",
+                    bytes: gap, expectedError: WireError(offset: UInt64(gapAt + 8 + 8), reason: .sequenceGap(expected: 1, found: 2))))
+    var padding = stream { enc, out in enc.encodeEnd(End(digestAlgorithm: 0, digest: [1, 2, 3]), into: &out) }
+    padding[padding.count - 1] = 0xAA
+    v.append(Vector(name: "invalid-nonzero-padding", description: "the last padding byte of the end record is 0xAA",
+                    bytes: padding, expectedError: WireError(offset: UInt64(padding.count - 1), reason: .nonZeroPadding)))
+    v.append(Vector(name: "invalid-batch-before-layout", description: "a page batch before any memory layout",
+                    bytes: stream(layout: nil) { enc, out in batch(&enc, &out, pass: 0, pages: [(0, nil)]) },
+                    expectedError: WireError(offset: 32, reason: .unexpectedRecord(RecordType.pageBatch.rawValue))))
+    v.append(Vector(name: "invalid-data-after-end", description: "a note after the end record",
+                    bytes: stream { enc, out in
+                        enc.encodeEnd(endRecord, into: &out)
+                        enc.encodeNote("late", into: &out)
+                    }, expectedError: WireError(offset: UInt64(afterLayout + 32), reason: .dataAfterEnd)))
+    var regions = stream(layout: nil) { enc, out in enc.encodeEnd(endRecord, into: &out) }
+    regions = Array(regions[..<32]) + le32(RecordType.memoryLayout.rawValue) + le32(8) + le32(1_000_000) + le32(0)
+    v.append(Vector(name: "invalid-too-many-regions", description: "a layout claiming a million regions",
+                    bytes: regions, expectedError: WireError(offset: 40, reason: .tooManyRegions(1_000_000))))
+    v.append(Vector(name: "invalid-overlapping-regions", description: "second region starts inside the first",
+                    bytes: stream(layout: GuestMemoryLayout(regions: [
+                        MemoryRegion(guestPhysicalAddress: 0, size: 0x2000),
+                        MemoryRegion(guestPhysicalAddress: 0x1000, size: 0x1000)])) { enc, out in enc.encodeEnd(endRecord, into: &out) },
+                    expectedError: WireError(offset: 40 + 8 + 24, reason: .badRegion(index: 1))))
+    return v
+}

@@ -142,6 +142,8 @@ final class RingDirtyTracker: DirtyPageTracker, @unchecked Sendable {
     let method: DirtyTrackingMethod
     private let vm: KVMVirtualMachine
     private let slots: [MemorySlot]
+    /// Ring entries name slots by id; this finds the slot's place in `slots`.
+    private let slotIndex: [UInt32: Int]
     private let hostWrites: HostWrites
 
     /// One vCPU's ring and how far we have read it.
@@ -164,6 +166,7 @@ final class RingDirtyTracker: DirtyPageTracker, @unchecked Sendable {
         self.method = .ring(bytesPerVCPU: bytesPerVCPU)
         self.vm = vm
         self.slots = slots
+        slotIndex = Dictionary(uniqueKeysWithValues: slots.enumerated().map { ($1.id, $0) })
         hostWrites = HostWrites(slots: slots)
         let rings = try vcpus.map { vcpu in
             Ring(vcpuID: vcpu.id, mapping: try vcpu.mapDirtyRing(byteCount: bytesPerVCPU),
@@ -200,7 +203,6 @@ final class RingDirtyTracker: DirtyPageTracker, @unchecked Sendable {
 
     /// Reads every published entry of every ring, marks it for reset, and has KVM re-arm those pages.
     private func collect(_ state: inout Rings) throws {
-        let slotIndex = Dictionary(uniqueKeysWithValues: slots.enumerated().map { ($1.id, $0) })
         for ringIndex in state.rings.indices {
             let ring = state.rings[ringIndex]
             let entries = ring.mapping.base.assumingMemoryBound(to: kvm_dirty_gfn.self)

@@ -13,7 +13,6 @@ let package = Package(
         .library(name: "MigrationWire", targets: ["MigrationWire"]),
         .library(name: "PageCodec", targets: ["PageCodec"]),
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
-        .executable(name: "kvm-bench", targets: ["KVMBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -34,9 +33,8 @@ let package = Package(
         ]),
 
         .target(name: "MigrationWire"),
-        .target(name: "PageCodec", dependencies: ["CZstd", "CLZ4"]),
-
-        .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
+        .target(name: "CPageCodec"),
+        .target(name: "PageCodec", dependencies: ["CZstd", "CLZ4", "CPageCodec"]),
 
         .target(name: "TestSupport", dependencies: ["KVMBackend"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),

@@ -1,1 +1,0 @@
-// PageCodec: sources follow.

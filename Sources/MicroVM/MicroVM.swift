@@ -74,9 +74,9 @@ public final class MicroVM: @unchecked Sendable {
 
     public static let maximumVCPUs = 64
 
-    /// Creates the VM, its memory and its vCPUs; `cpuid` is nil for a new guest (the host's supported set is
-    /// offered) and the saved CPUID for a restored one (it is set with the rest of the vCPU state).
-    private init(configuration: MicroVMConfiguration, settingCPUID: Bool) throws {
+    /// Creates the VM and its vCPUs over `memory` (new when nil). A new guest is offered the host's supported
+    /// CPUID; a restored one gets its saved CPUID with the rest of the vCPU state.
+    private init(configuration: MicroVMConfiguration, memory existingMemory: GuestMemory?, settingCPUID: Bool) throws {
         guard (1 ... Self.maximumVCPUs).contains(configuration.vcpuCount) else {
             throw MicroVMError.invalidConfiguration("\(configuration.vcpuCount) vCPUs (1...\(Self.maximumVCPUs) supported)")
         }
@@ -94,7 +94,10 @@ public final class MicroVM: @unchecked Sendable {
         }
         try vm.createInterruptControllers()
         try vm.createTimer()
-        memory = try GuestMemory(size: configuration.memorySize)
+        if let existingMemory, existingMemory.size != configuration.memorySize {
+            throw MicroVMError.invalidConfiguration("memory of \(existingMemory.size) bytes for a VM configured with \(configuration.memorySize)")
+        }
+        memory = try existingMemory ?? GuestMemory(size: configuration.memorySize)
         for slot in memory.slots { try vm.setMemorySlot(slot) }
         let supported = settingCPUID ? try system.supportedCPUID() : []
         vcpus = try (0 ..< UInt32(configuration.vcpuCount)).map { id in
@@ -110,7 +113,7 @@ public final class MicroVM: @unchecked Sendable {
     /// A VM ready to boot `kernel` (a PVH ELF) with `commandLine`; call `start()` to run it.
     public convenience init(booting kernel: [UInt8], commandLine: String, configuration: MicroVMConfiguration) throws {
         let image = try PVHImage(elf: kernel)
-        try self.init(configuration: configuration, settingCPUID: true)
+        try self.init(configuration: configuration, memory: nil, settingCPUID: true)
         let startInfo = try image.load(into: memory, commandLine: commandLine)
         let boot = vcpus[0]
         let (registers, special) = image.bootRegisters(startInfo: startInfo, base: try boot.specialRegisters())
@@ -118,15 +121,13 @@ public final class MicroVM: @unchecked Sendable {
         try boot.setRegisters(registers)
     }
 
-    /// A VM that carries on from `state`; `fillMemory` writes the saved guest RAM into `memory` before the
-    /// vCPU state is restored. Call `start()` to run it.
-    public convenience init(restoring state: MachineState, configuration: MicroVMConfiguration,
-                            fillMemory: (GuestMemory) throws -> Void) throws {
-        guard state.vcpus.count == configuration.vcpuCount else {
-            throw MicroVMError.invalidConfiguration("the state holds \(state.vcpus.count) vCPUs, the configuration \(configuration.vcpuCount)")
-        }
-        try self.init(configuration: configuration, settingCPUID: false)
-        try fillMemory(memory)
+    /// A VM that carries on from `state` over `memory`, which already holds the guest's RAM.
+    /// The vCPU count comes from the state. Call `start()` to run it.
+    public convenience init(restoring state: MachineState, memory: GuestMemory, configuration: MicroVMConfiguration) throws {
+        var configuration = configuration
+        configuration.vcpuCount = state.vcpus.count
+        configuration.memorySize = memory.size
+        try self.init(configuration: configuration, memory: memory, settingCPUID: false)
         for (vcpu, saved) in zip(vcpus, state.vcpus) { try vcpu.restoreState(saved) }
         try vm.restoreDevices(state.devices)
     }

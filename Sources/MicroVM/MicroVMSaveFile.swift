@@ -82,14 +82,16 @@ public enum MicroVMSaveFile {
         guard fnv1a64(Array(header[0 ..< 48]) + state) == checksum else { throw SaveFileError(path, "header or machine state checksum mismatch") }
         let machineState = try MachineStateEncoding.decode(state)
 
-        let configuration = MicroVMConfiguration(memorySize: memorySize, vcpuCount: Int(vcpuCount),
-                                                 dirtyTracking: dirtyTracking, console: console)
-        return try MicroVM(restoring: machineState, configuration: configuration) { memory in
-            for range in try file.dataRanges(from: Int64(memoryOffset), below: fileSize) {
-                let target = UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(range.lowerBound - Int64(memoryOffset)), count: range.count)
-                try file.read(all: target, at: range.lowerBound)
-            }
+        guard machineState.vcpus.count == Int(vcpuCount) else {
+            throw SaveFileError(path, "header says \(vcpuCount) vCPUs, the machine state holds \(machineState.vcpus.count)")
         }
+        let memory = try GuestMemory(size: memorySize)
+        for range in try file.dataRanges(from: Int64(memoryOffset), below: fileSize) {
+            let target = UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(range.lowerBound - Int64(memoryOffset)), count: range.count)
+            try file.read(all: target, at: range.lowerBound)
+        }
+        return try MicroVM(restoring: machineState, memory: memory,
+                           configuration: MicroVMConfiguration(memorySize: memorySize, dirtyTracking: dirtyTracking, console: console))
     }
 }
 

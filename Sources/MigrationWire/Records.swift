@@ -267,6 +267,16 @@ public struct Abort: Hashable, Sendable {
     }
 }
 
+/// A digest of all guest memory, as the switchover handshake carries it.
+public struct DigestRecord: Hashable, Sendable {
+    public var algorithm: UInt32
+    public var digest: [UInt8]
+    public init(algorithm: UInt32, digest: [UInt8]) {
+        self.algorithm = algorithm
+        self.digest = digest
+    }
+}
+
 /// What the decoder yields, in stream order: the events the engine speaks.
 public enum StreamEvent: Sendable {
     case header(StreamHeader)
@@ -279,6 +289,14 @@ public enum StreamEvent: Sendable {
     case switchover(Switchover)
     case end(End)
     case abort(Abort)
+    /// Sender, main channel, after the switchover: everything is sent; compare memory with this digest.
+    case verify(DigestRecord)
+    /// Receiver, reply stream: memory matches with this digest, device state is restored, ready to start.
+    case verified(DigestRecord)
+    /// Sender, main channel, after `verified`: start the destination.
+    case commit
+    /// Receiver, reply stream: the destination runs.
+    case started
     case note(String)
     /// An optional record this reader does not know; its body was skipped.
     case skippedOptional(type: UInt32, length: Int)

@@ -44,6 +44,8 @@ public final class StreamDecoder {
     private var pageShift = 12
     private var sawOffer = false
     private var sawSwitchover = false
+    private var sawVerify = false
+    private var sawVerified = false
     private var nextSequence: UInt64 = 0
     private var lastBatchPass: UInt32?
     private var lastBoundaryPass: UInt32?
@@ -130,7 +132,7 @@ public final class StreamDecoder {
 
     private static let knownTypes: Set<RecordType> = [
         .capabilitiesOffer, .capabilitiesAgreed, .memoryLayout, .pageBatch, .deviceState,
-        .passBoundary, .switchover, .end, .abort, .note,
+        .passBoundary, .switchover, .end, .abort, .note, .verify, .verified, .commit, .started,
     ]
 
     private func fail(_ at: UInt64, _ reason: WireError.Reason) -> WireError {
@@ -176,6 +178,16 @@ public final class StreamDecoder {
             if !ok { throw fail(offset + 4, .badRecordLength(type: type.rawValue, length: UInt32(body.count))) }
         }
         func unexpected() -> WireError { fail(offset, .unexpectedRecord(type.rawValue)) }
+        // A reply stream runs from receiver to sender: it opens with the agreed capabilities, carries no layout,
+        // and holds only the receiver's side of the switchover handshake.
+        let isReply = agreed != nil && !sawOffer
+        func digestRecord() throws -> DigestRecord {
+            try need(body.count >= 8)
+            let length = body.le32(4)
+            if Int(length) > options.limits.maxDigest { throw fail(at + 4, .digestTooLong(length)) }
+            try need(body.count == 8 + Int(length))
+            return DigestRecord(algorithm: body.le32(0), digest: Array(body[8...]))
+        }
         func reservedZero(_ fieldOffset: Int, _ value: UInt64) throws {
             if value != 0 { throw fail(at + UInt64(fieldOffset), .reservedNotZero) }
         }
@@ -249,12 +261,32 @@ public final class StreamDecoder {
 
         case .end:
             try need(body.count >= 8)
-            if layout == nil { throw unexpected() }
+            if layout == nil && !isReply { throw unexpected() }
             let length = body.le32(4)
             if Int(length) > options.limits.maxDigest { throw fail(at + 4, .digestTooLong(length)) }
             try need(body.count == 8 + Int(length))
             isComplete = true
             return .end(End(digestAlgorithm: body.le32(0), digest: Array(body[8...])))
+
+        case .verify:
+            if !isMain || !sawSwitchover || sawVerify { throw unexpected() }
+            sawVerify = true
+            return .verify(try digestRecord())
+
+        case .verified:
+            if !isReply || sawVerified { throw unexpected() }
+            sawVerified = true
+            return .verified(try digestRecord())
+
+        case .commit, .started:
+            try need(body.count == 8)
+            try reservedZero(0, body.le64(0))
+            if type == .commit {
+                if !sawVerify { throw unexpected() }
+                return .commit
+            }
+            if !sawVerified { throw unexpected() }
+            return .started
 
         case .abort:
             try need(body.count >= 8)

@@ -113,6 +113,19 @@ public struct StreamEncoder {
         }
     }
 
+    public func encodeVerify(_ d: DigestRecord, into out: inout [UInt8]) { encodeDigest(.verify, d, into: &out) }
+    public func encodeVerified(_ d: DigestRecord, into out: inout [UInt8]) { encodeDigest(.verified, d, into: &out) }
+    public func encodeCommit(into out: inout [UInt8]) { record(.commit, length: 8, into: &out) { w in w.u64(0) } }
+    public func encodeStarted(into out: inout [UInt8]) { record(.started, length: 8, into: &out) { w in w.u64(0) } }
+
+    private func encodeDigest(_ type: RecordType, _ d: DigestRecord, into out: inout [UInt8]) {
+        record(type, length: 8 + d.digest.count, into: &out) { w in
+            w.u32(d.algorithm)
+            w.u32(UInt32(d.digest.count))
+            d.digest.withUnsafeBytes { w.bytes($0) }
+        }
+    }
+
     public func encodeAbort(_ a: Abort, into out: inout [UInt8]) {
         let text = Array(a.message.utf8.prefix(WireLimits.v1.maxText))
         record(.abort, length: 8 + text.count, into: &out) { w in

@@ -74,6 +74,13 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     public static let switchover = RecordType(rawValue: 0x07)
     public static let end = RecordType(rawValue: 0x08)
     public static let abort = RecordType(rawValue: 0x09)
+    /// Switchover handshake (stream.md, "Switchover handshake"): the sender's digest of all guest memory,
+    /// sent once everything else is; the receiver's answer once its memory matches and its state is restored;
+    /// the sender's go-ahead to start the destination; the receiver's word that it runs.
+    public static let verify = RecordType(rawValue: 0x0A)
+    public static let verified = RecordType(rawValue: 0x0B)
+    public static let commit = RecordType(rawValue: 0x0C)
+    public static let started = RecordType(rawValue: 0x0D)
     /// Optional: human-readable text (progress, provenance). Readers may ignore it.
     public static let note = RecordType(rawValue: 0x8000_0001)
 
@@ -88,6 +95,10 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .switchover: return "switchover"
         case .end: return "end"
         case .abort: return "abort"
+        case .verify: return "verify"
+        case .verified: return "verified"
+        case .commit: return "commit"
+        case .started: return "started"
         case .note: return "note"
         default: return "0x" + String(rawValue, radix: 16)
         }

@@ -68,6 +68,10 @@ func json(_ event: StreamEvent) -> [String: Any] {
     case .end(let e): return ["record": "end", "digest_algorithm": Int(e.digestAlgorithm), "digest_hex": hex(e.digest)]
     case .abort(let a): return ["record": "abort", "reason": Int(a.reason.rawValue), "message": a.message]
     case .note(let t): return ["record": "note", "text": t]
+    case .verify(let d): return ["record": "verify", "digest_algorithm": Int(d.algorithm), "digest_hex": hex(d.digest)]
+    case .verified(let d): return ["record": "verified", "digest_algorithm": Int(d.algorithm), "digest_hex": hex(d.digest)]
+    case .commit: return ["record": "commit"]
+    case .started: return ["record": "started"]
     case .skippedOptional(let type, let length):
         return ["record": "skipped_optional", "type": String(type, radix: 16), "length": length]
     }

@@ -88,7 +88,8 @@ for _ in 0 ..< 200 {
     machine.resume()
 }
 machine.stop()
-let target = try MicroVM(restoring: lastState!, configuration: MicroVMConfiguration(memorySize: 256 << 20, console: SerialConsole(output: nil))) { _ in }
+let target = try MicroVM(restoring: lastState!, memory: try GuestMemory(size: 256 << 20),
+                         configuration: MicroVMConfiguration(memorySize: 256 << 20, console: SerialConsole(output: nil)))
 for _ in 0 ..< 200 {
     let start = now()
     for (vcpu, saved) in zip(target.vcpus, lastState!.vcpus) { try vcpu.restoreState(saved) }

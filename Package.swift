@@ -12,7 +12,10 @@ let package = Package(
         .library(name: "MicroVM", targets: ["MicroVM"]),
         .library(name: "MigrationWire", targets: ["MigrationWire"]),
         .library(name: "PageCodec", targets: ["PageCodec"]),
+        .library(name: "MigrationEngine", targets: ["MigrationEngine"]),
+        .library(name: "KVMMigration", targets: ["KVMMigration"]),
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
+        .executable(name: "kvm-bench", targets: ["KVMBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -36,9 +39,15 @@ let package = Package(
         .target(name: "CPageCodec"),
         .target(name: "PageCodec", dependencies: ["CZstd", "CLZ4", "CPageCodec"]),
 
+        .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
+
+        .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec"]),
+        .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
+
         .target(name: "TestSupport", dependencies: ["KVMBackend"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),
         .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport"]),
+        .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
     ],

@@ -1,0 +1,95 @@
+import Foundation
+import KVMBackend
+import MicroVM
+import MigrationEngine
+import MigrationWire
+
+/// A running MicroVM as the source of a migration.
+public final class MicroVMGuestSource: GuestSource {
+    public let machine: MicroVM
+    public let layout: GuestMemoryLayout
+    private var dirty: GuestPageBitmap
+
+    public init(machine: MicroVM) {
+        self.machine = machine
+        layout = GuestMemoryLayout(regions: machine.memory.slots.map {
+            MemoryRegion(guestPhysicalAddress: $0.guestPhysicalAddress, size: $0.size)
+        })
+        dirty = GuestPageBitmap(slots: machine.memory.slots)
+    }
+
+    public func page(frame: UInt64) -> UnsafeRawPointer {
+        UnsafeRawPointer(machine.memory.pointer(guestPhysicalAddress: frame << 12, length: pageSize)!)
+    }
+
+    public func startDirtyTracking() throws { try machine.dirtyTracker.start() }
+    public func stopDirtyTracking() throws { try machine.dirtyTracker.stop() }
+
+    public func harvestDirtyFrames(_ visit: (UInt64) -> Void) throws {
+        dirty.removeAll()
+        try machine.dirtyTracker.harvest(into: &dirty)
+        dirty.forEachPage { visit($0 >> 12) }
+    }
+
+    public func pause() throws { try machine.pause() }
+    public func resume() { machine.resume() }
+    public func setThrottle(_ fraction: Double) { machine.setThrottle(fraction) }
+
+    public func captureDeviceState() throws -> [DeviceState] {
+        let blob = MachineStateEncoding.encode(try machine.captureState())
+        return [DeviceState(componentID: DeviceComponent.kvmVM, instance: 0,
+                            componentVersion: MachineStateEncoding.currentVersion, blob: ByteSlice(blob))]
+    }
+}
+
+/// A new MicroVM built from a migration stream. Memory comes first (the layout must be the one MicroVM gives
+/// a guest of that size), the VM itself when the device state arrives, and it runs on `start`.
+public final class MicroVMGuestSink: GuestSink {
+    public private(set) var machine: MicroVM?
+    private var memory: GuestMemory?
+    private let console: SerialConsole
+    private let dirtyTracking: DirtyTrackingMethod
+
+    public init(console: SerialConsole, dirtyTracking: DirtyTrackingMethod = .bitmap) {
+        self.console = console
+        self.dirtyTracking = dirtyTracking
+    }
+
+    public func prepare(layout: GuestMemoryLayout) throws {
+        let memory = try GuestMemory(size: layout.totalBytes)
+        let expected = memory.slots.map { MemoryRegion(guestPhysicalAddress: $0.guestPhysicalAddress, size: $0.size) }
+        guard layout.regions == expected else {
+            throw MicroVMError.invalidConfiguration("memory layout \(layout.regions) is not MicroVM's layout for \(layout.totalBytes) bytes")
+        }
+        self.memory = memory
+    }
+
+    public func page(frame: UInt64) -> UnsafeMutableRawPointer {
+        memory!.pointer(guestPhysicalAddress: frame << 12, length: pageSize)!
+    }
+
+    public func restore(deviceState: [DeviceState]) throws {
+        guard let memory else { throw MicroVMError.invalidConfiguration("device state before memory") }
+        let machines = deviceState.filter { $0.componentID == DeviceComponent.kvmVM }
+        guard machines.count == 1, let blob = machines.first?.blob else {
+            throw MicroVMError.invalidConfiguration("expected one KVM machine state, got \(machines.count)")
+        }
+        guard machines[0].componentVersion <= MachineStateEncoding.currentVersion else {
+            throw MicroVMError.invalidConfiguration("KVM machine state version \(machines[0].componentVersion) is newer than this build")
+        }
+        let state = try blob.withUnsafeBytes { try MachineStateEncoding.decode($0) }
+        machine = try MicroVM(restoring: state, memory: memory,
+                              configuration: MicroVMConfiguration(memorySize: memory.size, dirtyTracking: dirtyTracking, console: console))
+    }
+
+    public func start() throws {
+        guard let machine else { throw MicroVMError.invalidConfiguration("start before the device state was restored") }
+        machine.start()
+    }
+
+    public func discard() {
+        machine?.stop()
+        machine = nil
+        memory = nil
+    }
+}

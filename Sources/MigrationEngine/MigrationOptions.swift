@@ -1,0 +1,82 @@
+import PageCodec
+
+/// How a migration runs; set per migration.
+public struct MigrationOptions: Sendable, Codable, Equatable {
+    public enum Compression: String, Sendable, Codable, Equatable {
+        case none, lz4, zstd, adaptive
+    }
+
+    /// Parallel channels; pages are partitioned among them so that a page's versions always share one.
+    public var channels: Int = 1
+    public var compression: Compression = .lz4
+    /// zstd level (negative levels trade ratio for speed).
+    public var zstdLevel: Int32 = 1
+    /// The longest pause of the guest the switchover may cause, in seconds.
+    public var downtimeLimit: Double = 0.3
+    /// Bytes per second on the wire over all channels; nil for no cap.
+    public var bandwidthLimit: Double?
+    /// Give up after this many pre-copy passes, or after this many seconds, when the guest has not converged.
+    public var maxPasses: Int = 30
+    public var timeLimit: Double = 300
+    /// Throttle the guest step by step when it dirties memory faster than the link can carry it.
+    public var autoConverge: Bool = true
+    public var throttleInitial: Double = 0.2
+    public var throttleIncrement: Double = 0.1
+    public var throttleMaximum: Double = 0.99
+    /// Pages per batch record.
+    public var batchPages: Int = 256
+
+    public init() {}
+}
+
+/// One pre-copy pass, as measured by the sender.
+public struct PassStatistics: Sendable, Codable, Equatable {
+    public var pass: Int
+    public var pagesSent: Int = 0
+    public var zeroPages: Int = 0
+    public var rawPages: Int = 0
+    public var compressedPages: Int = 0
+    public var payloadBytes: Int = 0
+    public var wireBytes: Int = 0
+    public var seconds: Double = 0
+    /// Pages dirtied while this pass ran (the next pass's work).
+    public var dirtyPages: Int = 0
+    /// Bytes per second the guest dirtied during the pass.
+    public var dirtyRate: Double = 0
+    /// Wire bytes per second during the pass.
+    public var bandwidth: Double = 0
+    /// What the downtime would be if the guest were paused now.
+    public var expectedDowntime: Double = 0
+    public var throttle: Double = 0
+}
+
+/// Where a running migration stands, for progress displays.
+public struct MigrationProgress: Sendable, Codable, Equatable {
+    public enum Phase: String, Sendable, Codable { case setup, precopy, switchover, completed, failed, cancelled }
+    public var phase: Phase
+    public var pass: Int
+    /// Of the current pass.
+    public var pagesDone: Int
+    public var pagesTotal: Int
+    public var bytesOnWire: Int
+    public var bandwidth: Double
+    public var dirtyRate: Double
+    public var expectedDowntime: Double
+    public var throttle: Double
+    public var elapsed: Double
+}
+
+/// The final account of a migration, as JSON for scripts.
+public struct MigrationReport: Sendable, Codable, Equatable {
+    public var succeeded: Bool
+    public var error: String?
+    public var totalSeconds: Double
+    public var setupSeconds: Double
+    /// From the source's pause to the destination's start, as seen by the sender.
+    public var downtimeSeconds: Double?
+    public var passes: [PassStatistics]
+    public var wireBytes: Int
+    public var pagesSent: Int
+    public var compression: String
+    public var channels: Int
+}

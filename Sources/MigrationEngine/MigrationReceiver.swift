@@ -1,0 +1,242 @@
+import Foundation
+import MigrationWire
+import PageCodec
+
+/// The receiving half of a live migration: rebuilds the guest in a `GuestSink` from the sender's channels, and
+/// starts it only after its memory digest equals the sender's and the sender commits.
+///
+/// Every byte from the peer passes the streaming decoder, which checks every length, count and page frame
+/// against the declared layout before anything is written; pages then go straight into guest memory. On any
+/// failure the sink is discarded: no half-built guest ever runs.
+public final class MigrationReceiver: @unchecked Sendable {
+    public let sink: GuestSink
+    public let channels: [MigrationChannel]
+    /// What this side accepts; the agreed set is the intersection with the sender's offer.
+    public let capabilities: Capabilities
+    /// The threads reading channels 1..<N; waited for before the sink is discarded, so none writes into
+    /// memory that is gone.
+    private var otherChannels: ChannelThreads?
+
+    public init(sink: GuestSink, channels: [MigrationChannel], capabilities: Capabilities? = nil) {
+        precondition(!channels.isEmpty)
+        self.sink = sink
+        self.channels = channels
+        self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count))
+    }
+
+    public struct Report: Sendable, Equatable {
+        public var passes: Int
+        public var pagesWritten: Int
+        public var deviceComponents: Int
+        public var digest: String
+    }
+
+    /// Runs until the guest is started (returns) or the migration fails (throws, with the sink discarded).
+    public func run() throws -> Report {
+        let main = RecordReader(channel: channels[0])
+        var reply: RecordWriter?
+        do {
+            let report = try receive(main, reply: &reply)
+            for channel in channels { channel.close() }
+            return report
+        } catch {
+            let failure = error as? MigrationError ?? .guestFailed("\(error)")
+            if case .peerAborted = failure {} else if let reply {
+                try? reply.send { encoder, out in
+                    encoder.encodeAbort(Abort(reason: failure.abortReason == .sourceError ? .destinationError : failure.abortReason,
+                                              message: "\(failure)"), into: &out)
+                }
+            }
+            for channel in channels { channel.close() }
+            try? otherChannels?.wait()
+            sink.discard()
+            throw failure
+        }
+    }
+
+    private func receive(_ main: RecordReader, reply: inout RecordWriter?) throws -> Report {
+        guard case .header(let header) = try main.next() else { throw MigrationError.protocolViolation("stream without header") }
+        guard header.channel == 0, Int(header.channelCount) == channels.count else {
+            throw MigrationError.protocolViolation("sender uses \(header.channelCount) channels, \(channels.count) are open")
+        }
+        guard header.pageSize == 4096 else { throw MigrationError.protocolViolation("page size \(header.pageSize) (4096 expected)") }
+        guard case .capabilitiesOffer(let offer) = try main.next() else {
+            throw MigrationError.protocolViolation("the main stream must offer capabilities first")
+        }
+        let agreed = capabilities.agreed(with: offer)
+        let writer = RecordWriter(channel: channels[0], header: StreamHeader(channel: 0, channelCount: header.channelCount))
+        reply = writer
+        try writer.send { encoder, out in
+            encoder.encodeHeader(into: &out)
+            encoder.encodeCapabilities(agreed, agreed: true, into: &out)
+        }
+        guard case .layout(let layout) = try main.next() else { throw MigrationError.protocolViolation("expected the memory layout") }
+        do { try sink.prepare(layout: layout) } catch { throw MigrationError.guestFailed("preparing memory: \(error)") }
+
+        let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout) }
+        let others = startOtherChannels(layout: layout, writers: writers)
+        otherChannels = others
+        var deviceState: [DeviceState] = []
+        var passes = 0
+        var verified = false
+        while true {
+            switch try main.next() {
+            case .pageBatch(let batch):
+                try writers[0].apply(batch)
+            case .passBoundary:
+                passes += 1
+            case .switchover:
+                break
+            case .deviceState(let state):
+                deviceState.append(state)
+            case .verify(let theirs):
+                try others.wait()
+                var digest = MemoryDigest()
+                for writer in writers { digest.add(PageHash(low: writer.digest.digest.low, high: writer.digest.digest.high)) }
+                let ours = DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: digest.bytes)
+                guard theirs == ours else {
+                    throw MigrationError.digestMismatch(sender: hex(theirs.digest), receiver: hex(ours.digest))
+                }
+                do { try sink.restore(deviceState: deviceState) } catch { throw MigrationError.guestFailed("restoring device state: \(error)") }
+                try writer.send { encoder, out in encoder.encodeVerified(ours, into: &out) }
+                verified = true
+            case .commit:
+                do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
+                try writer.send { encoder, out in
+                    encoder.encodeStarted(into: &out)
+                    encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+                }
+            case .end:
+                guard verified else { throw MigrationError.protocolViolation("stream ended before the switchover") }
+                return Report(passes: passes, pagesWritten: writers.reduce(0) { $0 + $1.pagesWritten },
+                              deviceComponents: deviceState.count,
+                              digest: hex(writers.reduce(into: MemoryDigest()) { $0.add(PageHash(low: $1.digest.digest.low, high: $1.digest.digest.high)) }.bytes))
+            case .abort(let abort):
+                throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+            case .note, .skippedOptional:
+                continue
+            case let other:
+                throw MigrationError.protocolViolation("unexpected \(other) on the main channel")
+            }
+        }
+    }
+
+    /// Reads channels 1..<N on threads of their own, each writing its own pages.
+    private func startOtherChannels(layout: GuestMemoryLayout, writers: [PageWriter]) -> ChannelThreads {
+        let threads = ChannelThreads()
+        for index in channels.indices.dropFirst() {
+            threads.start(name: "migrate-receive-\(index)") { [self] in
+                let reader = RecordReader(channel: channels[index])
+                do {
+                    guard case .header(let header) = try reader.next(), Int(header.channel) == index,
+                          Int(header.channelCount) == channels.count else {
+                        throw MigrationError.protocolViolation("channel \(index) does not open as channel \(index) of \(channels.count)")
+                    }
+                    guard case .layout(let theirs) = try reader.next(), theirs == layout else {
+                        throw MigrationError.protocolViolation("channel \(index) declares another memory layout")
+                    }
+                    while true {
+                        switch try reader.next() {
+                        case .pageBatch(let batch): try writers[index].apply(batch)
+                        case .passBoundary, .note, .skippedOptional: continue
+                        case .end: return
+                        case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+                        case let other: throw MigrationError.protocolViolation("unexpected \(other) on channel \(index)")
+                        }
+                    }
+                } catch {
+                    // Unblock the main channel, which may be waiting for records this channel's failure will stop.
+                    for channel in channels { channel.close() }
+                    throw error
+                }
+            }
+        }
+        return threads
+    }
+}
+
+/// Writes the pages of one channel into guest memory and keeps that channel's share of the memory digest,
+/// hashing each page as it lies in guest memory after the write.
+final class PageWriter {
+    let digest: DigestTracker
+    private let sink: GuestSink
+    private let lz4: BlockCompressor
+    private let zstd: BlockCompressor
+    private var batchPayload: UnsafeMutableRawBufferPointer?
+    private(set) var pagesWritten = 0
+
+    init(sink: GuestSink, layout: GuestMemoryLayout) {
+        self.sink = sink
+        digest = DigestTracker(regions: layout.digestRegions)
+        lz4 = try! BlockCompressor(.lz4(acceleration: 1))
+        zstd = try! BlockCompressor(.zstd(level: 1))
+    }
+
+    deinit { batchPayload?.deallocate() }
+
+    func apply(_ batch: PageBatch) throws {
+        if batch.compression == .none {
+            try batch.payload.withUnsafeBytes { try write(batch.pages, payload: $0) }
+            return
+        }
+        // A batch compressed as a whole: expand its payload (its length is bounded by the decoder) first.
+        if (batchPayload?.count ?? 0) < batch.uncompressedPayloadLength {
+            batchPayload?.deallocate()
+            batchPayload = .allocate(byteCount: batch.uncompressedPayloadLength, alignment: 64)
+        }
+        let expanded = UnsafeMutableRawBufferPointer(rebasing: batchPayload![0 ..< batch.uncompressedPayloadLength])
+        do {
+            try batch.payload.withUnsafeBytes { try (batch.compression == .lz4 ? lz4 : zstd).decompress($0, into: expanded) }
+        } catch {
+            throw MigrationError.malformedStream("batch \(batch.sequence) of channel \(batch.channel): payload does not decompress (\(error))")
+        }
+        try write(batch.pages, payload: UnsafeRawBufferPointer(expanded))
+    }
+
+    private func write(_ pages: [PageDescriptor], payload: UnsafeRawBufferPointer) throws {
+        for page in pages {
+            let target = UnsafeMutableRawBufferPointer(start: sink.page(frame: page.frame), count: 4096)
+            let bytes = UnsafeRawBufferPointer(rebasing: payload[page.offset ..< page.offset + page.length])
+            switch page.encoding {
+            case .zero:
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+                digest.updateZero(frame: page.frame)
+                pagesWritten += 1
+                continue
+            case .raw:
+                guard bytes.count == 4096 else { throw MigrationError.malformedStream("raw page \(page.frame) of \(bytes.count) bytes") }
+                target.copyMemory(from: bytes)
+            case .lz4, .zstd:
+                do {
+                    try (page.encoding == .lz4 ? lz4 : zstd).decompress(bytes, into: target)
+                } catch {
+                    throw MigrationError.malformedStream("page \(page.frame) does not decompress to 4096 bytes (\(page.encoding))")
+                }
+            }
+            digest.update(frame: page.frame, page: UnsafeRawBufferPointer(target))
+            pagesWritten += 1
+        }
+    }
+}
+
+/// Threads whose first error is kept, to be rethrown when they are waited for.
+final class ChannelThreads: @unchecked Sendable {
+    private let group = DispatchGroup()
+    private let lock = NSLock()
+    private var failure: Error?
+
+    func start(name: String, _ body: @escaping () throws -> Void) {
+        group.enter()
+        let thread = Thread { [self] in
+            do { try body() } catch { lock.withLock { if failure == nil { failure = error } } }
+            group.leave()
+        }
+        thread.name = name
+        thread.start()
+    }
+
+    func wait() throws {
+        group.wait()
+        if let failure = lock.withLock({ failure }) { throw failure }
+    }
+}

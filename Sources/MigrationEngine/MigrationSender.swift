@@ -1,0 +1,334 @@
+import Foundation
+import MigrationWire
+import PageCodec
+import Synchronization
+
+/// The sending half of a live migration: pre-copy passes over the dirty log, then a verified switchover.
+///
+/// 1. Setup: every channel opens its stream with the memory layout; the main channel (0) offers capabilities
+///    and the receiver answers with the agreed set.
+/// 2. Pre-copy: pass 0 sends every non-zero page, each later pass the pages the dirty log reports. After each
+///    pass `ConvergencePolicy` chooses: another pass, a heavier throttle, the switchover, or giving up.
+/// 3. Switchover: pause the source, send the last dirty pages and the device state, and the digest of all
+///    guest memory; the receiver answers `verified` only if its memory has the same digest. Then `commit`,
+///    and the receiver starts the guest and answers `started`.
+///
+/// Until `commit` is sent, any failure (channel, peer, guest, cancel) resumes the source as it was: the
+/// caller finds it running. After `commit` the destination may be running, so the source stays paused.
+public final class MigrationSender: @unchecked Sendable {
+    public let source: GuestSource
+    public let channels: [MigrationChannel]
+    public let options: MigrationOptions
+    /// Called from the migration's thread, several times a second while pages flow.
+    public var onProgress: ((MigrationProgress) -> Void)?
+    /// For tests: flips a bit of the digest sent at switchover, so that the receiver must refuse it.
+    public var corruptDigestForTesting = false
+
+    private let cancelled = Atomic<Bool>(false)
+    private let pagesDone = ProgressCounter()
+    private var history: [PassStatistics] = []
+    private var started = monotonicSeconds()
+    private var wireBytes = 0
+
+    public init(source: GuestSource, channels: [MigrationChannel], options: MigrationOptions) {
+        precondition(!channels.isEmpty && channels.count == options.channels, "one channel per options.channels")
+        self.source = source
+        self.channels = channels
+        self.options = options
+    }
+
+    /// Asks the migration to stop; it does so at the next batch. Has no effect once the switchover is committed.
+    public func cancel() { cancelled.store(true, ordering: .relaxed) }
+    private var isCancelled: Bool { cancelled.load(ordering: .relaxed) }
+
+    /// Runs the migration on the calling thread. On success the destination runs the guest and the source is
+    /// paused, for the caller to shut down. On failure before commit, the source runs as before.
+    public func run() -> MigrationReport {
+        started = monotonicSeconds()
+        var phase = Phase()
+        do {
+            let downtime = try migrate(&phase)
+            report(.completed, pass: history.count, total: 0)
+            return makeReport(error: nil, setup: phase.setupSeconds, downtime: downtime)
+        } catch {
+            let failure = error as? MigrationError ?? .guestFailed("\(error)")
+            rollBack(phase, failure)
+            report(failure == .cancelled ? .cancelled : .failed, pass: history.count, total: 0)
+            return makeReport(error: failure, setup: phase.setupSeconds, downtime: nil)
+        }
+    }
+
+    /// How far the migration got, for rolling back.
+    private struct Phase {
+        var writers: [RecordWriter] = []
+        var reply: RecordReader?
+        var tracking = false
+        var paused = false
+        var committed = false
+        var setupSeconds = 0.0
+    }
+
+    private func migrate(_ phase: inout Phase) throws -> Double {
+        let layout = source.layout
+        let count = channels.count
+        phase.writers = channels.enumerated().map { index, channel in
+            RecordWriter(channel: channel, header: StreamHeader(features: .liveMigration, channel: UInt16(index), channelCount: UInt16(count)))
+        }
+        let writers = phase.writers
+        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count))
+        try writers[0].send { encoder, out in
+            encoder.encodeHeader(into: &out)
+            encoder.encodeCapabilities(offer, agreed: false, into: &out)
+            encoder.encodeLayout(layout, into: &out)
+        }
+        for writer in writers.dropFirst() {
+            try writer.send { encoder, out in
+                encoder.encodeHeader(into: &out)
+                encoder.encodeLayout(layout, into: &out)
+            }
+        }
+        let reply = RecordReader(channel: channels[0])
+        phase.reply = reply
+        try expectReplyHeader(reply)
+        try checkAgreement(try expectAgreed(reply))
+        let streamers = try writers.map { try PageStreamer(writer: $0, source: source, layout: layout, options: options) }
+
+        try guest { try source.startDirtyTracking() }
+        phase.tracking = true
+        phase.setupSeconds = monotonicSeconds() - started
+
+        var frames = [[UInt64]](repeating: [], count: count)
+        layout.forEachFrame { frames[channelIndex(of: $0, channels: count)].append($0) }
+        let policy = ConvergencePolicy(options: options)
+        var throttle = 0.0
+        var pass: UInt32 = 0
+        while true {
+            let passStart = monotonicSeconds()
+            let counts = try sendPass(frames, pass: pass, streamers: streamers)
+            var dirty = [[UInt64]](repeating: [], count: count)
+            var dirtyCount = 0
+            try guest {
+                try source.harvestDirtyFrames { frame in
+                    dirty[channelIndex(of: frame, channels: count)].append(frame)
+                    dirtyCount += 1
+                }
+            }
+            let statistics = measure(pass: Int(pass), counts: counts, seconds: monotonicSeconds() - passStart,
+                                     dirtyPages: dirtyCount, throttle: throttle)
+            history.append(statistics)
+            try writers[0].send { encoder, out in
+                encoder.encodePassBoundary(PassBoundary(
+                    pass: pass, dirtyPages: UInt64(dirtyCount), pagesSent: UInt64(counts.pages), zeroPages: UInt64(counts.zero),
+                    wireBytes: UInt64(counts.wireBytes), durationNanoseconds: UInt64(statistics.seconds * 1e9)), into: &out)
+            }
+            if isCancelled { throw MigrationError.cancelled }
+            frames = dirty
+            pass += 1
+            switch policy.decide(history: history, elapsed: monotonicSeconds() - started, throttle: throttle) {
+            case .switchover:
+                return try switchOver(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers, throttle: throttle)
+            case .throttle(let fraction):
+                throttle = fraction
+                source.setThrottle(fraction)
+            case .nextPass:
+                continue
+            case .giveUp(let why):
+                throw MigrationError.didNotConverge(why)
+            }
+        }
+    }
+
+    /// Pauses the source, sends what is left and the device state, and hands over once the receiver has
+    /// verified the memory digest. Returns the downtime: from the pause to the receiver's `started`.
+    private func switchOver(_ phase: inout Phase, reply: RecordReader, frames: [[UInt64]], finalPass: UInt32,
+                            streamers: [PageStreamer], throttle: Double) throws -> Double {
+        let writers = phase.writers
+        let pausedAt = monotonicSeconds()
+        try guest { try source.pause() }
+        phase.paused = true
+        report(.switchover, pass: Int(finalPass), total: 0)
+        try writers[0].send { encoder, out in encoder.encodeSwitchover(Switchover(finalPass: finalPass), into: &out) }
+        var last = frames
+        try guest { try source.harvestDirtyFrames { last[channelIndex(of: $0, channels: channels.count)].append($0) } }
+        let counts = try sendPass(last, pass: finalPass, streamers: streamers)
+        history.append(measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle))
+        let deviceState = try guest { try source.captureDeviceState() }
+
+        var digest = MemoryDigest()
+        for streamer in streamers { digest.add(PageHash(low: streamer.digest.digest.low, high: streamer.digest.digest.high)) }
+        var sent = digest.bytes
+        if corruptDigestForTesting { sent[0] ^= 1 }
+        let digestRecord = DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: sent)
+        for writer in writers.dropFirst() {
+            try writer.send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
+        }
+        try writers[0].send { encoder, out in
+            for state in deviceState { encoder.encodeDeviceState(state, into: &out) }
+            encoder.encodeVerify(digestRecord, into: &out)
+        }
+
+        switch try reply.next() {
+        case .verified(let theirs) where theirs == digestRecord:
+            break
+        case .verified(let theirs):
+            throw MigrationError.digestMismatch(sender: hex(digestRecord.digest), receiver: hex(theirs.digest))
+        case .abort(let abort):
+            throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+        case let other:
+            throw MigrationError.protocolViolation("expected verified, got \(other)")
+        }
+        if isCancelled { throw MigrationError.cancelled }
+
+        try writers[0].send { encoder, out in encoder.encodeCommit(into: &out) }
+        phase.committed = true
+        switch try reply.next() {
+        case .started: break
+        case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+        case let other: throw MigrationError.protocolViolation("expected started, got \(other)")
+        }
+        let downtime = monotonicSeconds() - pausedAt
+        try writers[0].send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
+        try? source.stopDirtyTracking()
+        phase.tracking = false
+        return downtime
+    }
+
+    /// Sends one pass on every channel at once, one thread each, reporting progress meanwhile.
+    private func sendPass(_ frames: [[UInt64]], pass: UInt32, streamers: [PageStreamer]) throws -> PageStreamer.Counts {
+        let total = frames.reduce(0) { $0 + $1.count }
+        pagesDone.reset()
+        let results = PassResults(count: streamers.count)
+        let group = DispatchGroup()
+        for (index, streamer) in streamers.enumerated() {
+            group.enter()
+            let thread = Thread { [self] in
+                let result = Result {
+                    try streamer.send(frames: frames[index], pass: pass, skipZero: pass == 0, progress: pagesDone) { isCancelled }
+                }
+                if case .failure = result {
+                    // A failed channel must not leave the others blocked on a peer that stopped reading.
+                    for channel in channels { channel.close() }
+                }
+                results.set(index, result)
+                group.leave()
+            }
+            thread.name = "migrate-send-\(index)"
+            thread.start()
+        }
+        while group.wait(timeout: .now() + 0.25) == .timedOut {
+            report(.precopy, pass: Int(pass), total: total)
+        }
+        var counts = PageStreamer.Counts()
+        // The first failure in channel order explains best; later ones are usually "closed" echoes of it.
+        for result in results.all {
+            switch result {
+            case .success(let partial): counts.add(partial)
+            case .failure(let error): throw error
+            }
+        }
+        wireBytes += counts.wireBytes
+        return counts
+    }
+
+    private func measure(pass: Int, counts: PageStreamer.Counts, seconds: Double, dirtyPages: Int, throttle: Double) -> PassStatistics {
+        var statistics = PassStatistics(pass: pass)
+        statistics.pagesSent = counts.pages
+        statistics.zeroPages = counts.zero
+        statistics.rawPages = counts.raw
+        statistics.compressedPages = counts.compressed
+        statistics.payloadBytes = counts.payloadBytes
+        statistics.wireBytes = counts.wireBytes
+        statistics.seconds = seconds
+        statistics.dirtyPages = dirtyPages
+        statistics.dirtyRate = seconds > 0 ? Double(dirtyPages * 4096) / seconds : 0
+        // The link's speed over all passes so far: a short pass alone says more about latency than bandwidth.
+        let allSeconds = history.reduce(seconds) { $0 + $1.seconds }
+        statistics.bandwidth = allSeconds > 0 ? Double(wireBytes) / allSeconds : 0
+        let bytesPerPage = counts.pages > counts.zero ? Double(counts.wireBytes) / Double(counts.pages - counts.zero) : 4096
+        statistics.expectedDowntime = statistics.bandwidth > 0 ? Double(dirtyPages) * bytesPerPage / statistics.bandwidth : .infinity
+        statistics.throttle = throttle
+        return statistics
+    }
+
+    private func report(_ phase: MigrationProgress.Phase, pass: Int, total: Int) {
+        guard let onProgress else { return }
+        let last = history.last
+        onProgress(MigrationProgress(
+            phase: phase, pass: pass, pagesDone: phase == .precopy ? pagesDone.count : total, pagesTotal: total,
+            bytesOnWire: wireBytes, bandwidth: last?.bandwidth ?? 0, dirtyRate: last?.dirtyRate ?? 0,
+            expectedDowntime: last?.expectedDowntime ?? 0, throttle: last?.throttle ?? 0,
+            elapsed: monotonicSeconds() - started))
+    }
+
+    /// Before commit: tell the receiver why (if the channel still works), lift the throttle, stop tracking,
+    /// and let the guest run again.
+    private func rollBack(_ phase: Phase, _ failure: MigrationError) {
+        if !phase.committed {
+            if let writer = phase.writers.first {
+                try? writer.send { encoder, out in encoder.encodeAbort(Abort(reason: failure.abortReason, message: "\(failure)"), into: &out) }
+            }
+            source.setThrottle(0)
+            if phase.tracking { try? source.stopDirtyTracking() }
+            if phase.paused { source.resume() }
+        }
+        for channel in channels { channel.close() }
+    }
+
+    private func makeReport(error: MigrationError?, setup: Double, downtime: Double?) -> MigrationReport {
+        MigrationReport(
+            succeeded: error == nil, error: error.map { "\($0)" }, totalSeconds: monotonicSeconds() - started,
+            setupSeconds: setup, downtimeSeconds: downtime, passes: history, wireBytes: wireBytes,
+            pagesSent: history.reduce(0) { $0 + $1.pagesSent - ($1.pass == 0 ? $1.zeroPages : 0) },
+            compression: options.compression.rawValue, channels: channels.count)
+    }
+
+    // MARK: handshake
+
+    private func expectReplyHeader(_ reply: RecordReader) throws {
+        guard case .header(let header) = try reply.next() else { throw MigrationError.protocolViolation("reply stream without header") }
+        guard header.channel == 0 else { throw MigrationError.protocolViolation("reply stream on channel \(header.channel)") }
+    }
+
+    private func expectAgreed(_ reply: RecordReader) throws -> Capabilities {
+        switch try reply.next() {
+        case .capabilitiesAgreed(let agreed): return agreed
+        case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+        case let other: throw MigrationError.protocolViolation("expected agreed capabilities, got \(other)")
+        }
+    }
+
+    private func checkAgreement(_ agreed: Capabilities) throws {
+        guard Int(agreed.maxChannels) >= channels.count else {
+            throw MigrationError.protocolViolation("receiver accepts \(agreed.maxChannels) channels, \(channels.count) are open")
+        }
+        let needed: CodecSet = switch options.compression {
+        case .none: [.zero, .raw]
+        case .lz4: [.zero, .raw, .lz4]
+        case .zstd: [.zero, .raw, .zstd]
+        case .adaptive: [.zero, .raw, .lz4, .zstd]
+        }
+        guard agreed.codecs.isSuperset(of: needed) else {
+            throw MigrationError.protocolViolation("receiver lacks page encodings this migration uses (\(options.compression))")
+        }
+    }
+
+    /// Runs a call into the guest, turning its error into `MigrationError.guestFailed`.
+    private func guest<R>(_ body: () throws -> R) throws -> R {
+        do { return try body() } catch let error as MigrationError { throw error } catch {
+            throw MigrationError.guestFailed("\(error)")
+        }
+    }
+}
+
+func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+
+/// What each channel's thread of a pass ended with.
+private final class PassResults: @unchecked Sendable {
+    private let lock = NSLock()
+    private var results: [Result<PageStreamer.Counts, Error>?]
+
+    init(count: Int) { results = Array(repeating: nil, count: count) }
+
+    func set(_ index: Int, _ result: Result<PageStreamer.Counts, Error>) { lock.withLock { results[index] = result } }
+    var all: [Result<PageStreamer.Counts, Error>] { lock.withLock { results.map { $0! } } }
+}

@@ -1,0 +1,133 @@
+import Foundation
+import MigrationWire
+import PageCodec
+
+/// Why a migration stopped; every failure names its cause and where it happened.
+public enum MigrationError: Error, CustomStringConvertible, Equatable {
+    /// The channel failed or the peer closed it (network, peer crash).
+    case channel(String)
+    /// The peer's bytes broke the stream format.
+    case malformedStream(String)
+    /// The peer stopped the migration and said why.
+    case peerAborted(reason: UInt32, message: String)
+    case cancelled
+    case didNotConverge(String)
+    case digestMismatch(sender: String, receiver: String)
+    case guestFailed(String)
+    /// The peer's stream is valid but not what this side expects here.
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .channel(let what): "channel failed: \(what)"
+        case .malformedStream(let what): "peer sent a malformed stream: \(what)"
+        case .peerAborted(let reason, let message): "peer aborted (reason \(reason)): \(message)"
+        case .cancelled: "migration cancelled"
+        case .didNotConverge(let why): "did not converge: \(why)"
+        case .digestMismatch(let sender, let receiver): "memory digest mismatch: sender \(sender), receiver \(receiver)"
+        case .guestFailed(let why): "guest operation failed: \(why)"
+        case .protocolViolation(let what): "protocol violation: \(what)"
+        }
+    }
+
+    /// The abort reason to tell the peer.
+    var abortReason: AbortReason {
+        switch self {
+        case .cancelled: .cancelled
+        case .didNotConverge: .noConvergence
+        case .digestMismatch: .digestMismatch
+        case .malformedStream, .protocolViolation: .protocolError
+        case .channel, .peerAborted, .guestFailed: .sourceError
+        }
+    }
+}
+
+/// Reads the records of one stream from a channel: bytes in bounded chunks into the streaming decoder,
+/// which checks every length and index before anything is allocated or written.
+final class RecordReader {
+    let channel: MigrationChannel
+    let decoder: StreamDecoder
+    private let chunk: UnsafeMutableRawBufferPointer
+
+    init(channel: MigrationChannel, checksum: @escaping ChecksumFunction = FastCRC32C.function) {
+        self.channel = channel
+        decoder = StreamDecoder(checksum: checksum)
+        chunk = .allocate(byteCount: 1 << 20, alignment: 64)
+    }
+
+    deinit { chunk.deallocate() }
+
+    /// The next event; throws when the channel closes or fails first, or the bytes are malformed.
+    func next() throws -> StreamEvent {
+        while true {
+            do {
+                if let event = try decoder.next() { return event }
+            } catch let error as WireError {
+                throw MigrationError.malformedStream("\(error)")
+            }
+            if decoder.isComplete { throw MigrationError.protocolViolation("read past the end of the stream") }
+            let count: Int
+            do {
+                count = try channel.receive(into: chunk)
+            } catch {
+                throw MigrationError.channel("\(error)")
+            }
+            guard count > 0 else {
+                throw MigrationError.channel("peer closed the connection at stream offset \(decoder.offset + UInt64(decoder.bufferedByteCount))")
+            }
+            decoder.feed(UnsafeRawBufferPointer(rebasing: chunk[0 ..< count]))
+        }
+    }
+}
+
+/// Writes the records of one stream to a channel.
+final class RecordWriter {
+    let channel: MigrationChannel
+    var encoder: StreamEncoder
+    private(set) var bytesWritten = 0
+
+    init(channel: MigrationChannel, header: StreamHeader) {
+        self.channel = channel
+        encoder = StreamEncoder(header: header, checksum: FastCRC32C.function)
+    }
+
+    /// Encodes records with `body` and sends them at once.
+    func send(_ body: (StreamEncoder, inout [UInt8]) -> Void) throws {
+        var out: [UInt8] = []
+        body(encoder, &out)
+        try out.withUnsafeBytes { try sendRaw([$0]) }
+    }
+
+    func sendRaw(_ buffers: [UnsafeRawBufferPointer]) throws {
+        do {
+            try channel.send(buffers)
+        } catch {
+            throw MigrationError.channel("\(error)")
+        }
+        bytesWritten += buffers.reduce(0) { $0 + $1.count }
+    }
+}
+
+/// Which channel carries a frame: frames go in 2 MiB runs, round robin, so that every version of a page takes
+/// the same channel (a later copy can never overtake an earlier one) and runs stay sequential in memory.
+func channelIndex(of frame: UInt64, channels: Int) -> Int {
+    Int((frame >> 9) % UInt64(channels))
+}
+
+extension GuestMemoryLayout {
+    /// Every frame of every region, in order.
+    func forEachFrame(pageShift: Int = 12, _ body: (UInt64) throws -> Void) rethrows {
+        for region in regions {
+            let first = region.guestPhysicalAddress >> UInt64(pageShift)
+            for frame in first ..< first + (region.size >> UInt64(pageShift)) { try body(frame) }
+        }
+    }
+
+    var digestRegions: [DigestTracker.Region] {
+        regions.map { DigestTracker.Region(firstFrame: $0.guestPhysicalAddress >> 12, frameCount: Int($0.size >> 12)) }
+    }
+
+    var pageCount: Int { Int(totalBytes >> 12) }
+}
+
+func monotonicSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

@@ -1,0 +1,52 @@
+import MigrationWire
+
+/// The hypervisor seam, source side: what the engine needs from a running guest. KVM implements it
+/// in-process (KVMMigration), a Xen image file or a Xen host can implement it too.
+///
+/// Memory is read in place: `page(frame:)` returns a pointer into the guest's RAM, so pages are never copied
+/// except into compression or transport buffers.
+public protocol GuestSource: AnyObject {
+    /// The guest-physical RAM regions, page aligned, sorted and disjoint.
+    var layout: GuestMemoryLayout { get }
+    /// The host address of guest frame `frame` (guest-physical address / page size), which lies in `layout`.
+    func page(frame: UInt64) -> UnsafeRawPointer
+
+    func startDirtyTracking() throws
+    /// Calls `visit` with every frame written since tracking started or since the last harvest, and re-arms
+    /// tracking for them before returning.
+    func harvestDirtyFrames(_ visit: (UInt64) -> Void) throws
+    func stopDirtyTracking() throws
+
+    /// Stops the guest's vCPUs; returns once none runs.
+    func pause() throws
+    func resume()
+    /// Makes the guest's vCPUs sleep this fraction of the time (auto-converge); 0 lifts it.
+    func setThrottle(_ fraction: Double)
+    /// The device state of the paused guest, as versioned blobs.
+    func captureDeviceState() throws -> [DeviceState]
+}
+
+/// The hypervisor seam, destination side: where the engine rebuilds a guest.
+public protocol GuestSink: AnyObject {
+    /// Creates guest memory for `layout`, zero filled. Throws if this sink cannot hold it.
+    func prepare(layout: GuestMemoryLayout) throws
+    /// The host address of guest frame `frame`, for writing; the decoder has checked it lies in the layout.
+    func page(frame: UInt64) -> UnsafeMutableRawPointer
+    /// Rebuilds the guest from its device state, without starting it.
+    func restore(deviceState: [DeviceState]) throws
+    /// Starts the rebuilt guest.
+    func start() throws
+    /// Throws away whatever was built; the migration failed before the guest started.
+    func discard()
+}
+
+/// A bidirectional byte stream between sender and receiver: a TCP or Unix socket, with or without TLS.
+/// Several may be used at once, one thread each.
+public protocol MigrationChannel: AnyObject {
+    /// Sends all bytes of every buffer, in order.
+    func send(_ buffers: [UnsafeRawBufferPointer]) throws
+    /// Receives some bytes; 0 means the peer closed its side.
+    func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// Closes the channel; a thread blocked in send or receive on it returns with an error.
+    func close()
+}

@@ -1,0 +1,63 @@
+import Glibc
+import MigrationEngine
+
+/// A real Unix stream socket pair, for engine tests that need no TLS; `cutAfter` closes the sending side
+/// after that many bytes, as a failing network would.
+final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
+    private let fd: Int32
+    private var closed = false
+    var cutAfter: Int?
+    private(set) var sent = 0
+
+    init(fd: Int32) { self.fd = fd }
+
+    static func pair() -> (SocketPairChannel, SocketPairChannel) {
+        var fds: [Int32] = [0, 0]
+        precondition(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0)
+        return (SocketPairChannel(fd: fds[0]), SocketPairChannel(fd: fds[1]))
+    }
+
+    func send(_ buffers: [UnsafeRawBufferPointer]) throws {
+        for buffer in buffers {
+            var done = 0
+            while done < buffer.count {
+                var length = buffer.count - done
+                if let cutAfter {
+                    length = min(length, cutAfter - sent)
+                    if length <= 0 {
+                        close()
+                        throw ChannelError("connection cut after \(sent) bytes")
+                    }
+                }
+                let n = Glibc.send(fd, buffer.baseAddress! + done, length, Int32(MSG_NOSIGNAL))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw ChannelError("send: \(String(cString: strerror(errno)))")
+                }
+                done += n
+                sent += n
+            }
+        }
+    }
+
+    func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        while true {
+            let n = recv(fd, buffer.baseAddress, buffer.count, 0)
+            if n >= 0 { return n }
+            if errno == EINTR { continue }
+            throw ChannelError("recv: \(String(cString: strerror(errno)))")
+        }
+    }
+
+    func close() {
+        // shutdown wakes a thread blocked in recv on this descriptor; the descriptor itself is closed in deinit.
+        shutdown(fd, Int32(SHUT_RDWR))
+    }
+
+    deinit { Glibc.close(fd) }
+}
+
+struct ChannelError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}

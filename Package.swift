@@ -38,6 +38,7 @@ let package = Package(
         .target(name: "MigrationWire"),
         .target(name: "CPageCodec"),
         .target(name: "PageCodec", dependencies: ["CZstd", "CLZ4", "CPageCodec"]),
+        .executableTarget(name: "CodecBench", dependencies: ["PageCodec", "MigrationWire"], path: "bench/codec"),
 
         .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
 

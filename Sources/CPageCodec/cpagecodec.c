@@ -13,7 +13,7 @@ static int has_sse42(void) {
 #if defined(__x86_64__)
     static int cached = -1;
     if (cached < 0) cached = __builtin_cpu_supports("sse4.2") ? 1 : 0;
-    return cached && !forced_portable;
+    return cached && forced_portable != 1;
 #else
     return 0;
 #endif
@@ -23,13 +23,13 @@ static int has_avx2(void) {
 #if defined(__x86_64__)
     static int cached = -1;
     if (cached < 0) cached = __builtin_cpu_supports("avx2") ? 1 : 0;
-    return cached && !forced_portable;
+    return cached && forced_portable != 1;
 #else
     return 0;
 #endif
 }
 
-int cpc_cpu_features(void) { return (has_sse42() ? 1 : 0) | (has_avx2() ? 2 : 0); }
+
 
 static inline uint64_t load64(const unsigned char *p) {
     uint64_t v;
@@ -92,32 +92,97 @@ static uint32_t zeros_operator(size_t n) {
     return result;
 }
 
-#define CRC_LANE 1024 /* bytes per lane per round of the three-lane loop */
-static uint32_t lane_shift_1, lane_shift_2; /* operators for CRC_LANE and 2*CRC_LANE bytes */
+/* Lane lengths of the three-lane loop: long lanes for big buffers (the combine step costs
+ * about as much as 300 bytes of CRC, so it must be rare), and 1360-byte lanes so that one
+ * round covers 4080 of a 4 KiB page. Each lane length needs the operators that shift a CRC
+ * over one and two lanes of zero bytes, computed once. */
+/* x^e mod P, reflected. */
+static uint32_t xpow(uint64_t e) {
+    uint32_t result = 0x80000000u, base = 0x40000000u; /* x^0, x^1 */
+    while (e) {
+        if (e & 1) result = gf2_multiply(result, base);
+        base = gf2_multiply(base, base);
+        e >>= 1;
+    }
+    return result;
+}
+
+/* With PCLMULQDQ the shift is one carry-less multiply and one crc32 instruction: with
+ * k = x^(8n-33) mod P, crc32_u64(0, clmul(a, k)) = a * x^(8n) mod P (the crc32 step adds
+ * x^32 and reduces; the reflected product adds one more factor of x). The tests check this
+ * against the bit-serial multiply and the table-driven CRC. */
+static int has_pclmul(void) {
+    static int cached = -1;
+    if (cached < 0) cached = __builtin_cpu_supports("pclmul") ? 1 : 0;
+    return cached;
+}
+
+int cpc_cpu_features(void) {
+    return (has_sse42() ? 1 : 0) | (has_avx2() ? 2 : 0) | (has_pclmul() && forced_portable == 0 ? 4 : 0);
+}
+
+__attribute__((target("sse4.2,pclmul")))
+static inline uint32_t shift_clmul(uint32_t a, uint32_t k) {
+    __m128i t = _mm_clmulepi64_si128(_mm_cvtsi32_si128((int)a), _mm_cvtsi32_si128((int)k), 0);
+    return (uint32_t)_mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(t));
+}
+
+#define CRC_LONG_LANE 16384
+#define CRC_PAGE_LANE 1360
+static uint32_t long_shift_1, long_shift_2, page_shift_1, page_shift_2;
+static uint32_t long_k1, long_k2, page_k1, page_k2; /* x^(8n-33) for n = one and two lanes */
+
+__attribute__((target("sse4.2,pclmul")))
+static uint64_t crc_three_lanes(uint64_t c0, const unsigned char **pp, size_t *np, size_t lane,
+                                uint32_t shift_1, uint32_t shift_2, uint32_t k1, uint32_t k2) {
+    const unsigned char *p = *pp;
+    size_t n = *np;
+    while (n >= 3 * lane) {
+        uint64_t c1 = 0, c2 = 0;
+        const unsigned char *p1 = p + lane, *p2 = p + 2 * lane;
+        for (size_t i = 0; i < lane; i += 8) {
+            c0 = _mm_crc32_u64(c0, load64(p + i));
+            c1 = _mm_crc32_u64(c1, load64(p1 + i));
+            c2 = _mm_crc32_u64(c2, load64(p2 + i));
+        }
+        /* crc(A||B||C) = shift(crc(A), |B|+|C|) ^ shift(crc(B), |C|) ^ crc(C), for raw states */
+        if (k1)
+            c0 = shift_clmul((uint32_t)c0, k2) ^ shift_clmul((uint32_t)c1, k1) ^ (uint32_t)c2;
+        else
+            c0 = gf2_multiply((uint32_t)c0, shift_2) ^ gf2_multiply((uint32_t)c1, shift_1) ^ (uint32_t)c2;
+        p += 3 * lane;
+        n -= 3 * lane;
+    }
+    *pp = p;
+    *np = n;
+    return c0;
+}
+
+/* Computed once, when the library is loaded, so that threads never race to fill them. */
+__attribute__((constructor))
+static void crc_operators_init(void) {
+    crc_init();
+    long_shift_1 = zeros_operator(CRC_LONG_LANE);
+    long_shift_2 = zeros_operator(2 * CRC_LONG_LANE);
+    page_shift_1 = zeros_operator(CRC_PAGE_LANE);
+    page_shift_2 = zeros_operator(2 * CRC_PAGE_LANE);
+    if (has_pclmul()) {
+        long_k1 = xpow(8 * CRC_LONG_LANE - 33);
+        long_k2 = xpow(16 * CRC_LONG_LANE - 33);
+        page_k1 = xpow(8 * CRC_PAGE_LANE - 33);
+        page_k2 = xpow(16 * CRC_PAGE_LANE - 33);
+    }
+}
 
 __attribute__((target("sse4.2")))
 static uint32_t crc_sse42(uint32_t c, const unsigned char *p, size_t n) {
     uint64_t c0 = c;
     /* Three independent lanes hide the 3-cycle latency of the crc32 instruction. */
-    if (n >= 3 * CRC_LANE) {
-        if (!lane_shift_1) {
-            lane_shift_2 = zeros_operator(2 * CRC_LANE);
-            lane_shift_1 = zeros_operator(CRC_LANE);
-        }
-        while (n >= 3 * CRC_LANE) {
-            uint64_t c1 = 0, c2 = 0;
-            const unsigned char *p1 = p + CRC_LANE, *p2 = p + 2 * CRC_LANE;
-            for (size_t i = 0; i < CRC_LANE; i += 8) {
-                c0 = _mm_crc32_u64(c0, load64(p + i));
-                c1 = _mm_crc32_u64(c1, load64(p1 + i));
-                c2 = _mm_crc32_u64(c2, load64(p2 + i));
-            }
-            /* crc(A||B||C) = shift(crc(A), |B|+|C|) ^ shift(crc(B), |C|) ^ crc(C), for raw states */
-            c0 = gf2_multiply((uint32_t)c0, lane_shift_2) ^ gf2_multiply((uint32_t)c1, lane_shift_1) ^ (uint32_t)c2;
-            p += 3 * CRC_LANE;
-            n -= 3 * CRC_LANE;
-        }
-    }
+    int clmul = has_pclmul() && forced_portable == 0;
+    if (n >= 3 * CRC_LONG_LANE)
+        c0 = crc_three_lanes(c0, &p, &n, CRC_LONG_LANE, long_shift_1, long_shift_2, clmul ? long_k1 : 0, long_k2);
+    if (n >= 3 * CRC_PAGE_LANE)
+        c0 = crc_three_lanes(c0, &p, &n, CRC_PAGE_LANE, page_shift_1, page_shift_2, clmul ? page_k1 : 0, page_k2);
     while (n >= 8) {
         c0 = _mm_crc32_u64(c0, load64(p));
         p += 8;

@@ -27,9 +27,12 @@ public enum FastCRC32C {
 public enum CPUPaths {
     public static var description: String {
         let f = cpc_cpu_features()
-        return "crc32c=\(f & 1 != 0 ? "sse4.2" : "table") scan/hash=\(f & 2 != 0 ? "avx2" : "portable")"
+        return "crc32c=\(f & 1 != 0 ? "sse4.2" : "table")\(f & 4 != 0 ? "+pclmul" : "") scan/hash=\(f & 2 != 0 ? "avx2" : "portable")"
     }
 
-    /// Selects the portable paths (for tests that compare both); not for production use.
-    public static func forcePortable(_ on: Bool) { cpc_force_portable(on ? 1 : 0) }
+    public enum Mode: Int32 { case best = 0, portable = 1, withoutCarrylessMultiply = 2 }
+
+    /// Selects code paths, for tests that compare them; not for production use.
+    public static func force(_ mode: Mode) { cpc_force_portable(mode.rawValue) }
+    public static func forcePortable(_ on: Bool) { force(on ? .portable : .best) }
 }

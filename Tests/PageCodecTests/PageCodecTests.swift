@@ -37,14 +37,17 @@ final class ScanAndChecksumTests: XCTestCase {
         XCTAssertEqual(FastCRC32C.checksum(Array("123456789".utf8)), 0xE306_9283)
         XCTAssertEqual(FastCRC32C.checksum([UInt8](repeating: 0, count: 32)), 0x8A91_36AA)
         XCTAssertEqual(FastCRC32C.checksum([UInt8](repeating: 0xFF, count: 32)), 0x62A8_AB43)
-        // Lengths around the three-lane threshold (3 KiB) and odd tails, hardware vs portable.
-        for length in [0, 1, 7, 8, 9, 3071, 3072, 3073, 4096, 6144 + 13, 65536 + 5] {
+        // Lengths around the three-lane thresholds (3 x 1360, 3 x 16 KiB) and odd tails, hardware vs portable.
+        for length in [0, 1, 7, 8, 9, 4079, 4080, 4081, 4096, 8160 + 13, 49151, 49152, 49152 + 4080 + 9, 200_003] {
             let data = noise(length, seed: UInt64(length) + 1)
             let fast = FastCRC32C.checksum(data)
             CPUPaths.forcePortable(true)
             let portable = FastCRC32C.checksum(data)
-            CPUPaths.forcePortable(false)
+            CPUPaths.force(.withoutCarrylessMultiply)
+            let bitwiseShift = FastCRC32C.checksum(data)
+            CPUPaths.force(.best)
             XCTAssertEqual(fast, portable, "length \(length)")
+            XCTAssertEqual(fast, bitwiseShift, "length \(length), combine without PCLMULQDQ")
             // Continuation in pieces equals one call.
             let split = data.withUnsafeBytes { b -> UInt32 in
                 let cut = length / 3

@@ -16,10 +16,10 @@ int cpc_is_zero(const void *data, size_t length);
 /// multiple of 64. Not cryptographic: it detects corruption and lost pages, not attackers.
 void cpc_page_hash(const void *data, size_t length, uint64_t frame, uint64_t out[2]);
 
-/// Which paths were selected: bit 0 SSE4.2 CRC32C, bit 1 AVX2 zero scan and hash.
+/// Which paths were selected: bit 0 SSE4.2 CRC32C, bit 1 AVX2 zero scan and hash, bit 2 PCLMULQDQ.
 int cpc_cpu_features(void);
 
-/// Forces the portable paths (for tests comparing both).
+/// For tests comparing paths: 0 = best available, 1 = portable C only, 2 = no PCLMULQDQ.
 void cpc_force_portable(int portable);
 
 #endif

@@ -7,7 +7,10 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
     private let fd: Int32
     private var closed = false
     var cutAfter: Int?
+    /// Fails receiving once this many bytes came in, as a crashed receiver would.
+    var dieAfterReceiving: Int?
     private(set) var sent = 0
+    private(set) var received = 0
 
     init(fd: Int32) { self.fd = fd }
 
@@ -42,8 +45,15 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
 
     func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         while true {
+            if let dieAfterReceiving, received >= dieAfterReceiving {
+                close()
+                throw ChannelError("receiver died after \(received) bytes")
+            }
             let n = recv(fd, buffer.baseAddress, buffer.count, 0)
-            if n >= 0 { return n }
+            if n >= 0 {
+                received += n
+                return n
+            }
             if errno == EINTR { continue }
             throw ChannelError("recv: \(String(cString: strerror(errno)))")
         }

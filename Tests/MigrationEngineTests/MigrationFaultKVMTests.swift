@@ -1,0 +1,158 @@
+import Foundation
+import KVMMigration
+import MicroVM
+import MigrationEngine
+import MigrationWire
+import TestSupport
+import XCTest
+
+/// Every way a migration can fail before the switchover must leave the source running, intact, untrottled,
+/// and no destination guest running.
+final class MigrationFaultKVMTests: MigrationTestCase {
+    /// 64 MiB of incompressible pages, sent raw on two channels: pass 0 carries about 32 MiB per channel.
+    let guest = "workload=memstress size_mib=64 rate_mib=50 pattern=random"
+    let passZeroBytesPerChannel = 32 << 20
+
+    var plainOptions: MigrationOptions {
+        var options = MigrationOptions()
+        options.channels = 2
+        options.compression = .none
+        return options
+    }
+
+    /// The source carries on: running, not throttled, and verifying its memory with rising ticks.
+    func assertSourceIntact(_ source: MicroVM, _ console: SerialConsole, _ outcome: Outcome, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertFalse(outcome.report.succeeded, file: file, line: line)
+        XCTAssertNil(outcome.destination, "no destination guest may exist", file: file, line: line)
+        XCTAssertNil(source.stopped, file: file, line: line)
+        XCTAssertEqual(source.throttle, 0, file: file, line: line)
+        let seen = statuses(console, after: console.lineCount, count: 2)
+        XCTAssertEqual(seen.count, 2, "the source must keep running and verifying", file: file, line: line)
+        if seen.count == 2 { XCTAssertGreaterThan(seen[1].ticks, seen[0].ticks, file: file, line: line) }
+        source.stop()
+    }
+
+    func testConnectionCutAt10_50_90PercentOfPassZero() throws {
+        for fraction in [0.1, 0.5, 0.9] {
+            let (source, console) = try bootSource(guest)
+            let outcome = migrate(source, options: plainOptions) { _, channels in
+                channels[0].cutAfter = Int(Double(self.passZeroBytesPerChannel) * fraction)
+            }
+            XCTAssertTrue(outcome.report.error?.contains("channel failed") ?? false, "\(fraction): \(outcome.report.error ?? "")")
+            XCTAssertNotNil(outcome.receiverError)
+            assertSourceIntact(source, console, outcome)
+        }
+    }
+
+    func testConnectionCutDuringSwitchover() throws {
+        let (source, console) = try bootSource(guest)
+        let outcome = migrate(source, options: plainOptions) { sender, channels in
+            sender.onProgress = { progress in
+                if progress.phase == .switchover, channels[0].cutAfter == nil { channels[0].cutAfter = channels[0].sent + 4096 }
+            }
+        }
+        XCTAssertNotNil(outcome.report.passes.last, "pre-copy ran")
+        assertSourceIntact(source, console, outcome)
+    }
+
+    func testReceiverDyingMidStream() throws {
+        let (source, console) = try bootSource(guest)
+        let pairs = (0 ..< 2).map { _ in SocketPairChannel.pair() }
+        pairs[1].1.dieAfterReceiving = 8 << 20
+        let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
+        let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1))
+        let done = DispatchSemaphore(value: 0)
+        Thread {
+            _ = try? receiver.run()
+            done.signal()
+        }.start()
+        let report = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: plainOptions).run()
+        done.wait()
+        XCTAssertNil(sink.machine)
+        assertSourceIntact(source, console, Outcome(report: report, receiverError: nil, destination: sink.machine,
+                                                    destinationConsole: SerialConsole(output: nil)))
+    }
+
+    func testForcedDigestMismatchIsRefused() throws {
+        let (source, console) = try bootSource(guest)
+        let outcome = migrate(source, options: plainOptions) { sender, _ in sender.corruptDigestForTesting = true }
+        XCTAssertTrue("\(outcome.receiverError.map { "\($0)" } ?? "")".contains("digest mismatch"), "\(String(describing: outcome.receiverError))")
+        XCTAssertTrue(outcome.report.error?.contains("digest mismatch") ?? false, outcome.report.error ?? "")
+        assertSourceIntact(source, console, outcome)
+    }
+
+    func testCancelDuringPreCopy() throws {
+        let (source, console) = try bootSource(guest)
+        let outcome = migrate(source, options: plainOptions) { sender, _ in
+            sender.onProgress = { progress in if progress.pagesDone > 1000 { sender.cancel() } }
+        }
+        XCTAssertEqual(outcome.report.error, "migration cancelled")
+        assertSourceIntact(source, console, outcome)
+    }
+
+    func testSenderFacingAPeerThatSpeaksGarbage() throws {
+        let (source, console) = try bootSource(guest)
+        let (ours, theirs) = SocketPairChannel.pair()
+        let garbage = (0 ..< 65536).map { _ in UInt8.random(in: 0 ... 255) }
+        try garbage.withUnsafeBytes { try theirs.send([$0]) }
+        var options = plainOptions
+        options.channels = 1
+        let report = MigrationSender(source: MicroVMGuestSource(machine: source), channels: [ours], options: options).run()
+        XCTAssertTrue(report.error?.contains("malformed stream") ?? false, report.error ?? "")
+        assertSourceIntact(source, console, Outcome(report: report, receiverError: nil, destination: nil, destinationConsole: SerialConsole(output: nil)))
+    }
+
+    func testReceiverFacingGarbageDiscardsEverything() throws {
+        for garbage in [
+            (0 ..< 65536).map { _ in UInt8.random(in: 0 ... 255) },
+            WireFormat.magic + [UInt8](repeating: 0xFF, count: 4096), // right magic, nonsense after it
+        ] {
+            let (ours, theirs) = SocketPairChannel.pair()
+            let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
+            try garbage.withUnsafeBytes { try theirs.send([$0]) }
+            theirs.close()
+            XCTAssertThrowsError(try MigrationReceiver(sink: sink, channels: [ours]).run()) { error in
+                XCTAssertTrue("\(error)".contains("malformed stream"), "\(error)")
+            }
+            XCTAssertNil(sink.machine)
+        }
+    }
+}
+
+/// A guest that dirties memory faster than the link carries it.
+final class ConvergenceKVMTests: MigrationTestCase {
+    let guest = "workload=memstress size_mib=16 rate_mib=100 pattern=random"
+
+    func testThrottlingMakesAFastWriterConverge() throws {
+        let (source, _) = try bootSource(guest)
+        var options = MigrationOptions()
+        options.compression = .none
+        options.bandwidthLimit = 25e6
+        options.autoConverge = true
+        let outcome = migrate(source, options: options)
+        XCTAssertTrue(outcome.report.succeeded, outcome.report.error ?? "")
+        let throttles = outcome.report.passes.map(\.throttle)
+        XCTAssertGreaterThan(throttles.max() ?? 0, 0, "converging needed the throttle: \(throttles)")
+        let destination = try XCTUnwrap(outcome.destination)
+        XCTAssertEqual(destination.throttle, 0, "the destination runs at full speed")
+        XCTAssertEqual(statuses(outcome.destinationConsole, after: 0, count: 1).count, 1)
+        destination.stop()
+        source.stop()
+    }
+
+    func testWithoutAutoConvergeItGivesUpAndTheSourceRuns() throws {
+        let (source, console) = try bootSource(guest)
+        var options = MigrationOptions()
+        options.compression = .none
+        options.bandwidthLimit = 25e6
+        options.autoConverge = false
+        options.maxPasses = 5
+        let outcome = migrate(source, options: options)
+        XCTAssertTrue(outcome.report.error?.hasPrefix("did not converge") ?? false, outcome.report.error ?? "")
+        XCTAssertTrue(outcome.receiverError.map { "\($0)".contains("did not converge") } ?? false, "the receiver learns why")
+        XCTAssertNil(outcome.destination)
+        XCTAssertNil(source.stopped)
+        XCTAssertEqual(statuses(console, after: console.lineCount, count: 1).count, 1)
+        source.stop()
+    }
+}

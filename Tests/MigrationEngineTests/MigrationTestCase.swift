@@ -1,0 +1,63 @@
+import Foundation
+import KVMBackend
+import KVMMigration
+import MicroVM
+import MigrationEngine
+import TestSupport
+import XCTest
+
+/// Migrations between two MicroVMs in this process, over real Unix sockets: helpers for the test classes.
+class MigrationTestCase: KVMTestCase {
+    struct Outcome {
+        var report: MigrationReport
+        var receiverError: Error?
+        var destination: MicroVM?
+        var destinationConsole: SerialConsole
+    }
+
+    func bootSource(_ commandLine: String, memory: UInt64 = 256 << 20) throws -> (MicroVM, SerialConsole) {
+        let console = SerialConsole(output: nil)
+        let machine = try MicroVM(booting: try TestGuest.image(), commandLine: commandLine,
+                                  configuration: MicroVMConfiguration(memorySize: memory, console: console))
+        machine.start()
+        XCTAssertNotNil(console.waitForLine(timeout: 10) { $0.contains("verify=ok") && !$0.contains("pages=0 ") })
+        return (machine, console)
+    }
+
+    func migrate(_ source: MicroVM, options: MigrationOptions,
+                 prepare: (MigrationSender, [SocketPairChannel]) -> Void = { _, _ in }) -> Outcome {
+        let pairs = (0 ..< options.channels).map { _ in SocketPairChannel.pair() }
+        let console = SerialConsole(output: nil)
+        let sink = MicroVMGuestSink(console: console)
+        let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1))
+        let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: options)
+        prepare(sender, pairs.map(\.0))
+        let receiverResult = ReceiverResult()
+        Thread {
+            do { _ = try receiver.run() } catch { receiverResult.error = error }
+            receiverResult.done.signal()
+        }.start()
+        let report = sender.run()
+        receiverResult.done.wait()
+        return Outcome(report: report, receiverError: receiverResult.error, destination: sink.machine, destinationConsole: console)
+    }
+
+    /// Status lines after `line`, waiting up to `timeout` for `count` of them; all must verify.
+    func statuses(_ console: SerialConsole, after line: Int, count: Int, timeout: TimeInterval = 10) -> [MemstressStatus] {
+        var found: [MemstressStatus] = []
+        var next = line
+        while found.count < count, let text = console.waitForLine(after: next, timeout: timeout, where: { $0.hasPrefix("memstress") }) {
+            next = max(next, console.lineCount - 1)
+            if let status = MemstressStatus(text) { found.append(status) } else { XCTFail(text) }
+            next += 1
+        }
+        XCTAssertTrue(found.allSatisfy(\.verified), "\(console.receivedLines.suffix(5))")
+        return found
+    }
+}
+
+/// How the receiver's thread ended; read only after `done` is signalled.
+final class ReceiverResult: @unchecked Sendable {
+    var error: Error?
+    let done = DispatchSemaphore(value: 0)
+}

@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "KVMMigration", targets: ["KVMMigration"]),
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
         .executable(name: "kvm-bench", targets: ["KVMBench"]),
+        .executable(name: "migration-bench", targets: ["MigrationBench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -41,6 +42,7 @@ let package = Package(
         .executableTarget(name: "CodecBench", dependencies: ["PageCodec", "MigrationWire"], path: "bench/codec"),
 
         .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
+        .executableTarget(name: "MigrationBench", dependencies: ["KVMMigration"], path: "bench/migration"),
 
         .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),

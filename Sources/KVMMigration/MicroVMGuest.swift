@@ -22,6 +22,17 @@ public final class MicroVMGuestSource: GuestSource {
         UnsafeRawPointer(machine.memory.pointer(guestPhysicalAddress: frame << 12, length: pageSize)!)
     }
 
+    /// The memfd knows which of its pages were ever allocated: holes were never written and read as zero,
+    /// and reading them through the mapping would allocate them.
+    public func forEachPopulatedFrame(_ visit: (UInt64) -> Void) throws {
+        let memory = machine.memory
+        for range in try memory.dataRanges() {
+            for offset in stride(from: UInt64(range.lowerBound), to: UInt64(range.upperBound), by: pageSize) {
+                visit(memory.guestPhysicalAddress(fileOffset: offset) >> 12)
+            }
+        }
+    }
+
     public func startDirtyTracking() throws { try machine.dirtyTracker.start() }
     public func stopDirtyTracking() throws { try machine.dirtyTracker.stop() }
 

@@ -52,18 +52,10 @@ public final class GuestMemory: @unchecked Sendable {
         return nil
     }
 
-    /// Offset of a guest-physical address within the memfd.
-    public func fileOffset(guestPhysicalAddress address: UInt64) -> UInt64? {
-        guard let pointer = pointer(guestPhysicalAddress: address, length: 1) else { return nil }
-        return UInt64(pointer - mapping.base)
-    }
-
-    /// Writes `bytes` into guest RAM, as a device would; the caller reports the write to dirty tracking.
-    public func write(_ bytes: UnsafeRawBufferPointer, at address: UInt64) throws(GuestMemoryError) {
-        guard let target = pointer(guestPhysicalAddress: address, length: bytes.count) else {
-            throw .outsideRAM(address, bytes.count)
-        }
-        if let source = bytes.baseAddress { target.copyMemory(from: source, byteCount: bytes.count) }
+    /// The guest-physical address of a byte of the memfd (which holds the slots back to back).
+    public func guestPhysicalAddress(fileOffset offset: UInt64) -> UInt64 {
+        let slot = slots.last { UInt64($0.hostAddress - mapping.base) <= offset }!
+        return slot.guestPhysicalAddress + offset - UInt64(slot.hostAddress - mapping.base)
     }
 
     /// The byte ranges of the memfd that hold data (others are holes, which read as zero).
@@ -72,13 +64,10 @@ public final class GuestMemory: @unchecked Sendable {
 
 public enum GuestMemoryError: Error, CustomStringConvertible, Equatable {
     case sizeDoesNotFit(UInt64, String)
-    case outsideRAM(UInt64, Int)
 
     public var description: String {
         switch self {
         case .sizeDoesNotFit(let size, let why): "guest memory of \(size) bytes does not fit: \(why)"
-        case .outsideRAM(let address, let length):
-            "guest-physical range 0x\(String(address, radix: 16)) + \(length) is not guest RAM"
         }
     }
 }

@@ -98,7 +98,7 @@ public final class MigrationSender: @unchecked Sendable {
         phase.setupSeconds = monotonicSeconds() - started
 
         var frames = [[UInt64]](repeating: [], count: count)
-        layout.forEachFrame { frames[channelIndex(of: $0, channels: count)].append($0) }
+        try guest { try source.forEachPopulatedFrame { frames[channelIndex(of: $0, channels: count)].append($0) } }
         let policy = ConvergencePolicy(options: options)
         var throttle = 0.0
         var pass: UInt32 = 0

@@ -115,14 +115,6 @@ func channelIndex(of frame: UInt64, channels: Int) -> Int {
 }
 
 extension GuestMemoryLayout {
-    /// Every frame of every region, in order.
-    func forEachFrame(pageShift: Int = 12, _ body: (UInt64) throws -> Void) rethrows {
-        for region in regions {
-            let first = region.guestPhysicalAddress >> UInt64(pageShift)
-            for frame in first ..< first + (region.size >> UInt64(pageShift)) { try body(frame) }
-        }
-    }
-
     var digestRegions: [DigestTracker.Region] {
         regions.map { DigestTracker.Region(firstFrame: $0.guestPhysicalAddress >> 12, frameCount: Int($0.size >> 12)) }
     }

@@ -10,6 +10,9 @@ public protocol GuestSource: AnyObject {
     var layout: GuestMemoryLayout { get }
     /// The host address of guest frame `frame` (guest-physical address / page size), which lies in `layout`.
     func page(frame: UInt64) -> UnsafeRawPointer
+    /// Calls `visit` with every frame that may hold data, in order. Frames left out are known to be zero
+    /// (never written), so pass 0 skips them without reading them. Sources that cannot tell visit them all.
+    func forEachPopulatedFrame(_ visit: (UInt64) -> Void) throws
 
     func startDirtyTracking() throws
     /// Calls `visit` with every frame written since tracking started or since the last harvest, and re-arms

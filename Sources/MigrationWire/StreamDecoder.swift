@@ -66,24 +66,42 @@ public final class StreamDecoder {
     public func feed(_ bytes: UnsafeRawBufferPointer) {
         let n = bytes.count
         guard n > 0, let src = bytes.baseAddress else { return }
-        let unread = writeIndex - readIndex
-        if storage.capacity - writeIndex < n {
-            if isKnownUniquelyReferenced(&storage) && storage.capacity >= unread + n {
-                // Nothing else sees this storage: slide the unread bytes to the front.
-                if unread > 0 { storage.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
-            } else {
-                // Yielded slices may still point into the old storage: leave it to them.
-                var capacity = 64 << 10
-                while capacity < unread + n { capacity *= 2 }
-                let fresh = ByteStorage(capacity: capacity)
-                if unread > 0 { fresh.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
-                storage = fresh
-            }
-            readIndex = 0
-            writeIndex = unread
-        }
+        reserve(n)
         (storage.base + writeIndex).copyMemory(from: src, byteCount: n)
         writeIndex += n
+    }
+
+    /// Lets the caller put up to `maximum` bytes straight into the decoder's buffer, e.g. with
+    /// read(2) or a TLS decrypt, saving the copy that `feed` makes. `body` returns how many bytes
+    /// it wrote (0 at end of input); that is what `receive` returns.
+    @discardableResult
+    public func receive(maximum: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> Int) rethrows -> Int {
+        precondition(maximum >= 0)
+        reserve(maximum)
+        let n = try body(UnsafeMutableRawBufferPointer(start: storage.base + writeIndex, count: maximum))
+        precondition(n >= 0 && n <= maximum, "receive: body reported \(n) bytes of \(maximum)")
+        writeIndex += n
+        return n
+    }
+
+    /// Makes room for `n` more bytes after `writeIndex`.
+    private func reserve(_ n: Int) {
+        let unread = writeIndex - readIndex
+        guard storage.capacity - writeIndex < n else { return }
+        if isKnownUniquelyReferenced(&storage) && storage.capacity >= unread + n {
+            // Nothing else sees this storage: slide the unread bytes to the front.
+            if unread > 0 { storage.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
+        } else {
+            // Yielded slices may still point into the old storage: leave it to them, and copy
+            // only the unread bytes (less than one record) into a new one.
+            var capacity = 64 << 10
+            while capacity < unread + n { capacity *= 2 }
+            let fresh = ByteStorage(capacity: capacity)
+            if unread > 0 { fresh.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
+            storage = fresh
+        }
+        readIndex = 0
+        writeIndex = unread
     }
 
     public func feed(_ bytes: [UInt8]) { bytes.withUnsafeBytes { feed($0) } }
@@ -94,7 +112,7 @@ public final class StreamDecoder {
         if let failure { throw failure }
         while try next() != nil {}
         if !isComplete || writeIndex > readIndex {
-            throw fail(isComplete ? offset : offset, isComplete ? .dataAfterEnd : .truncated)
+            throw fail(offset, isComplete ? .dataAfterEnd : .truncated)
         }
     }
 
@@ -105,7 +123,7 @@ public final class StreamDecoder {
         if let failure { throw failure }
         let available = writeIndex - readIndex
         guard header != nil else {
-            return try available >= WireFormat.headerLength || available >= 8 ? parseHeader(available) : nil
+            return available >= WireFormat.magic.count ? try parseHeader(available) : nil
         }
         if isComplete {
             if available > 0 { throw fail(offset, .dataAfterEnd) }

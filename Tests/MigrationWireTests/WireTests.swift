@@ -220,6 +220,30 @@ final class WireTests: XCTestCase {
         for (i, b) in held.enumerated() { b.withPageBytes(0) { XCTAssertEqual(Array($0), patternPage(i), "batch \(i)") } }
     }
 
+    func testReceiveWritesStraightIntoTheBuffer() throws {
+        let bytes = stream { enc, out in
+            for i in 0..<10 { batch(&enc, &out, pass: 0, pages: [(UInt64(i), patternPage(i))]) }
+            enc.encodeEnd(endRecord, into: &out)
+        }
+        let d = StreamDecoder()
+        var position = 0
+        var batches: [PageBatch] = []
+        while true {
+            // A "socket" that returns at most 3000 bytes per read.
+            let n = d.receive(maximum: 3000) { buffer in
+                let n = min(buffer.count, bytes.count - position)
+                bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[position ..< position + n])) }
+                position += n
+                return n
+            }
+            while let e = try d.next() { if case .pageBatch(let b) = e { batches.append(b) } }
+            if n == 0 { break }
+        }
+        try d.finish()
+        XCTAssertEqual(batches.count, 10)
+        for (i, b) in batches.enumerated() { b.withPageBytes(0) { XCTAssertEqual(Array($0), patternPage(i)) } }
+    }
+
     func testRandomDamageNeverCrashes() {
         let seeds = allVectors().filter { $0.expectedError == nil }.map(\.bytes)
         var rng = SystemRandomNumberGenerator()

@@ -1,8 +1,9 @@
 // libFuzzer target for MigrationWire's StreamDecoder. Built by scripts/fuzz-wire.sh together
 // with the module's sources (one module, so no package build is needed):
 //   swiftc -sanitize=fuzzer,address -parse-as-library Sources/MigrationWire/*.swift fuzz/wire/*.swift
-// Each input is decoded twice: whole and with checksums verified; then in small chunks with
-// checksum verification off, to reach the checks behind a valid checksum. Every yielded
+// Each input is decoded twice: whole, fed, with checksums verified; then in small chunks written
+// straight into the decoder's buffer, with checksum verification off, to reach the checks behind a
+// valid checksum. Every yielded
 // payload byte is read, so AddressSanitizer sees any slice that points outside its buffer.
 
 @_cdecl("LLVMFuzzerTestOneInput")
@@ -22,7 +23,15 @@ private func decode(_ input: UnsafeRawBufferPointer, chunk: Int, verify: Bool) {
     do {
         while position < input.count {
             let n = min(chunk, input.count - position)
-            decoder.feed(UnsafeRawBufferPointer(rebasing: input[position ..< position + n]))
+            if verify {
+                decoder.feed(UnsafeRawBufferPointer(rebasing: input[position ..< position + n]))
+            } else {
+                // The zero-copy path: bytes written straight into the decoder's buffer.
+                decoder.receive(maximum: n) { buffer in
+                    buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: input[position ..< position + n]))
+                    return n
+                }
+            }
             position += n
             while let event = try decoder.next() { sink ^= touch(event) }
         }

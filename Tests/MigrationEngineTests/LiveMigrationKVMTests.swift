@@ -25,4 +25,28 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         source.stop()
         destination.stop()
     }
+
+    /// There with zstd, back with adaptive compression: the guest moves twice and still verifies.
+    func testThereWithZstdAndBackWithAdaptiveCompression() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=100 pattern=text")
+        var options = MigrationOptions()
+        options.compression = .zstd
+        let there = migrate(source, options: options)
+        XCTAssertTrue(there.report.succeeded, there.report.error ?? "")
+        source.stop()
+        let middle = try XCTUnwrap(there.destination)
+        let atMiddle = statuses(there.destinationConsole, after: 0, count: 1)
+        XCTAssertGreaterThan(there.report.passes[0].compressedPages, 0, "text pages compress with zstd")
+
+        options.compression = .adaptive
+        options.channels = 2
+        let back = migrate(middle, options: options)
+        XCTAssertTrue(back.report.succeeded, back.report.error ?? "")
+        middle.stop()
+        let home = try XCTUnwrap(back.destination)
+        let atHome = statuses(back.destinationConsole, after: 0, count: 2)
+        XCTAssertEqual(atHome.count, 2)
+        XCTAssertGreaterThan(atHome.last!.ticks, atMiddle.last!.ticks)
+        home.stop()
+    }
 }

@@ -241,6 +241,8 @@ public final class StreamDecoder {
             if let bad = l.firstInvalidRegion(pageSize: header!.pageSize) {
                 throw fail(at + 8 + 24 * UInt64(bad), .badRegion(index: bad))
             }
+            // Sorted and non-overlapping, so the sum cannot overflow.
+            if l.totalBytes > options.limits.maxGuestMemory { throw fail(at, .layoutTooLarge(bytes: l.totalBytes)) }
             layout = l
             return .layout(l)
 

@@ -26,6 +26,7 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
         case unexpectedRecord(UInt32)
         case tooManyRegions(UInt32)
         case badRegion(index: Int)
+        case layoutTooLarge(bytes: UInt64)
         case tooManyPages(UInt32)
         case badPageEncoding(index: Int, value: UInt8)
         case badPageLength(index: Int, length: UInt32)
@@ -61,6 +62,7 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
             case .unexpectedRecord: "unexpectedRecord"
             case .tooManyRegions: "tooManyRegions"
             case .badRegion: "badRegion"
+            case .layoutTooLarge: "layoutTooLarge"
             case .tooManyPages: "tooManyPages"
             case .badPageEncoding: "badPageEncoding"
             case .badPageLength: "badPageLength"

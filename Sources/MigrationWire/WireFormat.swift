@@ -43,15 +43,21 @@ public struct WireLimits: Sendable, Equatable {
     public var maxText: Int
     /// Largest memory digest, in bytes.
     public var maxDigest: Int
+    /// Most guest memory (sum of region sizes) a reader accepts in a layout. Not a format limit
+    /// but a reader's budget: a receiver allocates memory (and digest state) for the layout, so
+    /// it sets this to what it is prepared to allocate.
+    public var maxGuestMemory: UInt64
 
     public init(maxRecordBody: Int = 16 << 20, maxPagesPerBatch: Int = 1024, maxRegions: Int = 1024,
-                maxDeviceStateBlob: Int = (16 << 20) - 64, maxText: Int = 4096, maxDigest: Int = 64) {
+                maxDeviceStateBlob: Int = (16 << 20) - 64, maxText: Int = 4096, maxDigest: Int = 64,
+                maxGuestMemory: UInt64 = 1 << 40) {
         self.maxRecordBody = maxRecordBody
         self.maxPagesPerBatch = maxPagesPerBatch
         self.maxRegions = maxRegions
         self.maxDeviceStateBlob = maxDeviceStateBlob
         self.maxText = maxText
         self.maxDigest = maxDigest
+        self.maxGuestMemory = maxGuestMemory
     }
 
     /// The limits of format version 1.

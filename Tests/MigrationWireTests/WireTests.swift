@@ -129,6 +129,17 @@ final class WireTests: XCTestCase {
         XCTAssertEqual(error(bytes, options: options), WireError(offset: 128 + 4, reason: .tooManyPages(3)))
     }
 
+    func testLayoutLargerThanTheReadersBudget() {
+        let bytes = stream(layout: GuestMemoryLayout(regions: [
+            MemoryRegion(guestPhysicalAddress: 0, size: 1 << 30),
+            MemoryRegion(guestPhysicalAddress: 1 << 32, size: 1 << 62)])) { enc, out in enc.encodeEnd(endRecord, into: &out) }
+        XCTAssertEqual(error(bytes), WireError(offset: 40, reason: .layoutTooLarge(bytes: (1 << 62) + (1 << 30))))
+        var options = StreamDecoder.Options()
+        options.limits.maxGuestMemory = 1 << 20
+        XCTAssertEqual(error(stream { enc, out in enc.encodeEnd(endRecord, into: &out) }, options: options)?.reason,
+                       .layoutTooLarge(bytes: vectorLayout.totalBytes))
+    }
+
     func testRecordOrderRules() {
         // Pass numbers never go back, and a pass boundary closes its pass.
         XCTAssertEqual(error(stream { enc, out in

@@ -1,4 +1,6 @@
 import Foundation
+import KVMMigration
+import MicroVM
 import MigrationEngine
 import TestSupport
 import XCTest
@@ -49,4 +51,30 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         XCTAssertGreaterThan(atHome.last!.ticks, atMiddle.last!.ticks)
         home.stop()
     }
+
+    /// Connections of one migration reach a listener in any order; their stream headers put them in place.
+    func testChannelsArrivingOutOfOrderAreSortedByTheirHeaders() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=16 rate_mib=50")
+        var options = MigrationOptions()
+        options.channels = 3
+        let pairs = (0 ..< 3).map { _ in SocketPairChannel.pair() }
+        let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: options)
+        let reportBox = ReportBox()
+        Thread { reportBox.report = sender.run(); reportBox.done.signal() }.start()
+        var arrivals: [MigrationChannel] = [pairs[2].1, pairs[0].1, pairs[1].1]
+        let channels = try IncomingChannels.collect { arrivals.removeFirst() }
+        XCTAssertTrue(channels.count == 3 && arrivals.isEmpty)
+        let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
+        _ = try MigrationReceiver(sink: sink, channels: channels).run()
+        reportBox.done.wait()
+        XCTAssertEqual(reportBox.report?.succeeded, true, reportBox.report?.error ?? "")
+        XCTAssertNotNil(sink.machine)
+        sink.machine?.stop()
+        source.stop()
+    }
+}
+
+final class ReportBox: @unchecked Sendable {
+    var report: MigrationReport?
+    let done = DispatchSemaphore(value: 0)
 }

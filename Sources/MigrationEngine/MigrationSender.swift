@@ -116,11 +116,7 @@ public final class MigrationSender: @unchecked Sendable {
             let statistics = measure(pass: Int(pass), counts: counts, seconds: monotonicSeconds() - passStart,
                                      dirtyPages: dirtyCount, throttle: throttle)
             history.append(statistics)
-            try writers[0].send { encoder, out in
-                encoder.encodePassBoundary(PassBoundary(
-                    pass: pass, dirtyPages: UInt64(dirtyCount), pagesSent: UInt64(counts.pages), zeroPages: UInt64(counts.zero),
-                    wireBytes: UInt64(counts.wireBytes), durationNanoseconds: UInt64(statistics.seconds * 1e9)), into: &out)
-            }
+            try sendBoundary(statistics, counts: counts, on: writers[0])
             if isCancelled { throw MigrationError.cancelled }
             frames = dirty
             pass += 1
@@ -151,7 +147,9 @@ public final class MigrationSender: @unchecked Sendable {
         var last = frames
         try guest { try source.harvestDirtyFrames { last[channelIndex(of: $0, channels: channels.count)].append($0) } }
         let counts = try sendPass(last, pass: finalPass, streamers: streamers)
-        history.append(measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle))
+        let final = measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle)
+        history.append(final)
+        try sendBoundary(final, counts: counts, on: writers[0])
         let deviceState = try guest { try source.captureDeviceState() }
 
         var digest = MemoryDigest()
@@ -191,6 +189,15 @@ public final class MigrationSender: @unchecked Sendable {
         try? source.stopDirtyTracking()
         phase.tracking = false
         return downtime
+    }
+
+    private func sendBoundary(_ statistics: PassStatistics, counts: PageStreamer.Counts, on writer: RecordWriter) throws {
+        try writer.send { encoder, out in
+            encoder.encodePassBoundary(PassBoundary(
+                pass: UInt32(statistics.pass), dirtyPages: UInt64(statistics.dirtyPages), pagesSent: UInt64(counts.pages),
+                zeroPages: UInt64(counts.zero), wireBytes: UInt64(counts.wireBytes),
+                durationNanoseconds: UInt64(statistics.seconds * 1e9)), into: &out)
+        }
     }
 
     /// Sends one pass on every channel at once, one thread each, reporting progress meanwhile.

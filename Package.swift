@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "MicroVM", targets: ["MicroVM"]),
         .library(name: "MigrationWire", targets: ["MigrationWire"]),
         .library(name: "PageCodec", targets: ["PageCodec"]),
+        .library(name: "Transport", targets: ["Transport"]),
         .library(name: "MigrationEngine", targets: ["MigrationEngine"]),
         .library(name: "KVMMigration", targets: ["KVMMigration"]),
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
@@ -53,6 +54,9 @@ let package = Package(
         .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
+        .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),
+        .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem"]),
+        .executableTarget(name: "TransportBench", dependencies: ["Transport"], path: "bench/transport"),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -1,0 +1,143 @@
+// Loopback throughput of one Transport channel: plain TCP, Unix socket, and TLS 1.3 with each cipher suite.
+// A sender thread and a receiver thread move `--gib` GiB per run; the median of `--runs` runs is printed.
+// Usage: transport-bench [--gib N] [--runs N] [--buffer-kib N] [--socket-buffer-kib N]
+import Foundation
+import Glibc
+import Transport
+
+var gib = 2.0, runs = 5, bufferSize = 1 << 20, socketBuffer: Int? = nil
+var arguments = CommandLine.arguments.dropFirst().makeIterator()
+while let flag = arguments.next() {
+    guard let value = arguments.next(), let number = Double(value) else { fatalError("\(flag) needs a number") }
+    switch flag {
+    case "--gib": gib = number
+    case "--runs": runs = Int(number)
+    case "--buffer-kib": bufferSize = Int(number) * 1024
+    case "--socket-buffer-kib": socketBuffer = Int(number) * 1024
+    default: fatalError("unknown flag \(flag)")
+    }
+}
+let totalBytes = Int(gib * Double(1 << 30)) / bufferSize * bufferSize
+
+/// A CA and two leaf certificates, made with the openssl CLI as an operator would.
+let certificates: String = {
+    let path = NSTemporaryDirectory() + "transport-bench-\(getpid())"
+    let script = """
+    set -e; mkdir -p '\(path)'; cd '\(path)'
+    key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null; }
+    key ca; openssl req -x509 -new -key ca.key -subj /CN=ca -days 2 -out ca.pem
+    for name in sender receiver; do
+        key $name; openssl req -new -key $name.key -subj /CN=$name -out $name.csr
+        echo "subjectAltName=DNS:$name.bench" > $name.ext
+        openssl x509 -req -in $name.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile $name.ext -out $name.pem 2>/dev/null
+    done
+    """
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/sh")
+    process.arguments = ["-c", script]
+    try! process.run()
+    process.waitUntilExit()
+    precondition(process.terminationStatus == 0, "openssl failed")
+    return path
+}()
+
+func tls(_ name: String, peer: String, suite: String) -> Security {
+    var configuration = TLSConfiguration(caFile: "\(certificates)/ca.pem", certificateFile: "\(certificates)/\(name).pem",
+                                         keyFile: "\(certificates)/\(name).key", allowedPeerNames: ["\(peer).bench"])
+    configuration.cipherSuites = suite
+    return .tls(configuration)
+}
+
+/// CPU seconds of this process (both threads), to show what a GB/s costs on a 2-core machine.
+func cpuSeconds() -> Double {
+    var usage = rusage()
+    getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
+    func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+    return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// One run: connect, then the sender writes `totalBytes` in `bufferSize` sends while the receiver reads them
+/// with receive(exactly:). Timed from the first send to the last byte received.
+func run(endpoint: Endpoint, server: Security, client: Security, pages: Bool) throws -> (gbPerSecond: Double, cpu: Double) {
+    var options = ChannelOptions()
+    options.sendBufferSize = socketBuffer
+    options.receiveBufferSize = socketBuffer
+    let listener = try Listener(endpoint: endpoint, security: server, options: options)
+    let receiver = Slot<(any Channel)?>(nil)
+    let accepted = DispatchSemaphore(value: 0)
+    Thread.detachNewThread {
+        receiver.value = try! listener.accept()
+        accepted.signal()
+    }
+    let sender = try connect(to: listener.endpoint, security: client, options: options)
+    accepted.wait()
+    let done = DispatchSemaphore(value: 0)
+    let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
+    let sendBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
+    defer { receiveBuffer.deallocate(); sendBuffer.deallocate() }
+    var generator = SystemRandomNumberGenerator() // incompressible, as encrypted or random guest pages are
+    for offset in stride(from: 0, to: bufferSize, by: 8) { sendBuffer.storeBytes(of: generator.next() as UInt64, toByteOffset: offset, as: UInt64.self) }
+    // The engine's shape: a 32-byte header before each 4 KiB page, sent as one vectored batch per buffer.
+    let header = UnsafeMutableRawBufferPointer.allocate(byteCount: 32, alignment: 8)
+    defer { header.deallocate() }
+    let batch = stride(from: 0, to: bufferSize, by: 4096).flatMap { offset in
+        [UnsafeRawBufferPointer(header), UnsafeRawBufferPointer(rebasing: sendBuffer[offset ..< offset + 4096])]
+    }
+    let received = bufferSize + (pages ? 32 * (bufferSize / 4096) : 0)
+    let receiveSlice = Slot(UnsafeMutableRawBufferPointer(rebasing: receiveBuffer[..<min(received, bufferSize)]))
+    let cpuStart = cpuSeconds()
+    let start = ContinuousClock.now
+    Thread.detachNewThread {
+        var left = totalBytes / bufferSize * received
+        while left > 0 {
+            let slice = UnsafeMutableRawBufferPointer(rebasing: receiveSlice.value[..<min(left, receiveSlice.value.count)])
+            try! receiver.value!.receive(exactly: slice)
+            left -= slice.count
+        }
+        done.signal()
+    }
+    for _ in 0 ..< totalBytes / bufferSize {
+        if pages { try sender.send(batch) } else { try sender.send(UnsafeRawBufferPointer(sendBuffer)) }
+    }
+    done.wait()
+    let (whole, fraction) = (ContinuousClock.now - start).components
+    let seconds = Double(whole) + Double(fraction) / 1e18
+    return (Double(totalBytes) / seconds / 1e9, (cpuSeconds() - cpuStart) / seconds)
+}
+
+/// Hands a value from one thread to another; the semaphores around its use order the accesses.
+final class Slot<T>: @unchecked Sendable {
+    var value: T
+    init(_ value: T) { self.value = value }
+}
+
+func median(_ values: [Double]) -> Double { values.sorted()[values.count / 2] }
+
+let socketPath = NSTemporaryDirectory() + "transport-bench-\(getpid()).sock"
+let loopback = Endpoint.tcp(host: "127.0.0.1", port: 0)
+let aes128 = "TLS_AES_128_GCM_SHA256", aes256 = "TLS_AES_256_GCM_SHA384", chacha = "TLS_CHACHA20_POLY1305_SHA256"
+let cases: [(String, Endpoint, Security, Security, Bool)] = [
+    ("plain TCP", loopback, .plaintext, .plaintext, false),
+    ("Unix socket", .unix(path: socketPath), .plaintext, .plaintext, false),
+    ("TLS 1.3 AES-128-GCM, TCP", loopback, tls("receiver", peer: "sender", suite: aes128), tls("sender", peer: "receiver", suite: aes128), false),
+    ("TLS 1.3 AES-256-GCM, TCP", loopback, tls("receiver", peer: "sender", suite: aes256), tls("sender", peer: "receiver", suite: aes256), false),
+    ("TLS 1.3 ChaCha20-Poly1305, TCP", loopback, tls("receiver", peer: "sender", suite: chacha), tls("sender", peer: "receiver", suite: chacha), false),
+    ("TLS 1.3 AES-128-GCM, Unix socket", .unix(path: socketPath), tls("receiver", peer: "sender", suite: aes128), tls("sender", peer: "receiver", suite: aes128), false),
+    ("plain TCP, header+page batches", loopback, .plaintext, .plaintext, true),
+    ("TLS 1.3 AES-128-GCM, TCP, header+page batches", loopback, tls("receiver", peer: "sender", suite: aes128), tls("sender", peer: "receiver", suite: aes128), true),
+]
+
+print("kernel TLS: \(KernelTLS.probe().map { "not available (\($0))" } ?? "available")")
+print("one stream, \(gib) GiB per run, \(bufferSize / 1024) KiB sends, socket buffers \(socketBuffer.map { "\($0 / 1024) KiB" } ?? "auto"), median of \(runs) runs")
+print("| transport | GB/s of payload | CPU cores busy |")
+print("|---|---|---|")
+for (name, endpoint, server, client, pages) in cases {
+    var rates: [Double] = [], cores: [Double] = []
+    for _ in 0 ..< runs {
+        let (rate, cpu) = try run(endpoint: endpoint, server: server, client: client, pages: pages)
+        rates.append(rate)
+        cores.append(cpu)
+    }
+    print("| \(name) | \(String(format: "%.2f", median(rates))) | \(String(format: "%.2f", median(cores))) |")
+}
+try? FileManager.default.removeItem(atPath: certificates)

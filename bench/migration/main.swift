@@ -65,12 +65,12 @@ struct Scenario {
 }
 
 let scenarios = [
-    Scenario(name: "idle-4g", memory: 4 << 30, commandLine: "workload=memstress size_mib=16 rate_mib=0 pattern=text", compression: .lz4, channels: 2),
-    Scenario(name: "random-1g-static", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=random", compression: .none, channels: 2),
-    Scenario(name: "text-1g-static", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=text", compression: .lz4, channels: 2),
-    Scenario(name: "dirty-50", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=50 pattern=mixed", compression: .lz4, channels: 2),
-    Scenario(name: "dirty-200", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=200 pattern=mixed", compression: .lz4, channels: 2),
-    Scenario(name: "dirty-800", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=800 pattern=mixed", compression: .lz4, channels: 2),
+    Scenario(name: "idle-4g", memory: 4 << 30, commandLine: "workload=memstress size_mib=16 rate_mib=0 pattern=text", compression: .adaptive, channels: 2),
+    Scenario(name: "random-1g-static", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=random", compression: .adaptive, channels: 2),
+    Scenario(name: "text-1g-static", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=text", compression: .adaptive, channels: 2),
+    Scenario(name: "dirty-50", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=50 pattern=mixed", compression: .adaptive, channels: 2),
+    Scenario(name: "dirty-200", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=200 pattern=mixed", compression: .adaptive, channels: 2),
+    Scenario(name: "dirty-800", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=800 pattern=mixed", compression: .adaptive, channels: 2),
 ]
 
 print("scenario             total s  downtime ms  passes  wire MB   payload GB/s  CPU s   result")

@@ -4,7 +4,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <fcntl.h>
 
 int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int ckvm_ioctl_val(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
@@ -22,4 +21,3 @@ int ckvm_install_kick_handler(int signo) {
 
 int ckvm_sigrtmin(void) { return SIGRTMIN; }
 int ckvm_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
-int ckvm_fallocate(int fd, int64_t offset, int64_t length) { return fallocate(fd, 0, offset, length); }

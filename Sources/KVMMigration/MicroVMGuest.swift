@@ -73,22 +73,6 @@ public final class MicroVMGuestSink: GuestSink {
             throw MicroVMError.invalidConfiguration("memory layout \(layout.regions) is not MicroVM's layout for \(layout.totalBytes) bytes")
         }
         self.memory = memory
-        preallocate(memory)
-    }
-
-    /// Allocates guest memory ahead of the stream, on a thread of its own: on these hosts a fresh page costs
-    /// far more to fault in than to fill, and allocating in bulk (fallocate) halves that cost. Pages the
-    /// stream reaches first are simply faulted in by the writer, as without this.
-    private func preallocate(_ memory: GuestMemory) {
-        let thread = Thread {
-            let chunk: Int64 = 64 << 20
-            for start in stride(from: Int64(0), to: Int64(memory.size), by: Int(chunk)) {
-                // Losing this race to a discard, or failing, only costs speed: writes fault pages in anyway.
-                guard (try? memory.file.allocate(start ..< min(start + chunk, Int64(memory.size)))) != nil else { return }
-            }
-        }
-        thread.name = "preallocate"
-        thread.start()
     }
 
     public func page(frame: UInt64) -> UnsafeMutableRawPointer {

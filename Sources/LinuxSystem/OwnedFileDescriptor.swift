@@ -51,12 +51,6 @@ public final class OwnedFileDescriptor: @unchecked Sendable {
         _ = try systemCall("ftruncate to \(size) bytes") { ftruncate(rawValue, off_t(size)) }
     }
 
-    /// Allocates the blocks (pages, for a memfd) of `range` now, so that later writes through a mapping take
-    /// only minor faults.
-    public func allocate(_ range: Range<Int64>) throws {
-        _ = try systemCall("fallocate \(range)") { ckvm_fallocate(rawValue, range.lowerBound, Int64(range.count)) }
-    }
-
     public func sync() throws {
         _ = try systemCall("fsync") { fsync(rawValue) }
     }

@@ -130,4 +130,3 @@ static const uint32_t CKVM_DIRTY_GFN_F_DIRTY = KVM_DIRTY_GFN_F_DIRTY;
 static const uint32_t CKVM_DIRTY_GFN_F_RESET = KVM_DIRTY_GFN_F_RESET;
 static const int CKVM_SEEK_DATA = 3; // SEEK_DATA from <unistd.h> with _GNU_SOURCE
 static const int CKVM_SEEK_HOLE = 4; // SEEK_HOLE
-int ckvm_fallocate(int fd, int64_t offset, int64_t length);

@@ -47,11 +47,12 @@ let package = Package(
 
         .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
+        .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
 
         .target(name: "TestSupport", dependencies: ["KVMBackend"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),
         .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport"]),
-        .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "TestSupport"]),
+        .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "MigrationNetwork", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
         .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),

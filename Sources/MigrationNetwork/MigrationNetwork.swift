@@ -1,0 +1,56 @@
+import MigrationEngine
+import Transport
+
+/// Opens and accepts the channels of a migration over the network: TCP or Unix sockets, with mutual TLS
+/// or, when asked for by name, plaintext.
+public enum MigrationNetwork {
+    /// Connects `count` channels to a receiver.
+    public static func connect(to endpoint: Endpoint, security: Security, count: Int,
+                               options: ChannelOptions = ChannelOptions()) throws -> [MigrationChannel] {
+        var channels: [MigrationChannel] = []
+        do {
+            for _ in 0 ..< count {
+                channels.append(TransportMigrationChannel(try Transport.connect(to: endpoint, security: security, options: options)))
+            }
+        } catch {
+            for channel in channels { channel.close() }
+            throw error
+        }
+        return channels
+    }
+
+    /// Accepts the channels of the next incoming migration, in channel order. Every channel must come from
+    /// the same peer: with TLS, the same allow-listed certificate name.
+    public static func accept(from listener: Listener, maximumChannels: Int = 64) throws -> (channels: [MigrationChannel], peer: String) {
+        var peers = Set<String>()
+        let channels = try IncomingChannels.collect(accept: {
+            let channel = TransportMigrationChannel(try listener.accept())
+            peers.insert(channel.peer)
+            return channel
+        }, maximumChannels: maximumChannels)
+        guard peers.count == 1, let peer = peers.first else {
+            for channel in channels { channel.close() }
+            throw MigrationError.protocolViolation("the channels of one migration come from different peers: \(peers.sorted())")
+        }
+        return (channels, peer)
+    }
+}
+
+/// A transport channel seen by the migration engine.
+final class TransportMigrationChannel: MigrationChannel {
+    let channel: any Channel
+
+    init(_ channel: any Channel) { self.channel = channel }
+
+    /// The verified certificate name for TLS; for plaintext the peer's host (its port differs per connection).
+    var peer: String {
+        if let name = channel.peerName { return name }
+        let address = channel.peerAddress
+        guard !address.hasPrefix("unix:"), let colon = address.lastIndex(of: ":") else { return address }
+        return String(address[..<colon])
+    }
+
+    func send(_ buffers: [UnsafeRawBufferPointer]) throws { try channel.send(buffers) }
+    func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { try channel.receive(into: buffer) }
+    func close() { channel.close() }
+}

@@ -69,9 +69,9 @@ final class TLSContext: @unchecked Sendable {
         // No session tickets: connections are long-lived and never resumed, and a ticket sent after the
         // handshake would only delay the acceptance byte the client waits for.
         SSL_CTX_set_num_tickets(context, 0)
-        // Read ahead with a large buffer: one recv brings in several records instead of one syscall per record.
-        SSL_CTX_ctrl(context, SSL_CTRL_SET_READ_AHEAD, 1, nil)
-        SSL_CTX_set_default_read_buffer_len(context, 256 * 1024)
+        // No read-ahead: with it, OpenSSL moves all the unread bytes of its buffer to the front before each
+        // record, which cost the receiver more than the decryption (perf, 1 MiB reads over loopback TCP).
+        // SocketIO reads in large pieces instead.
     }
 
     deinit { SSL_CTX_free(context) }
@@ -124,59 +124,97 @@ private let recordPeerNames: @convention(c) (Int32, OpaquePointer?) -> Int32 = {
 }
 
 /// The socket under a TLS connection, as OpenSSL's BIO sees it, and what the last call on it saw.
+///
+/// Once the handshake is done, records are gathered in `pending` and leave in sends of up to 256 KiB:
+/// OpenSSL hands over one 16 KiB record at a time, and a send per record halves loopback throughput
+/// (measured: 1.3 against 2.6 GB/s for plain TCP). The channel flushes at the end of each of its sends, so
+/// nothing stays behind; OpenSSL's own flushes (after alerts and handshake messages) also empty it.
+/// Likewise, reads fill `incoming` with one recv of up to 256 KiB, from which OpenSSL takes each record's
+/// header and body; it asks for nothing more until it wants another record, so nothing waits unseen.
 final class SocketIO {
     let fd: Int32
     var lastErrno: Int32 = 0
     var endOfStream = false
     var peerCertificateNames: [String] = []
+    /// Off during the non-blocking handshake, whose short writes must reach OpenSSL as "try again".
+    var gathersWrites = false
+    private let pending = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 * 1024, alignment: 64)
+    private var pendingCount = 0
+    private let incoming = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 * 1024, alignment: 64)
+    private var incomingStart = 0
+    private var incomingEnd = 0
 
     init(fd: Int32) { self.fd = fd }
-}
 
-/// A BIO of our own over the socket. OpenSSL's socket BIO writes with write(2), which raises SIGPIPE when the
-/// peer has gone, and that would kill the daemon; this one sends with MSG_NOSIGNAL and keeps the errno that
-/// OpenSSL's error queue would otherwise lose.
-private nonisolated(unsafe) let socketMethod: OpaquePointer = {
-    let method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "migrated socket")!
-    BIO_meth_set_write_ex(method) { bio, data, length, written in
-        let io = SocketIO.of(bio!)
-        BIO_clear_flags(bio, BIO_FLAGS_READ | BIO_FLAGS_WRITE | BIO_FLAGS_IO_SPECIAL | BIO_FLAGS_SHOULD_RETRY)
-        do {
-            written!.pointee = try systemCall("send") { Glibc.send(io.fd, data, length, Int32(MSG_NOSIGNAL)) }
-            return 1
-        } catch {
-            return io.failed(bio!, (error as! SystemError).errno, retryFlag: BIO_FLAGS_WRITE)
-        }
+    deinit {
+        pending.deallocate()
+        incoming.deallocate()
     }
-    BIO_meth_set_read_ex(method) { bio, data, length, read in
-        let io = SocketIO.of(bio!)
-        BIO_clear_flags(bio, BIO_FLAGS_READ | BIO_FLAGS_WRITE | BIO_FLAGS_IO_SPECIAL | BIO_FLAGS_SHOULD_RETRY)
-        do {
-            let n = try systemCall("recv") { recv(io.fd, data, length, 0) }
-            read!.pointee = n
-            if n == 0 { io.endOfStream = true }
-            return n > 0 ? 1 : 0
-        } catch {
-            return io.failed(bio!, (error as! SystemError).errno, retryFlag: BIO_FLAGS_READ)
+
+    /// BIO read: serves from `incoming`, refilling it with one recv when it is empty.
+    func read(_ bio: OpaquePointer, _ data: UnsafeMutableRawPointer, _ length: Int, _ read: UnsafeMutablePointer<Int>) -> Int32 {
+        if incomingStart == incomingEnd {
+            do {
+                let n = try systemCall("recv") { recv(fd, incoming.baseAddress!, incoming.count, 0) }
+                if n == 0 {
+                    endOfStream = true
+                    read.pointee = 0
+                    return 0
+                }
+                incomingStart = 0
+                incomingEnd = n
+            } catch {
+                return failed(bio, (error as! SystemError).errno, retryFlag: BIO_FLAGS_READ)
+            }
         }
-    }
-    BIO_meth_set_ctrl(method) { bio, command, _, _ in
-        switch command {
-        case BIO_CTRL_FLUSH: 1 // nothing is buffered here
-        case BIO_CTRL_EOF: SocketIO.of(bio!).endOfStream ? 1 : 0 // how OpenSSL tells a truncation from an error
-        default: 0
-        }
-    }
-    BIO_meth_set_destroy(method) { bio in
-        if let bio, let state = BIO_get_data(bio) { Unmanaged<SocketIO>.fromOpaque(state).release() }
+        let n = min(length, incomingEnd - incomingStart)
+        data.copyMemory(from: incoming.baseAddress! + incomingStart, byteCount: n)
+        incomingStart += n
+        read.pointee = n
         return 1
     }
-    return method
-}()
 
-extension SocketIO {
-    static func of(_ bio: OpaquePointer) -> SocketIO {
-        Unmanaged<SocketIO>.fromOpaque(BIO_get_data(bio)).takeUnretainedValue()
+    /// Sends everything gathered. On failure records the errno and returns it.
+    func flush() -> Int32? {
+        var done = 0
+        while done < pendingCount {
+            do {
+                done += try systemCall("send") { Glibc.send(fd, pending.baseAddress! + done, pendingCount - done, Int32(MSG_NOSIGNAL)) }
+            } catch {
+                // What was not sent cannot be resent in order after a timeout: the stream is broken either way.
+                pendingCount = 0
+                lastErrno = (error as! SystemError).errno
+                return lastErrno
+            }
+        }
+        pendingCount = 0
+        return nil
+    }
+
+    /// BIO write: gathers into `pending`, or sends at once during the handshake.
+    func write(_ bio: OpaquePointer, _ data: UnsafeRawPointer, _ length: Int, _ written: UnsafeMutablePointer<Int>) -> Int32 {
+        guard gathersWrites else {
+            do {
+                written.pointee = try systemCall("send") { Glibc.send(fd, data, length, Int32(MSG_NOSIGNAL)) }
+                return 1
+            } catch {
+                return failed(bio, (error as! SystemError).errno, retryFlag: BIO_FLAGS_WRITE)
+            }
+        }
+        if pendingCount + length > pending.count, let code = flush() { return failed(bio, code, retryFlag: BIO_FLAGS_WRITE) }
+        if length > pending.count { // larger than any record OpenSSL makes, but correct if it ever does
+            pendingCount = 0
+            do {
+                written.pointee = try systemCall("send") { Glibc.send(fd, data, length, Int32(MSG_NOSIGNAL)) }
+                return 1
+            } catch {
+                return failed(bio, (error as! SystemError).errno, retryFlag: BIO_FLAGS_WRITE)
+            }
+        }
+        (pending.baseAddress! + pendingCount).copyMemory(from: data, byteCount: length)
+        pendingCount += length
+        written.pointee = length
+        return 1
     }
 
     /// Records a failed send or recv. EAGAIN is "try again" to OpenSSL: during the non-blocking handshake it
@@ -187,6 +225,10 @@ extension SocketIO {
         return 0
     }
 
+    static func of(_ bio: OpaquePointer) -> SocketIO {
+        Unmanaged<SocketIO>.fromOpaque(BIO_get_data(bio)).takeUnretainedValue()
+    }
+
     /// A BIO over this socket; the BIO keeps this object alive until OpenSSL frees it.
     func makeBIO() -> OpaquePointer {
         let bio = BIO_new(socketMethod)!
@@ -195,3 +237,30 @@ extension SocketIO {
         return bio
     }
 }
+
+/// A BIO of our own over the socket. OpenSSL's socket BIO writes with write(2), which raises SIGPIPE when the
+/// peer has gone, and that would kill the daemon; this one sends with MSG_NOSIGNAL, gathers records into
+/// large sends, and keeps the errno that OpenSSL's error queue would otherwise lose.
+private nonisolated(unsafe) let socketMethod: OpaquePointer = {
+    let method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "migrated socket")!
+    BIO_meth_set_write_ex(method) { bio, data, length, written in
+        BIO_clear_flags(bio, BIO_FLAGS_READ | BIO_FLAGS_WRITE | BIO_FLAGS_IO_SPECIAL | BIO_FLAGS_SHOULD_RETRY)
+        return SocketIO.of(bio!).write(bio!, data!, length, written!)
+    }
+    BIO_meth_set_read_ex(method) { bio, data, length, read in
+        BIO_clear_flags(bio, BIO_FLAGS_READ | BIO_FLAGS_WRITE | BIO_FLAGS_IO_SPECIAL | BIO_FLAGS_SHOULD_RETRY)
+        return SocketIO.of(bio!).read(bio!, data!, length, read!)
+    }
+    BIO_meth_set_ctrl(method) { bio, command, _, _ in
+        switch command {
+        case BIO_CTRL_FLUSH: SocketIO.of(bio!).flush() == nil ? 1 : 0
+        case BIO_CTRL_EOF: SocketIO.of(bio!).endOfStream ? 1 : 0 // how OpenSSL tells a truncation from an error
+        default: 0
+        }
+    }
+    BIO_meth_set_destroy(method) { bio in
+        if let bio, let state = BIO_get_data(bio) { Unmanaged<SocketIO>.fromOpaque(state).release() }
+        return 1
+    }
+    return method
+}()

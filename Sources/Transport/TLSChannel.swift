@@ -44,6 +44,7 @@ final class TLSChannel: Channel, @unchecked Sendable {
         peerName = SSL_get0_peername(ssl).map { String(cString: $0) }
         try Socket.setNonBlocking(socket.rawValue, false)
         try Socket.applyConnectionOptions(socket.rawValue, family: family, options)
+        io.gathersWrites = true
     }
 
     deinit {
@@ -153,12 +154,23 @@ final class TLSChannel: Channel, @unchecked Sendable {
     // MARK: Channel
 
     func send(_ buffer: UnsafeRawBufferPointer) throws(TransportError) {
+        try write(buffer)
+        try flush()
+    }
+
+    /// Encrypts `buffer` into records that `SocketIO` gathers. One call for the whole buffer: OpenSSL cuts
+    /// it into full 16 KiB records.
+    private func write(_ buffer: UnsafeRawBufferPointer) throws(TransportError) {
         guard buffer.count > 0 else { return }
-        // One call for the whole buffer: OpenSSL cuts it into full 16 KiB records and writes them all.
         var written = 0
         ERR_clear_error()
         let result = SSL_write_ex(ssl, buffer.baseAddress, buffer.count, &written)
         if result != 1 { throw failure(result, operation: "send", expected: nil, received: 0, handshake: false) }
+    }
+
+    /// Sends the records `SocketIO` gathered.
+    private func flush() throws(TransportError) {
+        if let code = io.flush() { throw TransportError(SystemError("send", errno: code)) }
     }
 
     /// Small pieces (a record header) are gathered with what follows them into full TLS records, so that
@@ -173,13 +185,13 @@ final class TLSChannel: Channel, @unchecked Sendable {
                 staged += n
                 rest = UnsafeRawBufferPointer(rebasing: rest[n...])
                 if staged == tlsRecordSize {
-                    try send(UnsafeRawBufferPointer(staging))
+                    try write(UnsafeRawBufferPointer(staging))
                     staged = 0
                 }
             }
             let whole = rest.count - rest.count % tlsRecordSize
             if whole > 0 {
-                try send(UnsafeRawBufferPointer(rebasing: rest[..<whole]))
+                try write(UnsafeRawBufferPointer(rebasing: rest[..<whole]))
                 rest = UnsafeRawBufferPointer(rebasing: rest[whole...])
             }
             if rest.count > 0 {
@@ -187,7 +199,8 @@ final class TLSChannel: Channel, @unchecked Sendable {
                 staged = rest.count
             }
         }
-        if staged > 0 { try send(UnsafeRawBufferPointer(rebasing: staging[..<staged])) }
+        if staged > 0 { try write(UnsafeRawBufferPointer(rebasing: staging[..<staged])) }
+        try flush()
     }
 
     func receive(into buffer: UnsafeMutableRawBufferPointer) throws(TransportError) -> Int {
@@ -215,6 +228,7 @@ final class TLSChannel: Channel, @unchecked Sendable {
         ERR_clear_error()
         let result = SSL_shutdown(ssl) // sends close_notify; 0 means "sent, the peer's not yet seen", which is fine
         if result < 0 { throw failure(result, operation: "shutdown", expected: nil, received: 0, handshake: false) }
+        try flush()
         try transportCall("shutdown") { Glibc.shutdown(socket.rawValue, Int32(SHUT_WR)) }
     }
 

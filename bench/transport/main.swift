@@ -1,14 +1,16 @@
 // Loopback throughput of one Transport channel: plain TCP, Unix socket, and TLS 1.3 with each cipher suite.
 // A sender thread and a receiver thread move `--gib` GiB per run; the median of `--runs` runs is printed.
-// Usage: transport-bench [--gib N] [--runs N] [--buffer-kib N] [--socket-buffer-kib N]
+// Usage: transport-bench [--gib N] [--runs N] [--buffer-kib N] [--socket-buffer-kib N] [--only TEXT]
 import Foundation
 import Glibc
 import Transport
 
-var gib = 2.0, runs = 5, bufferSize = 1 << 20, socketBuffer: Int? = nil
+var gib = 2.0, runs = 5, bufferSize = 1 << 20, socketBuffer: Int? = nil, only: String? = nil
 var arguments = CommandLine.arguments.dropFirst().makeIterator()
 while let flag = arguments.next() {
-    guard let value = arguments.next(), let number = Double(value) else { fatalError("\(flag) needs a number") }
+    guard let value = arguments.next() else { fatalError("\(flag) needs a value") }
+    if flag == "--only" { only = value; continue } // runs the cases whose name contains the text
+    guard let number = Double(value) else { fatalError("\(flag) needs a number") }
     switch flag {
     case "--gib": gib = number
     case "--runs": runs = Int(number)
@@ -48,17 +50,17 @@ func tls(_ name: String, peer: String, suite: String) -> Security {
     return .tls(configuration)
 }
 
-/// CPU seconds of this process (both threads), to show what a GB/s costs on a 2-core machine.
-func cpuSeconds() -> Double {
-    var usage = rusage()
-    getrusage(Int32(RUSAGE_SELF.rawValue), &usage)
-    func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
-    return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+/// CPU seconds of the calling thread. The machine is shared, so wall-clock GB/s depends on what else runs;
+/// CPU seconds per GB on each side do not, and give the rate each side could sustain with a core of its own.
+func threadCPUSeconds() -> Double {
+    var time = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &time)
+    return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
 }
 
 /// One run: connect, then the sender writes `totalBytes` in `bufferSize` sends while the receiver reads them
 /// with receive(exactly:). Timed from the first send to the last byte received.
-func run(endpoint: Endpoint, server: Security, client: Security, pages: Bool) throws -> (gbPerSecond: Double, cpu: Double) {
+func run(endpoint: Endpoint, server: Security, client: Security, pages: Bool) throws -> (gbPerSecond: Double, sender: Double, receiver: Double) {
     var options = ChannelOptions()
     options.sendBufferSize = socketBuffer
     options.receiveBufferSize = socketBuffer
@@ -85,24 +87,29 @@ func run(endpoint: Endpoint, server: Security, client: Security, pages: Bool) th
     }
     let received = bufferSize + (pages ? 32 * (bufferSize / 4096) : 0)
     let receiveSlice = Slot(UnsafeMutableRawBufferPointer(rebasing: receiveBuffer[..<min(received, bufferSize)]))
-    let cpuStart = cpuSeconds()
+    let receiverCPU = Slot(0.0)
+    let senderStart = threadCPUSeconds()
     let start = ContinuousClock.now
     Thread.detachNewThread {
+        let receiverStart = threadCPUSeconds()
         var left = totalBytes / bufferSize * received
         while left > 0 {
             let slice = UnsafeMutableRawBufferPointer(rebasing: receiveSlice.value[..<min(left, receiveSlice.value.count)])
             try! receiver.value!.receive(exactly: slice)
             left -= slice.count
         }
+        receiverCPU.value = threadCPUSeconds() - receiverStart
         done.signal()
     }
     for _ in 0 ..< totalBytes / bufferSize {
         if pages { try sender.send(batch) } else { try sender.send(UnsafeRawBufferPointer(sendBuffer)) }
     }
+    let senderCPU = threadCPUSeconds() - senderStart
     done.wait()
     let (whole, fraction) = (ContinuousClock.now - start).components
     let seconds = Double(whole) + Double(fraction) / 1e18
-    return (Double(totalBytes) / seconds / 1e9, (cpuSeconds() - cpuStart) / seconds)
+    let gigabytes = Double(totalBytes) / 1e9
+    return (gigabytes / seconds, senderCPU / gigabytes, receiverCPU.value / gigabytes)
 }
 
 /// Hands a value from one thread to another; the semaphores around its use order the accesses.
@@ -129,15 +136,18 @@ let cases: [(String, Endpoint, Security, Security, Bool)] = [
 
 print("kernel TLS: \(KernelTLS.probe().map { "not available (\($0))" } ?? "available")")
 print("one stream, \(gib) GiB per run, \(bufferSize / 1024) KiB sends, socket buffers \(socketBuffer.map { "\($0 / 1024) KiB" } ?? "auto"), median of \(runs) runs")
-print("| transport | GB/s of payload | CPU cores busy |")
-print("|---|---|---|")
-for (name, endpoint, server, client, pages) in cases {
-    var rates: [Double] = [], cores: [Double] = []
+print("| transport | GB/s of payload | sender CPU s/GB | receiver CPU s/GB | GB/s with a core per side |")
+print("|---|---|---|---|---|")
+for (name, endpoint, server, client, pages) in cases where only.map(name.contains) ?? true {
+    var rates: [Double] = [], senders: [Double] = [], receivers: [Double] = []
     for _ in 0 ..< runs {
-        let (rate, cpu) = try run(endpoint: endpoint, server: server, client: client, pages: pages)
+        let (rate, sender, receiver) = try run(endpoint: endpoint, server: server, client: client, pages: pages)
         rates.append(rate)
-        cores.append(cpu)
+        senders.append(sender)
+        receivers.append(receiver)
     }
-    print("| \(name) | \(String(format: "%.2f", median(rates))) | \(String(format: "%.2f", median(cores))) |")
+    let (sender, receiver) = (median(senders), median(receivers))
+    func f(_ value: Double) -> String { String(format: "%.2f", value) }
+    print("| \(name) | \(f(median(rates))) | \(f(sender)) | \(f(receiver)) | \(f(1 / max(sender, receiver))) |")
 }
 try? FileManager.default.removeItem(atPath: certificates)

@@ -1,11 +1,11 @@
 // Loopback throughput of one Transport channel: plain TCP, Unix socket, and TLS 1.3 with each cipher suite.
 // A sender thread and a receiver thread move `--gib` GiB per run; the median of `--runs` runs is printed.
-// Usage: transport-bench [--gib N] [--runs N] [--buffer-kib N] [--socket-buffer-kib N] [--only TEXT]
+// Usage: transport-bench [--gib N] [--runs N] [--streams N] [--buffer-kib N] [--socket-buffer-kib N] [--only TEXT]
 import Foundation
 import Glibc
 import Transport
 
-var gib = 2.0, runs = 5, bufferSize = 1 << 20, socketBuffer: Int? = nil, only: String? = nil
+var gib = 2.0, runs = 5, streams = 1, bufferSize = 1 << 20, socketBuffer: Int? = nil, only: String? = nil
 var arguments = CommandLine.arguments.dropFirst().makeIterator()
 while let flag = arguments.next() {
     guard let value = arguments.next() else { fatalError("\(flag) needs a value") }
@@ -14,6 +14,7 @@ while let flag = arguments.next() {
     switch flag {
     case "--gib": gib = number
     case "--runs": runs = Int(number)
+    case "--streams": streams = Int(number)
     case "--buffer-kib": bufferSize = Int(number) * 1024
     case "--socket-buffer-kib": socketBuffer = Int(number) * 1024
     default: fatalError("unknown flag \(flag)")
@@ -58,58 +59,64 @@ func threadCPUSeconds() -> Double {
     return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
 }
 
-/// One run: connect, then the sender writes `totalBytes` in `bufferSize` sends while the receiver reads them
-/// with receive(exactly:). Timed from the first send to the last byte received.
+/// One run: `streams` connections, each with a sender thread writing its share of `totalBytes` in
+/// `bufferSize` sends and a receiver thread reading them with receive(exactly:). Timed from the first send to
+/// the last byte received; CPU is summed over the threads of each side.
 func run(endpoint: Endpoint, server: Security, client: Security, pages: Bool) throws -> (gbPerSecond: Double, sender: Double, receiver: Double) {
     var options = ChannelOptions()
     options.sendBufferSize = socketBuffer
     options.receiveBufferSize = socketBuffer
     let listener = try Listener(endpoint: endpoint, security: server, options: options)
-    let receiver = Slot<(any Channel)?>(nil)
+    let receivers = Slot<[any Channel]>([])
     let accepted = DispatchSemaphore(value: 0)
     Thread.detachNewThread {
-        receiver.value = try! listener.accept()
+        receivers.value = (0 ..< streams).map { _ in try! listener.accept() }
         accepted.signal()
     }
-    let sender = try connect(to: listener.endpoint, security: client, options: options)
+    let senders = try (0 ..< streams).map { _ in try connect(to: listener.endpoint, security: client, options: options) }
     accepted.wait()
-    let done = DispatchSemaphore(value: 0)
-    let receiveBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
+
     let sendBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
-    defer { receiveBuffer.deallocate(); sendBuffer.deallocate() }
+    defer { sendBuffer.deallocate() }
     var generator = SystemRandomNumberGenerator() // incompressible, as encrypted or random guest pages are
     for offset in stride(from: 0, to: bufferSize, by: 8) { sendBuffer.storeBytes(of: generator.next() as UInt64, toByteOffset: offset, as: UInt64.self) }
     // The engine's shape: a 32-byte header before each 4 KiB page, sent as one vectored batch per buffer.
     let header = UnsafeMutableRawBufferPointer.allocate(byteCount: 32, alignment: 8)
     defer { header.deallocate() }
-    let batch = stride(from: 0, to: bufferSize, by: 4096).flatMap { offset in
+    let batch = Slot(stride(from: 0, to: bufferSize, by: 4096).flatMap { offset in
         [UnsafeRawBufferPointer(header), UnsafeRawBufferPointer(rebasing: sendBuffer[offset ..< offset + 4096])]
-    }
-    let received = bufferSize + (pages ? 32 * (bufferSize / 4096) : 0)
-    let receiveSlice = Slot(UnsafeMutableRawBufferPointer(rebasing: receiveBuffer[..<min(received, bufferSize)]))
-    let receiverCPU = Slot(0.0)
-    let senderStart = threadCPUSeconds()
+    })
+    let whole = Slot(UnsafeRawBufferPointer(sendBuffer))
+    let sendsPerStream = totalBytes / bufferSize / streams
+    let bytesPerSend = bufferSize + (pages ? 32 * (bufferSize / 4096) : 0)
+
+    let senderCPU = Slot([Double](repeating: 0, count: streams)), receiverCPU = Slot([Double](repeating: 0, count: streams))
+    let lock = NSLock()
+    let finished = DispatchSemaphore(value: 0)
     let start = ContinuousClock.now
-    Thread.detachNewThread {
-        let receiverStart = threadCPUSeconds()
-        var left = totalBytes / bufferSize * received
-        while left > 0 {
-            let slice = UnsafeMutableRawBufferPointer(rebasing: receiveSlice.value[..<min(left, receiveSlice.value.count)])
-            try! receiver.value!.receive(exactly: slice)
-            left -= slice.count
+    for stream in 0 ..< streams {
+        Thread.detachNewThread {
+            let cpuStart = threadCPUSeconds()
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytesPerSend, alignment: 4096)
+            for _ in 0 ..< sendsPerStream { try! receivers.value[stream].receive(exactly: buffer) }
+            buffer.deallocate()
+            lock.withLock { receiverCPU.value[stream] = threadCPUSeconds() - cpuStart }
+            finished.signal()
         }
-        receiverCPU.value = threadCPUSeconds() - receiverStart
-        done.signal()
+        Thread.detachNewThread {
+            let cpuStart = threadCPUSeconds()
+            for _ in 0 ..< sendsPerStream {
+                if pages { try! senders[stream].send(batch.value) } else { try! senders[stream].send(whole.value) }
+            }
+            lock.withLock { senderCPU.value[stream] = threadCPUSeconds() - cpuStart }
+            finished.signal()
+        }
     }
-    for _ in 0 ..< totalBytes / bufferSize {
-        if pages { try sender.send(batch) } else { try sender.send(UnsafeRawBufferPointer(sendBuffer)) }
-    }
-    let senderCPU = threadCPUSeconds() - senderStart
-    done.wait()
-    let (whole, fraction) = (ContinuousClock.now - start).components
-    let seconds = Double(whole) + Double(fraction) / 1e18
-    let gigabytes = Double(totalBytes) / 1e9
-    return (gigabytes / seconds, senderCPU / gigabytes, receiverCPU.value / gigabytes)
+    for _ in 0 ..< 2 * streams { finished.wait() }
+    let (seconds, attoseconds) = (ContinuousClock.now - start).components
+    let gigabytes = Double(sendsPerStream * streams * bufferSize) / 1e9
+    let elapsed = Double(seconds) + Double(attoseconds) / 1e18
+    return (gigabytes / elapsed, senderCPU.value.reduce(0, +) / gigabytes, receiverCPU.value.reduce(0, +) / gigabytes)
 }
 
 /// Hands a value from one thread to another; the semaphores around its use order the accesses.
@@ -135,7 +142,7 @@ let cases: [(String, Endpoint, Security, Security, Bool)] = [
 ]
 
 print("kernel TLS: \(KernelTLS.probe().map { "not available (\($0))" } ?? "available")")
-print("one stream, \(gib) GiB per run, \(bufferSize / 1024) KiB sends, socket buffers \(socketBuffer.map { "\($0 / 1024) KiB" } ?? "auto"), median of \(runs) runs")
+print("\(streams) stream(s), \(gib) GiB per run, \(bufferSize / 1024) KiB sends, socket buffers \(socketBuffer.map { "\($0 / 1024) KiB" } ?? "auto"), median of \(runs) runs")
 print("| transport | GB/s of payload | sender CPU s/GB | receiver CPU s/GB | GB/s with a core per side |")
 print("|---|---|---|---|---|")
 for (name, endpoint, server, client, pages) in cases where only.map(name.contains) ?? true {

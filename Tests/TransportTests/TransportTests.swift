@@ -315,6 +315,24 @@ final class TransportTests: XCTestCase {
         }
     }
 
+    /// Cancelling a migration closes its channels from another thread; a receiver blocked on one must wake.
+    func testCloseWakesABlockedReceiver() throws {
+        for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {
+            let listener = try Listener(endpoint: loopback, security: server, options: quick)
+            let accepting = Background { try listener.accept() }
+            let channel = try connect(to: listener.endpoint, security: client, options: quick)
+            let peer = try accepting.result().get() // stays open and silent
+            let receiver = Background {
+                var buffer = [UInt8](repeating: 0, count: 100)
+                try buffer.withUnsafeMutableBytes { buffer in try channel.receive(exactly: buffer) }
+            }
+            Thread.sleep(forTimeInterval: 0.1)
+            channel.close()
+            XCTAssertEqual(receiver.result().error, .connectionClosed(expectedBytes: 100, receivedBytes: 0))
+            peer.close()
+        }
+    }
+
     func testSilentClientTimesOutTheHandshake() throws {
         var options = quick
         options.handshakeTimeout = .milliseconds(300)

@@ -299,6 +299,7 @@ class Run:
         sq.cmd("migrate", uri=uri)
 
         info = {}
+        progress = None
         passes_seen = 0
         while True:
             info = sq.cmd("query-migrate")
@@ -307,6 +308,7 @@ class Run:
             if st in ("completed", "failed", "cancelled"):
                 break
             if time.monotonic() - t0 > self.args.timeout:
+                progress = info  # the figures when we gave up; cancelled replies have none
                 sq.cmd("migrate_cancel")
                 cancel_deadline = time.monotonic() + 30
                 while info.get("status") not in ("cancelled", "failed", "completed"):
@@ -320,7 +322,7 @@ class Run:
         cpu_src1 = proc_cpu(src.pid)
         st = info.get("status")
         res["qemu_status"] = st
-        ram = info.get("ram", {})
+        ram = info.get("ram") or (progress or {}).get("ram", {})
 
         if st == "completed":
             # Destination: until it runs the guest.
@@ -342,7 +344,8 @@ class Run:
             res["error"] = info.get("error-desc")
 
         res["wall_s"] = round(t_end - t0, 3)
-        res["total_time_ms"] = info.get("total-time")
+        # Not converged: the time until we gave up.
+        res["total_time_ms"] = info.get("total-time") or (progress or {}).get("total-time")
         res["downtime_ms"] = info.get("downtime")
         res["setup_time_ms"] = info.get("setup-time")
         res["expected_downtime_ms"] = info.get("expected-downtime")

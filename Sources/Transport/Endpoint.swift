@@ -28,7 +28,8 @@ public struct ChannelOptions: Sendable {
     public var connectTimeout: Duration = .seconds(10)
     /// Limit on the whole TLS handshake, including the peer's acceptance of our certificate.
     public var handshakeTimeout: Duration = .seconds(10)
-    /// When set, a send or receive that makes no progress for this long fails with `timedOut`.
+    /// When set, a send or receive that makes no progress for this long fails with `timedOut`. The channel is
+    /// unusable afterwards (a TLS record may be half sent): close it.
     public var ioTimeout: Duration? = nil
     /// SO_SNDBUF and SO_RCVBUF; nil leaves the kernel's auto-tuning in charge.
     public var sendBufferSize: Int? = nil

@@ -201,18 +201,14 @@ final class SocketIO {
                 return failed(bio, (error as! SystemError).errno, retryFlag: BIO_FLAGS_WRITE)
             }
         }
-        if pendingCount + length > pending.count, let code = flush() { return failed(bio, code, retryFlag: BIO_FLAGS_WRITE) }
-        if length > pending.count { // larger than any record OpenSSL makes, but correct if it ever does
-            pendingCount = 0
-            do {
-                written.pointee = try systemCall("send") { Glibc.send(fd, data, length, Int32(MSG_NOSIGNAL)) }
-                return 1
-            } catch {
-                return failed(bio, (error as! SystemError).errno, retryFlag: BIO_FLAGS_WRITE)
-            }
+        var offset = 0
+        while offset < length {
+            if pendingCount == pending.count, let code = flush() { return failed(bio, code, retryFlag: BIO_FLAGS_WRITE) }
+            let n = min(length - offset, pending.count - pendingCount)
+            (pending.baseAddress! + pendingCount).copyMemory(from: data + offset, byteCount: n)
+            pendingCount += n
+            offset += n
         }
-        (pending.baseAddress! + pendingCount).copyMemory(from: data, byteCount: length)
-        pendingCount += length
         written.pointee = length
         return 1
     }

@@ -315,6 +315,29 @@ final class TransportTests: XCTestCase {
         }
     }
 
+    /// A receiver that stops reading makes the sender's send time out once the socket buffers are full.
+    func testSendTimesOutWhenThePeerStopsReading() throws {
+        var options = quick
+        options.ioTimeout = .milliseconds(200)
+        options.sendBufferSize = 256 << 10
+        options.receiveBufferSize = 256 << 10
+        let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
+        defer { chunk.deallocate() }
+        chunk.initializeMemory(as: UInt8.self, repeating: 7)
+        for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {
+            let listener = try Listener(endpoint: loopback, security: server, options: options)
+            let accepting = Background { try listener.accept() }
+            let channel = try connect(to: listener.endpoint, security: client, options: options)
+            let stalled = try accepting.result().get() // never reads
+            let started = ContinuousClock.now
+            XCTAssertThrowsError(try (0 ..< 16).forEach { _ in try channel.send(UnsafeRawBufferPointer(chunk)) }) { error in
+                XCTAssertEqual(error as? TransportError, .timedOut(operation: "send"))
+            }
+            XCTAssertLessThan(ContinuousClock.now - started, .seconds(3))
+            stalled.close()
+        }
+    }
+
     /// Cancelling a migration closes its channels from another thread; a receiver blocked on one must wake.
     func testCloseWakesABlockedReceiver() throws {
         for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {

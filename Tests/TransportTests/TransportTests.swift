@@ -42,6 +42,10 @@ func randomBytes(_ count: Int) -> [UInt8] {
 final class TransportTests: XCTestCase {
     let loopback = Endpoint.tcp(host: "127.0.0.1", port: 0)
 
+    override class func tearDown() {
+        try? FileManager.default.removeItem(atPath: Certificates.directory)
+    }
+
     var quick: ChannelOptions {
         var options = ChannelOptions()
         options.connectTimeout = .seconds(2)

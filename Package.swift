@@ -49,14 +49,14 @@ let package = Package(
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
 
-        .target(name: "TestSupport", dependencies: ["KVMBackend"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["KVMBackend", "Transport"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),
         .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport"]),
         .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "MigrationNetwork", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
         .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),
-        .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem"]),
+        .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport"]),
         .executableTarget(name: "TransportBench", dependencies: ["Transport"], path: "bench/transport"),
     ],
     swiftLanguageModes: [.v5]

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import TestSupport
 import Transport
 import XCTest
 
@@ -42,10 +43,6 @@ func randomBytes(_ count: Int) -> [UInt8] {
 final class TransportTests: XCTestCase {
     let loopback = Endpoint.tcp(host: "127.0.0.1", port: 0)
 
-    override class func tearDown() {
-        try? FileManager.default.removeItem(atPath: Certificates.directory)
-    }
-
     var quick: ChannelOptions {
         var options = ChannelOptions()
         options.connectTimeout = .seconds(2)
@@ -82,8 +79,8 @@ final class TransportTests: XCTestCase {
     }
 
     func testMutualTLSRoundTripOfSeveralMiB() throws {
-        let listener = try Listener(endpoint: loopback, security: Certificates.server, options: quick)
-        let (server, client) = try roundTrip(listener: listener, client: Certificates.client(), payloadSize: 3 << 20)
+        let listener = try Listener(endpoint: loopback, security: TestCertificates.server, options: quick)
+        let (server, client) = try roundTrip(listener: listener, client: TestCertificates.client(), payloadSize: 3 << 20)
         XCTAssertEqual(server.peerName, "client.migrated.test")
         XCTAssertEqual(client.peerName, "server.migrated.test")
         XCTAssert(server.peerAddress.hasPrefix("127.0.0.1:"))
@@ -91,8 +88,8 @@ final class TransportTests: XCTestCase {
 
     /// A certificate without subjectAltName is matched by its CN.
     func testCertificateWithoutSubjectAltNameIsMatchedByCommonName() throws {
-        let listener = try Listener(endpoint: loopback, security: Certificates.server, options: quick)
-        let (server, _) = try roundTrip(listener: listener, client: Certificates.client("cn-only"), payloadSize: 4096)
+        let listener = try Listener(endpoint: loopback, security: TestCertificates.server, options: quick)
+        let (server, _) = try roundTrip(listener: listener, client: TestCertificates.client("cn-only"), payloadSize: 4096)
         XCTAssertEqual(server.peerName, "cnonly.migrated.test")
     }
 
@@ -122,8 +119,8 @@ final class TransportTests: XCTestCase {
 
     func testTLSOverUnixSocket() throws {
         let path = NSTemporaryDirectory() + "transport-tls-\(getpid()).sock"
-        let listener = try Listener(endpoint: .unix(path: path), security: Certificates.server, options: quick)
-        let (server, _) = try roundTrip(listener: listener, client: Certificates.client(), payloadSize: 1 << 20)
+        let listener = try Listener(endpoint: .unix(path: path), security: TestCertificates.server, options: quick)
+        let (server, _) = try roundTrip(listener: listener, client: TestCertificates.client(), payloadSize: 1 << 20)
         XCTAssertEqual(server.peerName, "client.migrated.test")
     }
 
@@ -134,7 +131,7 @@ final class TransportTests: XCTestCase {
         let source = randomBytes(80_000)
         let pieces = sizes.enumerated().map { index, size in Array(source[index % 7 ..< index % 7 + size]) }
         let total = sizes.reduce(0, +)
-        for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {
+        for (server, client) in [(TestCertificates.server, TestCertificates.client()), (Security.plaintext, Security.plaintext)] {
             let listener = try Listener(endpoint: loopback, security: server, options: quick)
             let receiver = Background { () throws -> [UInt8] in
                 let channel = try listener.accept()
@@ -157,7 +154,7 @@ final class TransportTests: XCTestCase {
     // MARK: refusals
 
     /// Connects `client` to a TLS listener and returns what each side saw.
-    func refusal(server: Security = Certificates.server, client: Security) throws -> (server: TransportError?, client: TransportError?) {
+    func refusal(server: Security = TestCertificates.server, client: Security) throws -> (server: TransportError?, client: TransportError?) {
         let listener = try Listener(endpoint: loopback, security: server, options: quick)
         let accepting = Background { _ = try listener.accept() }
         let started = ContinuousClock.now
@@ -169,7 +166,7 @@ final class TransportTests: XCTestCase {
     }
 
     func testClientFromUntrustedCAIsRefused() throws {
-        let (server, client) = try refusal(client: Certificates.tls("rogue", allowed: Certificates.serverNames))
+        let (server, client) = try refusal(client: TestCertificates.tls("rogue", allowed: TestCertificates.serverNames))
         guard case .untrustedCertificate(let reason) = server else { return XCTFail("server saw \(String(describing: server))") }
         XCTAssert(reason.contains("unable to get local issuer certificate"), reason)
         guard case .untrustedCertificate(let peerReason) = client else { return XCTFail("client saw \(String(describing: client))") }
@@ -177,39 +174,39 @@ final class TransportTests: XCTestCase {
     }
 
     func testServerFromUntrustedCAIsRefused() throws {
-        let server = Certificates.tls("rogue", ca: "rogue-ca", allowed: Certificates.clientNames)
-        let (_, client) = try refusal(server: server, client: Certificates.client())
+        let server = TestCertificates.tls("rogue", ca: "rogue-ca", allowed: TestCertificates.clientNames)
+        let (_, client) = try refusal(server: server, client: TestCertificates.client())
         guard case .untrustedCertificate = client else { return XCTFail("client saw \(String(describing: client))") }
     }
 
     func testExpiredClientCertificateIsRefused() throws {
-        let (server, client) = try refusal(client: Certificates.client("expired"))
+        let (server, client) = try refusal(client: TestCertificates.client("expired"))
         guard case .expiredCertificate(let reason) = server else { return XCTFail("server saw \(String(describing: server))") }
         XCTAssert(reason.contains("certificate has expired"), reason)
         guard case .expiredCertificate = client else { return XCTFail("client saw \(String(describing: client))") }
     }
 
     func testClientNameNotOnAllowListIsRefused() throws {
-        let (server, client) = try refusal(client: Certificates.client("stranger"))
-        XCTAssertEqual(server, .peerNameNotAllowed(names: ["stranger.migrated.test", "other.migrated.test"], allowed: Certificates.clientNames))
+        let (server, client) = try refusal(client: TestCertificates.client("stranger"))
+        XCTAssertEqual(server, .peerNameNotAllowed(names: ["stranger.migrated.test", "other.migrated.test"], allowed: TestCertificates.clientNames))
         guard case .handshakeFailed(let reason) = client else { return XCTFail("client saw \(String(describing: client))") }
         XCTAssert(reason.contains("the peer refused our certificate"), reason)
     }
 
     func testServerNameNotOnClientsAllowListIsRefused() throws {
-        let client = Certificates.tls("client", allowed: ["elsewhere.migrated.test"])
+        let client = TestCertificates.tls("client", allowed: ["elsewhere.migrated.test"])
         let (_, clientError) = try refusal(client: client)
         XCTAssertEqual(clientError, .peerNameNotAllowed(names: ["server.migrated.test", "localhost"], allowed: ["elsewhere.migrated.test"]))
     }
 
     func testClientWithoutCertificateIsRefused() throws {
-        let listener = try Listener(endpoint: loopback, security: Certificates.server, options: quick)
+        let listener = try Listener(endpoint: loopback, security: TestCertificates.server, options: quick)
         let accepting = Background { _ = try listener.accept() }
         guard case .tcp(_, let port) = listener.endpoint else { return XCTFail() }
         // openssl s_client, given no -cert, offers no certificate: a TLS 1.3 client we did not write.
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/openssl")
-        process.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-tls1_3", "-CAfile", Certificates.directory + "/ca.pem"]
+        process.arguments = ["s_client", "-connect", "127.0.0.1:\(port)", "-tls1_3", "-CAfile", TestCertificates.directory + "/ca.pem"]
         process.standardInput = FileHandle.nullDevice
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
@@ -222,7 +219,7 @@ final class TransportTests: XCTestCase {
 
     /// A plaintext connect succeeds (there is no handshake); the refusal shows at the first exchange.
     func testPlaintextClientIsRefusedByTLSServer() throws {
-        let listener = try Listener(endpoint: loopback, security: Certificates.server, options: quick)
+        let listener = try Listener(endpoint: loopback, security: TestCertificates.server, options: quick)
         let accepting = Background { _ = try listener.accept() }
         let channel = try connect(to: listener.endpoint, security: .plaintext, options: quick)
         let request = Array("GET / HTTP/1.0\r\n\r\n".utf8)
@@ -248,7 +245,7 @@ final class TransportTests: XCTestCase {
             try reply.withUnsafeBytes { buffer in try channel.send(buffer) }
             try channel.shutdown()
         }
-        XCTAssertThrowsError(try connect(to: listener.endpoint, security: Certificates.client(), options: quick)) { error in
+        XCTAssertThrowsError(try connect(to: listener.endpoint, security: TestCertificates.client(), options: quick)) { error in
             guard case .handshakeFailed = error as? TransportError else { return XCTFail("client saw \(error)") }
         }
         _ = server.result()
@@ -257,7 +254,7 @@ final class TransportTests: XCTestCase {
     // MARK: broken connections and time limits
 
     func testPeerClosingMidTransferSaysHowManyBytesWereExpected() throws {
-        for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {
+        for (server, client) in [(TestCertificates.server, TestCertificates.client()), (Security.plaintext, Security.plaintext)] {
             let listener = try Listener(endpoint: loopback, security: server, options: quick)
             let receiver = Background {
                 let channel = try listener.accept()
@@ -276,13 +273,13 @@ final class TransportTests: XCTestCase {
     }
 
     func testCleanTLSEndMidTransferAlsoCountsBytes() throws {
-        let listener = try Listener(endpoint: loopback, security: Certificates.server, options: quick)
+        let listener = try Listener(endpoint: loopback, security: TestCertificates.server, options: quick)
         let receiver = Background {
             let channel = try listener.accept()
             var buffer = [UInt8](repeating: 0, count: 5000)
             try buffer.withUnsafeMutableBytes { buffer in try channel.receive(exactly: buffer) }
         }
-        let channel = try connect(to: listener.endpoint, security: Certificates.client(), options: quick)
+        let channel = try connect(to: listener.endpoint, security: TestCertificates.client(), options: quick)
         try randomBytes(1000).withUnsafeBytes { buffer in try channel.send(buffer) }
         try channel.shutdown()
         XCTAssertEqual(receiver.result().error, .connectionClosed(expectedBytes: 5000, receivedBytes: 1000))
@@ -304,7 +301,7 @@ final class TransportTests: XCTestCase {
     func testReceiveTimesOut() throws {
         var options = quick
         options.ioTimeout = .milliseconds(200)
-        for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {
+        for (server, client) in [(TestCertificates.server, TestCertificates.client()), (Security.plaintext, Security.plaintext)] {
             let listener = try Listener(endpoint: loopback, security: server, options: options)
             let accepting = Background { try listener.accept() }
             let channel = try connect(to: listener.endpoint, security: client, options: options)
@@ -328,7 +325,7 @@ final class TransportTests: XCTestCase {
         let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
         defer { chunk.deallocate() }
         chunk.initializeMemory(as: UInt8.self, repeating: 7)
-        for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {
+        for (server, client) in [(TestCertificates.server, TestCertificates.client()), (Security.plaintext, Security.plaintext)] {
             let listener = try Listener(endpoint: loopback, security: server, options: options)
             let accepting = Background { try listener.accept() }
             let channel = try connect(to: listener.endpoint, security: client, options: options)
@@ -344,7 +341,7 @@ final class TransportTests: XCTestCase {
 
     /// Cancelling a migration closes its channels from another thread; a receiver blocked on one must wake.
     func testCloseWakesABlockedReceiver() throws {
-        for (server, client) in [(Certificates.server, Certificates.client()), (Security.plaintext, Security.plaintext)] {
+        for (server, client) in [(TestCertificates.server, TestCertificates.client()), (Security.plaintext, Security.plaintext)] {
             let listener = try Listener(endpoint: loopback, security: server, options: quick)
             let accepting = Background { try listener.accept() }
             let channel = try connect(to: listener.endpoint, security: client, options: quick)
@@ -363,7 +360,7 @@ final class TransportTests: XCTestCase {
     func testSilentClientTimesOutTheHandshake() throws {
         var options = quick
         options.handshakeTimeout = .milliseconds(300)
-        let listener = try Listener(endpoint: loopback, security: Certificates.server, options: options)
+        let listener = try Listener(endpoint: loopback, security: TestCertificates.server, options: options)
         let accepting = Background { _ = try listener.accept() }
         let silent = try connect(to: listener.endpoint, security: .plaintext, options: quick)
         XCTAssertEqual(accepting.result().error, .timedOut(operation: "TLS handshake"))
@@ -371,7 +368,7 @@ final class TransportTests: XCTestCase {
     }
 
     func testConfigurationErrorsAreReportedBeforeListening() {
-        let missingKey = Certificates.tls("server", allowed: ["x"])
+        let missingKey = TestCertificates.tls("server", allowed: ["x"])
         guard case .tls(var configuration) = missingKey else { return XCTFail() }
         configuration.keyFile = "/nonexistent/key.pem"
         XCTAssertThrowsError(try Listener(endpoint: loopback, security: .tls(configuration))) { error in
@@ -379,7 +376,7 @@ final class TransportTests: XCTestCase {
             XCTAssert(message.contains("/nonexistent/key.pem"), message)
         }
         configuration = TLSConfiguration(caFile: configuration.caFile, certificateFile: configuration.certificateFile,
-                                         keyFile: Certificates.directory + "/server.key", allowedPeerNames: [])
+                                         keyFile: TestCertificates.directory + "/server.key", allowedPeerNames: [])
         XCTAssertThrowsError(try Listener(endpoint: loopback, security: .tls(configuration)))
     }
 

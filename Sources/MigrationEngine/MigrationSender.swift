@@ -17,7 +17,12 @@ import Synchronization
 /// caller finds it running. After `commit` the destination may be running, so the source stays paused.
 public final class MigrationSender: @unchecked Sendable {
     public let source: GuestSource
-    public let channels: [MigrationChannel]
+    /// Opens channel `index`; channels are opened one at a time, each sending its stream header before the
+    /// next is opened, so that a receiver can learn the channel count from the first one.
+    private let openChannel: (Int) throws -> MigrationChannel
+    private let channelLock = NSLock()
+    private var openedChannels: [MigrationChannel] = []
+    private var channels: [MigrationChannel] { channelLock.withLock { openedChannels } }
     public let options: MigrationOptions
     /// Called from the migration's thread, several times a second while pages flow.
     public var onProgress: ((MigrationProgress) -> Void)?
@@ -30,11 +35,17 @@ public final class MigrationSender: @unchecked Sendable {
     private var started = monotonicSeconds()
     private var wireBytes = 0
 
-    public init(source: GuestSource, channels: [MigrationChannel], options: MigrationOptions) {
-        precondition(!channels.isEmpty && channels.count == options.channels, "one channel per options.channels")
+    public init(source: GuestSource, options: MigrationOptions, openChannel: @escaping (Int) throws -> MigrationChannel) {
+        precondition(options.channels >= 1, "at least one channel")
         self.source = source
-        self.channels = channels
         self.options = options
+        self.openChannel = openChannel
+    }
+
+    /// A sender over channels that are already open, one per `options.channels`.
+    public convenience init(source: GuestSource, channels: [MigrationChannel], options: MigrationOptions) {
+        precondition(channels.count == options.channels, "one channel per options.channels")
+        self.init(source: source, options: options) { channels[$0] }
     }
 
     /// Asks the migration to stop; it does so at the next batch. Has no effect once the switchover is committed.
@@ -70,23 +81,21 @@ public final class MigrationSender: @unchecked Sendable {
 
     private func migrate(_ phase: inout Phase) throws -> Double {
         let layout = source.layout
-        let count = channels.count
-        phase.writers = channels.enumerated().map { index, channel in
-            RecordWriter(channel: channel, header: StreamHeader(features: .liveMigration, channel: UInt16(index), channelCount: UInt16(count)))
-        }
-        let writers = phase.writers
+        let count = options.channels
         let offer = Capabilities(codecs: .all, maxChannels: UInt16(count))
-        try writers[0].send { encoder, out in
-            encoder.encodeHeader(into: &out)
-            encoder.encodeCapabilities(offer, agreed: false, into: &out)
-            encoder.encodeLayout(layout, into: &out)
-        }
-        for writer in writers.dropFirst() {
+        for index in 0 ..< count {
+            let channel: MigrationChannel
+            do { channel = try openChannel(index) } catch { throw MigrationError.channel("opening channel \(index): \(error)") }
+            channelLock.withLock { openedChannels.append(channel) }
+            let writer = RecordWriter(channel: channel, header: StreamHeader(features: .liveMigration, channel: UInt16(index), channelCount: UInt16(count)))
+            phase.writers.append(writer)
             try writer.send { encoder, out in
                 encoder.encodeHeader(into: &out)
+                if index == 0 { encoder.encodeCapabilities(offer, agreed: false, into: &out) }
                 encoder.encodeLayout(layout, into: &out)
             }
         }
+        let writers = phase.writers
         let reply = RecordReader(channel: channels[0])
         phase.reply = reply
         try expectReplyHeader(reply)

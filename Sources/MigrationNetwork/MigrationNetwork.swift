@@ -4,19 +4,10 @@ import Transport
 /// Opens and accepts the channels of a migration over the network: TCP or Unix sockets, with mutual TLS
 /// or, when asked for by name, plaintext.
 public enum MigrationNetwork {
-    /// Connects `count` channels to a receiver.
-    public static func connect(to endpoint: Endpoint, security: Security, count: Int,
-                               options: ChannelOptions = ChannelOptions()) throws -> [MigrationChannel] {
-        var channels: [MigrationChannel] = []
-        do {
-            for _ in 0 ..< count {
-                channels.append(TransportMigrationChannel(try Transport.connect(to: endpoint, security: security, options: options)))
-            }
-        } catch {
-            for channel in channels { channel.close() }
-            throw error
-        }
-        return channels
+    /// Connects one channel to a receiver; a `MigrationSender` calls it once per channel.
+    public static func connect(to endpoint: Endpoint, security: Security,
+                               options: ChannelOptions = ChannelOptions()) throws -> MigrationChannel {
+        TransportMigrationChannel(try Transport.connect(to: endpoint, security: security, options: options))
     }
 
     /// Accepts the channels of the next incoming migration, in channel order. Every channel must come from

@@ -10,9 +10,9 @@ import XCTest
 /// Migrations over real TCP connections through the transport: the listener side gathers the channels,
 /// the sender connects them.
 final class NetworkMigrationKVMTests: MigrationTestCase {
-    /// Runs a migration through `listener`; the report, or the error of connecting, and the receiver's error.
+    /// Runs a migration through `listener`; the sender's report and the receiver's error.
     func migrateOverNetwork(_ source: MicroVM, listener: Listener, security: Security, options: MigrationOptions)
-        -> (Result<MigrationReport, Error>, Error?, MicroVMGuestSink) {
+        -> (MigrationReport, Error?, MicroVMGuestSink) {
         let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
         let result = ReceiverResult()
         Thread {
@@ -22,11 +22,10 @@ final class NetworkMigrationKVMTests: MigrationTestCase {
             } catch { result.error = error }
             result.done.signal()
         }.start()
-        let report = Result {
-            let channels = try MigrationNetwork.connect(to: listener.endpoint, security: security, count: options.channels)
-            return MigrationSender(source: MicroVMGuestSource(machine: source), channels: channels, options: options).run()
-        }
-        if case .failure = report { listener.close() }
+        let report = MigrationSender(source: MicroVMGuestSource(machine: source), options: options) { _ in
+            try MigrationNetwork.connect(to: listener.endpoint, security: security)
+        }.run()
+        if !report.succeeded { listener.close() }
         result.done.wait()
         return (report, result.error, sink)
     }
@@ -36,13 +35,44 @@ final class NetworkMigrationKVMTests: MigrationTestCase {
         let listener = try Listener(endpoint: .tcp(host: "127.0.0.1", port: 0), security: .plaintext)
         var options = MigrationOptions()
         options.channels = 2
-        let (result, receiverError, sink) = migrateOverNetwork(source, listener: listener, security: .plaintext, options: options)
-        let report = try result.get()
+        let (report, receiverError, sink) = migrateOverNetwork(source, listener: listener, security: .plaintext, options: options)
         XCTAssertTrue(report.succeeded, report.error ?? "")
         XCTAssertNil(receiverError)
         let destination = try XCTUnwrap(sink.machine)
         XCTAssertEqual(statuses(destination.console, after: 0, count: 1).count, 1)
         destination.stop()
+        source.stop()
+    }
+
+    func testMutualTLSWithLz4OnTwoChannels() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=100 pattern=mixed")
+        let listener = try Listener(endpoint: .tcp(host: "127.0.0.1", port: 0), security: TestCertificates.server)
+        var options = MigrationOptions()
+        options.channels = 2
+        options.compression = .lz4
+        let (report, receiverError, sink) = migrateOverNetwork(source, listener: listener, security: TestCertificates.client(), options: options)
+        XCTAssertTrue(report.succeeded, report.error ?? "")
+        XCTAssertNil(receiverError)
+        let destination = try XCTUnwrap(sink.machine)
+        XCTAssertEqual(statuses(destination.console, after: 0, count: 1).count, 1)
+        destination.stop()
+        source.stop()
+    }
+
+    /// A client whose certificate comes from a CA the receiver does not trust never gets to send a page:
+    /// the source keeps running, and nothing is built at the destination.
+    func testWrongClientCertificateIsRefusedAndTheSourceRuns() throws {
+        let (source, console) = try bootSource("workload=memstress size_mib=16 rate_mib=50")
+        let listener = try Listener(endpoint: .tcp(host: "127.0.0.1", port: 0), security: TestCertificates.server)
+        var options = MigrationOptions()
+        options.channels = 2
+        let rogue = TestCertificates.tls("rogue", allowed: TestCertificates.serverNames)
+        let (report, receiverError, sink) = migrateOverNetwork(source, listener: listener, security: rogue, options: options)
+        XCTAssertTrue(report.error?.contains("opening channel 0") ?? false, report.error ?? "")
+        XCTAssertTrue("\(receiverError.map { "\($0)" } ?? "")".contains("untrusted certificate"), "\(String(describing: receiverError))")
+        XCTAssertNil(sink.machine)
+        XCTAssertNil(source.stopped)
+        XCTAssertEqual(statuses(console, after: console.lineCount, count: 1).count, 1)
         source.stop()
     }
 }

@@ -1,12 +1,27 @@
 import Foundation
 import Transport
 
-/// Certificates made with the openssl CLI once per test run, in a temporary directory:
+/// Certificates for tests, made with the openssl CLI once per test run, in a temporary directory:
 /// a CA and the certificates it signs (server, client, an expired client, a client whose name is not allowed,
 /// a client with a CN and no subjectAltName), and a second CA nobody trusts with a client certificate of its own.
-enum Certificates {
-    static let directory: String = {
-        let path = NSTemporaryDirectory() + "transport-tests-\(getpid())"
+public enum TestCertificates {
+    /// The directory holding the certificates; made on first use, and again if something removed it.
+    public static var directory: String {
+        lock.lock()
+        defer { lock.unlock() }
+        if !FileManager.default.fileExists(atPath: path + "/rogue.pem") { generate() }
+        return path
+    }
+
+    private static let lock = NSLock()
+    private static let path: String = {
+        let path = NSTemporaryDirectory() + "migrated-test-certificates-\(getpid())"
+        // Remove them when the test process ends: a C function pointer, so it captures nothing.
+        atexit { try? FileManager.default.removeItem(atPath: NSTemporaryDirectory() + "migrated-test-certificates-\(getpid())") }
+        return path
+    }()
+
+    private static func generate() {
         let script = """
         set -e
         mkdir -p '\(path)' && cd '\(path)'
@@ -34,18 +49,17 @@ enum Certificates {
         try! process.run()
         process.waitUntilExit()
         precondition(process.terminationStatus == 0, "openssl failed to make the test certificates")
-        return path
-    }()
+    }
 
-    static let serverNames = ["server.migrated.test"]
-    static let clientNames = ["client.migrated.test", "cnonly.migrated.test"]
+    public static let serverNames = ["server.migrated.test"]
+    public static let clientNames = ["client.migrated.test", "cnonly.migrated.test"]
 
     /// TLS settings for `name`'s certificate, trusting `ca`, accepting `allowed` peers.
-    static func tls(_ name: String, ca: String = "ca", allowed: [String]) -> Security {
+    public static func tls(_ name: String, ca: String = "ca", allowed: [String]) -> Security {
         .tls(TLSConfiguration(caFile: "\(directory)/\(ca).pem", certificateFile: "\(directory)/\(name).pem",
                               keyFile: "\(directory)/\(name).key", allowedPeerNames: allowed))
     }
 
-    static var server: Security { tls("server", allowed: clientNames) }
-    static func client(_ name: String = "client") -> Security { tls(name, allowed: serverNames) }
+    public static var server: Security { tls("server", allowed: clientNames) }
+    public static func client(_ name: String = "client") -> Security { tls(name, allowed: serverNames) }
 }

@@ -83,8 +83,8 @@ final class MigrationFaultKVMTests: MigrationTestCase {
 
     func testCancelDuringPreCopy() throws {
         let (source, console) = try bootSource(guest)
-        let outcome = migrate(source, options: plainOptions) { sender, _ in
-            sender.onProgress = { progress in if progress.pagesDone > 1000 { sender.cancel() } }
+        let outcome = migrate(source, options: plainOptions) { sender, channels in
+            channels[0].whenSent = (bytes: 4 << 20, action: { sender.cancel() })
         }
         XCTAssertEqual(outcome.report.error, "migration cancelled")
         assertSourceIntact(source, console, outcome)

@@ -7,6 +7,8 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
     private let fd: Int32
     private var closed = false
     var cutAfter: Int?
+    /// Runs once, on the sending thread, when this many bytes have been sent.
+    var whenSent: (bytes: Int, action: () -> Void)?
     /// Fails receiving once this many bytes came in, as a crashed receiver would.
     var dieAfterReceiving: Int?
     private(set) var sent = 0
@@ -39,6 +41,10 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
                 }
                 done += n
                 sent += n
+                if let trigger = whenSent, sent >= trigger.bytes {
+                    whenSent = nil
+                    trigger.action()
+                }
             }
         }
     }

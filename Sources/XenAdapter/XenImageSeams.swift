@@ -1,0 +1,175 @@
+import Foundation
+import Glibc
+import KVMBackend
+import MigrationEngine
+import MigrationWire
+
+/// A guest becoming an `xl save` image file. Pages are collected in memory (the engine writes them through
+/// pointers, in any order and more than once); `start` writes the image to a temporary file next to `path`,
+/// fsyncs it and renames it into place, so `path` is either absent or complete.
+public final class XenImageSink: GuestSink {
+    public let path: String
+    public let name: String
+    /// Whether the xl header carries the guest's own device state, for an exact way back to KVM. Without it
+    /// the image holds only what Xen's records can express (protocol/xen.md).
+    public let carriesDeviceState: Bool
+    private var layout: GuestMemoryLayout?
+    private var configuration: XenDomainConfiguration?
+    private var memory: UnsafeMutableRawPointer?
+    private var memoryBytes = 0
+    /// One byte per frame: whether the engine asked for a pointer to it (the frames that may hold data).
+    private var touched: [UInt8] = []
+    private var deviceState: [DeviceState]?
+    private var temporaryPath: String?
+    /// Set by `start`: the image's size in bytes.
+    public private(set) var bytesWritten: UInt64 = 0
+
+    public init(path: String, name: String = "migrated-guest", carriesDeviceState: Bool = true) {
+        self.path = path
+        self.name = name
+        self.carriesDeviceState = carriesDeviceState
+    }
+
+    deinit { release() }
+
+    public func prepare(layout: GuestMemoryLayout) throws {
+        guard let configuration = XenDomainConfiguration(layout: layout, name: name, vcpus: 1) else {
+            throw XenConversionError("memory layout \(layout.regions) has no xl equivalent: RAM must start at 0 and continue at 4 GiB")
+        }
+        let end = Int(layout.regions.last!.guestPhysicalAddress + layout.regions.last!.size)
+        guard let base = mmap(nil, end, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              base != MAP_FAILED else { throw XenFileError(operation: "mmap \(end) bytes of guest memory", errno: errno) }
+        memory = base
+        memoryBytes = end
+        touched = [UInt8](repeating: 0, count: end >> 12)
+        self.layout = layout
+        self.configuration = configuration
+    }
+
+    public func page(frame: UInt64) -> UnsafeMutableRawPointer {
+        touched[Int(frame)] = 1
+        return memory! + Int(frame << 12)
+    }
+
+    /// Takes the KVM machine state (and any other device state, carried unchanged in the xl header).
+    public func restore(deviceState: [DeviceState]) throws {
+        guard layout != nil else { throw XenConversionError("device state before memory") }
+        let machines = deviceState.filter { $0.componentID == DeviceComponent.kvmVM }
+        guard machines.count == 1 else { throw XenConversionError("expected one KVM machine state, got \(machines.count)") }
+        let state = try machines[0].blob.withUnsafeBytes { try MachineStateEncoding.decode($0) }
+        configuration!.vcpus = state.vcpus.count
+        self.deviceState = deviceState
+        machine = state
+    }
+
+    private var machine: MachineState?
+
+    /// Writes and publishes the image.
+    public func start() throws {
+        guard let layout, let configuration, let machine, let deviceState, let memory else {
+            throw XenConversionError("start before memory and device state")
+        }
+        let directory = (path as NSString).deletingLastPathComponent
+        var template = Array(((directory.isEmpty ? "." : directory) + "/.xen-image-XXXXXX").utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { throw XenFileError(operation: "create a temporary file in \(directory)", errno: errno) }
+        temporaryPath = String(cString: template)
+        do {
+            defer { close(fd) }
+            let writer = try XenImageWriter(fileDescriptor: fd, configuration: configuration, carriedState: carriesDeviceState ? deviceState : [])
+            let domain = XenStateMapping.domainState(from: machine)
+            try writer.writeStaticData(cpuid: domain.cpuidPolicy, msrs: domain.msrPolicy)
+            var populated: [UInt64] = [], unpopulated: [UInt64] = []
+            for region in layout.regions {
+                for frame in (region.guestPhysicalAddress >> 12) ..< ((region.guestPhysicalAddress + region.size) >> 12) {
+                    if touched[Int(frame)] != 0 { populated.append(frame) } else { unpopulated.append(frame) }
+                }
+            }
+            try writer.writePages(populated) { (frame: UInt64) -> UnsafeRawPointer in UnsafeRawPointer(memory.advanced(by: Int(frame << 12))) }
+            // RAM never written is zero, but a Xen host must still allocate it.
+            try writer.writeFrames(unpopulated, type: LibxcStream.PageType.allocateOnly)
+            try writer.writeDomainState(domain)
+            try writer.finish()
+            guard fsync(fd) == 0 else { throw XenFileError(operation: "fsync", errno: errno) }
+            bytesWritten = writer.bytesWritten
+        } catch {
+            discard()
+            throw error
+        }
+        guard rename(temporaryPath!, path) == 0 else {
+            let e = errno
+            discard()
+            throw XenFileError(operation: "rename to \(path)", errno: e)
+        }
+        temporaryPath = nil
+        let dirfd = open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dirfd >= 0 { fsync(dirfd); close(dirfd) }
+        release()
+    }
+
+    public func discard() {
+        if let temporaryPath { unlink(temporaryPath) }
+        temporaryPath = nil
+        release()
+    }
+
+    private func release() {
+        if let memory { munmap(memory, memoryBytes) }
+        memory = nil
+        touched = []
+    }
+}
+
+/// An `xl save` image as a paused guest. The device state is the KVM state our writer carried in the xl
+/// header when it still describes this image's HVM context (nobody changed the Xen side); otherwise it is
+/// built from the HVM records (XenStateMapping), and `usedCarriedState` is false.
+public final class XenImageSource: GuestSource {
+    public let image: XenImage
+    public var layout: GuestMemoryLayout { image.layout }
+    private let zeroPage: UnsafeMutableRawPointer
+
+    public init(image: XenImage) {
+        self.image = image
+        zeroPage = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+    }
+
+    public convenience init(path: String) throws { self.init(image: try XenImage(path: path)) }
+
+    deinit { zeroPage.deallocate() }
+
+    public func page(frame: UInt64) -> UnsafeRawPointer { image.page(frame: frame) ?? UnsafeRawPointer(zeroPage) }
+
+    public func forEachPopulatedFrame(_ visit: (UInt64) -> Void) throws { image.forEachDataFrame(visit) }
+
+    // A file does not run: nothing is ever dirty, and pausing is already done.
+    public func startDirtyTracking() throws {}
+    public func harvestDirtyFrames(_ visit: (UInt64) -> Void) throws {}
+    public func stopDirtyTracking() throws {}
+    public func pause() throws {}
+    public func resume() {}
+    public func setThrottle(_ fraction: Double) {}
+
+    /// Whether the carried KVM state matches the image's Xen state, so that it can be used as it is.
+    public var usedCarriedState: Bool { carriedMachine != nil }
+
+    private lazy var carriedMachine: [DeviceState]? = {
+        guard let carried = image.carriedState else { return nil }
+        let machines = carried.filter { $0.componentID == DeviceComponent.kvmVM }
+        guard machines.count == 1,
+              let state = try? machines[0].blob.withUnsafeBytes({ try MachineStateEncoding.decode($0) }) else { return nil }
+        return XenStateMapping.domainState(from: state) == image.domainState ? carried : nil
+    }()
+
+    public func captureDeviceState() throws -> [DeviceState] {
+        if let carried = carriedMachine { return carried }
+        let machine = try XenStateMapping.machineState(from: image.domainState)
+        return [DeviceState(componentID: DeviceComponent.kvmVM, instance: 0, componentVersion: MachineStateEncoding.currentVersion,
+                            blob: ByteSlice(MachineStateEncoding.encode(machine)))]
+    }
+}
+
+public struct XenConversionError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

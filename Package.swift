@@ -18,9 +18,14 @@ let package = Package(
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
         .executable(name: "kvm-bench", targets: ["KVMBench"]),
         .executable(name: "migration-bench", targets: ["MigrationBench"]),
+        .executable(name: "migrated", targets: ["migrated"]),
+        .executable(name: "migratectl", targets: ["migratectl"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        // The daemon's control API: HTTP/1.1 over a Unix socket, server and client, with no further dependencies.
+        .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         // System libraries, from Debian's -dev packages.
@@ -60,6 +65,22 @@ let package = Package(
         .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport"]),
         .executableTarget(name: "TransportBench", dependencies: ["Transport"], path: "bench/transport"),
+
+        // The daemon and its client. MigratedAPI holds the control API's JSON types and the Unix-socket client,
+        // so migratectl links neither KVM nor the engine.
+        .target(name: "MigratedAPI", dependencies: [.product(name: "FlyingFox", package: "FlyingFox")]),
+        .target(name: "MigratedDaemon", dependencies: [
+            "MigratedAPI", "MicroVM", "KVMBackend", .product(name: "FlyingFox", package: "FlyingFox"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "migrated", dependencies: [
+            "MigratedDaemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "migratectl", dependencies: [
+            "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport"]),
     ],
     swiftLanguageModes: [.v5]
 )

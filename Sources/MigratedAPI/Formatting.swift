@@ -1,0 +1,54 @@
+import Foundation
+
+/// The words migratectl shows people; here, beside the documents, so that tests can hold them to their shape.
+public enum Formatting {
+    /// Bytes in binary units: `512 B`, `1.5 KiB`, `128.0 MiB`, `2.00 GiB`.
+    public static func bytes(_ value: Double) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var scaled = value
+        var unit = 0
+        while scaled >= 1024, unit < units.count - 1 {
+            scaled /= 1024
+            unit += 1
+        }
+        if unit == 0 { return "\(Int(scaled)) B" }
+        return String(format: scaled >= 100 ? "%.0f %@" : scaled >= 10 ? "%.1f %@" : "%.2f %@", scaled, units[unit])
+    }
+
+    public static func seconds(_ value: Double) -> String {
+        if value < 1 { return String(format: "%.0f ms", value * 1000) }
+        if value < 120 { return String(format: "%.1f s", value) }
+        return String(format: "%dm%02ds", Int(value) / 60, Int(value) % 60)
+    }
+
+    /// One line of live progress: `precopy  pass 2  63.4%  rate 1.21 GiB/s  dirty 95.3 MiB/s  downtime ~12 ms  ETA 3.1 s`.
+    public static func progressLine(_ status: MigrationStatus) -> String {
+        var parts = [
+            status.phase.rawValue,
+            "pass \(status.pass)",
+            String(format: "%5.1f%%", status.percent),
+            "rate \(bytes(status.rateBytesPerSecond))/s",
+            "dirty \(bytes(status.dirtyRateBytesPerSecond))/s",
+            "downtime ~\(seconds(status.expectedDowntimeMs / 1000))",
+            "ETA \(status.etaSeconds.map(seconds) ?? "?")",
+        ]
+        if status.throttle > 0 { parts.append(String(format: "throttle %.0f%%", status.throttle * 100)) }
+        return parts.joined(separator: "  ")
+    }
+
+    /// The final report, for people; `--json` prints the document itself.
+    public static func report(_ report: MigrationReportDocument, vm: String, peer: String) -> String {
+        var lines = [
+            report.succeeded ? "migrated \(vm) to \(peer)" : "migration of \(vm) to \(peer) did not complete: \(report.error ?? "no reason given")",
+            "  total \(seconds(report.totalSeconds)), setup \(seconds(report.setupSeconds)), downtime \(report.downtimeMs.map { seconds($0 / 1000) } ?? "-")",
+            "  \(bytes(Double(report.wireBytes))) on the wire, \(report.pagesSent) pages, \(report.compression.rawValue), \(report.channels) channel\(report.channels == 1 ? "" : "s")",
+        ]
+        for pass in report.passes {
+            lines.append("  pass \(pass.pass): \(pass.pagesSent) pages (\(pass.zeroPages) zero, \(pass.compressedPages) compressed), "
+                + "\(bytes(Double(pass.wireBytes))) in \(seconds(pass.seconds)), rate \(bytes(pass.rateBytesPerSecond))/s, "
+                + "dirty \(bytes(pass.dirtyRateBytesPerSecond))/s, expected downtime \(seconds(pass.expectedDowntimeMs / 1000))"
+                + (pass.throttle > 0 ? String(format: ", throttle %.0f%%", pass.throttle * 100) : ""))
+        }
+        return lines.joined(separator: "\n")
+    }
+}

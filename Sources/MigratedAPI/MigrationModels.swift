@@ -1,0 +1,211 @@
+// The migration half of the control API. These are the API's own documents, kept apart from the engine's
+// MigrationEngine.MigrationOptions/Progress/Report so that the HTTP contract stays stable while the engine
+// changes, and so that migratectl does not link the engine. The daemon's MigrationService maps between them.
+
+/// How pages are compressed on the wire.
+public enum MigrationCompression: String, Codable, Sendable, CaseIterable {
+    case none, lz4, zstd, adaptive
+}
+
+/// Whether the channels to the peer are mutually authenticated TLS 1.3 or plain. Plain must be asked for by name.
+public enum MigrationSecurity: String, Codable, Sendable, CaseIterable {
+    case tls, plaintext
+}
+
+/// `POST /vms/{id}/migrate`.
+public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable {
+    /// The destination daemon's migration listener: `host:port`, `[v6addr]:port` or `unix:/path`.
+    public var peer: String
+    /// Parallel channels, 1...16.
+    public var channels: Int
+    public var compression: MigrationCompression
+    public var security: MigrationSecurity
+    /// Cap on wire bytes per second over all channels; nil for none.
+    public var bandwidthLimitBytesPerSecond: UInt64?
+    /// The longest pause of the guest the switchover may cause.
+    public var downtimeLimitMs: UInt64
+    /// Throttle the guest when it dirties memory faster than the link carries it, instead of giving up.
+    public var autoConverge: Bool
+
+    public static let fieldNames: Set<String> = [
+        "peer", "channels", "compression", "security", "bandwidth_limit_bytes_per_second", "downtime_limit_ms", "auto_converge",
+    ]
+    public static let channelRange = 1 ... 16
+
+    public init(peer: String, channels: Int = 1, compression: MigrationCompression = .lz4, security: MigrationSecurity = .tls,
+                bandwidthLimitBytesPerSecond: UInt64? = nil, downtimeLimitMs: UInt64 = 300, autoConverge: Bool = true) {
+        self.peer = peer
+        self.channels = channels
+        self.compression = compression
+        self.security = security
+        self.bandwidthLimitBytesPerSecond = bandwidthLimitBytesPerSecond
+        self.downtimeLimitMs = downtimeLimitMs
+        self.autoConverge = autoConverge
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        peer = try c.decode(String.self, forKey: .peer)
+        channels = try c.decodeIfPresent(Int.self, forKey: .channels) ?? 1
+        compression = try c.decodeIfPresent(MigrationCompression.self, forKey: .compression) ?? .lz4
+        security = try c.decodeIfPresent(MigrationSecurity.self, forKey: .security) ?? .tls
+        bandwidthLimitBytesPerSecond = try c.decodeIfPresent(UInt64.self, forKey: .bandwidthLimitBytesPerSecond)
+        downtimeLimitMs = try c.decodeIfPresent(UInt64.self, forKey: .downtimeLimitMs) ?? 300
+        autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge) ?? true
+    }
+
+    /// The checks that need no engine: nil when the request is well formed, else why not.
+    public func problem() -> String? {
+        if PeerAddress(peer) == nil { return "peer '\(peer)' is not host:port, [v6-address]:port or unix:/path" }
+        if !Self.channelRange.contains(channels) { return "channels must be in \(Self.channelRange), not \(channels)" }
+        if bandwidthLimitBytesPerSecond == 0 { return "bandwidth_limit_bytes_per_second must be positive (omit it for no cap)" }
+        if downtimeLimitMs == 0 { return "downtime_limit_ms must be positive" }
+        return nil
+    }
+}
+
+/// Where a migration stands.
+public enum MigrationPhase: String, Codable, Sendable, CaseIterable {
+    case setup, precopy, switchover, completed, failed, cancelled
+
+    /// No further change will come.
+    public var isFinal: Bool { self == .completed || self == .failed || self == .cancelled }
+}
+
+/// `GET /vms/{id}/migration`: live progress, and the report once the migration has ended.
+public struct MigrationStatus: Codable, Sendable, Equatable {
+    public var vm: String
+    public var peer: String
+    public var phase: MigrationPhase
+    /// Pre-copy pass, from 0.
+    public var pass: Int
+    /// Of the current pass, 0...100.
+    public var percent: Double
+    public var bytesOnWire: UInt64
+    /// Wire bytes per second, recently.
+    public var rateBytesPerSecond: Double
+    /// Bytes per second the guest dirties.
+    public var dirtyRateBytesPerSecond: Double
+    /// What the downtime would be if the guest were paused now.
+    public var expectedDowntimeMs: Double
+    /// Fraction of the time the guest is held back by auto-converge, 0...1.
+    public var throttle: Double
+    public var elapsedSeconds: Double
+    /// Seconds to completion as the engine estimates it; nil when it cannot tell yet.
+    public var etaSeconds: Double?
+    /// Set once `phase` is final.
+    public var report: MigrationReportDocument?
+
+    public init(vm: String, peer: String, phase: MigrationPhase, pass: Int = 0, percent: Double = 0, bytesOnWire: UInt64 = 0,
+                rateBytesPerSecond: Double = 0, dirtyRateBytesPerSecond: Double = 0, expectedDowntimeMs: Double = 0,
+                throttle: Double = 0, elapsedSeconds: Double = 0, etaSeconds: Double? = nil,
+                report: MigrationReportDocument? = nil) {
+        self.vm = vm
+        self.peer = peer
+        self.phase = phase
+        self.pass = pass
+        self.percent = percent
+        self.bytesOnWire = bytesOnWire
+        self.rateBytesPerSecond = rateBytesPerSecond
+        self.dirtyRateBytesPerSecond = dirtyRateBytesPerSecond
+        self.expectedDowntimeMs = expectedDowntimeMs
+        self.throttle = throttle
+        self.elapsedSeconds = elapsedSeconds
+        self.etaSeconds = etaSeconds
+        self.report = report
+    }
+}
+
+/// The final account of a migration.
+public struct MigrationReportDocument: Codable, Sendable, Equatable {
+    public var succeeded: Bool
+    /// Why it failed or was cancelled.
+    public var error: String?
+    public var totalSeconds: Double
+    public var setupSeconds: Double
+    /// From the source's pause to the destination's start; nil when the switchover was not reached.
+    public var downtimeMs: Double?
+    public var wireBytes: UInt64
+    public var pagesSent: UInt64
+    public var compression: MigrationCompression
+    public var channels: Int
+    public var passes: [Pass]
+
+    public struct Pass: Codable, Sendable, Equatable {
+        public var pass: Int
+        public var pagesSent: UInt64
+        public var zeroPages: UInt64
+        public var compressedPages: UInt64
+        public var wireBytes: UInt64
+        public var seconds: Double
+        public var dirtyRateBytesPerSecond: Double
+        public var rateBytesPerSecond: Double
+        public var expectedDowntimeMs: Double
+        public var throttle: Double
+
+        public init(pass: Int, pagesSent: UInt64, zeroPages: UInt64, compressedPages: UInt64, wireBytes: UInt64,
+                    seconds: Double, dirtyRateBytesPerSecond: Double, rateBytesPerSecond: Double,
+                    expectedDowntimeMs: Double, throttle: Double) {
+            self.pass = pass
+            self.pagesSent = pagesSent
+            self.zeroPages = zeroPages
+            self.compressedPages = compressedPages
+            self.wireBytes = wireBytes
+            self.seconds = seconds
+            self.dirtyRateBytesPerSecond = dirtyRateBytesPerSecond
+            self.rateBytesPerSecond = rateBytesPerSecond
+            self.expectedDowntimeMs = expectedDowntimeMs
+            self.throttle = throttle
+        }
+    }
+
+    public init(succeeded: Bool, error: String?, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
+                wireBytes: UInt64, pagesSent: UInt64, compression: MigrationCompression, channels: Int, passes: [Pass]) {
+        self.succeeded = succeeded
+        self.error = error
+        self.totalSeconds = totalSeconds
+        self.setupSeconds = setupSeconds
+        self.downtimeMs = downtimeMs
+        self.wireBytes = wireBytes
+        self.pagesSent = pagesSent
+        self.compression = compression
+        self.channels = channels
+        self.passes = passes
+    }
+}
+
+/// A migration peer or listen address, as written in requests and in the daemon's configuration.
+public enum PeerAddress: Sendable, Equatable, CustomStringConvertible {
+    case tcp(host: String, port: UInt16)
+    case unix(path: String)
+
+    /// Parses `host:port`, `[v6-address]:port` or `unix:/absolute/path`; nil for anything else.
+    public init?(_ text: String) {
+        if text.hasPrefix("unix:") {
+            let path = String(text.dropFirst(5))
+            guard path.hasPrefix("/"), path.utf8.count < 108 else { return nil } // sun_path holds 107 bytes and a NUL
+            self = .unix(path: path)
+            return
+        }
+        let host: Substring, port: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else { return nil }
+            host = text[text.index(after: text.startIndex) ..< close]
+            port = text[text.index(close, offsetBy: 2)...]
+        } else {
+            let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+            guard parts.count == 2 else { return nil }
+            (host, port) = (parts[0], parts[1])
+        }
+        guard !host.isEmpty, !host.contains(where: { $0 == " " || $0 == "/" }),
+              let number = UInt16(port) else { return nil }
+        self = .tcp(host: String(host), port: number)
+    }
+
+    public var description: String {
+        switch self {
+        case .tcp(let host, let port): host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        case .unix(let path): "unix:\(path)"
+        }
+    }
+}

@@ -1,0 +1,118 @@
+// The control API's JSON documents, shared by the daemon and migratectl. protocol/control-api.md describes them;
+// keys are snake_case on the wire (see APIJSON).
+
+/// `POST /vms`: boot a guest image.
+public struct VMCreateRequest: Codable, Sendable, Equatable, StrictlyDecodable {
+    /// Chosen by the caller, or made up by the daemon when nil: `[a-z0-9][a-z0-9_-]{0,62}`.
+    public var id: String?
+    /// Path, on the daemon's host, of a PVH-bootable ELF.
+    public var image: String
+    public var memoryMib: UInt64
+    public var vcpus: Int
+    public var cmdline: String
+    /// File the daemon appends the guest's serial console to; nil keeps the console in memory only.
+    public var consoleLog: String?
+    /// `bitmap` or `ring`: how KVM reports dirty pages to a later migration.
+    public var dirtyTracking: DirtyTracking
+
+    public enum DirtyTracking: String, Codable, Sendable, CaseIterable { case bitmap, ring }
+
+    public static let fieldNames: Set<String> = ["id", "image", "memory_mib", "vcpus", "cmdline", "console_log", "dirty_tracking"]
+
+    public init(id: String? = nil, image: String, memoryMib: UInt64, vcpus: Int = 1, cmdline: String = "",
+                consoleLog: String? = nil, dirtyTracking: DirtyTracking = .bitmap) {
+        self.id = id
+        self.image = image
+        self.memoryMib = memoryMib
+        self.vcpus = vcpus
+        self.cmdline = cmdline
+        self.consoleLog = consoleLog
+        self.dirtyTracking = dirtyTracking
+    }
+
+    // Optional fields take their defaults here, so that `{"image": ..., "memory_mib": ...}` is a whole request.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        id = try c.decodeIfPresent(String.self, forKey: .id)
+        image = try c.decode(String.self, forKey: .image)
+        memoryMib = try c.decode(UInt64.self, forKey: .memoryMib)
+        vcpus = try c.decodeIfPresent(Int.self, forKey: .vcpus) ?? 1
+        cmdline = try c.decodeIfPresent(String.self, forKey: .cmdline) ?? ""
+        consoleLog = try c.decodeIfPresent(String.self, forKey: .consoleLog)
+        dirtyTracking = try c.decodeIfPresent(DirtyTracking.self, forKey: .dirtyTracking) ?? .bitmap
+    }
+}
+
+/// What a VM is doing.
+public enum VMState: String, Codable, Sendable, CaseIterable {
+    /// Its vCPUs run (or are briefly paused by a migration).
+    case running
+    /// Stopped through the API.
+    case stopped
+    /// The guest wrote its exit code to the debug-exit port.
+    case exited
+    /// KVM reported something the VMM cannot carry on from.
+    case failed
+    /// Moved to a peer by a migration; it runs there now.
+    case migrated
+}
+
+/// `GET /vms/{id}`, and each element of `GET /vms`.
+public struct VMInfo: Codable, Sendable, Equatable {
+    public var id: String
+    public var state: VMState
+    public var image: String
+    public var memoryMib: UInt64
+    public var vcpus: Int
+    public var cmdline: String
+    public var consoleLog: String?
+    public var dirtyTracking: VMCreateRequest.DirtyTracking
+    /// ISO 8601, UTC.
+    public var startedAt: String
+    /// Seconds since start while running; the time it ran once it has stopped.
+    public var uptimeSeconds: Double
+    /// Why it stopped, in words; nil while running.
+    public var stopReason: String?
+    /// The guest's exit code when state is `exited`.
+    public var exitCode: Int?
+    public var consoleLines: Int
+    public var lastConsoleLine: String?
+
+    public init(id: String, state: VMState, image: String, memoryMib: UInt64, vcpus: Int, cmdline: String,
+                consoleLog: String?, dirtyTracking: VMCreateRequest.DirtyTracking, startedAt: String,
+                uptimeSeconds: Double, stopReason: String?, exitCode: Int?, consoleLines: Int, lastConsoleLine: String?) {
+        self.id = id
+        self.state = state
+        self.image = image
+        self.memoryMib = memoryMib
+        self.vcpus = vcpus
+        self.cmdline = cmdline
+        self.consoleLog = consoleLog
+        self.dirtyTracking = dirtyTracking
+        self.startedAt = startedAt
+        self.uptimeSeconds = uptimeSeconds
+        self.stopReason = stopReason
+        self.exitCode = exitCode
+        self.consoleLines = consoleLines
+        self.lastConsoleLine = lastConsoleLine
+    }
+}
+
+/// `GET /vms`.
+public struct VMList: Codable, Sendable, Equatable {
+    public var vms: [VMInfo]
+    public init(vms: [VMInfo]) { self.vms = vms }
+}
+
+/// Every 4xx and 5xx answer: a stable machine-readable `error` and a sentence for people.
+public struct APIError: Codable, Sendable, Equatable, Error, CustomStringConvertible {
+    public var error: String
+    public var message: String
+
+    public init(error: String, message: String) {
+        self.error = error
+        self.message = message
+    }
+
+    public var description: String { "\(message) (\(error))" }
+}

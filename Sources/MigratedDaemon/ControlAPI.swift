@@ -1,0 +1,208 @@
+import Dispatch
+import Foundation
+import Logging
+import MigratedAPI
+
+/// The control API's routes, independent of the HTTP server: a request's method, path and body in, a status,
+/// content type and body out. protocol/control-api.md is its specification.
+public final class ControlAPI: Sendable {
+    public let vms: VMManager
+    let migrations: any MigrationService
+    let tls: TLSFiles?
+    private let logger: Logger
+    private let startedAt = DispatchTime.now()
+    private let requestCounts = RequestCounter()
+
+    public init(vms: VMManager, migrations: any MigrationService, tls: TLSFiles?, logger: Logger) {
+        self.vms = vms
+        self.migrations = migrations
+        self.tls = tls
+        self.logger = logger
+    }
+
+    public struct Response: Sendable {
+        public var status: Int
+        public var contentType: String
+        public var body: Data
+        public var headers: [String: String] = [:]
+    }
+
+    public func handle(method: String, path: String, body: Data) async -> Response {
+        let response: Response
+        do {
+            response = try await route(method: method, path: path, body: body)
+        } catch {
+            response = Self.error(error)
+        }
+        requestCounts.count(response.status)
+        let level: Logger.Level = response.status >= 500 && response.status != 501 ? .error : .debug
+        logger.log(level: level, "\(method) \(path) -> \(response.status)")
+        return response
+    }
+
+    private func route(method: String, path: String, body: Data) async throws(ControlError) -> Response {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: true).map { String($0).removingPercentEncoding ?? String($0) }
+        switch (method, parts.count) {
+        case (_, 1) where parts[0] == "metrics":
+            try allow(method, ["GET"])
+            return Response(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8", body: Data(await metrics().utf8))
+        case (_, 1) where parts[0] == "vms":
+            try allow(method, ["GET", "POST"])
+            if method == "GET" { return try json(200, VMList(vms: vms.list().map(vms.info))) }
+            let request = try decode(VMCreateRequest.self, body)
+            let vm = try await blocking { () throws(ControlError) in try self.vms.create(request) }
+            var response = try json(201, vms.info(vm))
+            response.headers["Location"] = "/vms/\(vm.id)"
+            return response
+        case (_, 2) where parts[0] == "vms":
+            try allow(method, ["GET", "DELETE"])
+            if method == "GET" { return try json(200, vms.info(vms.vm(parts[1]))) }
+            let id = parts[1]
+            return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.delete(id) }))
+        case (_, 3) where parts[0] == "vms" && parts[2] == "stop":
+            try allow(method, ["POST"])
+            let id = parts[1]
+            return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.stop(id) }))
+        case (_, 3) where parts[0] == "vms" && parts[2] == "migrate":
+            try allow(method, ["POST"])
+            let request = try decode(MigrationRequest.self, body)
+            return try json(202, try await startMigration(vm: parts[1], request))
+        case (_, 3) where parts[0] == "vms" && parts[2] == "migration":
+            try allow(method, ["GET"])
+            _ = try vms.vm(parts[1])
+            return try json(200, try await migrations.status(ofVM: parts[1]))
+        case (_, 4) where parts[0] == "vms" && parts[2] == "migration" && parts[3] == "cancel":
+            try allow(method, ["POST"])
+            _ = try vms.vm(parts[1])
+            return try json(200, try await migrations.cancel(vm: parts[1]))
+        default:
+            throw ControlError(404, "not_found", "no such endpoint: \(path) (see protocol/control-api.md)")
+        }
+    }
+
+    /// Everything the daemon can check itself comes before the service, so that a bad request gets its 4xx
+    /// whatever the engine does.
+    private func startMigration(vm id: String, _ request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
+        if let problem = request.problem() { throw .badRequest(problem) }
+        let machine = try vms.runningMachine(id)
+        if request.security == .tls && tls == nil {
+            throw .conflict("tls_not_configured", "this daemon has no TLS identity (tls section or --tls-* flags); configure one, or ask for \"security\": \"plaintext\"")
+        }
+        let vm = try vms.vm(id)
+        let manager = vms
+        let outgoing = OutgoingVM(id: id, machine: machine, configuration: vm.request, tls: tls) { peer in
+            _ = try? manager.stop(id, reason: .migrated, because: "migrated to \(peer)")
+        }
+        return try await migrations.startMigration(of: outgoing, request: request)
+    }
+
+    // MARK: helpers
+
+    private func allow(_ method: String, _ allowed: [String]) throws(ControlError) {
+        guard allowed.contains(method) else {
+            throw ControlError(405, "method_not_allowed", "\(method) is not allowed here; allowed: \(allowed.joined(separator: ", "))")
+        }
+    }
+
+    private func decode<T: StrictlyDecodable>(_ type: T.Type, _ body: Data) throws(ControlError) -> T {
+        do {
+            return try APIJSON.decodeRequest(type, from: body)
+        } catch {
+            throw ControlError(400, error.error, error.message)
+        }
+    }
+
+    private func json(_ status: Int, _ value: some Encodable) throws(ControlError) -> Response {
+        do {
+            return Response(status: status, contentType: "application/json", body: try APIJSON.encode(value) + Data("\n".utf8))
+        } catch {
+            throw ControlError(500, "internal", "cannot encode the answer: \(error)")
+        }
+    }
+
+    static func error(_ error: any Error) -> Response {
+        let control = error as? ControlError ?? ControlError(500, "internal", "\(error)")
+        let body = (try? APIJSON.encode(control.body)) ?? Data(#"{"error":"internal","message":"unencodable error"}"#.utf8)
+        return Response(status: control.status, contentType: "application/json", body: body + Data("\n".utf8))
+    }
+
+    /// Runs KVM work that blocks (creating memory and vCPUs, joining vCPU threads) on a Dispatch thread, away
+    /// from Swift concurrency's few cooperative threads, which serve the other connections meanwhile.
+    private func blocking<T: Sendable>(_ work: @escaping @Sendable () throws(ControlError) -> T) async throws(ControlError) -> T {
+        let result: Result<T, ControlError> = await withCheckedContinuation { continuation in
+            DispatchQueue.global().async {
+                do throws(ControlError) { continuation.resume(returning: .success(try work())) } catch { continuation.resume(returning: .failure(error)) }
+            }
+        }
+        return try result.get()
+    }
+
+    // MARK: metrics
+
+    /// GET /metrics in the Prometheus text exposition format (version 0.0.4).
+    func metrics() async -> String {
+        let snapshot = vms.snapshot()
+        var out = PrometheusText()
+        out.family("migrated_vms", "gauge", "VMs known to the daemon, by state.")
+        for state in VMState.allCases { out.sample("migrated_vms", ["state": state.rawValue], Double(snapshot.byState[state] ?? 0)) }
+        out.family("migrated_vm_memory_bytes", "gauge", "Guest memory of each running VM.")
+        for vm in snapshot.running { out.sample("migrated_vm_memory_bytes", ["vm": vm.id], Double(vm.memory)) }
+        out.family("migrated_vm_vcpus", "gauge", "vCPUs of each running VM.")
+        for vm in snapshot.running { out.sample("migrated_vm_vcpus", ["vm": vm.id], Double(vm.vcpus)) }
+        out.family("migrated_vm_uptime_seconds", "gauge", "Seconds each running VM has run.")
+        for vm in snapshot.running { out.sample("migrated_vm_uptime_seconds", ["vm": vm.id], vm.uptime) }
+        out.family("migrated_guest_memory_bytes", "gauge", "Guest memory held by running VMs and boots under way.")
+        out.sample("migrated_guest_memory_bytes", [:], Double(snapshot.committedMemory))
+        out.family("migrated_memory_budget_bytes", "gauge", "Guest memory all VMs together may hold.")
+        out.sample("migrated_memory_budget_bytes", [:], Double(vms.memoryBudget))
+        out.family("migrated_vms_started_total", "counter", "VMs started since the daemon started.")
+        out.sample("migrated_vms_started_total", [:], Double(snapshot.startedTotal))
+        out.family("migrated_vm_start_failures_total", "counter", "VM starts refused or failed after validation.")
+        out.sample("migrated_vm_start_failures_total", [:], Double(snapshot.startFailuresTotal))
+        out.family("migrated_http_requests_total", "counter", "Control API requests answered, by status code.")
+        for (status, count) in requestCounts.counts() { out.sample("migrated_http_requests_total", ["code": String(status)], Double(count)) }
+        out.family("migrated_uptime_seconds", "gauge", "Seconds since the daemon started.")
+        out.sample("migrated_uptime_seconds", [:], Double(DispatchTime.now().uptimeNanoseconds - startedAt.uptimeNanoseconds) / 1e9)
+        return out.text + (await migrations.metrics())
+    }
+}
+
+/// Answers counted by status code, for the metrics.
+private final class RequestCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var byStatus: [Int: Int] = [:]
+
+    func count(_ status: Int) {
+        lock.lock()
+        byStatus[status, default: 0] += 1
+        lock.unlock()
+    }
+
+    func counts() -> [(Int, Int)] {
+        lock.lock()
+        defer { lock.unlock() }
+        return byStatus.sorted { $0.key < $1.key }
+    }
+}
+
+/// Writes the Prometheus text format: a # HELP and # TYPE line per family, then its samples.
+struct PrometheusText {
+    private(set) var text = ""
+
+    mutating func family(_ name: String, _ type: String, _ help: String) {
+        text += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+    }
+
+    mutating func sample(_ name: String, _ labels: [String: String], _ value: Double) {
+        let labelText = labels.isEmpty ? "" : "{" + labels.sorted { $0.key < $1.key }
+            .map { "\($0.key)=\"\(Self.escape($0.value))\"" }.joined(separator: ",") + "}"
+        let valueText = value == value.rounded() && abs(value) < 1e15 ? String(Int64(value)) : String(value)
+        text += "\(name)\(labelText) \(valueText)\n"
+    }
+
+    /// Label values escape backslash, double quote and newline, as the format requires.
+    static func escape(_ value: String) -> String {
+        value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+            .replacingOccurrences(of: "\n", with: "\\n")
+    }
+}

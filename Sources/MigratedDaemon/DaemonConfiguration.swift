@@ -1,0 +1,210 @@
+import Foundation
+import Glibc
+import Logging
+import MigratedAPI
+
+/// The daemon's TLS identity and trust, used for outgoing migrations and by the incoming listener alike.
+/// Maps one to one onto Transport.TLSConfiguration.
+public struct TLSFiles: Codable, Sendable, Equatable {
+    /// PEM: our certificate (and intermediates), its private key, and the CA peers' certificates must chain to.
+    public var certificate: String
+    public var key: String
+    public var ca: String
+    /// Names a peer's certificate must carry (subjectAltName DNS, or CN) to be accepted, in both directions.
+    public var allowedPeers: [String]
+
+    public init(certificate: String, key: String, ca: String, allowedPeers: [String]) {
+        self.certificate = certificate
+        self.key = key
+        self.ca = ca
+        self.allowedPeers = allowedPeers
+    }
+}
+
+/// The incoming-migration listener's settings, validated.
+public struct IncomingMigrationSettings: Sendable, Equatable {
+    public enum Security: Sendable, Equatable {
+        /// Only when the configuration says `"plaintext": true`.
+        case plaintext
+        case tls(TLSFiles)
+    }
+
+    public var address: PeerAddress
+    public var security: Security
+
+    public init(address: PeerAddress, security: Security) {
+        self.address = address
+        self.security = security
+    }
+}
+
+/// The daemon's configuration file (JSON, snake_case keys, every field optional) and the defaults.
+/// Flags override the file field by field (see `merging`).
+///
+///     {
+///       "socket": "/run/migrated/control.sock",
+///       "log_level": "info",
+///       "memory_budget_mib": 16384,
+///       "tls": { "certificate": "/etc/migrated/host.pem", "key": "/etc/migrated/host.key",
+///                "ca": "/etc/migrated/ca.pem", "allowed_peers": ["host-b"] },
+///       "incoming": { "listen": "0.0.0.0:7070" }
+///     }
+public struct DaemonConfiguration: Codable, Sendable, Equatable {
+    public var socket: String?
+    public var logLevel: String?
+    /// Guest memory all VMs together may hold; the host's RAM when absent.
+    public var memoryBudgetMib: UInt64?
+    public var tls: TLSFiles?
+    public var incoming: Incoming?
+
+    public struct Incoming: Codable, Sendable, Equatable {
+        /// `host:port`, `[v6-address]:port` or `unix:/path`.
+        public var listen: String
+        /// Accept migrations without TLS. Must be said explicitly; without it the `tls` section is required.
+        public var plaintext: Bool?
+
+        public init(listen: String, plaintext: Bool? = nil) {
+            self.listen = listen
+            self.plaintext = plaintext
+        }
+    }
+
+    public static let defaultSocket = "/run/migrated/control.sock"
+
+    public init(socket: String? = nil, logLevel: String? = nil, memoryBudgetMib: UInt64? = nil, tls: TLSFiles? = nil,
+                incoming: Incoming? = nil) {
+        self.socket = socket
+        self.logLevel = logLevel
+        self.memoryBudgetMib = memoryBudgetMib
+        self.tls = tls
+        self.incoming = incoming
+    }
+
+    /// Reads a configuration file; unknown keys are refused, so that a misspelt setting is not silently ignored.
+    public static func load(from path: String) throws(ConfigurationError) -> DaemonConfiguration {
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
+            throw ConfigurationError("cannot read configuration file \(path): \(error.localizedDescription)")
+        }
+        do {
+            return try APIJSON.decodeRequest(DaemonConfiguration.self, from: data)
+        } catch {
+            throw ConfigurationError("configuration file \(path): \(error.message)")
+        }
+    }
+
+    /// This configuration with every field that `overrides` sets replacing ours (flags over the file).
+    /// TLS and incoming settings are replaced field by field too, so one flag can change one file.
+    public func merging(_ overrides: Overrides) -> DaemonConfiguration {
+        var merged = self
+        if let socket = overrides.socket { merged.socket = socket }
+        if let logLevel = overrides.logLevel { merged.logLevel = logLevel }
+        if let budget = overrides.memoryBudgetMib { merged.memoryBudgetMib = budget }
+        if overrides.tlsCertificate != nil || overrides.tlsKey != nil || overrides.tlsCA != nil || !overrides.allowedPeers.isEmpty {
+            var tls = merged.tls ?? TLSFiles(certificate: "", key: "", ca: "", allowedPeers: [])
+            if let value = overrides.tlsCertificate { tls.certificate = value }
+            if let value = overrides.tlsKey { tls.key = value }
+            if let value = overrides.tlsCA { tls.ca = value }
+            if !overrides.allowedPeers.isEmpty { tls.allowedPeers = overrides.allowedPeers }
+            merged.tls = tls
+        }
+        if let listen = overrides.incomingListen {
+            merged.incoming = Incoming(listen: listen, plaintext: merged.incoming?.plaintext)
+        }
+        if overrides.incomingPlaintext, merged.incoming != nil { merged.incoming?.plaintext = true }
+        return merged
+    }
+
+    /// Settings given on the command line.
+    public struct Overrides: Sendable {
+        public var socket: String?
+        public var logLevel: String?
+        public var memoryBudgetMib: UInt64?
+        public var tlsCertificate: String?
+        public var tlsKey: String?
+        public var tlsCA: String?
+        public var allowedPeers: [String] = []
+        public var incomingListen: String?
+        public var incomingPlaintext = false
+
+        public init() {}
+    }
+
+    /// Checks everything that can be checked before the daemon starts, and fills in the defaults.
+    public func validated(hostMemory: UInt64 = DaemonConfiguration.hostMemory()) throws(ConfigurationError) -> ValidatedConfiguration {
+        let socket = self.socket ?? Self.defaultSocket
+        guard !socket.isEmpty, socket.utf8.count < 108 else {
+            throw ConfigurationError("socket path must be 1 to 107 bytes long, not '\(socket)'")
+        }
+        let levelName = logLevel ?? "info"
+        guard let level = Logger.Level(rawValue: levelName) else {
+            throw ConfigurationError("log_level '\(levelName)' is not one of \(Logger.Level.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        if memoryBudgetMib == 0 { throw ConfigurationError("memory_budget_mib must be positive") }
+        let budget = memoryBudgetMib.map { $0 << 20 } ?? hostMemory
+        if let tls { try Self.check(tls) }
+        var incomingSettings: IncomingMigrationSettings?
+        if let incoming {
+            guard let address = PeerAddress(incoming.listen) else {
+                throw ConfigurationError("incoming.listen '\(incoming.listen)' is not host:port, [v6-address]:port or unix:/path")
+            }
+            if incoming.plaintext == true {
+                incomingSettings = IncomingMigrationSettings(address: address, security: .plaintext)
+            } else if let tls {
+                incomingSettings = IncomingMigrationSettings(address: address, security: .tls(tls))
+            } else {
+                throw ConfigurationError("incoming migrations need the tls section (certificate, key, ca, allowed_peers), or \"plaintext\": true to accept them unencrypted")
+            }
+        }
+        return ValidatedConfiguration(socketPath: socket, logLevel: level, memoryBudget: budget, tls: tls, incoming: incomingSettings)
+    }
+
+    private static func check(_ tls: TLSFiles) throws(ConfigurationError) {
+        for (name, path) in [("certificate", tls.certificate), ("key", tls.key), ("ca", tls.ca)] {
+            guard !path.isEmpty else { throw ConfigurationError("tls.\(name) is missing") }
+            guard access(path, R_OK) == 0 else {
+                throw ConfigurationError("tls.\(name) \(path) cannot be read: \(String(cString: strerror(errno)))")
+            }
+        }
+        // No allow-list would mean any holder of a certificate from the CA could send or receive our VMs.
+        guard !tls.allowedPeers.isEmpty else { throw ConfigurationError("tls.allowed_peers must name at least one peer") }
+        if let empty = tls.allowedPeers.first(where: { $0.isEmpty || $0.contains(" ") }) {
+            throw ConfigurationError("tls.allowed_peers has an invalid name '\(empty)'")
+        }
+    }
+
+    /// MemTotal from /proc/meminfo, the default memory budget.
+    public static func hostMemory() -> UInt64 {
+        guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("MemTotal:") }),
+              let kib = line.split(separator: " ").dropFirst().first.flatMap({ UInt64($0) }) else { return 1 << 30 }
+        return kib << 10
+    }
+}
+
+extension DaemonConfiguration: StrictlyDecodable {
+    public static let fieldNames: Set<String> = ["socket", "log_level", "memory_budget_mib", "tls", "incoming"]
+}
+
+/// The configuration the daemon runs with: defaults filled in, files checked.
+public struct ValidatedConfiguration: Sendable, Equatable {
+    public var socketPath: String
+    public var logLevel: Logger.Level
+    public var memoryBudget: UInt64
+    public var tls: TLSFiles?
+    public var incoming: IncomingMigrationSettings?
+
+    public init(socketPath: String, logLevel: Logger.Level = .info, memoryBudget: UInt64, tls: TLSFiles? = nil,
+                incoming: IncomingMigrationSettings? = nil) {
+        self.socketPath = socketPath
+        self.logLevel = logLevel
+        self.memoryBudget = memoryBudget
+        self.tls = tls
+        self.incoming = incoming
+    }
+}
+
+public struct ConfigurationError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}

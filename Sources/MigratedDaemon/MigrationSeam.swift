@@ -1,0 +1,110 @@
+import MicroVM
+import MigratedAPI
+
+// The seam where the migration engine plugs into the daemon. The daemon owns the control API, the VMs and the
+// configuration; the engine owns everything that crosses the network. Two protocols divide the work:
+//
+// - MigrationService: the outgoing side, behind POST /vms/{id}/migrate, GET /vms/{id}/migration and
+//   POST /vms/{id}/migration/cancel. The daemon has already checked that the VM exists and runs, that the request
+//   is well formed, and that TLS is configured when the request asks for it.
+// - IncomingMigrationListener: the incoming side, started at daemon start when the configuration has an
+//   `incoming` section, already validated.
+//
+// Until the engine is wired in, Daemon uses UnimplementedMigrationService and UnimplementedIncomingListener.
+
+/// A running VM handed to a migration, and the way back into the daemon once it has moved.
+public struct OutgoingVM: Sendable {
+    public let id: String
+    public let machine: MicroVM
+    /// What the VM was started with: the static configuration to send to the peer (the peer adopts it under
+    /// the same id when it is free there).
+    public let configuration: VMCreateRequest
+    /// The daemon's TLS identity, for `request.security == .tls` (the daemon guarantees it is set then).
+    public let tls: TLSFiles?
+    /// Call once the destination has started the VM after the digest check: the daemon stops the source and
+    /// shows the VM as `migrated` (to `peer`). Before that, on any failure, leave the VM running and do not call it.
+    public let handOff: @Sendable (_ peer: String) -> Void
+}
+
+/// The outgoing side of live migration. One migration per VM at a time; the service keeps each migration's last
+/// status (with its report) until the next one of the same VM starts, so a client can read how it ended.
+/// Errors are ControlErrors, which become the HTTP answer: e.g. 409 `migration_in_progress`, 404 `no_migration`.
+public protocol MigrationService: Sendable {
+    /// Starts migrating `vm` as `request` asks and returns at once with its first status (phase `setup`);
+    /// the migration goes on in the background.
+    func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus
+
+    /// The current or last migration of VM `id`.
+    func status(ofVM id: String) async throws(ControlError) -> MigrationStatus
+
+    /// Cancels the migration of VM `id` if it has not reached switchover; the source keeps running.
+    /// Returns the status after cancelling (phase `cancelled`, or the final phase it had already reached).
+    func cancel(vm id: String) async throws(ControlError) -> MigrationStatus
+
+    /// Lines in the Prometheus text format appended to GET /metrics (migrations started, bytes sent, ...),
+    /// each family with its # HELP and # TYPE; empty for none.
+    func metrics() async -> String
+}
+
+/// Answers every migration call with 501, so that clients and scripts see the whole API today.
+public struct UnimplementedMigrationService: MigrationService {
+    public init() {}
+
+    static let message = "live migration is not built into this daemon yet: the control API and its seam are in place, the engine is not wired in"
+
+    public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
+        throw .notImplemented(Self.message)
+    }
+
+    public func status(ofVM id: String) async throws(ControlError) -> MigrationStatus {
+        throw .notImplemented(Self.message)
+    }
+
+    public func cancel(vm id: String) async throws(ControlError) -> MigrationStatus {
+        throw .notImplemented(Self.message)
+    }
+
+    public func metrics() async -> String { "" }
+}
+
+/// What the incoming side hands to the daemon: a VM that arrived, passed the digest check and runs.
+public struct IncomingVM: Sendable {
+    public let machine: MicroVM
+    /// The source's configuration of the VM, as sent in the stream; its id is kept when free here.
+    public let configuration: VMCreateRequest
+    public let peer: String
+
+    public init(machine: MicroVM, configuration: VMCreateRequest, peer: String) {
+        self.machine = machine
+        self.configuration = configuration
+        self.peer = peer
+    }
+}
+
+/// The incoming side of live migration: listens for peers, rebuilds each VM it receives, starts it after the
+/// digest check, then hands it to `adopt`, which registers it with the daemon and returns its id there.
+public protocol IncomingMigrationListener: Sendable {
+    /// Starts listening; returns once the listener is bound (so that an error such as an address in use reaches
+    /// the daemon's start-up), and accepts migrations in the background until `stop`.
+    func start(_ settings: IncomingMigrationSettings,
+               adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws
+
+    /// Stops listening and cancels migrations still arriving (their sources resume).
+    func stop()
+}
+
+/// Refuses to start, so that a configured listen address is reported as not served rather than silently ignored.
+public struct UnimplementedIncomingListener: IncomingMigrationListener {
+    public init() {}
+
+    public struct NotImplemented: Error, CustomStringConvertible {
+        public let description = "incoming migrations are not built into this daemon yet"
+    }
+
+    public func start(_ settings: IncomingMigrationSettings,
+                      adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws {
+        throw NotImplemented()
+    }
+
+    public func stop() {}
+}

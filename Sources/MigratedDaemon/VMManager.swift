@@ -1,0 +1,349 @@
+import Foundation
+import Glibc
+import KVMBackend
+import Logging
+import MicroVM
+import MigratedAPI
+
+/// One VM the daemon knows about. While it runs it holds its MicroVM; once it has stopped, the MicroVM (and with
+/// it the guest's RAM) is released and only its final account is kept, until the VM is deleted.
+public final class ManagedVM: @unchecked Sendable {
+    public let id: String
+    /// What it was started with; a migration sends this as the VM's static configuration.
+    public let request: VMCreateRequest
+    let startedAt: Date
+    private let startedUptime: DispatchTime
+    // Guarded by the manager's lock.
+    fileprivate(set) var machine: MicroVM?
+    fileprivate var consoleFD: Int32?
+    fileprivate var final: Final?
+
+    struct Final {
+        var state: VMState
+        var reason: String
+        var exitCode: Int?
+        var uptime: Double
+        var consoleLines: Int
+        var lastConsoleLine: String?
+    }
+
+    init(id: String, request: VMCreateRequest, machine: MicroVM, consoleFD: Int32?) {
+        self.id = id
+        self.request = request
+        self.machine = machine
+        self.consoleFD = consoleFD
+        startedAt = Date()
+        startedUptime = .now()
+    }
+
+    var uptime: Double { Double(DispatchTime.now().uptimeNanoseconds - startedUptime.uptimeNanoseconds) / 1e9 }
+
+    /// Its account once stopped; nil while it runs.
+    fileprivate func finalAccount(_ state: VMState, _ reason: String, exitCode: Int? = nil) -> Final {
+        let lines = machine?.console.receivedLines ?? []
+        return Final(state: state, reason: reason, exitCode: exitCode, uptime: uptime,
+                     consoleLines: machine?.console.lineCount ?? 0, lastConsoleLine: lines.last)
+    }
+}
+
+/// The daemon's VMs: starting, listing, stopping and deleting them, and the memory budget they share.
+/// Every method is safe to call from any thread; the ones that wait for KVM (boot, stop) block their caller,
+/// so async callers run them on a Dispatch queue (see ControlAPI).
+public final class VMManager: @unchecked Sendable {
+    /// Guest memory all VMs together may hold.
+    public let memoryBudget: UInt64
+    private let logger: Logger
+    private let lock = NSLock()
+    private var vms: [String: ManagedVM] = [:]
+    /// Ids in the order the VMs were created, so that listings are stable.
+    private var order: [String] = []
+    /// Memory promised to VMs being booted, which are not in `vms` yet.
+    private var reserved: UInt64 = 0
+    private(set) var startedTotal = 0
+    private(set) var startFailuresTotal = 0
+
+    public init(memoryBudget: UInt64, logger: Logger) {
+        self.memoryBudget = memoryBudget
+        self.logger = logger
+    }
+
+    /// `[a-z0-9][a-z0-9_-]{0,62}`: safe in a URL path, a file name and a Prometheus label without escaping.
+    static func isValidID(_ id: String) -> Bool {
+        let bytes = Array(id.utf8)
+        func allowed(_ byte: UInt8, first: Bool) -> Bool {
+            (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x30 && byte <= 0x39) || (!first && (byte == 0x2D || byte == 0x5F))
+        }
+        return (1 ... 63).contains(bytes.count) && bytes.enumerated().allSatisfy { allowed($1, first: $0 == 0) }
+    }
+
+    // MARK: start
+
+    /// Boots a guest as `request` asks and starts it.
+    public func create(_ request: VMCreateRequest) throws(ControlError) -> ManagedVM {
+        let id = try validate(request)
+        let memory = request.memoryMib << 20
+        try reserve(id: id, memory: memory)
+        var consoleFD: Int32?
+        do throws(ControlError) {
+            let image = try readImage(request.image)
+            if let path = request.consoleLog {
+                let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+                guard fd >= 0 else {
+                    throw ControlError.unprocessable("bad_console_log", "cannot open console log \(path): \(String(cString: strerror(errno)))")
+                }
+                consoleFD = fd
+            }
+            let configuration = MicroVMConfiguration(
+                memorySize: memory, vcpuCount: request.vcpus,
+                dirtyTracking: request.dirtyTracking == .ring ? .defaultRing : .bitmap,
+                console: SerialConsole(output: consoleFD))
+            let machine: MicroVM
+            do {
+                machine = try MicroVM(booting: image, commandLine: request.cmdline, configuration: configuration)
+            } catch let error as PVHLoadError {
+                throw ControlError.unprocessable("bad_image", "\(request.image) is not a bootable PVH image: \(error)")
+            } catch {
+                throw ControlError(500, "vm_create_failed", "cannot create the VM: \(error)")
+            }
+            let vm = ManagedVM(id: id, request: request, machine: machine, consoleFD: consoleFD)
+            register(vm, reservedMemory: memory)
+            machine.start()
+            logger.info("started VM", metadata: ["vm": "\(id)", "memory_mib": "\(request.memoryMib)", "vcpus": "\(request.vcpus)"])
+            return vm
+        } catch {
+            if let consoleFD { close(consoleFD) }
+            release(reservation: memory, failed: true)
+            logger.warning("VM did not start", metadata: ["vm": "\(id)", "error": "\(error)"])
+            throw error
+        }
+    }
+
+    /// Takes in a VM that was built elsewhere and is already running: one that arrived by migration.
+    /// The incoming-migration listener calls this after the digest check, once the destination VM has started.
+    public func adopt(_ machine: MicroVM, as request: VMCreateRequest) throws(ControlError) -> ManagedVM {
+        let id = request.id ?? Self.makeID()
+        guard Self.isValidID(id) else { throw .badRequest("VM id '\(id)' must match [a-z0-9][a-z0-9_-]{0,62}") }
+        try reserve(id: id, memory: machine.memory.size, overcommitAllowed: true)
+        var request = request
+        request.id = id
+        let vm = ManagedVM(id: id, request: request, machine: machine, consoleFD: nil)
+        register(vm, reservedMemory: machine.memory.size)
+        logger.info("adopted VM", metadata: ["vm": "\(id)", "memory_mib": "\(request.memoryMib)"])
+        return vm
+    }
+
+    /// The checks that need no KVM; returns the VM's id.
+    private func validate(_ request: VMCreateRequest) throws(ControlError) -> String {
+        let id = request.id ?? Self.makeID()
+        guard Self.isValidID(id) else { throw .badRequest("id '\(id)' must match [a-z0-9][a-z0-9_-]{0,62}") }
+        // The daemon's working directory is no business of the client's: paths are absolute.
+        guard request.image.hasPrefix("/") else { throw .badRequest("image must be an absolute path, not '\(request.image)'") }
+        if let log = request.consoleLog, !log.hasPrefix("/") { throw .badRequest("console_log must be an absolute path, not '\(log)'") }
+        guard (1 ... MicroVM.maximumVCPUs).contains(request.vcpus) else {
+            throw .unprocessable("invalid_vcpus", "vcpus must be in 1...\(MicroVM.maximumVCPUs), not \(request.vcpus)")
+        }
+        guard request.memoryMib <= GuestMemory.maximumSize >> 20 else {
+            throw .unprocessable("invalid_memory", "memory_mib \(request.memoryMib) exceeds the maximum of \(GuestMemory.maximumSize >> 20)")
+        }
+        do { try GuestMemory.validate(size: request.memoryMib << 20) } catch {
+            throw .unprocessable("invalid_memory", "memory_mib \(request.memoryMib): \(error)")
+        }
+        guard request.cmdline.utf8.count < 1024 else { throw .unprocessable("invalid_cmdline", "cmdline is longer than 1023 bytes") }
+        return id
+    }
+
+    private func readImage(_ path: String) throws(ControlError) -> [UInt8] {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            throw .unprocessable("image_not_found", "image \(path): \(String(cString: strerror(errno)))")
+        }
+        guard info.st_mode & S_IFMT == S_IFREG else { throw .unprocessable("image_not_found", "image \(path) is not a regular file") }
+        // Guest images are a few MiB; a huge file here is a mistake, not a guest.
+        guard info.st_size <= 256 << 20 else { throw .unprocessable("bad_image", "image \(path) is larger than 256 MiB") }
+        do {
+            return Array(try Data(contentsOf: URL(fileURLWithPath: path)))
+        } catch {
+            throw .unprocessable("image_not_found", "cannot read image \(path): \(error.localizedDescription)")
+        }
+    }
+
+    private static func makeID() -> String {
+        "vm-" + String(UInt32.random(in: 0 ... .max), radix: 16).leftPadded(to: 8)
+    }
+
+    // MARK: bookkeeping
+
+    /// Memory held by VMs and by boots under way.
+    private var committedLocked: UInt64 {
+        vms.values.reduce(reserved) { $0 + ($1.machine == nil ? 0 : $1.request.memoryMib << 20) }
+    }
+
+    /// An arriving VM's memory already exists, so it is taken in even past the budget, with a warning.
+    private func reserve(id: String, memory: UInt64, overcommitAllowed: Bool = false) throws(ControlError) {
+        reapStopped()
+        lock.lock()
+        defer { lock.unlock() }
+        guard vms[id] == nil else { throw .conflict("vm_exists", "a VM with id '\(id)' exists; delete it first") }
+        let committed = committedLocked
+        if committed + memory > memoryBudget {
+            let message = "\(memory >> 20) MiB does not fit: \((memoryBudget - min(committed, memoryBudget)) >> 20) MiB of the daemon's \(memoryBudget >> 20) MiB budget are free"
+            guard overcommitAllowed else { throw .conflict("memory_does_not_fit", message) }
+            logger.warning("over the memory budget", metadata: ["vm": "\(id)", "detail": "\(message)"])
+        }
+        reserved += memory
+    }
+
+    private func register(_ vm: ManagedVM, reservedMemory: UInt64) {
+        lock.lock()
+        defer { lock.unlock() }
+        reserved -= reservedMemory
+        vms[vm.id] = vm
+        order.append(vm.id)
+        startedTotal += 1
+    }
+
+    private func release(reservation: UInt64, failed: Bool) {
+        lock.lock()
+        defer { lock.unlock() }
+        reserved -= reservation
+        if failed { startFailuresTotal += 1 }
+    }
+
+    /// Releases the MicroVM of every VM whose guest stopped by itself, so its RAM goes back to the host.
+    /// Called on every observation and by the daemon's periodic sweep.
+    public func reapStopped() {
+        var released: [(MicroVM, Int32?)] = []
+        lock.lock()
+        for vm in vms.values {
+            guard let machine = vm.machine, let stop = machine.stopped else { continue }
+            switch stop {
+            case .guestExit(let code): vm.final = vm.finalAccount(.exited, stop.description, exitCode: Int(code))
+            case .failed: vm.final = vm.finalAccount(.failed, stop.description)
+            case .requested: vm.final = vm.finalAccount(.stopped, stop.description)
+            }
+            released.append((machine, vm.consoleFD))
+            vm.machine = nil
+            vm.consoleFD = nil
+            logger.info("VM stopped", metadata: ["vm": "\(vm.id)", "reason": "\(stop)"])
+        }
+        lock.unlock()
+        for (machine, fd) in released { Self.dispose(machine, consoleFD: fd) }
+    }
+
+    /// Joins the vCPU threads (which may take a moment) and closes the console log only after them, since they
+    /// write to it.
+    private static func dispose(_ machine: MicroVM, consoleFD: Int32?) {
+        machine.stop()
+        if let consoleFD { close(consoleFD) }
+    }
+
+    // MARK: queries
+
+    public func vm(_ id: String) throws(ControlError) -> ManagedVM {
+        reapStopped()
+        lock.lock()
+        defer { lock.unlock() }
+        guard let vm = vms[id] else { throw .vmNotFound(id) }
+        return vm
+    }
+
+    public func list() -> [ManagedVM] {
+        reapStopped()
+        lock.lock()
+        defer { lock.unlock() }
+        return order.compactMap { vms[$0] }
+    }
+
+    public func info(_ vm: ManagedVM) -> VMInfo {
+        lock.lock()
+        let machine = vm.machine
+        let final = vm.final
+        lock.unlock()
+        let lines = machine?.console.receivedLines
+        return VMInfo(
+            id: vm.id, state: final?.state ?? .running, image: vm.request.image, memoryMib: vm.request.memoryMib,
+            vcpus: vm.request.vcpus, cmdline: vm.request.cmdline, consoleLog: vm.request.consoleLog,
+            dirtyTracking: vm.request.dirtyTracking, startedAt: ISO8601DateFormatter().string(from: vm.startedAt),
+            uptimeSeconds: final?.uptime ?? vm.uptime, stopReason: final?.reason, exitCode: final?.exitCode,
+            consoleLines: final?.consoleLines ?? machine?.console.lineCount ?? 0,
+            lastConsoleLine: final?.lastConsoleLine ?? lines?.last)
+    }
+
+    /// The running MicroVM of a VM, for a migration; 409 when it is not running.
+    public func runningMachine(_ id: String) throws(ControlError) -> MicroVM {
+        let vm = try vm(id)
+        lock.lock()
+        defer { lock.unlock() }
+        guard let machine = vm.machine else {
+            throw .conflict("vm_not_running", "VM '\(id)' is \(vm.final?.state.rawValue ?? "not running")")
+        }
+        return machine
+    }
+
+    // MARK: stop and delete
+
+    /// Stops a VM and releases its memory; stopping a stopped VM changes nothing.
+    @discardableResult
+    public func stop(_ id: String, reason: VMState = .stopped, because why: String = "stopped on request") throws(ControlError) -> ManagedVM {
+        let vm = try vm(id)
+        lock.lock()
+        let machine = vm.machine
+        let fd = vm.consoleFD
+        if machine != nil {
+            vm.final = vm.finalAccount(reason, why)
+            vm.machine = nil
+            vm.consoleFD = nil
+        }
+        lock.unlock()
+        if let machine {
+            Self.dispose(machine, consoleFD: fd)
+            logger.info("VM stopped", metadata: ["vm": "\(id)", "reason": "\(why)"])
+        }
+        return vm
+    }
+
+    /// Stops a VM if it runs, and forgets it.
+    public func delete(_ id: String) throws(ControlError) -> ManagedVM {
+        let vm = try stop(id)
+        lock.lock()
+        vms[id] = nil
+        order.removeAll { $0 == id }
+        lock.unlock()
+        logger.info("VM deleted", metadata: ["vm": "\(id)"])
+        return vm
+    }
+
+    /// Stops every VM, for the daemon's shutdown.
+    public func stopAll() {
+        for vm in list() { _ = try? stop(vm.id, because: "the daemon shut down") }
+    }
+
+    // MARK: metrics
+
+    struct Snapshot {
+        var byState: [VMState: Int]
+        var running: [(id: String, memory: UInt64, vcpus: Int, uptime: Double)]
+        var committedMemory: UInt64
+        var startedTotal: Int
+        var startFailuresTotal: Int
+    }
+
+    func snapshot() -> Snapshot {
+        reapStopped()
+        lock.lock()
+        defer { lock.unlock() }
+        var byState = Dictionary(uniqueKeysWithValues: VMState.allCases.map { ($0, 0) })
+        var running: [(String, UInt64, Int, Double)] = []
+        for id in order {
+            guard let vm = vms[id] else { continue }
+            byState[vm.final?.state ?? .running, default: 0] += 1
+            if vm.machine != nil { running.append((id, vm.request.memoryMib << 20, vm.request.vcpus, vm.uptime)) }
+        }
+        return Snapshot(byState: byState, running: running, committedMemory: committedLocked,
+                        startedTotal: startedTotal, startFailuresTotal: startFailuresTotal)
+    }
+}
+
+private extension String {
+    func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
+}

@@ -1,0 +1,98 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Glibc
+import Logging
+import MigratedDaemon
+
+/// `migrated`: the per-host daemon. Settings come from --config (JSON) and flags; a flag wins over the file.
+@main
+struct MigratedCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrated",
+        abstract: "Run VMs and serve the control API (HTTP/1.1 + JSON) on a Unix socket.",
+        discussion: "The API is described in protocol/control-api.md; migratectl drives it.")
+
+    @Option(help: "JSON configuration file (see DaemonConfiguration).")
+    var config: String?
+
+    @Option(help: "Control socket path (default \(DaemonConfiguration.defaultSocket)).")
+    var socket: String?
+
+    @Option(help: "trace, debug, info, notice, warning, error or critical (default info).")
+    var logLevel: String?
+
+    @Option(help: "Guest memory all VMs together may hold, e.g. 16G (default: the host's RAM).")
+    var memoryBudget: String?
+
+    @Option(name: .customLong("tls-certificate"), help: "PEM certificate of this host, for migrations.")
+    var tlsCertificate: String?
+
+    @Option(name: .customLong("tls-key"), help: "PEM private key of that certificate.")
+    var tlsKey: String?
+
+    @Option(name: .customLong("tls-ca"), help: "PEM CA certificates peers must chain to.")
+    var tlsCA: String?
+
+    @Option(name: .customLong("allow-peer"), help: "A peer certificate name to accept (repeatable).")
+    var allowPeer: [String] = []
+
+    @Option(help: "Listen for incoming migrations here: host:port, [v6]:port or unix:/path.")
+    var incomingListen: String?
+
+    @Flag(help: "Accept incoming migrations without TLS (only with --incoming-listen or incoming.listen).")
+    var incomingPlaintext = false
+
+    func run() async throws {
+        var overrides = DaemonConfiguration.Overrides()
+        overrides.socket = socket
+        overrides.logLevel = logLevel
+        overrides.memoryBudgetMib = try memoryBudget.map { try parseMiB($0) }
+        overrides.tlsCertificate = tlsCertificate
+        overrides.tlsKey = tlsKey
+        overrides.tlsCA = tlsCA
+        overrides.allowedPeers = allowPeer
+        overrides.incomingListen = incomingListen
+        overrides.incomingPlaintext = incomingPlaintext
+        let file = try config.map { path throws in try DaemonConfiguration.load(from: path) } ?? DaemonConfiguration()
+        let settings: ValidatedConfiguration
+        do { settings = try file.merging(overrides).validated() } catch { throw ValidationError(error.description) }
+
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = settings.logLevel
+            return handler
+        }
+        let logger = Logger(label: "migrated")
+        let daemon = Daemon(configuration: settings, logger: logger)
+
+        // SIGINT and SIGTERM end the server; then the shutdown below stops the VMs and removes the socket.
+        let server = Task { try await daemon.run() }
+        let signals = [SIGINT, SIGTERM].map { number in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
+            source.setEventHandler {
+                logger.notice("signal \(number): shutting down")
+                server.cancel()
+            }
+            source.resume()
+            return source
+        }
+        defer { signals.forEach { $0.cancel() } }
+        var failure: (any Error)?
+        // A cancelled server ends with whatever its sockets said (CancellationError, disconnected): not a failure.
+        do { try await server.value } catch where !server.isCancelled { failure = error } catch {}
+        await daemon.shutdown()
+        if let failure {
+            logger.critical("\(failure)")
+            throw ExitCode.failure
+        }
+    }
+}
+
+func parseMiB(_ text: String) throws -> UInt64 {
+    let units: [Character: UInt64] = ["M": 1, "G": 1 << 10, "T": 1 << 20]
+    let upper = text.uppercased()
+    if let unit = upper.last.flatMap({ units[$0] }), let value = UInt64(upper.dropLast()), value > 0 { return value * unit }
+    throw ValidationError("not a memory size: \(text) (use e.g. 512M or 16G)")
+}

@@ -80,7 +80,7 @@ let package = Package(
         .executableTarget(name: "migratectl", dependencies: [
             "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport"]),
+        .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl"]),
     ],
     swiftLanguageModes: [.v5]
 )

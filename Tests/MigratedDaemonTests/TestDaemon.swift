@@ -12,13 +12,13 @@ final class TestDaemon {
     let client: ControlClient
     private var task: Task<Void, any Error>?
 
-    init(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil) {
+    init(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: any MigrationService = UnimplementedMigrationService()) {
         directory = NSTemporaryDirectory() + "migrated-test-" + String(UUID().uuidString.prefix(8))
         socketPath = directory + "/control.sock"
         var logger = Logger(label: "migrated-test")
         logger.logLevel = .error
         daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20, tls: tls),
-                        logger: logger)
+                        logger: logger, migrations: migrations)
         client = ControlClient(socketPath: socketPath)
     }
 
@@ -48,9 +48,9 @@ final class TestDaemon {
 }
 
 /// Runs `body` against a fresh daemon, and shuts the daemon down whatever happens.
-func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil,
+func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: any MigrationService = UnimplementedMigrationService(),
                 _ body: (TestDaemon) async throws -> Void) async throws {
-    let daemon = TestDaemon(memoryBudgetMiB: memoryBudgetMiB, tls: tls)
+    let daemon = TestDaemon(memoryBudgetMiB: memoryBudgetMiB, tls: tls, migrations: migrations)
     try await daemon.start()
     do {
         try await body(daemon)

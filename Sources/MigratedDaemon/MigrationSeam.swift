@@ -21,14 +21,17 @@ public struct OutgoingVM: Sendable {
     public let configuration: VMCreateRequest
     /// The daemon's TLS identity, for `request.security == .tls` (the daemon guarantees it is set then).
     public let tls: TLSFiles?
-    /// Call once the destination has started the VM after the digest check: the daemon stops the source and
-    /// shows the VM as `migrated` (to `peer`). Before that, on any failure, leave the VM running and do not call it.
+    /// Call once the destination has started the VM after the digest check: the daemon stops the source (this
+    /// joins its vCPU threads, so it blocks for a moment) and shows the VM as `migrated` (to `peer`). Before
+    /// that, on any failure, leave the VM running (resumed, unthrottled) and do not call it.
     public let handOff: @Sendable (_ peer: String) -> Void
 }
 
 /// The outgoing side of live migration. One migration per VM at a time; the service keeps each migration's last
 /// status (with its report) until the next one of the same VM starts, so a client can read how it ended.
 /// Errors are ControlErrors, which become the HTTP answer: e.g. 409 `migration_in_progress`, 404 `no_migration`.
+/// The daemon does not hold back `stop` or `DELETE` while a VM migrates: a source stopped under a migration is a
+/// failed migration, to be reported as such (the destination must not start).
 public protocol MigrationService: Sendable {
     /// Starts migrating `vm` as `request` asks and returns at once with its first status (phase `setup`);
     /// the migration goes on in the background.

@@ -120,9 +120,14 @@ public final class VMManager: @unchecked Sendable {
 
     /// Takes in a VM that was built elsewhere and is already running: one that arrived by migration.
     /// The incoming-migration listener calls this after the digest check, once the destination VM has started.
+    /// It keeps the id it had at the source when that id is valid and free here, and gets a new one otherwise.
     public func adopt(_ machine: MicroVM, as request: VMCreateRequest) throws(ControlError) -> ManagedVM {
-        let id = request.id ?? Self.makeID()
-        guard Self.isValidID(id) else { throw .badRequest("VM id '\(id)' must match [a-z0-9][a-z0-9_-]{0,62}") }
+        var id = request.id ?? Self.makeID()
+        if !Self.isValidID(id) || (try? vm(id)) != nil {
+            let fresh = Self.makeID()
+            logger.notice("arriving VM renamed", metadata: ["vm": "\(fresh)", "source_id": "\(id)"])
+            id = fresh
+        }
         try reserve(id: id, memory: machine.memory.size, overcommitAllowed: true)
         var request = request
         request.id = id

@@ -100,6 +100,27 @@ final class DaemonKVMTests: KVMTestCase {
         }
     }
 
+    /// A guest that exits by itself is shown as exited with its code, and its memory goes back without anyone
+    /// stopping it (the daemon's sweep).
+    func testGuestExitIsReported() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        try await withDaemon { daemon in
+            _ = try await daemon.client.createVM(VMCreateRequest(id: "short", image: image, memoryMib: 32, cmdline: "exit=pass"))
+            let deadline = Date(timeIntervalSinceNow: 10)
+            var metrics = ""
+            while Date() < deadline {
+                metrics = try await daemon.client.metrics()
+                if metrics.contains("migrated_vms{state=\"exited\"} 1\n") { break }
+                try await Task.sleep(nanoseconds: 50_000_000)
+            }
+            XCTAssertTrue(metrics.contains("migrated_guest_memory_bytes 0\n"), metrics)
+            let vm = try await daemon.client.vm("short")
+            XCTAssertEqual(vm.state, .exited)
+            XCTAssertEqual(vm.exitCode, 0x10)
+            XCTAssertTrue(vm.stopReason?.contains("0x10") == true, vm.stopReason ?? "none")
+        }
+    }
+
     /// The incoming side's hand-over: a VM built outside the daemon (as a migration receiver builds it) is
     /// adopted, listed and stopped like any other.
     func testAdoptedVMIsManaged() async throws {

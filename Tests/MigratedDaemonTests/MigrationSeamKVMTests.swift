@@ -65,7 +65,66 @@ actor ScriptedMigrationService: MigrationService {
     }
 }
 
+/// An incoming listener that keeps what the daemon gives it, so a test can play an arriving VM.
+final class RecordingListener: IncomingMigrationListener, @unchecked Sendable {
+    private let lock = NSLock()
+    private var started: (IncomingMigrationSettings, @Sendable (IncomingVM) throws(ControlError) -> String)?
+    private(set) var stopped = false
+
+    func start(_ settings: IncomingMigrationSettings, adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws {
+        lock.lock()
+        started = (settings, adopt)
+        lock.unlock()
+    }
+
+    func stop() {
+        lock.lock()
+        stopped = true
+        lock.unlock()
+    }
+
+    var settings: IncomingMigrationSettings? { lock.lock(); defer { lock.unlock() }; return started?.0 }
+
+    func arrive(_ vm: IncomingVM) throws -> String {
+        lock.lock()
+        let adopt = started?.1
+        lock.unlock()
+        guard let adopt else { throw ControlError(500, "not_started", "the daemon did not start the listener") }
+        return try adopt(vm)
+    }
+}
+
 final class MigrationSeamKVMTests: KVMTestCase {
+    /// The daemon starts the listener with its validated settings, and a VM the listener hands over is the
+    /// daemon's like any other, under the id it had at the source.
+    func testIncomingVMIsAdoptedThroughTheListener() async throws {
+        let image = try TestGuest.image()
+        let listener = RecordingListener()
+        let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 7070), security: .plaintext)
+        try await withDaemon(incoming: (settings, listener)) { daemon in
+            XCTAssertEqual(listener.settings, settings)
+            let machine = try MicroVM(booting: image, commandLine: "workload=memstress size_mib=16",
+                                      configuration: MicroVMConfiguration(memorySize: 64 << 20, console: SerialConsole(output: nil)))
+            machine.start()
+            let id = try listener.arrive(IncomingVM(machine: machine, configuration: VMCreateRequest(
+                id: "from-a", image: TestGuest.path, memoryMib: 64, cmdline: "workload=memstress size_mib=16"), peer: "host-a"))
+            XCTAssertEqual(id, "from-a")
+            let vm = try await daemon.client.vm("from-a")
+            XCTAssertEqual(vm.state, .running)
+            XCTAssertEqual(vm.memoryMib, 64)
+            // A second VM under an id already taken here is renamed rather than refused: it has left its source.
+            let second = try MicroVM(booting: image, commandLine: "exit=pass",
+                                     configuration: MicroVMConfiguration(memorySize: 32 << 20, console: SerialConsole(output: nil)))
+            second.start()
+            let renamed = try listener.arrive(IncomingVM(machine: second, configuration: VMCreateRequest(
+                id: "from-a", image: TestGuest.path, memoryMib: 32, cmdline: "exit=pass"), peer: "host-b"))
+            XCTAssertNotEqual(renamed, "from-a")
+            let ids = try await daemon.client.listVMs().map(\.id)
+            XCTAssertEqual(ids, ["from-a", renamed])
+        }
+        XCTAssertTrue(listener.stopped, "shutdown stops the listener")
+    }
+
     func testMigrationFlowsThroughTheSeamAndMigratectlFollowsIt() async throws {
         let image = try { _ = try TestGuest.image(); return TestGuest.path }()
         let service = ScriptedMigrationService()

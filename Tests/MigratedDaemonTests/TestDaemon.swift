@@ -12,13 +12,15 @@ final class TestDaemon {
     let client: ControlClient
     private var task: Task<Void, any Error>?
 
-    init(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: any MigrationService = UnimplementedMigrationService()) {
+    init(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: any MigrationService = UnimplementedMigrationService(),
+         incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil) {
         directory = NSTemporaryDirectory() + "migrated-test-" + String(UUID().uuidString.prefix(8))
         socketPath = directory + "/control.sock"
         var logger = Logger(label: "migrated-test")
         logger.logLevel = .error
-        daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20, tls: tls),
-                        logger: logger, migrations: migrations)
+        daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20, tls: tls,
+                                                              incoming: incoming?.0),
+                        logger: logger, migrations: migrations, incoming: incoming?.1 ?? UnimplementedIncomingListener())
         client = ControlClient(socketPath: socketPath)
     }
 
@@ -49,8 +51,9 @@ final class TestDaemon {
 
 /// Runs `body` against a fresh daemon, and shuts the daemon down whatever happens.
 func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: any MigrationService = UnimplementedMigrationService(),
+                incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil,
                 _ body: (TestDaemon) async throws -> Void) async throws {
-    let daemon = TestDaemon(memoryBudgetMiB: memoryBudgetMiB, tls: tls, migrations: migrations)
+    let daemon = TestDaemon(memoryBudgetMiB: memoryBudgetMiB, tls: tls, migrations: migrations, incoming: incoming)
     try await daemon.start()
     do {
         try await body(daemon)

@@ -232,7 +232,8 @@ public final class VMManager: @unchecked Sendable {
             logger.info("VM stopped", metadata: ["vm": "\(vm.id)", "reason": "\(stop)"])
         }
         lock.unlock()
-        for (machine, fd) in released { Self.dispose(machine, consoleFD: fd) }
+        // Callers include async request handlers: the joining of vCPU threads happens off their threads.
+        for (machine, fd) in released { DispatchQueue.global().async { Self.dispose(machine, consoleFD: fd) } }
     }
 
     /// Joins the vCPU threads (which may take a moment) and closes the console log only after them, since they

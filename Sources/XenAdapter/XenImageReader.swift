@@ -68,9 +68,12 @@ public final class XenImage {
         guard let base = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0), base != MAP_FAILED else {
             throw XenFileError(operation: "mmap \(path)", errno: errno)
         }
-        madvise(base, size, MADV_SEQUENTIAL)
+        // The check reads only record headers and pfn lists: no readahead of the pages between them.
+        madvise(base, size, MADV_RANDOM)
         do {
             try self.init(bytes: UnsafeRawBufferPointer(start: base, count: size), owner: .mapping(base, size), limits: limits)
+            // Pages are read front to back from here on.
+            madvise(base, size, MADV_SEQUENTIAL)
         } catch {
             munmap(base, size)
             throw error

@@ -14,13 +14,11 @@ public final class XenImageSink: GuestSink {
     /// the image holds only what Xen's records can express (protocol/xen.md).
     public let carriesDeviceState: Bool
     private var layout: GuestMemoryLayout?
-    private var configuration: XenDomainConfiguration?
     private var memory: UnsafeMutableRawPointer?
     private var memoryBytes = 0
     /// One byte per frame: whether the engine asked for a pointer to it (the frames that may hold data).
     private var touched: [UInt8] = []
     private var deviceState: [DeviceState]?
-    private var temporaryPath: String?
     /// Set by `start`: the image's size in bytes.
     public private(set) var bytesWritten: UInt64 = 0
 
@@ -33,17 +31,16 @@ public final class XenImageSink: GuestSink {
     deinit { release() }
 
     public func prepare(layout: GuestMemoryLayout) throws {
-        guard let configuration = XenDomainConfiguration(layout: layout, name: name, vcpus: 1) else {
-            throw XenConversionError("memory layout \(layout.regions) has no xl equivalent: RAM must start at 0 and continue at 4 GiB")
-        }
+        try XenImageFile.checkLayout(layout)
         let end = Int(layout.regions.last!.guestPhysicalAddress + layout.regions.last!.size)
         guard let base = mmap(nil, end, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
               base != MAP_FAILED else { throw XenFileError(operation: "mmap \(end) bytes of guest memory", errno: errno) }
+        // Huge pages: a guest's worth of 4 KiB faults costs more than the copy into them.
+        madvise(base, end, MADV_HUGEPAGE)
         memory = base
         memoryBytes = end
         touched = [UInt8](repeating: 0, count: end >> 12)
         self.layout = layout
-        self.configuration = configuration
     }
 
     public func page(frame: UInt64) -> UnsafeMutableRawPointer {
@@ -56,24 +53,74 @@ public final class XenImageSink: GuestSink {
         guard layout != nil else { throw XenConversionError("device state before memory") }
         let machines = deviceState.filter { $0.componentID == DeviceComponent.kvmVM }
         guard machines.count == 1 else { throw XenConversionError("expected one KVM machine state, got \(machines.count)") }
-        let state = try machines[0].blob.withUnsafeBytes { try MachineStateEncoding.decode($0) }
-        configuration!.vcpus = state.vcpus.count
+        machine = try machines[0].blob.withUnsafeBytes { try MachineStateEncoding.decode($0) }
         self.deviceState = deviceState
-        machine = state
     }
 
     private var machine: MachineState?
 
     /// Writes and publishes the image.
     public func start() throws {
-        guard let layout, let configuration, let machine, let deviceState, let memory else {
+        guard let layout, let deviceState, let memory, machine != nil else {
             throw XenConversionError("start before memory and device state")
         }
+        let touched = self.touched
+        do {
+            bytesWritten = try XenImageFile.write(to: path, name: name, layout: layout, deviceState: deviceState,
+                                                  carriesDeviceState: carriesDeviceState,
+                                                  isPopulated: { touched[Int($0)] != 0 },
+                                                  contents: { UnsafeRawPointer(memory.advanced(by: Int($0 << 12))) })
+        } catch {
+            release()
+            throw error
+        }
+        release()
+    }
+
+    /// Writes the image of a paused guest straight from `source`, with no copy of its memory in between:
+    /// what `GuestCopy` into a sink does, minus collecting the pages. Returns the image's size in bytes.
+    @discardableResult
+    public static func save(_ source: GuestSource, to path: String, name: String = "migrated-guest",
+                            carriesDeviceState: Bool = true) throws -> UInt64 {
+        let layout = source.layout
+        let end = Int((layout.regions.last.map { $0.guestPhysicalAddress + $0.size } ?? 0) >> 12)
+        var populated = [UInt8](repeating: 0, count: end)
+        try source.forEachPopulatedFrame { populated[Int($0)] = 1 }
+        return try XenImageFile.write(to: path, name: name, layout: layout, deviceState: try source.captureDeviceState(),
+                                      carriesDeviceState: carriesDeviceState,
+                                      isPopulated: { populated[Int($0)] != 0 }, contents: source.page(frame:))
+    }
+
+    public func discard() { release() }
+
+    private func release() {
+        if let memory { munmap(memory, memoryBytes) }
+        memory = nil
+        touched = []
+    }
+}
+
+/// Writing an image file of a paused guest: to a temporary file beside `path`, synced, renamed into place.
+enum XenImageFile {
+    static func checkLayout(_ layout: GuestMemoryLayout) throws {
+        guard XenDomainConfiguration(layout: layout, name: "", vcpus: 1) != nil else {
+            throw XenConversionError("memory layout \(layout.regions) has no xl equivalent: RAM must start at 0 and continue at 4 GiB")
+        }
+    }
+
+    static func write(to path: String, name: String, layout: GuestMemoryLayout, deviceState: [DeviceState], carriesDeviceState: Bool,
+                      isPopulated: (UInt64) -> Bool, contents: (UInt64) -> UnsafeRawPointer) throws -> UInt64 {
+        try checkLayout(layout)
+        let machines = deviceState.filter { $0.componentID == DeviceComponent.kvmVM }
+        guard machines.count == 1 else { throw XenConversionError("expected one KVM machine state, got \(machines.count)") }
+        let machine = try machines[0].blob.withUnsafeBytes { try MachineStateEncoding.decode($0) }
+        let configuration = XenDomainConfiguration(layout: layout, name: name, vcpus: machine.vcpus.count)!
         let directory = (path as NSString).deletingLastPathComponent
         var template = Array(((directory.isEmpty ? "." : directory) + "/.xen-image-XXXXXX").utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else { throw XenFileError(operation: "create a temporary file in \(directory)", errno: errno) }
-        temporaryPath = String(cString: template)
+        let temporary = String(cString: template)
+        let size: UInt64
         do {
             defer { close(fd) }
             let writer = try XenImageWriter(fileDescriptor: fd, configuration: configuration, carriedState: carriesDeviceState ? deviceState : [])
@@ -82,41 +129,24 @@ public final class XenImageSink: GuestSink {
             var populated: [UInt64] = [], unpopulated: [UInt64] = []
             for region in layout.regions {
                 for frame in (region.guestPhysicalAddress >> 12) ..< ((region.guestPhysicalAddress + region.size) >> 12) {
-                    if touched[Int(frame)] != 0 { populated.append(frame) } else { unpopulated.append(frame) }
+                    if isPopulated(frame) { populated.append(frame) } else { unpopulated.append(frame) }
                 }
             }
-            try writer.writePages(populated) { (frame: UInt64) -> UnsafeRawPointer in UnsafeRawPointer(memory.advanced(by: Int(frame << 12))) }
+            try writer.writePages(populated, contents: contents)
             // RAM never written is zero, but a Xen host must still allocate it.
             try writer.writeFrames(unpopulated, type: LibxcStream.PageType.allocateOnly)
             try writer.writeDomainState(domain)
             try writer.finish()
             guard fsync(fd) == 0 else { throw XenFileError(operation: "fsync", errno: errno) }
-            bytesWritten = writer.bytesWritten
+            size = writer.bytesWritten
+            guard rename(temporary, path) == 0 else { throw XenFileError(operation: "rename to \(path)", errno: errno) }
         } catch {
-            discard()
+            unlink(temporary)
             throw error
         }
-        guard rename(temporaryPath!, path) == 0 else {
-            let e = errno
-            discard()
-            throw XenFileError(operation: "rename to \(path)", errno: e)
-        }
-        temporaryPath = nil
         let dirfd = open(directory.isEmpty ? "." : directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if dirfd >= 0 { fsync(dirfd); close(dirfd) }
-        release()
-    }
-
-    public func discard() {
-        if let temporaryPath { unlink(temporaryPath) }
-        temporaryPath = nil
-        release()
-    }
-
-    private func release() {
-        if let memory { munmap(memory, memoryBytes) }
-        memory = nil
-        touched = []
+        return size
     }
 }
 

@@ -185,23 +185,50 @@ public final class XenImageWriter {
 
     private func pageRecord(_ frames: [UInt64], type: LibxcStream.PageType, contents: (UInt64) -> UnsafeRawPointer) throws {
         let dataBytes = type.hasData ? frames.count * LibxcStream.pageSize : 0
-        let length = 8 + 8 * frames.count + dataBytes
-        if capacity - used < 8 + length { try flush() }
-        precondition(capacity - used >= 8 + length)
-        var p = buffer + used
-        func put<T: FixedWidthInteger>(_ v: T) { p.storeBytes(of: v.littleEndian, as: T.self); p += MemoryLayout<T>.size }
-        put(LibxcStream.Record.pageData.rawValue)
-        put(UInt32(length))
-        put(UInt32(frames.count))
-        put(UInt32(0))
-        for f in frames { put(f & LibxcStream.pfnMask | type.rawValue << 60) }
-        if type.hasData {
-            for f in frames {
-                p.copyMemory(from: contents(f), byteCount: LibxcStream.pageSize)
-                p += LibxcStream.pageSize
+        var head = LEBytes()
+        head.bytes.reserveCapacity(16 + 8 * frames.count)
+        head.u32(LibxcStream.Record.pageData.rawValue)
+        head.u32(UInt32(8 + 8 * frames.count + dataBytes))
+        head.u32(UInt32(frames.count))
+        head.u32(0)
+        for f in frames { head.u64(f & LibxcStream.pfnMask | type.rawValue << 60) }
+        try append(head.bytes)
+        guard type.hasData else { return }
+        // Page contents go to the file straight from where they are, in runs of adjacent pages: one copy
+        // fewer than gathering them in the buffer.
+        try flush()
+        var runs: [iovec] = []
+        runs.reserveCapacity(frames.count)
+        for f in frames {
+            let page = contents(f)
+            if let last = runs.last, last.iov_base! + last.iov_len == UnsafeMutableRawPointer(mutating: page) {
+                runs[runs.count - 1].iov_len += LibxcStream.pageSize
+            } else {
+                runs.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: page), iov_len: LibxcStream.pageSize))
             }
         }
-        used += 8 + length
+        try writeVector(runs)
+    }
+
+    /// writev, in groups the kernel accepts, resuming after short writes.
+    private func writeVector(_ runs: [iovec]) throws {
+        var runs = runs[...]
+        while !runs.isEmpty {
+            let group = Array(runs.prefix(1024))  // UIO_MAXIOV
+            let total = group.reduce(0) { $0 + $1.iov_len }
+            let n = group.withUnsafeBufferPointer { Glibc.writev(fileDescriptor, $0.baseAddress, Int32($0.count)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw XenFileError(operation: "writev", errno: errno)
+            }
+            bytesWritten += UInt64(n)
+            if n == total { runs = runs.dropFirst(group.count); continue }
+            // A short write: drop what went out and go on from the middle of a run.
+            var left = n
+            while left >= runs.first!.iov_len { left -= runs.first!.iov_len; runs = runs.dropFirst() }
+            runs[runs.startIndex].iov_base = runs[runs.startIndex].iov_base! + left
+            runs[runs.startIndex].iov_len -= left
+        }
     }
 
     /// X86_TSC_INFO, HVM_CONTEXT, HVM_PARAMS and the libxc END: the state of the paused guest.

@@ -18,6 +18,7 @@ let package = Package(
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
         .executable(name: "kvm-bench", targets: ["KVMBench"]),
         .executable(name: "migration-bench", targets: ["MigrationBench"]),
+        .executable(name: "xen-bench", targets: ["XenBench"]),
         .executable(name: "migrated", targets: ["migrated"]),
         .executable(name: "migratectl", targets: ["migratectl"]),
     ],
@@ -54,6 +55,7 @@ let package = Package(
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
+        .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM"], path: "bench/xen"),
 
         .target(name: "TestSupport", dependencies: ["KVMBackend", "Transport"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),

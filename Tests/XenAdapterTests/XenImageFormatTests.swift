@@ -75,9 +75,16 @@ final class XenImageFormatTests: XCTestCase {
         withUnsafeBytes(of: UInt32(2)) { emulator += $0 }
         withUnsafeBytes(of: UInt32(0)) { emulator += $0 }
         emulator += Array("QEVM".utf8)
-        bytes.replaceSubrange(bytes.count - 8 ..< bytes.count - 8, with: record(type: 3, body: emulator) + record(type: 0x8000_0001, body: [9]))
+        // and xenstore data, which Xen 4.17's verifier wrongly refuses when non-empty
+        var xenstore = [UInt8]()
+        withUnsafeBytes(of: UInt32(2)) { xenstore += $0 }
+        withUnsafeBytes(of: UInt32(0)) { xenstore += $0 }
+        xenstore += Array("physmap/1/start_addr\0f0000000\0".utf8)
+        bytes.replaceSubrange(bytes.count - 8 ..< bytes.count - 8,
+                              with: record(type: 2, body: xenstore) + record(type: 3, body: emulator) + record(type: 0x8000_0001, body: [9]))
         let image = try XenImage(bytes: bytes.withUnsafeBytes { $0 })
-        XCTAssertEqual(image.emulatorRecords.map(\.data), [Array("QEVM".utf8)])
+        XCTAssertEqual(image.emulatorRecords.map(\.type), [.emulatorXenstoreData, .emulatorContext])
+        XCTAssertEqual(image.emulatorRecords.last?.data, Array("QEVM".utf8))
         XCTAssertEqual(image.optionalRecords.map(\.type), [0x8000_0042, 0x8000_0001])
         XCTAssertEqual(image.specialPages.keys.sorted(), [0xFEFFC])
         XCTAssertEqual(image.hvmParamsCount, 1)
@@ -168,6 +175,26 @@ final class XenImageFormatTests: XCTestCase {
         var carriedBad = good
         carriedBad[48 + 4 + Int(good.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 48, as: UInt32.self) }) + 20] ^= 1
         refused(carriedBad, at: nil, "CRC32C")
+    }
+
+    /// Xen 4.21's LAPIC entry is 32 bytes (pending_esr); older ones 24. Both are read, and kept as they are.
+    func testHVMContextAcceptsBothLAPICSizesAndKeepsUnknownEntries() throws {
+        var context = XenStateMapping.domainState(from: syntheticMachine()).hvmContext
+        let i = context.entries.firstIndex { $0.typecode == HVMSaveType.lapic }!
+        context.entries[i].data += [0, 0, 0, 0, 0, 0, 0, 0]
+        context.entries.append(HVMSaveEntry(typecode: 99, instance: 3, data: [1, 2, 3]))
+        let parsed = try context.encoded().withUnsafeBytes { try HVMContext.parse($0, base: 0) }
+        XCTAssertEqual(parsed, context)
+        XCTAssertEqual(parsed.encoded(), context.encoded())
+    }
+
+    func testCheckpointRecordIsRefused() throws {
+        let file = path("checkpoint.xl")
+        try writeImage(to: file, frames: [0])
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: file)))
+        let end = records(bytes).records.first { $0.stream == .libxc && $0.type == 0 }!
+        bytes.insert(contentsOf: record(type: 0x0E, body: []), at: end.offset)
+        refused(bytes, at: end.offset, "checkpointed")
     }
 
     func testMappingFromXenRecordsRoundTripsTheHVMContext() throws {

@@ -72,7 +72,8 @@ let package = Package(
         // so migratectl links neither KVM nor the engine.
         .target(name: "MigratedAPI", dependencies: [.product(name: "FlyingFox", package: "FlyingFox")]),
         .target(name: "MigratedDaemon", dependencies: [
-            "MigratedAPI", "MicroVM", "KVMBackend", .product(name: "FlyingFox", package: "FlyingFox"),
+            "MigratedAPI", "MicroVM", "KVMBackend", "KVMMigration", "MigrationEngine", "MigrationNetwork", "MigrationWire",
+            "Transport", .product(name: "FlyingFox", package: "FlyingFox"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "migrated", dependencies: [

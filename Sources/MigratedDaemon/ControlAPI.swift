@@ -35,7 +35,7 @@ public final class ControlAPI: Sendable {
             response = Self.error(error)
         }
         requestCounts.count(response.status)
-        let level: Logger.Level = response.status >= 500 && response.status != 501 ? .error : .debug
+        let level: Logger.Level = response.status >= 500 ? .error : .debug
         logger.log(level: level, "\(method) \(path) -> \(response.status)")
         return response
     }

@@ -17,5 +17,4 @@ public struct ControlError: Error, Equatable, CustomStringConvertible {
     static func unprocessable(_ error: String, _ message: String) -> ControlError { ControlError(422, error, message) }
     static func conflict(_ error: String, _ message: String) -> ControlError { ControlError(409, error, message) }
     /// The seam answers this until the migration engine is plugged in.
-    public static func notImplemented(_ message: String) -> ControlError { ControlError(501, "not_implemented", message) }
 }

@@ -15,11 +15,12 @@ public final class Daemon: Sendable {
     private let logger: Logger
 
     public init(configuration: ValidatedConfiguration, logger: Logger,
-                migrations: any MigrationService = UnimplementedMigrationService(),
-                incoming: any IncomingMigrationListener = UnimplementedIncomingListener()) {
+                migrations: (any MigrationService)? = nil,
+                incoming: (any IncomingMigrationListener)? = nil) {
         self.configuration = configuration
         self.logger = logger
-        self.incoming = incoming
+        self.incoming = incoming ?? EngineIncomingListener(logger: logger)
+        let migrations = migrations ?? EngineMigrationService(logger: logger)
         let vms = VMManager(memoryBudget: configuration.memoryBudget, logger: logger)
         api = ControlAPI(vms: vms, migrations: migrations, tls: configuration.tls, logger: logger)
         server = HTTPServer(config: HTTPServer.Configuration(address: sockaddr_un.unix(path: configuration.socketPath),

@@ -10,7 +10,7 @@ import MigratedAPI
 // - IncomingMigrationListener: the incoming side, started at daemon start when the configuration has an
 //   `incoming` section, already validated.
 //
-// Until the engine is wired in, Daemon uses UnimplementedMigrationService and UnimplementedIncomingListener.
+// EngineMigration.swift implements both with the migration engine; tests may put scripted ones in their place.
 
 /// A running VM handed to a migration, and the way back into the daemon once it has moved.
 public struct OutgoingVM: Sendable {
@@ -49,27 +49,6 @@ public protocol MigrationService: Sendable {
     func metrics() async -> String
 }
 
-/// Answers every migration call with 501, so that clients and scripts see the whole API today.
-public struct UnimplementedMigrationService: MigrationService {
-    public init() {}
-
-    static let message = "live migration is not built into this daemon yet: the control API and its seam are in place, the engine is not wired in"
-
-    public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
-        throw .notImplemented(Self.message)
-    }
-
-    public func status(ofVM id: String) async throws(ControlError) -> MigrationStatus {
-        throw .notImplemented(Self.message)
-    }
-
-    public func cancel(vm id: String) async throws(ControlError) -> MigrationStatus {
-        throw .notImplemented(Self.message)
-    }
-
-    public func metrics() async -> String { "" }
-}
-
 /// What the incoming side hands to the daemon: a VM that arrived, passed the digest check and runs.
 public struct IncomingVM: Sendable {
     public let machine: MicroVM
@@ -94,20 +73,4 @@ public protocol IncomingMigrationListener: Sendable {
 
     /// Stops listening and cancels migrations still arriving (their sources resume).
     func stop()
-}
-
-/// Refuses to start, so that a configured listen address is reported as not served rather than silently ignored.
-public struct UnimplementedIncomingListener: IncomingMigrationListener {
-    public init() {}
-
-    public struct NotImplemented: Error, CustomStringConvertible {
-        public let description = "incoming migrations are not built into this daemon yet"
-    }
-
-    public func start(_ settings: IncomingMigrationSettings,
-                      adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws {
-        throw NotImplemented()
-    }
-
-    public func stop() {}
 }

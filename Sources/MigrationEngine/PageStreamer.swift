@@ -159,7 +159,8 @@ final class PageStreamer {
         guard let limit = bytesPerSecondLimit else { return }
         sentSince.bytes += bytes
         let ahead = Double(sentSince.bytes) / limit - (monotonicSeconds() - sentSince.start)
-        if ahead > 0.001 { Thread.sleep(forTimeInterval: ahead) }
+        // At most a second at a time: the batch loop checks for cancellation between sleeps.
+        if ahead > 0.001 { Thread.sleep(forTimeInterval: min(ahead, 1)) }
     }
 }
 

@@ -54,17 +54,10 @@ final class DaemonKVMTests: KVMTestCase {
             XCTAssertTrue(metrics.contains("migrated_guest_memory_bytes 134217728\n"), metrics)
             XCTAssertTrue(metrics.contains("migrated_vms_started_total 1\n"), metrics)
 
-            // The migration endpoints exist and say plainly that the engine is not wired in yet.
-            var (code, error) = try await daemon.failure("POST", "/vms/stress-1/migrate",
-                body: #"{"peer": "127.0.0.1:7070", "security": "plaintext", "channels": 2, "compression": "zstd"}"#)
-            XCTAssertEqual(code, 501)
-            XCTAssertEqual(error.error, "not_implemented")
-            XCTAssertTrue(error.message.contains("migration"), error.message)
-            (code, error) = try await daemon.failure("GET", "/vms/stress-1/migration")
-            XCTAssertEqual(code, 501)
-            (code, error) = try await daemon.failure("POST", "/vms/stress-1/migration/cancel")
-            XCTAssertEqual(code, 501)
-            // What the daemon can judge itself comes first.
+            // No migration yet; and what the daemon can judge itself it refuses before the engine sees it.
+            var (code, error) = try await daemon.failure("GET", "/vms/stress-1/migration")
+            XCTAssertEqual(code, 404)
+            XCTAssertEqual(error.error, "no_migration")
             (code, error) = try await daemon.failure("POST", "/vms/stress-1/migrate", body: #"{"peer": "127.0.0.1:7070"}"#)
             XCTAssertEqual(code, 409)
             XCTAssertEqual(error.error, "tls_not_configured")

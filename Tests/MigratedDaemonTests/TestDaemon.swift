@@ -12,7 +12,7 @@ final class TestDaemon {
     let client: ControlClient
     private var task: Task<Void, any Error>?
 
-    init(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: any MigrationService = UnimplementedMigrationService(),
+    init(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: (any MigrationService)? = nil,
          incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil) {
         directory = NSTemporaryDirectory() + "migrated-test-" + String(UUID().uuidString.prefix(8))
         socketPath = directory + "/control.sock"
@@ -20,7 +20,7 @@ final class TestDaemon {
         logger.logLevel = .error
         daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20, tls: tls,
                                                               incoming: incoming?.0),
-                        logger: logger, migrations: migrations, incoming: incoming?.1 ?? UnimplementedIncomingListener())
+                        logger: logger, migrations: migrations, incoming: incoming?.1)
         client = ControlClient(socketPath: socketPath)
     }
 
@@ -50,7 +50,7 @@ final class TestDaemon {
 }
 
 /// Runs `body` against a fresh daemon, and shuts the daemon down whatever happens.
-func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: any MigrationService = UnimplementedMigrationService(),
+func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: (any MigrationService)? = nil,
                 incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil,
                 _ body: (TestDaemon) async throws -> Void) async throws {
     let daemon = TestDaemon(memoryBudgetMiB: memoryBudgetMiB, tls: tls, migrations: migrations, incoming: incoming)

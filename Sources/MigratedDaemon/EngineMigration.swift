@@ -1,0 +1,311 @@
+import Foundation
+import KVMMigration
+import Logging
+import MicroVM
+import MigratedAPI
+import MigrationEngine
+import MigrationNetwork
+import MigrationWire
+import Transport
+
+// The migration engine behind the daemon's seam (MigrationSeam.swift): outgoing migrations through
+// `MigrationSender`, incoming ones through `MigrationReceiver`, both over `MigrationNetwork` channels.
+
+/// The device-state component in which a daemon sends a VM's configuration along with its state, so that
+/// the receiving daemon adopts it under the same id, image and command line.
+enum DaemonComponent {
+    static let vmConfiguration = DeviceComponent.vmmPrivateBase + 1
+    static let version: UInt32 = 1
+}
+
+/// Outgoing live migrations, one per VM at a time, each on a thread of its own.
+public final class EngineMigrationService: MigrationService, @unchecked Sendable {
+    private let logger: Logger
+    private let lock = NSLock()
+    private var migrations: [String: Migration] = [:]
+    private var started = 0, succeeded = 0, failed = 0
+    private var bytesSent: UInt64 = 0
+
+    public init(logger: Logger) { self.logger = logger }
+
+    /// One migration's sender and where it stands.
+    final class Migration: @unchecked Sendable {
+        let sender: MigrationSender
+        private let lock = NSLock()
+        private var current: MigrationStatus
+
+        init(sender: MigrationSender, status: MigrationStatus) {
+            self.sender = sender
+            current = status
+        }
+
+        var status: MigrationStatus { lock.withLock { current } }
+        func update(_ change: (inout MigrationStatus) -> Void) { lock.withLock { change(&current) } }
+    }
+
+    public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
+        guard let peer = PeerAddress(request.peer) else { throw .badRequest("peer '\(request.peer)' is not an address") }
+        let endpoint: Endpoint = switch peer {
+        case .tcp(let host, let port): .tcp(host: host, port: port)
+        case .unix(let path): .unix(path: path)
+        }
+        let security: Security
+        switch request.security {
+        case .plaintext: security = .plaintext
+        case .tls:
+            guard let tls = vm.tls else { throw .unprocessable("tls_not_configured", "this daemon has no TLS identity; configure one or ask for plaintext") }
+            security = .tls(TLSConfiguration(caFile: tls.ca, certificateFile: tls.certificate, keyFile: tls.key, allowedPeerNames: tls.allowedPeers))
+        }
+        var options = MigrationOptions()
+        options.channels = request.channels
+        options.compression = MigrationOptions.Compression(rawValue: request.compression.rawValue) ?? .lz4
+        options.downtimeLimit = Double(request.downtimeLimitMs) / 1000
+        options.bandwidthLimit = request.bandwidthLimitBytesPerSecond.map { Double($0) }
+        options.autoConverge = request.autoConverge
+
+        let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
+        let sender = MigrationSender(source: source, options: options) { _ in
+            try MigrationNetwork.connect(to: endpoint, security: security)
+        }
+        let migration = Migration(sender: sender, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup))
+        let busyWith: String? = lock.withLock {
+            if let running = migrations[vm.id], !running.status.phase.isFinal { return running.status.peer }
+            migrations[vm.id] = migration
+            started += 1
+            return nil
+        }
+        if let busyWith { throw .conflict("migration_in_progress", "VM '\(vm.id)' is already migrating to \(busyWith)") }
+        sender.onProgress = { progress in migration.update { $0.apply(progress) } }
+        let logger = self.logger
+        logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)"])
+        let thread = Thread { [self] in
+            let report = sender.run()
+            migration.update { $0.finish(report, compression: request.compression) }
+            lock.withLock {
+                if report.succeeded { succeeded += 1 } else { failed += 1 }
+                bytesSent += UInt64(report.wireBytes)
+            }
+            if report.succeeded {
+                logger.info("migration completed", metadata: ["vm": "\(vm.id)", "downtime_ms": "\((report.downtimeSeconds ?? 0) * 1000)"])
+                vm.handOff(request.peer)
+            } else {
+                logger.warning("migration failed; the VM runs here as before", metadata: ["vm": "\(vm.id)", "error": "\(report.error ?? "")"])
+            }
+        }
+        thread.name = "migrate-\(vm.id)"
+        thread.start()
+        return migration.status
+    }
+
+    public func status(ofVM id: String) async throws(ControlError) -> MigrationStatus {
+        guard let migration = lock.withLock({ migrations[id] }) else { throw Self.noMigration(id) }
+        return migration.status
+    }
+
+    public func cancel(vm id: String) async throws(ControlError) -> MigrationStatus {
+        guard let migration = lock.withLock({ migrations[id] }) else { throw Self.noMigration(id) }
+        migration.sender.cancel()
+        return migration.status
+    }
+
+    public func metrics() async -> String {
+        let (started, succeeded, failed, bytes, active) = counters()
+        return """
+        # HELP migrated_migrations_started_total Outgoing live migrations started.
+        # TYPE migrated_migrations_started_total counter
+        migrated_migrations_started_total \(started)
+        # HELP migrated_migrations_completed_total Outgoing live migrations by outcome.
+        # TYPE migrated_migrations_completed_total counter
+        migrated_migrations_completed_total{outcome="succeeded"} \(succeeded)
+        migrated_migrations_completed_total{outcome="failed"} \(failed)
+        # HELP migrated_migrations_active Outgoing live migrations in progress.
+        # TYPE migrated_migrations_active gauge
+        migrated_migrations_active \(active)
+        # HELP migrated_migration_wire_bytes_total Bytes sent on the wire by finished outgoing migrations.
+        # TYPE migrated_migration_wire_bytes_total counter
+        migrated_migration_wire_bytes_total \(bytes)
+
+        """
+    }
+
+    private func counters() -> (started: Int, succeeded: Int, failed: Int, bytes: UInt64, active: Int) {
+        lock.withLock {
+            (started, succeeded, failed, bytesSent, migrations.values.filter { !$0.status.phase.isFinal }.count)
+        }
+    }
+
+    static func noMigration(_ id: String) -> ControlError {
+        ControlError(404, "no_migration", "VM '\(id)' has not been migrated from this daemon")
+    }
+}
+
+extension MigrationStatus {
+    /// Takes in the engine's progress report.
+    mutating func apply(_ progress: MigrationProgress) {
+        phase = MigrationPhase(rawValue: progress.phase.rawValue) ?? phase
+        pass = progress.pass
+        percent = progress.pagesTotal > 0 ? 100 * Double(progress.pagesDone) / Double(progress.pagesTotal) : percent
+        bytesOnWire = UInt64(progress.bytesOnWire)
+        rateBytesPerSecond = progress.bandwidth
+        dirtyRateBytesPerSecond = progress.dirtyRate
+        expectedDowntimeMs = progress.expectedDowntime.isFinite ? progress.expectedDowntime * 1000 : 0
+        throttle = progress.throttle
+        elapsedSeconds = progress.elapsed
+        // The rest of this pass at the measured rate; later passes are small when the guest converges.
+        let remaining = Double(max(progress.pagesTotal - progress.pagesDone, 0)) * 4096
+        etaSeconds = progress.bandwidth > 0 && progress.phase == .precopy ? remaining / progress.bandwidth : nil
+    }
+
+    mutating func finish(_ report: MigrationReport, compression: MigrationCompression) {
+        phase = report.succeeded ? .completed : (report.error == "\(MigrationError.cancelled)" ? .cancelled : .failed)
+        if report.succeeded { percent = 100 }
+        etaSeconds = nil
+        elapsedSeconds = report.totalSeconds
+        bytesOnWire = UInt64(report.wireBytes)
+        self.report = MigrationReportDocument(
+            succeeded: report.succeeded, error: report.error, totalSeconds: report.totalSeconds,
+            setupSeconds: report.setupSeconds, downtimeMs: report.downtimeSeconds.map { $0 * 1000 },
+            wireBytes: UInt64(report.wireBytes), pagesSent: UInt64(report.pagesSent), compression: compression,
+            channels: report.channels,
+            passes: report.passes.map { pass in
+                MigrationReportDocument.Pass(
+                    pass: pass.pass, pagesSent: UInt64(pass.pagesSent), zeroPages: UInt64(pass.zeroPages),
+                    compressedPages: UInt64(pass.compressedPages), wireBytes: UInt64(pass.wireBytes), seconds: pass.seconds,
+                    dirtyRateBytesPerSecond: pass.dirtyRate, rateBytesPerSecond: pass.bandwidth,
+                    expectedDowntimeMs: pass.expectedDowntime.isFinite ? pass.expectedDowntime * 1000 : 0, throttle: pass.throttle)
+            })
+    }
+}
+
+/// A MicroVM source whose device state also carries the daemon's configuration of the VM.
+final class ConfiguredGuestSource: GuestSource {
+    private let base: MicroVMGuestSource
+    private let configuration: VMCreateRequest
+
+    init(_ base: MicroVMGuestSource, configuration: VMCreateRequest) {
+        self.base = base
+        self.configuration = configuration
+    }
+
+    var layout: GuestMemoryLayout { base.layout }
+    func page(frame: UInt64) -> UnsafeRawPointer { base.page(frame: frame) }
+    func forEachPopulatedFrame(_ visit: (UInt64) -> Void) throws { try base.forEachPopulatedFrame(visit) }
+    func startDirtyTracking() throws { try base.startDirtyTracking() }
+    func harvestDirtyFrames(_ visit: (UInt64) -> Void) throws { try base.harvestDirtyFrames(visit) }
+    func stopDirtyTracking() throws { try base.stopDirtyTracking() }
+    func pause() throws { try base.pause() }
+    func resume() { base.resume() }
+    func setThrottle(_ fraction: Double) { base.setThrottle(fraction) }
+
+    func captureDeviceState() throws -> [DeviceState] {
+        let json = try APIJSON.encode(configuration)
+        return try base.captureDeviceState() + [DeviceState(componentID: DaemonComponent.vmConfiguration, instance: 0,
+                                                            componentVersion: DaemonComponent.version, blob: ByteSlice(json))]
+    }
+}
+
+/// A MicroVM sink that also reads the daemon's configuration of the VM from its device state.
+final class ConfiguredGuestSink: GuestSink {
+    let base: MicroVMGuestSink
+    private(set) var configuration: VMCreateRequest?
+
+    init(_ base: MicroVMGuestSink) { self.base = base }
+
+    func prepare(layout: GuestMemoryLayout) throws { try base.prepare(layout: layout) }
+    func page(frame: UInt64) -> UnsafeMutableRawPointer { base.page(frame: frame) }
+    func start() throws { try base.start() }
+    func discard() { base.discard() }
+
+    func restore(deviceState: [DeviceState]) throws {
+        let configurations = deviceState.filter { $0.componentID == DaemonComponent.vmConfiguration }
+        guard configurations.count == 1, configurations[0].componentVersion <= DaemonComponent.version else {
+            throw MicroVMError.invalidConfiguration("expected one VM configuration of version \(DaemonComponent.version) in the device state")
+        }
+        configuration = try APIJSON.decode(VMCreateRequest.self, from: Data(configurations[0].blob.bytes))
+        try base.restore(deviceState: deviceState)
+    }
+}
+
+/// Incoming live migrations: a listener on the configured address; each migration is received on a thread of
+/// its own and the VM adopted by the daemon once it runs.
+public final class EngineIncomingListener: IncomingMigrationListener, @unchecked Sendable {
+    private let logger: Logger
+    private let lock = NSLock()
+    private var listener: Listener?
+
+    public init(logger: Logger) { self.logger = logger }
+
+    /// Where the listener listens, with the port the kernel chose when port 0 was asked for.
+    public var address: PeerAddress? {
+        lock.withLock {
+            switch listener?.endpoint {
+            case .tcp(let host, let port)?: .tcp(host: host, port: port)
+            case .unix(let path)?: .unix(path: path)
+            case nil: nil
+            }
+        }
+    }
+
+    public func start(_ settings: IncomingMigrationSettings,
+                      adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws {
+        let endpoint: Endpoint = switch settings.address {
+        case .tcp(let host, let port): .tcp(host: host, port: port)
+        case .unix(let path): .unix(path: path)
+        }
+        let security: Security = switch settings.security {
+        case .plaintext: .plaintext
+        case .tls(let tls): .tls(TLSConfiguration(caFile: tls.ca, certificateFile: tls.certificate, keyFile: tls.key, allowedPeerNames: tls.allowedPeers))
+        }
+        let listener = try Listener(endpoint: endpoint, security: security)
+        lock.withLock { self.listener = listener }
+        logger.info("listening for migrations", metadata: ["address": "\(listener.endpoint)"])
+        let thread = Thread { [self] in acceptLoop(listener, adopt: adopt) }
+        thread.name = "migrate-listen"
+        thread.start()
+    }
+
+    public func stop() {
+        lock.withLock {
+            listener?.close()
+            listener = nil
+        }
+    }
+
+    /// One migration at a time is gathered (its channels announce how many there are); each is then received
+    /// on a thread of its own while the next is accepted.
+    private func acceptLoop(_ listener: Listener, adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
+        while lock.withLock({ self.listener === listener }) {
+            let channels: [MigrationChannel], peer: String
+            do {
+                (channels, peer) = try MigrationNetwork.accept(from: listener)
+            } catch {
+                if lock.withLock({ self.listener === listener }) {
+                    logger.warning("incoming migration refused", metadata: ["error": "\(error)"])
+                }
+                continue
+            }
+            let thread = Thread { [self] in receive(channels, from: peer, adopt: adopt) }
+            thread.name = "migrate-receive"
+            thread.start()
+        }
+    }
+
+    private func receive(_ channels: [MigrationChannel], from peer: String,
+                         adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
+        logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
+        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil)))
+        do {
+            let report = try MigrationReceiver(sink: sink, channels: channels).run()
+            guard let machine = sink.base.machine, let configuration = sink.configuration else { return }
+            do {
+                let id = try adopt(IncomingVM(machine: machine, configuration: configuration, peer: peer))
+                logger.info("migration received; VM runs here", metadata: ["vm": "\(id)", "peer": "\(peer)", "pages": "\(report.pagesWritten)"])
+            } catch {
+                // The guest runs and its source is gone: stopping it would lose it, so keep it and say so loudly.
+                logger.error("received VM runs but could not be registered", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            }
+        } catch {
+            logger.warning("incoming migration failed; nothing was started here", metadata: ["peer": "\(peer)", "error": "\(error)"])
+        }
+    }
+}

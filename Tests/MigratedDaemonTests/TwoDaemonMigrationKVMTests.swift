@@ -1,0 +1,158 @@
+import Foundation
+import Logging
+import MigratedAPI
+import MigratedDaemon
+import TestSupport
+import XCTest
+
+/// Two real daemons on this machine, each with its own control socket, TLS identity and migration listener on
+/// loopback: a guest moves from one to the other and back, driven by migratectl and the API.
+final class TwoDaemonMigrationKVMTests: KVMTestCase {
+    /// The issue's guest: 1 GiB of RAM, a 256 MiB working set written at 100 MiB/s.
+    static let guest = "workload=memstress size_mib=256 rate_mib=100 pattern=mixed"
+
+    /// A daemon that listens for migrations on 127.0.0.1 with `certificate`, accepting peers named `allowed`.
+    func makeDaemon(certificate: String, allowed: [String]) async throws -> (TestDaemon, EngineIncomingListener) {
+        let tls = TLSFiles(certificate: "\(TestCertificates.directory)/\(certificate).pem",
+                           key: "\(TestCertificates.directory)/\(certificate).key",
+                           ca: "\(TestCertificates.directory)/ca.pem", allowedPeers: allowed)
+        var logger = Logger(label: "incoming")
+        logger.logLevel = .error
+        let listener = EngineIncomingListener(logger: logger)
+        let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls))
+        let daemon = TestDaemon(memoryBudgetMiB: 4096, tls: tls, incoming: (settings, listener))
+        try await daemon.start()
+        return (daemon, listener)
+    }
+
+    /// Polls until VM `id` has printed a memstress status line after `ticks`; returns it.
+    func status(after ticks: UInt64, of id: String, on daemon: TestDaemon, timeout: TimeInterval = 20) async throws -> MemstressStatus? {
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        while Date() < deadline {
+            if let line = try? await daemon.client.vm(id).lastConsoleLine, let status = MemstressStatus(line), status.ticks > ticks {
+                XCTAssertTrue(status.verified, line)
+                return status
+            }
+            try await Task.sleep(nanoseconds: 100_000_000)
+        }
+        return nil
+    }
+
+    func testAGuestMovesOverMutualTLSAndBack() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        // Host A presents the client certificate and accepts the server's name; host B the other way round.
+        let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames)
+        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames)
+        do {
+            _ = try await a.client.createVM(VMCreateRequest(id: "mover", image: image, memoryMib: 1024, cmdline: Self.guest))
+            let before = try await XCTUnwrapAsync(await status(after: 0, of: "mover", on: a), "the guest runs on A")
+            let toB = try XCTUnwrap(bListener.address).description
+
+            // There: migratectl follows the migration, one line per update on a pipe, then the report.
+            let output = try await runMigratectl(socket: a.socketPath, [
+                "migrate", "mover", "--to", toB, "--channels", "2", "--compression", "lz4", "--interval", "0.1"])
+            XCTAssertEqual(output.status, 0, output.text)
+            XCTAssertTrue(output.text.contains("migrated mover to \(toB)"), output.text)
+            XCTAssertTrue(output.text.contains("lz4, 2 channels"), output.text)
+            let source = try await a.client.vm("mover")
+            XCTAssertEqual(source.state, .migrated, "the source VM is gone from A")
+            let onB = try await XCTUnwrapAsync(await status(after: before.ticks, of: "mover", on: b), "the guest carries on at B")
+            XCTAssertGreaterThanOrEqual(onB.generation, before.generation)
+            let report = try await a.client.migration("mover").report
+            XCTAssertEqual(report?.succeeded, true)
+            XCTAssertNotNil(report?.downtimeMs)
+            let metrics = try await a.client.metrics()
+            XCTAssertTrue(metrics.contains("migrated_migrations_completed_total{outcome=\"succeeded\"} 1\n"), metrics)
+
+            // And back, with zstd, through the API. "mover" is still a record on A, so it comes back renamed.
+            let toA = try XCTUnwrap(aListener.address).description
+            _ = try await b.client.migrate("mover", MigrationRequest(peer: toA, channels: 1, compression: .zstd))
+            let back = try await finalStatus(of: "mover", on: b)
+            XCTAssertEqual(back.phase, .completed, back.report?.error ?? "")
+            let returned = try await a.client.listVMs().filter { $0.state == .running }
+            XCTAssertEqual(returned.count, 1)
+            let home = try await XCTUnwrapAsync(await status(after: onB.ticks, of: returned[0].id, on: a), "the guest carries on at A")
+            XCTAssertGreaterThanOrEqual(home.generation, onB.generation)
+        } catch {
+            await a.stop()
+            await b.stop()
+            throw error
+        }
+        await a.stop()
+        await b.stop()
+    }
+
+    /// A migration the guest outpaces (a tiny bandwidth cap), cancelled from migratectl: the source keeps
+    /// running at A, throttle lifted, and nothing runs at B.
+    func testCancelledMigrationLeavesTheSourceRunning() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        let (a, _) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames)
+        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames)
+        do {
+            _ = try await a.client.createVM(VMCreateRequest(id: "stay", image: image, memoryMib: 128,
+                                                            cmdline: "workload=memstress size_mib=64 rate_mib=50 pattern=random"))
+            let before = try await XCTUnwrapAsync(await status(after: 0, of: "stay", on: a), "the guest runs on A")
+            let started = try await a.client.migrate("stay", MigrationRequest(
+                peer: try XCTUnwrap(bListener.address).description, bandwidthLimitBytesPerSecond: 4 << 20))
+            XCTAssertEqual(started.vm, "stay")
+            let (status409, busy) = try await a.failure("POST", "/vms/stay/migrate",
+                body: #"{"peer": "127.0.0.1:1", "security": "plaintext"}"#)
+            XCTAssertEqual(status409, 409)
+            XCTAssertEqual(busy.error, "migration_in_progress")
+            try await Task.sleep(nanoseconds: 500_000_000)
+            let output = try await runMigratectl(socket: a.socketPath, ["migration", "cancel", "stay"])
+            XCTAssertEqual(output.status, 0, output.text)
+            let last = try await finalStatus(of: "stay", on: a)
+            XCTAssertEqual(last.phase, .cancelled)
+            let source = try await a.client.vm("stay")
+            XCTAssertEqual(source.state, .running)
+            let later = await (try? status(after: before.ticks + 100, of: "stay", on: a)) ?? nil
+            XCTAssertNotNil(later, "the source carries on")
+            let atB = try await b.client.listVMs()
+            XCTAssertEqual(atB, [], "nothing was started at B")
+        } catch {
+            await a.stop()
+            await b.stop()
+            throw error
+        }
+        await a.stop()
+        await b.stop()
+    }
+
+    /// Polls a migration until it has ended, for at most a minute.
+    func finalStatus(of id: String, on daemon: TestDaemon) async throws -> MigrationStatus {
+        let deadline = Date(timeIntervalSinceNow: 60)
+        var status = try await daemon.client.migration(id)
+        while !status.phase.isFinal, Date() < deadline {
+            try await Task.sleep(nanoseconds: 100_000_000)
+            status = try await daemon.client.migration(id)
+        }
+        return status
+    }
+
+    struct Output { var status: Int32; var text: String }
+
+    func runMigratectl(socket: String, _ arguments: [String]) async throws -> Output {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("migratectl")
+        process.arguments = arguments + ["--socket", socket]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        // Read on a Dispatch thread: the daemons answering migratectl run on this process's cooperative pool.
+        let data = await withCheckedContinuation { continuation in
+            DispatchQueue.global().async {
+                let data = pipe.fileHandleForReading.readDataToEndOfFile()
+                process.waitUntilExit()
+                continuation.resume(returning: data)
+            }
+        }
+        return Output(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
+    }
+}
+
+/// XCTUnwrap for a value an async call produced.
+func XCTUnwrapAsync<T>(_ value: T?, _ message: String, file: StaticString = #filePath, line: UInt = #line) throws -> T {
+    try XCTUnwrap(value, message, file: file, line: line)
+}

@@ -153,8 +153,10 @@ public final class MigrationSender: @unchecked Sendable {
         phase.paused = true
         report(.switchover, pass: Int(finalPass), total: 0)
         try writers[0].send { encoder, out in encoder.encodeSwitchover(Switchover(finalPass: finalPass), into: &out) }
-        var last = frames
-        try guest { try source.harvestDirtyFrames { last[channelIndex(of: $0, channels: channels.count)].append($0) } }
+        // What the last pre-copy harvest found, plus what the guest dirtied since; a page in both goes once.
+        var lastSets = frames.map { Set($0) }
+        try guest { try source.harvestDirtyFrames { lastSets[channelIndex(of: $0, channels: channels.count)].insert($0) } }
+        let last = lastSets.map { $0.sorted() }
         let counts = try sendPass(last, pass: finalPass, streamers: streamers)
         let final = measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle)
         history.append(final)

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "ckvm.h"
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -21,3 +22,10 @@ int ckvm_install_kick_handler(int signo) {
 
 int ckvm_sigrtmin(void) { return SIGRTMIN; }
 int ckvm_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+
+int ckvm_unblock_signal(int signo) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}

@@ -47,6 +47,9 @@ final class VCPUController: @unchecked Sendable {
     }
 
     private func loop(index: Int, vcpu: KVMVCPU, step: (KVMVCPU) -> Bool) {
+        // Without this a vCPU started from a Dispatch thread (which blocks all signals) could not be kicked out
+        // of KVM_RUN: pause and throttle would wait for the guest's next exit.
+        precondition(ckvm_unblock_signal(Self.kickSignal) == 0, "cannot unblock the vCPU kick signal")
         condition.lock()
         threads[index] = pthread_self()
         condition.unlock()

@@ -86,4 +86,25 @@ final class MemstressKVMTests: KVMTestCase {
         let (machine, _) = try boot("workload=memstress size_mib=512", memory: 64 << 20)
         XCTAssertEqual(machine.waitForStop(timeout: 10), .guestExit(GuestExitCode.badCommandLine.rawValue))
     }
+
+    /// A VM started from a Dispatch worker thread (which blocks every signal, and whose mask new threads inherit)
+    /// still pauses at once: its idle vCPU sits in an in-kernel HLT and leaves KVM_RUN only when kicked.
+    func testVMStartedFromDispatchPausesPromptly() throws {
+        let console = SerialConsole(output: nil)
+        let machine = try MicroVM(booting: try TestGuest.image(), commandLine: "workload=memstress size_mib=4 rate_mib=0",
+                                  configuration: MicroVMConfiguration(memorySize: 64 << 20, console: console))
+        let started = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            machine.start()
+            started.signal()
+        }
+        started.wait()
+        XCTAssertNotNil(console.waitForLine(timeout: 10) { $0.contains("verify=ok") })
+        for _ in 0 ..< 5 {
+            XCTAssertNoThrow(try machine.pause(timeout: 0.2))
+            machine.resume()
+            usleep(50_000)
+        }
+        machine.stop()
+    }
 }

@@ -130,3 +130,7 @@ static const uint32_t CKVM_DIRTY_GFN_F_DIRTY = KVM_DIRTY_GFN_F_DIRTY;
 static const uint32_t CKVM_DIRTY_GFN_F_RESET = KVM_DIRTY_GFN_F_RESET;
 static const int CKVM_SEEK_DATA = 3; // SEEK_DATA from <unistd.h> with _GNU_SOURCE
 static const int CKVM_SEEK_HOLE = 4; // SEEK_HOLE
+
+// Unblocks `signo` for the calling thread. Threads inherit the signal mask of their creator, and some creators
+// (Dispatch's worker threads) block every signal; a vCPU thread must receive its kick signal whoever made it.
+int ckvm_unblock_signal(int signo);

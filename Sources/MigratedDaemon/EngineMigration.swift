@@ -151,9 +151,8 @@ extension MigrationStatus {
         expectedDowntimeMs = progress.expectedDowntime.isFinite ? progress.expectedDowntime * 1000 : 0
         throttle = progress.throttle
         elapsedSeconds = progress.elapsed
-        // The rest of this pass at the measured rate; later passes are small when the guest converges.
-        let remaining = Double(max(progress.pagesTotal - progress.pagesDone, 0)) * 4096
-        etaSeconds = progress.bandwidth > 0 && progress.phase == .precopy ? remaining / progress.bandwidth : nil
+        // The rest of this pass at its pace so far; later passes are small when the guest converges.
+        etaSeconds = progress.passSecondsLeft
     }
 
     mutating func finish(_ report: MigrationReport, compression: MigrationCompression) {

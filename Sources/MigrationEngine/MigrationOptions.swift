@@ -64,6 +64,8 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
     public var expectedDowntime: Double
     public var throttle: Double
     public var elapsed: Double
+    /// Seconds left in the current pass at its pace so far; nil between passes.
+    public var passSecondsLeft: Double?
 }
 
 /// The final account of a migration, as JSON for scripts.

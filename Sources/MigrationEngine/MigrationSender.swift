@@ -31,6 +31,8 @@ public final class MigrationSender: @unchecked Sendable {
 
     private let cancelled = Atomic<Bool>(false)
     private let pagesDone = ProgressCounter()
+    private let bytesInPass = ProgressCounter()
+    private var passStartedAt = monotonicSeconds()
     private var history: [PassStatistics] = []
     private var started = monotonicSeconds()
     private var wireBytes = 0
@@ -215,13 +217,15 @@ public final class MigrationSender: @unchecked Sendable {
     private func sendPass(_ frames: [[UInt64]], pass: UInt32, streamers: [PageStreamer]) throws -> PageStreamer.Counts {
         let total = frames.reduce(0) { $0 + $1.count }
         pagesDone.reset()
+        bytesInPass.reset()
+        passStartedAt = monotonicSeconds()
         let results = PassResults(count: streamers.count)
         let group = DispatchGroup()
         for (index, streamer) in streamers.enumerated() {
             group.enter()
             let thread = Thread { [self] in
                 let result = Result {
-                    try streamer.send(frames: frames[index], pass: pass, skipZero: pass == 0, progress: pagesDone) { isCancelled }
+                    try streamer.send(frames: frames[index], pass: pass, skipZero: pass == 0, progress: pagesDone, wireProgress: bytesInPass) { isCancelled }
                 }
                 if case .failure = result {
                     // A failed channel must not leave the others blocked on a peer that stopped reading.
@@ -271,11 +275,17 @@ public final class MigrationSender: @unchecked Sendable {
     private func report(_ phase: MigrationProgress.Phase, pass: Int, total: Int) {
         guard let onProgress else { return }
         let last = history.last
+        // While pages flow, the rate of this pass so far; between passes, the last pass's.
+        let inPass = phase == .precopy ? bytesInPass.count : 0
+        let passSeconds = monotonicSeconds() - passStartedAt
+        let rate = inPass > 0 && passSeconds > 0.05 ? Double(inPass) / passSeconds : last?.bandwidth ?? 0
+        let done = pagesDone.count
+        let secondsLeft = phase == .precopy && done > 0 && passSeconds > 0.05 ? Double(max(total - done, 0)) * passSeconds / Double(done) : nil
         onProgress(MigrationProgress(
             phase: phase, pass: pass, pagesDone: phase == .precopy ? pagesDone.count : total, pagesTotal: total,
-            bytesOnWire: wireBytes, bandwidth: last?.bandwidth ?? 0, dirtyRate: last?.dirtyRate ?? 0,
+            bytesOnWire: wireBytes + inPass, bandwidth: rate, dirtyRate: last?.dirtyRate ?? 0,
             expectedDowntime: last?.expectedDowntime ?? 0, throttle: last?.throttle ?? 0,
-            elapsed: monotonicSeconds() - started))
+            elapsed: monotonicSeconds() - started, passSecondsLeft: secondsLeft))
     }
 
     /// Before commit: tell the receiver why (if the channel still works), lift the throttle, stop tracking,

@@ -64,7 +64,7 @@ final class PageStreamer {
 
     /// Sends `frames` as pages of pass `pass`. In pass 0 zero pages are skipped: the receiver's memory starts
     /// zeroed. Later passes send them (as zero pages), because they held data before.
-    func send(frames: [UInt64], pass: UInt32, skipZero: Bool, progress: ProgressCounter,
+    func send(frames: [UInt64], pass: UInt32, skipZero: Bool, progress: ProgressCounter, wireProgress: ProgressCounter,
               isCancelled: () -> Bool) throws -> Counts {
         var counts = Counts()
         var pages: [PageSource] = []
@@ -108,7 +108,11 @@ final class PageStreamer {
                 adaptive.record(codec, input: compressedInput, output: compressedOutput, seconds: monotonicSeconds() - compressStart)
             }
             counts.pages += batch.count
-            if !pages.isEmpty { counts.wireBytes += try sendBatch(pages, pass: pass) }
+            if !pages.isEmpty {
+                let sent = try sendBatch(pages, pass: pass)
+                counts.wireBytes += sent
+                wireProgress.add(sent)
+            }
             progress.add(batch.count)
         }
         return counts
@@ -164,7 +168,7 @@ final class PageStreamer {
     }
 }
 
-/// Pages done in the current pass, counted by the channel threads and read by progress reports.
+/// Pages (or wire bytes) done in the current pass, counted by the channel threads and read by progress reports.
 final class ProgressCounter: Sendable {
     private let value = Atomic<Int>(0)
     func add(_ count: Int) { value.add(count, ordering: .relaxed) }

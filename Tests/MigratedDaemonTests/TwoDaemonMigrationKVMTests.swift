@@ -99,7 +99,12 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
                 body: #"{"peer": "127.0.0.1:1", "security": "plaintext"}"#)
             XCTAssertEqual(status409, 409)
             XCTAssertEqual(busy.error, "migration_in_progress")
-            try await Task.sleep(nanoseconds: 500_000_000)
+            try await Task.sleep(nanoseconds: 1_000_000_000)
+            // Mid-pass progress: the pass's own rate so far, and how long the rest of it will take.
+            let running = try await a.client.migration("stay")
+            XCTAssertEqual(running.phase, .precopy)
+            XCTAssertGreaterThan(running.rateBytesPerSecond, 0)
+            XCTAssertNotNil(running.etaSeconds)
             let output = try await runMigratectl(socket: a.socketPath, ["migration", "cancel", "stay"])
             XCTAssertEqual(output.status, 0, output.text)
             let last = try await finalStatus(of: "stay", on: a)

@@ -38,12 +38,26 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         return nil
     }
 
-    func testAGuestMovesOverMutualTLSAndBack() async throws {
-        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
-        // Host A presents the client certificate and accepts the server's name; host B the other way round.
+    /// Runs `body` with host A and host B, and shuts both down whatever happens. Host A presents the client
+    /// certificate and accepts the server's name; host B the other way round.
+    func withTwoDaemons(_ body: (_ a: TestDaemon, _ aListener: EngineIncomingListener,
+                                 _ b: TestDaemon, _ bListener: EngineIncomingListener) async throws -> Void) async throws {
         let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames)
         let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames)
         do {
+            try await body(a, aListener, b, bListener)
+        } catch {
+            await a.stop()
+            await b.stop()
+            throw error
+        }
+        await a.stop()
+        await b.stop()
+    }
+
+    func testAGuestMovesOverMutualTLSAndBack() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        try await withTwoDaemons { a, aListener, b, bListener in
             _ = try await a.client.createVM(VMCreateRequest(id: "mover", image: image, memoryMib: 1024, cmdline: Self.guest))
             let before = try await XCTUnwrapAsync(await status(after: 0, of: "mover", on: a), "the guest runs on A")
             let toB = try XCTUnwrap(bListener.address).description
@@ -73,22 +87,14 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertEqual(returned.count, 1)
             let home = try await XCTUnwrapAsync(await status(after: onB.ticks, of: returned[0].id, on: a), "the guest carries on at A")
             XCTAssertGreaterThanOrEqual(home.generation, onB.generation)
-        } catch {
-            await a.stop()
-            await b.stop()
-            throw error
         }
-        await a.stop()
-        await b.stop()
     }
 
     /// A migration the guest outpaces (a tiny bandwidth cap), cancelled from migratectl: the source keeps
     /// running at A, throttle lifted, and nothing runs at B.
     func testCancelledMigrationLeavesTheSourceRunning() async throws {
         let image = try { _ = try TestGuest.image(); return TestGuest.path }()
-        let (a, _) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames)
-        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames)
-        do {
+        try await withTwoDaemons { a, _, b, bListener in
             _ = try await a.client.createVM(VMCreateRequest(id: "stay", image: image, memoryMib: 128,
                                                             cmdline: "workload=memstress size_mib=64 rate_mib=50 pattern=random"))
             let before = try await XCTUnwrapAsync(await status(after: 0, of: "stay", on: a), "the guest runs on A")
@@ -115,13 +121,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertNotNil(later, "the source carries on")
             let atB = try await b.client.listVMs()
             XCTAssertEqual(atB, [], "nothing was started at B")
-        } catch {
-            await a.stop()
-            await b.stop()
-            throw error
         }
-        await a.stop()
-        await b.stop()
     }
 
     /// Polls a migration until it has ended, for at most a minute.

@@ -30,18 +30,24 @@ final class NetworkMigrationKVMTests: MigrationTestCase {
         return (report, result.error, sink)
     }
 
+    /// The migration succeeded, the destination guest verifies its memory; both VMs are then stopped.
+    func assertMoved(_ report: MigrationReport, _ receiverError: Error?, _ sink: MicroVMGuestSink, from source: MicroVM,
+                     file: StaticString = #filePath, line: UInt = #line) throws {
+        XCTAssertTrue(report.succeeded, report.error ?? "", file: file, line: line)
+        XCTAssertNil(receiverError, file: file, line: line)
+        let destination = try XCTUnwrap(sink.machine, file: file, line: line)
+        XCTAssertEqual(statuses(destination.console, after: 0, count: 1).count, 1, file: file, line: line)
+        destination.stop()
+        source.stop()
+    }
+
     func testPlainTCPWhenAskedForByName() throws {
         let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=100")
         let listener = try Listener(endpoint: .tcp(host: "127.0.0.1", port: 0), security: .plaintext)
         var options = MigrationOptions()
         options.channels = 2
         let (report, receiverError, sink) = migrateOverNetwork(source, listener: listener, security: .plaintext, options: options)
-        XCTAssertTrue(report.succeeded, report.error ?? "")
-        XCTAssertNil(receiverError)
-        let destination = try XCTUnwrap(sink.machine)
-        XCTAssertEqual(statuses(destination.console, after: 0, count: 1).count, 1)
-        destination.stop()
-        source.stop()
+        try assertMoved(report, receiverError, sink, from: source)
     }
 
     func testMutualTLSWithLz4OnTwoChannels() throws {
@@ -51,12 +57,7 @@ final class NetworkMigrationKVMTests: MigrationTestCase {
         options.channels = 2
         options.compression = .lz4
         let (report, receiverError, sink) = migrateOverNetwork(source, listener: listener, security: TestCertificates.client(), options: options)
-        XCTAssertTrue(report.succeeded, report.error ?? "")
-        XCTAssertNil(receiverError)
-        let destination = try XCTUnwrap(sink.machine)
-        XCTAssertEqual(statuses(destination.console, after: 0, count: 1).count, 1)
-        destination.stop()
-        source.stop()
+        try assertMoved(report, receiverError, sink, from: source)
     }
 
     /// A client whose certificate comes from a CA the receiver does not trust never gets to send a page:

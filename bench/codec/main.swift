@@ -270,41 +270,33 @@ for (name, image) in images {
         }
         streamEncoder.encodeEnd(End(digestAlgorithm: 0, digest: []), into: &wire)
     }
-    // Encode speed of the framing alone (prefix + copy + CRC), on raw pages of this image.
-    let rawSeconds = image.withUnsafeBytes { b -> Double in
-        var out = [UInt8](repeating: 0, count: StreamEncoder.batchLength(pageCount: 256, payloadLength: 256 * pageSize))
-        var enc = StreamEncoder(header: StreamHeader(), checksum: FastCRC32C.function)
-        return out.withUnsafeMutableBytes { o in
-            var sources = [PageSource]()
-            sources.reserveCapacity(256)
-            return time {
-                for first in stride(from: 0, to: pageCount, by: 256) {
-                    sources.removeAll(keepingCapacity: true)
-                    for p in first ..< min(first + 256, pageCount) {
-                        sources.append(PageSource(frame: UInt64(p), encoding: .raw, bytes: UnsafeRawBufferPointer(rebasing: b[(p * pageSize) ..< (p * pageSize + pageSize)])))
+    /// Times `encode` over every 256-page batch of this image's pages, described as raw page sources.
+    func timeBatches(outputLength: Int, _ encode: (inout StreamEncoder, [PageSource], UnsafeMutableRawBufferPointer) -> Void) -> Double {
+        image.withUnsafeBytes { b -> Double in
+            var out = [UInt8](repeating: 0, count: outputLength)
+            var enc = StreamEncoder(header: StreamHeader(), checksum: FastCRC32C.function)
+            return out.withUnsafeMutableBytes { o in
+                var sources = [PageSource]()
+                sources.reserveCapacity(256)
+                return time {
+                    for first in stride(from: 0, to: pageCount, by: 256) {
+                        sources.removeAll(keepingCapacity: true)
+                        for p in first ..< min(first + 256, pageCount) {
+                            sources.append(PageSource(frame: UInt64(p), encoding: .raw, bytes: UnsafeRawBufferPointer(rebasing: b[(p * pageSize) ..< (p * pageSize + pageSize)])))
+                        }
+                        encode(&enc, sources, o)
                     }
-                    enc.encodePageBatch(pass: 0, pages: sources, into: o)
                 }
             }
         }
     }
+    // Encode speed of the framing alone (prefix + copy + CRC), on raw pages of this image.
+    let rawSeconds = timeBatches(outputLength: StreamEncoder.batchLength(pageCount: 256, payloadLength: 256 * pageSize)) {
+        $0.encodePageBatch(pass: 0, pages: $1, into: $2)
+    }
     // The writev path: only the prefix is written; page bytes stay where they are (CRC reads them).
-    let prefixSeconds = image.withUnsafeBytes { b -> Double in
-        var out = [UInt8](repeating: 0, count: StreamEncoder.batchPrefixLength(pageCount: 256))
-        var enc = StreamEncoder(header: StreamHeader(), checksum: FastCRC32C.function)
-        return out.withUnsafeMutableBytes { o in
-            var sources = [PageSource]()
-            sources.reserveCapacity(256)
-            return time {
-                for first in stride(from: 0, to: pageCount, by: 256) {
-                    sources.removeAll(keepingCapacity: true)
-                    for p in first ..< min(first + 256, pageCount) {
-                        sources.append(PageSource(frame: UInt64(p), encoding: .raw, bytes: UnsafeRawBufferPointer(rebasing: b[(p * pageSize) ..< (p * pageSize + pageSize)])))
-                    }
-                    enc.encodePageBatchPrefix(pass: 0, pages: sources, into: o)
-                }
-            }
-        }
+    let prefixSeconds = timeBatches(outputLength: StreamEncoder.batchPrefixLength(pageCount: 256)) {
+        $0.encodePageBatchPrefix(pass: 0, pages: $1, into: $2)
     }
     let decodeSeconds = time {
         let d = StreamDecoder(checksum: FastCRC32C.function)

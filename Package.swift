@@ -49,7 +49,7 @@ let package = Package(
         .executableTarget(name: "CodecBench", dependencies: ["PageCodec", "MigrationWire"], path: "bench/codec"),
 
         .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
-        .executableTarget(name: "MigrationBench", dependencies: ["KVMMigration"], path: "bench/migration"),
+        .executableTarget(name: "MigrationBench", dependencies: ["KVMMigration", "MigrationNetwork", "Transport"], path: "bench/migration"),
 
         .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),

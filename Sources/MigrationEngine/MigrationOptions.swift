@@ -48,6 +48,8 @@ public struct PassStatistics: Sendable, Codable, Equatable {
     /// What the downtime would be if the guest were paused now.
     public var expectedDowntime: Double = 0
     public var throttle: Double = 0
+
+    public init(pass: Int) { self.pass = pass }
 }
 
 /// Where a running migration stands, for progress displays.
@@ -66,6 +68,21 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
     public var elapsed: Double
     /// Seconds left in the current pass at its pace so far; nil between passes.
     public var passSecondsLeft: Double?
+
+    public init(phase: Phase, pass: Int, pagesDone: Int, pagesTotal: Int, bytesOnWire: Int, bandwidth: Double, dirtyRate: Double,
+                expectedDowntime: Double, throttle: Double, elapsed: Double, passSecondsLeft: Double?) {
+        self.phase = phase
+        self.pass = pass
+        self.pagesDone = pagesDone
+        self.pagesTotal = pagesTotal
+        self.bytesOnWire = bytesOnWire
+        self.bandwidth = bandwidth
+        self.dirtyRate = dirtyRate
+        self.expectedDowntime = expectedDowntime
+        self.throttle = throttle
+        self.elapsed = elapsed
+        self.passSecondsLeft = passSecondsLeft
+    }
 }
 
 /// The final account of a migration, as JSON for scripts.

@@ -74,6 +74,14 @@ public final class DigestTracker {
         hashes = [PageHash](repeating: .zero, count: total)
     }
 
+    /// A tracker that starts where `other` stands and then goes its own way.
+    public init(copying other: DigestTracker) {
+        regions = other.regions
+        digest = other.digest
+        hashes = other.hashes
+        startIndex = other.startIndex
+    }
+
     public var frameCount: Int { hashes.count }
 
     private func index(of frame: UInt64) -> Int? {

@@ -29,3 +29,24 @@ int ckvm_unblock_signal(int signo) {
     sigaddset(&set, signo);
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
+
+// MARK: userfaultfd
+
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int ckvm_userfaultfd_open(void) {
+    int device = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (device >= 0) {
+        int fd = ioctl(device, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        close(device); // the new userfaultfd does not need the device open
+        if (fd >= 0) return fd;
+    }
+    return (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+}
+
+int ckvm_eventfd(unsigned int initval) { return eventfd(initval, EFD_CLOEXEC); }
+
+int ckvm_set_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }

@@ -134,3 +134,35 @@ static const int CKVM_SEEK_HOLE = 4; // SEEK_HOLE
 // Unblocks `signo` for the calling thread. Threads inherit the signal mask of their creator, and some creators
 // (Dispatch's worker threads) block every signal; a vCPU thread must receive its kick signal whoever made it.
 int ckvm_unblock_signal(int signo);
+
+// MARK: userfaultfd, for lazy restore of guest memory (LinuxSystem's UserFaultRegion)
+// As with KVM, the ioctl numbers are _IOWR()/_IOR() macros and the flags are casts or shifts Swift does not import.
+#include <linux/userfaultfd.h>
+
+static const unsigned long CKVM_USERFAULTFD_IOC_NEW = USERFAULTFD_IOC_NEW; // on /dev/userfaultfd
+static const unsigned long CKVM_UFFDIO_API = UFFDIO_API;
+static const unsigned long CKVM_UFFDIO_REGISTER = UFFDIO_REGISTER;
+static const unsigned long CKVM_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
+static const unsigned long CKVM_UFFDIO_COPY = UFFDIO_COPY;
+static const unsigned long CKVM_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
+static const unsigned long CKVM_UFFDIO_WAKE = UFFDIO_WAKE;
+
+static const uint64_t CKVM_UFFD_API = UFFD_API;
+static const uint64_t CKVM_UFFDIO_REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING;
+// Bits of uffdio_register.ioctls: the operations the kernel allows on the range just registered.
+static const uint64_t CKVM_UFFDIO_COPY_ALLOWED = 1ULL << _UFFDIO_COPY;
+static const uint64_t CKVM_UFFDIO_ZEROPAGE_ALLOWED = 1ULL << _UFFDIO_ZEROPAGE;
+static const uint8_t CKVM_UFFD_EVENT_PAGEFAULT = UFFD_EVENT_PAGEFAULT;
+
+// A new userfaultfd, non-blocking (poll() on a blocking one reports POLLERR) and close-on-exec.
+// Tries /dev/userfaultfd first (Linux 6.1+), whose access is a matter of file permissions, then the
+// userfaultfd system call, which vm.unprivileged_userfaultfd may refuse. Returns -1 with the system call's errno.
+int ckvm_userfaultfd_open(void);
+
+// struct uffd_msg keeps each event's data in an anonymous union of anonymous structs.
+static inline uint8_t ckvm_uffd_msg_event(const struct uffd_msg *msg) { return msg->event; }
+static inline uint64_t ckvm_uffd_msg_fault_address(const struct uffd_msg *msg) { return msg->arg.pagefault.address; }
+
+// Swift's Glibc module has neither <sys/eventfd.h> nor the _GNU_SOURCE pthread_setname_np().
+int ckvm_eventfd(unsigned int initval); // always close-on-exec, blocking
+int ckvm_set_thread_name(const char *name); // the calling thread's; at most 15 characters

@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "Transport", targets: ["Transport"]),
         .library(name: "MigrationEngine", targets: ["MigrationEngine"]),
         .library(name: "KVMMigration", targets: ["KVMMigration"]),
+        .library(name: "Snapshots", targets: ["Snapshots"]),
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
         .executable(name: "kvm-bench", targets: ["KVMBench"]),
         .executable(name: "migration-bench", targets: ["MigrationBench"]),
@@ -53,6 +54,7 @@ let package = Package(
 
         .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
+        .target(name: "Snapshots", dependencies: ["MigrationEngine", "MigrationWire", "PageCodec", "LinuxSystem"]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
         .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM"], path: "bench/xen"),
@@ -63,6 +65,7 @@ let package = Package(
         .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "MigrationNetwork", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshots", "KVMMigration", "MicroVM", "MigrationWire", "TestSupport"]),
         .testTarget(name: "XenAdapterTests", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "TestSupport"]),
         .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport"]),

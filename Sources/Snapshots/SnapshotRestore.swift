@@ -1,0 +1,216 @@
+import Foundation
+import LinuxSystem
+import MigrationEngine
+import MigrationWire
+import PageCodec
+import Synchronization
+
+/// What a restore measured.
+public struct RestoreReport: Sendable, Codable, Equatable {
+    public var lazy: Bool
+    public var dataPages: Int
+    public var bytesRead: Int
+    /// From the start of the restore until the guest may run (`sink.start()` may be called).
+    public var secondsToReady: Double
+    /// From the start of the restore until all of memory is in place (equals `secondsToReady` when eager).
+    public var secondsToResident: Double?
+    /// Pages a lazy restore served on demand, because the guest touched them before the prefetch got there.
+    public var faultsServed: Int
+
+    public init(lazy: Bool, dataPages: Int, bytesRead: Int, secondsToReady: Double, secondsToResident: Double?, faultsServed: Int) {
+        self.lazy = lazy
+        self.dataPages = dataPages
+        self.bytesRead = bytesRead
+        self.secondsToReady = secondsToReady
+        self.secondsToResident = secondsToResident
+        self.faultsServed = faultsServed
+    }
+}
+
+/// Eager restore: reads every page of a chain into a sink's memory, checking each page's CRC32C and the
+/// memory digest of the result, then restores the device state. The caller starts the sink.
+public enum SnapshotRestore {
+    /// Pages read per system call.
+    static let runPages = 256
+
+    public static func restore(_ chain: SnapshotChain, into sink: GuestSink,
+                               progress: ((_ done: Int, _ total: Int) -> Void)? = nil) throws(SnapshotError) -> RestoreReport {
+        let started = monotonicNow()
+        do throws(SnapshotError) {
+            let total = try prepare(chain, sink)
+            let reader = ChainReader(chain)
+            let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: runPages * SnapshotFormat.pageSize, alignment: 4096)
+            defer { bounce.deallocate() }
+            var digest = MemoryDigest()
+            var done = 0
+            let frames = chain.top.frames
+            try chain.forEachDataRun(maximumPages: runPages) { (file, first, count) throws(SnapshotError) in
+                let firstFrame = frames.frame(at: first)
+                let destination = sink.page(frame: firstFrame)
+                // Straight into guest memory when the sink keeps the run contiguous; else through a buffer.
+                let contiguous = sink.page(frame: firstFrame + UInt64(count - 1)) == destination + (count - 1) * SnapshotFormat.pageSize
+                try reader.read(file: file, firstIndex: first, count: count, into: contiguous ? destination : bounce.baseAddress!)
+                for k in 0 ..< count {
+                    let page = sink.page(frame: firstFrame + UInt64(k))
+                    if !contiguous { page.copyMemory(from: bounce.baseAddress! + k * SnapshotFormat.pageSize, byteCount: SnapshotFormat.pageSize) }
+                    digest.add(PageHash.of(frame: firstFrame + UInt64(k), page: UnsafeRawBufferPointer(start: page, count: SnapshotFormat.pageSize)))
+                }
+                done += count
+                progress?(done, total)
+            }
+            guard digest == chain.top.memoryDigest else {
+                throw SnapshotError.digestMismatch(expected: "\(chain.top.memoryDigest)", actual: "\(digest)")
+            }
+            try restoreDevices(chain, sink)
+            let seconds = monotonicNow() - started
+            return RestoreReport(lazy: false, dataPages: total, bytesRead: total * SnapshotFormat.pageSize,
+                                 secondsToReady: seconds, secondsToResident: seconds, faultsServed: 0)
+        } catch {
+            sink.discard()
+            throw error
+        }
+    }
+
+    /// Prepares the sink's memory; returns the number of data pages to restore.
+    static func prepare(_ chain: SnapshotChain, _ sink: GuestSink) throws(SnapshotError) -> Int {
+        do { try sink.prepare(layout: chain.top.layout) } catch { throw .guest("preparing memory: \(error)") }
+        return chain.dataPages
+    }
+
+    static func restoreDevices(_ chain: SnapshotChain, _ sink: GuestSink) throws(SnapshotError) {
+        do { try sink.restore(deviceState: chain.top.deviceState) } catch { throw .guest("restoring device state: \(error)") }
+    }
+}
+
+/// Lazy restore: the guest may start as soon as its device state is restored. Its memory stays empty and
+/// registered with userfaultfd; a handler thread serves each page the guest touches from the snapshot, while
+/// a prefetch thread fills in the rest in order. When the prefetch is done the registration is dropped.
+///
+/// The sink must keep each memory region contiguous in host memory (MicroVM does). Every page is checked
+/// against its CRC32C before the guest sees it; a bad page cannot be served, so `onFailure` is called (the
+/// caller stops the guest) and the registration is dropped so that no thread waits forever.
+public final class LazyRestore: @unchecked Sendable {
+    public let chain: SnapshotChain
+    private let sink: GuestSink
+    private var regions: [UserFaultRegion] = []
+    private let started = monotonicNow()
+    private var readyAt: Double?
+    private let resident = DispatchSemaphore(value: 0)
+    private let residentAt = Mutex<Double?>(nil)
+    private let failure = Mutex<SnapshotError?>(nil)
+    /// Called once, from the handler or prefetch thread, when a page cannot be served.
+    public var onFailure: (@Sendable (SnapshotError) -> Void)?
+
+    private let handlerReader: ChainReader
+    private let handlerPage = UnsafeMutableRawPointer.allocate(byteCount: SnapshotFormat.pageSize, alignment: 4096)
+
+    public init(_ chain: SnapshotChain, into sink: GuestSink) {
+        self.chain = chain
+        self.sink = sink
+        handlerReader = ChainReader(chain)
+    }
+
+    deinit {
+        for region in regions { region.close() }
+        handlerPage.deallocate()
+    }
+
+    /// Prepares memory, registers it, restores the device state and starts the handler and prefetch threads.
+    /// After it returns the caller starts the sink.
+    public func prepare() throws(SnapshotError) {
+        do throws(SnapshotError) {
+            _ = try SnapshotRestore.prepare(chain, sink)
+            let frames = chain.top.frames
+            for run in frames.runs {
+                let base = sink.page(frame: run.firstFrame)
+                let last = sink.page(frame: run.firstFrame + UInt64(run.count - 1))
+                guard last == base + (run.count - 1) * SnapshotFormat.pageSize else {
+                    throw SnapshotError.unsupported("lazy restore needs guest memory that is contiguous per region")
+                }
+                let region = try fileOperation("registering guest memory with userfaultfd") {
+                    try UserFaultRegion(base: base, length: run.count * SnapshotFormat.pageSize)
+                }
+                regions.append(region)
+            }
+            for (region, run) in zip(regions, frames.runs) {
+                region.serve { [self] offset in
+                    serveFault(region: region, index: run.firstIndex + offset / SnapshotFormat.pageSize, offset: offset)
+                }
+            }
+            try SnapshotRestore.restoreDevices(chain, sink)
+            readyAt = monotonicNow() - started
+            let thread = Thread { [self] in prefetch() }
+            thread.name = "snapshot-prefetch"
+            thread.start()
+        } catch {
+            for region in regions { region.close() }
+            sink.discard()
+            throw error
+        }
+    }
+
+    /// Runs on the handler thread, the only user of `handlerReader` and `handlerPage`.
+    private func serveFault(region: UserFaultRegion, index: Int, offset: Int) {
+        do throws(SnapshotError) {
+            if try handlerReader.readPage(index: index, into: handlerPage) {
+                _ = try fileOperation("filling a guest page") { try region.fill(offset: offset, from: handlerPage, length: SnapshotFormat.pageSize) }
+            } else {
+                _ = try fileOperation("filling a guest page") { try region.fillZero(offset: offset, length: SnapshotFormat.pageSize) }
+            }
+        } catch {
+            fail(error)
+        }
+    }
+
+    private func prefetch() {
+        let reader = ChainReader(chain)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: SnapshotRestore.runPages * SnapshotFormat.pageSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        let frames = chain.top.frames
+        do throws(SnapshotError) {
+            try chain.forEachDataRun(maximumPages: SnapshotRestore.runPages) { (file, first, count) throws(SnapshotError) in
+                guard failure.withLock({ $0 }) == nil else { return }
+                try reader.read(file: file, firstIndex: first, count: count, into: buffer.baseAddress!)
+                let regionIndex = frames.runs.lastIndex { $0.firstIndex <= first }!
+                let offset = (first - frames.runs[regionIndex].firstIndex) * SnapshotFormat.pageSize
+                // A page the guest already faulted in is skipped: fill reports it, page by page.
+                _ = try fileOperation("filling guest memory") {
+                    try regions[regionIndex].fill(offset: offset, from: buffer.baseAddress!, length: count * SnapshotFormat.pageSize)
+                }
+            }
+        } catch {
+            fail(error)
+        }
+        // Zero pages need no filling: once unregistered, the guest's first touch allocates them zeroed.
+        for region in regions { region.close() }
+        residentAt.withLock { $0 = monotonicNow() - started }
+        resident.signal()
+    }
+
+    private func fail(_ error: Error) {
+        let snapshotError = error as? SnapshotError ?? .io("\(error)")
+        let first = failure.withLock { current -> Bool in
+            guard current == nil else { return false }
+            current = snapshotError
+            return true
+        }
+        guard first else { return }
+        onFailure?(snapshotError)
+        for region in regions { region.close() }
+    }
+
+    /// Waits until all of memory is in place; returns what the restore measured, or the error that stopped it.
+    public func waitUntilResident() throws(SnapshotError) -> RestoreReport {
+        resident.wait()
+        resident.signal()
+        if let error = failure.withLock({ $0 }) { throw error }
+        return RestoreReport(lazy: true, dataPages: chain.dataPages, bytesRead: chain.dataPages * SnapshotFormat.pageSize,
+                             secondsToReady: readyAt ?? 0, secondsToResident: residentAt.withLock { $0 },
+                             faultsServed: regions.reduce(0) { $0 + $1.faultsServed })
+    }
+
+    /// Seconds from the start of the restore until the guest could run.
+    public var secondsToReady: Double { readyAt ?? 0 }
+}
+
+func monotonicNow() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

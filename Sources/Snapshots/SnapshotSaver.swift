@@ -1,0 +1,263 @@
+import Foundation
+import MigrationEngine
+import MigrationWire
+import Synchronization
+
+/// How a snapshot is taken.
+public struct SnapshotSaveOptions: Sendable, Codable, Equatable {
+    public var memoryFormat: SnapshotMemoryFormat = .plain
+    public var compression: SnapshotWriter.Compression = .zstd
+    /// Copy memory while the guest runs and pause it only for the last pages (pre-copy, as a migration does);
+    /// otherwise pause for the whole save.
+    public var live = true
+    /// Keep dirty tracking on afterwards, so that a diff of this snapshot can be taken later.
+    public var keepTracking = true
+    /// Let the guest run again after the save; false leaves it paused (to stop it, or to take another
+    /// snapshot of the same moment).
+    public var resumeGuest = true
+    /// Replace an existing file at the destination.
+    public var overwrite = false
+    /// Pre-copy tuning; `downtimeLimit` is the longest pause a live snapshot aims for.
+    public var precopy: MigrationOptions = {
+        var options = MigrationOptions()
+        options.downtimeLimit = 0.02
+        return options
+    }()
+
+    public init() {}
+}
+
+/// What a save measured.
+public struct SnapshotSaveReport: Sendable {
+    public var header: SnapshotHeader
+    public var path: String
+    /// How long the guest was paused.
+    public var pauseSeconds: Double
+    public var totalSeconds: Double
+    /// Of which: writing metadata, syncing and, for a compressed file, compressing (the guest runs meanwhile).
+    public var finishSeconds: Double
+    public var passes: [PassStatistics]
+    /// What a diff of this snapshot needs; nil unless dirty tracking was kept on.
+    public var base: SnapshotBase?
+}
+
+/// Takes a snapshot of a guest through the hypervisor seam: a full one, or a diff against `base`.
+///
+/// A live save is pre-copy into a file: pass 0 writes every populated page (a diff: every page dirtied since
+/// its parent) at its fixed place in a plain file while the guest runs; each later pass rewrites the pages
+/// the dirty log reports, until `ConvergencePolicy` expects the rest to take less than the downtime limit.
+/// Then the guest is paused, the last pages and the device state are taken, and it runs again before the
+/// file is finished. A compressed snapshot is written plain first and compressed after the guest resumed.
+///
+/// Nothing is lost: any failure leaves the guest running as before, no file at `path`, and (for a diff) the
+/// dirty pages it harvested remembered by `base` for the next attempt.
+public final class SnapshotSaver {
+    public let source: GuestSource
+    public let path: String
+    public let base: SnapshotBase?
+    public let options: SnapshotSaveOptions
+    public var onProgress: ((MigrationProgress) -> Void)?
+
+    private static let runPages = 64
+    private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: runPages * SnapshotFormat.pageSize, alignment: 4096)
+    private var history: [PassStatistics] = []
+    private let started = monotonicNow()
+    private var bytesWritten = 0
+
+    public init(source: GuestSource, path: String, base: SnapshotBase? = nil, options: SnapshotSaveOptions = SnapshotSaveOptions()) {
+        self.source = source
+        self.path = path
+        self.base = base
+        self.options = options
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// Whether the guest's dirty tracking is on when the save starts: it is when a base was kept.
+    private var trackingWasOn: Bool { base != nil }
+
+    public func run() throws(SnapshotError) -> SnapshotSaveReport {
+        let plainPath = options.memoryFormat == .plain ? path : hiddenPath(path, "plain")
+        let writer = try SnapshotWriter(path: plainPath, layout: source.layout, kind: base == nil ? .full : .diff,
+                                        base: base, overwrite: options.overwrite || plainPath != path)
+        if !options.overwrite, plainPath != path, FileManager.default.fileExists(atPath: path) {
+            writer.discard()
+            throw .io("\(path) exists; refusing to overwrite it")
+        }
+        var state = SaveState()
+        do throws(SnapshotError) {
+            let deviceState = try capture(writer, &state)
+            let finishStart = monotonicNow()
+            var header = try writer.finish(deviceState: deviceState)
+            if plainPath != path {
+                defer { unlink(plainPath) }
+                header = try SnapshotConvert.convert(plainPath, to: path, memoryFormat: options.memoryFormat,
+                                                     compression: options.compression, overwrite: options.overwrite)
+            }
+            if !options.keepTracking, state.tracking { try? source.stopDirtyTracking() }
+            base?.forgetUnsaved()
+            let nextBase = options.keepTracking ? writer.base(header: header).map {
+                SnapshotBase(id: header.id, memoryDigest: header.memoryDigest, path: path, layout: $0.layout, pageHashes: $0.pageHashes)
+            } : nil
+            return SnapshotSaveReport(header: header, path: path, pauseSeconds: state.pauseSeconds, totalSeconds: monotonicNow() - started,
+                                      finishSeconds: monotonicNow() - finishStart, passes: history, base: nextBase)
+        } catch {
+            writer.discard()
+            source.setThrottle(0)
+            if state.paused { source.resume() }
+            base?.remember(state.harvested)
+            if state.tracking, !trackingWasOn { try? source.stopDirtyTracking() }
+            throw error
+        }
+    }
+
+    private struct SaveState {
+        var tracking = false
+        var paused = false
+        var pauseSeconds = 0.0
+        /// Frames taken from the dirty log (for a diff's base to keep if the save fails).
+        var harvested: [UInt64] = []
+    }
+
+    /// Writes memory (pre-copy passes when live) and returns the device state; the guest runs on return.
+    private func capture(_ writer: SnapshotWriter, _ state: inout SaveState) throws(SnapshotError) -> [DeviceState] {
+        state.tracking = trackingWasOn
+        var frames: [UInt64] = []
+        if options.live {
+            frames = try initialFrames(&state)
+            if !state.tracking {
+                try guest { try source.startDirtyTracking() }
+                state.tracking = true
+            }
+            frames = try precopy(frames, writer, &state)
+        }
+        let pausedAt = monotonicNow()
+        try guest { try source.pause() }
+        state.paused = true
+        var last = Set(frames)
+        if !options.live {
+            last = Set(try initialFrames(&state))
+        } else {
+            try guest { try source.harvestDirtyFrames { last.insert($0) } }
+            state.harvested.append(contentsOf: last)
+        }
+        if options.keepTracking, !state.tracking {
+            // Started while paused: every write after the snapshot is in the log for the next diff.
+            try guest { try source.startDirtyTracking() }
+            state.tracking = true
+        }
+        let final = last.sorted()
+        let passStart = monotonicNow()
+        try write(final, writer, pass: history.count)
+        history.append(statistics(pass: history.count, pages: final.count, seconds: monotonicNow() - passStart, dirtyPages: 0))
+        let deviceState = try guest { try source.captureDeviceState() }
+        source.setThrottle(0)
+        if options.resumeGuest { source.resume() }
+        state.paused = false
+        state.pauseSeconds = monotonicNow() - pausedAt
+        report(.completed, pass: history.count, done: final.count, total: final.count)
+        return deviceState
+    }
+
+    /// A full snapshot starts from every populated page; a diff from the pages dirtied since its parent.
+    private func initialFrames(_ state: inout SaveState) throws(SnapshotError) -> [UInt64] {
+        var frames: [UInt64] = []
+        if let base {
+            frames = base.takeUnsaved()
+            try guest { try source.harvestDirtyFrames { frames.append($0) } }
+            state.harvested.append(contentsOf: frames)
+        } else {
+            try guest { try source.forEachPopulatedFrame { frames.append($0) } }
+        }
+        return frames
+    }
+
+    /// Pre-copy passes while the guest runs; returns the frames still to write once it is paused.
+    private func precopy(_ initial: [UInt64], _ writer: SnapshotWriter, _ state: inout SaveState) throws(SnapshotError) -> [UInt64] {
+        let policy = ConvergencePolicy(options: options.precopy)
+        var frames = initial.sorted()
+        var throttle = 0.0
+        while true {
+            let passStart = monotonicNow()
+            try write(frames, writer, pass: history.count)
+            var dirty: [UInt64] = []
+            try guest { try source.harvestDirtyFrames { dirty.append($0) } }
+            state.harvested.append(contentsOf: dirty)
+            history.append(statistics(pass: history.count, pages: frames.count, seconds: monotonicNow() - passStart, dirtyPages: dirty.count, throttle: throttle))
+            frames = dirty.sorted()
+            switch policy.decide(history: history, elapsed: monotonicNow() - started, throttle: throttle) {
+            case .switchover: return frames
+            case .nextPass: continue
+            case .throttle(let fraction):
+                throttle = fraction
+                source.setThrottle(fraction)
+            case .giveUp(let why): throw .guest("the guest dirties memory faster than it can be saved: \(why)")
+            }
+        }
+    }
+
+    /// Copies `frames` (sorted) out of the guest in runs of consecutive frames and hands them to the writer.
+    /// Each page is copied before it is checked and written, so that its CRC and its bytes agree even while
+    /// the guest writes to it (a page changed after its copy is dirty, and the next pass writes it again).
+    private func write(_ frames: [UInt64], _ writer: SnapshotWriter, pass: Int) throws(SnapshotError) {
+        var position = 0
+        var lastReport = monotonicNow()
+        while position < frames.count {
+            var count = 1
+            while position + count < frames.count, count < Self.runPages, frames[position + count] == frames[position] + UInt64(count) { count += 1 }
+            for k in 0 ..< count {
+                (buffer.baseAddress! + k * SnapshotFormat.pageSize).copyMemory(from: source.page(frame: frames[position + k]), byteCount: SnapshotFormat.pageSize)
+            }
+            guard let index = writer.frames.index(of: frames[position]) else { throw .guest("frame \(frames[position]) lies outside the memory layout") }
+            try writer.write(pages: UnsafeRawBufferPointer(rebasing: buffer[0 ..< count * SnapshotFormat.pageSize]), firstIndex: index)
+            bytesWritten += count * SnapshotFormat.pageSize
+            position += count
+            if monotonicNow() - lastReport > 0.25 {
+                report(.precopy, pass: pass, done: position, total: frames.count)
+                lastReport = monotonicNow()
+            }
+        }
+    }
+
+    private func statistics(pass: Int, pages: Int, seconds: Double, dirtyPages: Int, throttle: Double = 0) -> PassStatistics {
+        var statistics = PassStatistics(pass: pass)
+        statistics.pagesSent = pages
+        statistics.payloadBytes = pages * SnapshotFormat.pageSize
+        statistics.wireBytes = statistics.payloadBytes
+        statistics.seconds = seconds
+        statistics.dirtyPages = dirtyPages
+        statistics.dirtyRate = seconds > 0 ? Double(dirtyPages * SnapshotFormat.pageSize) / seconds : 0
+        // The file's speed over all passes: a short pass alone says more about latency than throughput.
+        let allSeconds = history.reduce(seconds) { $0 + $1.seconds }
+        statistics.bandwidth = allSeconds > 0 ? Double(bytesWritten) / allSeconds : 0
+        statistics.expectedDowntime = statistics.bandwidth > 0 ? Double(dirtyPages * SnapshotFormat.pageSize) / statistics.bandwidth : .infinity
+        statistics.throttle = throttle
+        return statistics
+    }
+
+    private func report(_ phase: MigrationProgress.Phase, pass: Int, done: Int, total: Int) {
+        guard let onProgress else { return }
+        let elapsed = monotonicNow() - started
+        let last = history.last
+        onProgress(MigrationProgress(
+            phase: phase, pass: pass, pagesDone: done, pagesTotal: total, bytesOnWire: bytesWritten,
+            bandwidth: elapsed > 0 ? Double(bytesWritten) / elapsed : 0, dirtyRate: last?.dirtyRate ?? 0,
+            expectedDowntime: last?.expectedDowntime ?? 0, throttle: last?.throttle ?? 0, elapsed: elapsed, passSecondsLeft: nil))
+    }
+
+    private func guest<R>(_ body: () throws -> R) throws(SnapshotError) -> R {
+        do { return try body() } catch let error as SnapshotError { throw error } catch { throw .guest("\(error)") }
+    }
+}
+
+extension SnapshotBase {
+    /// Frames harvested by a diff save that failed: the next diff must still save them.
+    func remember(_ frames: [UInt64]) { unsaved.withLock { $0.formUnion(frames) } }
+    func takeUnsaved() -> [UInt64] { unsaved.withLock { Array($0) } }
+    func forgetUnsaved() { unsaved.withLock { $0.removeAll() } }
+}
+
+func hiddenPath(_ path: String, _ purpose: String) -> String {
+    let url = URL(fileURLWithPath: path)
+    return url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).\(purpose)-\(getpid())").path
+}

@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "MigrationEngine", targets: ["MigrationEngine"]),
         .library(name: "KVMMigration", targets: ["KVMMigration"]),
         .library(name: "Snapshots", targets: ["Snapshots"]),
+        .executable(name: "vmsnap", targets: ["vmsnap"]),
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
         .executable(name: "kvm-bench", targets: ["KVMBench"]),
         .executable(name: "migration-bench", targets: ["MigrationBench"]),
@@ -55,6 +56,9 @@ let package = Package(
         .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
         .target(name: "Snapshots", dependencies: ["MigrationEngine", "MigrationWire", "PageCodec", "LinuxSystem"]),
+        .executableTarget(name: "vmsnap", dependencies: [
+            "Snapshots", "KVMMigration", "MicroVM", "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
         .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM"], path: "bench/xen"),
@@ -75,7 +79,7 @@ let package = Package(
         // so migratectl links neither KVM nor the engine.
         .target(name: "MigratedAPI", dependencies: [.product(name: "FlyingFox", package: "FlyingFox")]),
         .target(name: "MigratedDaemon", dependencies: [
-            "MigratedAPI", "MicroVM", "KVMBackend", "KVMMigration", "MigrationEngine", "MigrationNetwork", "MigrationWire",
+            "MigratedAPI", "MicroVM", "KVMBackend", "KVMMigration", "MigrationEngine", "MigrationNetwork", "MigrationWire", "Snapshots",
             "Transport", .product(name: "FlyingFox", package: "FlyingFox"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -86,7 +90,7 @@ let package = Package(
         .executableTarget(name: "migratectl", dependencies: [
             "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl"]),
+        .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl", "vmsnap"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -80,6 +80,18 @@ public struct ControlClient: Sendable {
         try await call(.POST, "/vms/\(Self.escape(id))/migration/cancel")
     }
 
+    public func saveSnapshot(_ id: String, _ request: SnapshotRequest) async throws -> SnapshotStatus {
+        try await call(.POST, "/vms/\(Self.escape(id))/snapshot", body: request)
+    }
+
+    public func snapshot(_ id: String) async throws -> SnapshotStatus {
+        try await call(.GET, "/vms/\(Self.escape(id))/snapshot")
+    }
+
+    public func restoreSnapshot(_ request: RestoreRequest) async throws -> RestoreResult {
+        try await call(.POST, "/snapshots/restore", body: request)
+    }
+
     public func metrics() async throws -> String {
         let (status, data) = try await send(.GET, "/metrics")
         guard status == 200 else { throw APIError(error: "http_\(status)", message: "GET /metrics answered \(status)") }

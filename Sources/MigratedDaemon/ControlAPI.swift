@@ -8,14 +8,16 @@ import MigratedAPI
 public final class ControlAPI: Sendable {
     public let vms: VMManager
     let migrations: any MigrationService
+    let snapshots: SnapshotService
     let tls: TLSFiles?
     private let logger: Logger
     private let startedAt = DispatchTime.now()
     private let requestCounts = RequestCounter()
 
-    public init(vms: VMManager, migrations: any MigrationService, tls: TLSFiles?, logger: Logger) {
+    public init(vms: VMManager, migrations: any MigrationService, snapshots: SnapshotService, tls: TLSFiles?, logger: Logger) {
         self.vms = vms
         self.migrations = migrations
+        self.snapshots = snapshots
         self.tls = tls
         self.logger = logger
     }
@@ -58,11 +60,29 @@ public final class ControlAPI: Sendable {
             try allow(method, ["GET", "DELETE"])
             if method == "GET" { return try json(200, vms.info(vms.vm(parts[1]))) }
             let id = parts[1]
+            snapshots.forgetBase(vm: id)
             return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.delete(id) }))
         case (_, 3) where parts[0] == "vms" && parts[2] == "stop":
             try allow(method, ["POST"])
             let id = parts[1]
+            snapshots.forgetBase(vm: id)
             return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.stop(id) }))
+        case (_, 3) where parts[0] == "vms" && parts[2] == "snapshot":
+            try allow(method, ["GET", "POST"])
+            if method == "GET" {
+                _ = try vms.vm(parts[1])
+                return try json(200, try snapshots.status(vm: parts[1]))
+            }
+            let request = try decode(SnapshotRequest.self, body)
+            return try json(202, try await startSnapshot(vm: parts[1], request))
+        case (_, 2) where parts[0] == "snapshots" && parts[1] == "restore":
+            try allow(method, ["POST"])
+            let request = try decode(RestoreRequest.self, body)
+            let (snapshots, vms) = (self.snapshots, self.vms)
+            let result = try await blocking { () throws(ControlError) in try snapshots.restore(request, vms: vms) }
+            var response = try json(201, result)
+            response.headers["Location"] = "/vms/\(result.vm.id)"
+            return response
         case (_, 3) where parts[0] == "vms" && parts[2] == "migrate":
             try allow(method, ["POST"])
             let request = try decode(MigrationRequest.self, body)
@@ -85,6 +105,9 @@ public final class ControlAPI: Sendable {
     private func startMigration(vm id: String, _ request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
         if let problem = request.problem() { throw .badRequest(problem) }
         let machine = try vms.runningMachine(id)
+        if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved; migrate it when the snapshot is done") }
+        // The migration takes over the dirty log, so a later diff snapshot could miss pages: the next must be full.
+        snapshots.forgetBase(vm: id)
         if request.security == .tls && tls == nil {
             throw .conflict("tls_not_configured", "this daemon has no TLS identity (tls section or --tls-* flags); configure one, or ask for \"security\": \"plaintext\"")
         }
@@ -94,6 +117,14 @@ public final class ControlAPI: Sendable {
             _ = try? manager.stop(id, reason: .migrated, because: "migrated to \(peer)")
         }
         return try await migrations.startMigration(of: outgoing, request: request)
+    }
+
+    private func startSnapshot(vm id: String, _ request: SnapshotRequest) async throws(ControlError) -> SnapshotStatus {
+        let machine = try vms.runningMachine(id)
+        if let migration = try? await migrations.status(ofVM: id), [.setup, .precopy, .switchover].contains(migration.phase) {
+            throw .conflict("migration_running", "VM '\(id)' is migrating")
+        }
+        return try snapshots.startSave(vm: try vms.vm(id), machine: machine, request: request)
     }
 
     // MARK: helpers
@@ -161,6 +192,13 @@ public final class ControlAPI: Sendable {
         out.sample("migrated_vm_start_failures_total", [:], Double(snapshot.startFailuresTotal))
         out.family("migrated_http_requests_total", "counter", "Control API requests answered, by status code.")
         for (status, count) in requestCounts.counts() { out.sample("migrated_http_requests_total", ["code": String(status)], Double(count)) }
+        let snapshotCounts = snapshots.counters()
+        out.family("migrated_snapshots_saved_total", "counter", "Snapshots saved.")
+        out.sample("migrated_snapshots_saved_total", [:], Double(snapshotCounts.saved))
+        out.family("migrated_snapshot_failures_total", "counter", "Snapshot saves that failed (the VM ran on).")
+        out.sample("migrated_snapshot_failures_total", [:], Double(snapshotCounts.failed))
+        out.family("migrated_snapshots_restored_total", "counter", "VMs started from snapshots.")
+        out.sample("migrated_snapshots_restored_total", [:], Double(snapshotCounts.restored))
         out.family("migrated_uptime_seconds", "gauge", "Seconds since the daemon started.")
         out.sample("migrated_uptime_seconds", [:], Double(DispatchTime.now().uptimeNanoseconds - startedAt.uptimeNanoseconds) / 1e9)
         return out.text + (await migrations.metrics())

@@ -22,7 +22,7 @@ public final class Daemon: Sendable {
         self.incoming = incoming ?? EngineIncomingListener(logger: logger)
         let migrations = migrations ?? EngineMigrationService(logger: logger)
         let vms = VMManager(memoryBudget: configuration.memoryBudget, logger: logger)
-        api = ControlAPI(vms: vms, migrations: migrations, tls: configuration.tls, logger: logger)
+        api = ControlAPI(vms: vms, migrations: migrations, snapshots: SnapshotService(logger: logger), tls: configuration.tls, logger: logger)
         server = HTTPServer(config: HTTPServer.Configuration(address: sockaddr_un.unix(path: configuration.socketPath),
                                                              logger: FlyingFoxLogger(logger: logger)),
                             handler: ControlHTTPHandler(api: api))

@@ -25,19 +25,6 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         return (daemon, listener)
     }
 
-    /// Polls until VM `id` has printed a memstress status line after `ticks`; returns it.
-    func status(after ticks: UInt64, of id: String, on daemon: TestDaemon, timeout: TimeInterval = 20) async throws -> MemstressStatus? {
-        let deadline = Date(timeIntervalSinceNow: timeout)
-        while Date() < deadline {
-            if let line = try? await daemon.client.vm(id).lastConsoleLine, let status = MemstressStatus(line), status.ticks > ticks {
-                XCTAssertTrue(status.verified, line)
-                return status
-            }
-            try await Task.sleep(nanoseconds: 100_000_000)
-        }
-        return nil
-    }
-
     /// Runs `body` with host A and host B, and shuts both down whatever happens. Host A presents the client
     /// certificate and accepts the server's name; host B the other way round.
     func withTwoDaemons(_ body: (_ a: TestDaemon, _ aListener: EngineIncomingListener,
@@ -59,7 +46,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         let image = try { _ = try TestGuest.image(); return TestGuest.path }()
         try await withTwoDaemons { a, aListener, b, bListener in
             _ = try await a.client.createVM(VMCreateRequest(id: "mover", image: image, memoryMib: 1024, cmdline: Self.guest))
-            let before = try await XCTUnwrapAsync(await status(after: 0, of: "mover", on: a), "the guest runs on A")
+            let before = try await XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "mover"), "the guest runs on A")
             let toB = try XCTUnwrap(bListener.address).description
 
             // There: migratectl follows the migration, one line per update on a pipe, then the report.
@@ -70,7 +57,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertTrue(output.text.contains("lz4, 2 channels"), output.text)
             let source = try await a.client.vm("mover")
             XCTAssertEqual(source.state, .migrated, "the source VM is gone from A")
-            let onB = try await XCTUnwrapAsync(await status(after: before.ticks, of: "mover", on: b), "the guest carries on at B")
+            let onB = try await XCTUnwrapAsync(await b.memstressStatus(after: before.ticks, of: "mover"), "the guest carries on at B")
             XCTAssertGreaterThanOrEqual(onB.generation, before.generation)
             let report = try await a.client.migration("mover").report
             XCTAssertEqual(report?.succeeded, true)
@@ -85,7 +72,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertEqual(back.phase, .completed, back.report?.error ?? "")
             let returned = try await a.client.listVMs().filter { $0.state == .running }
             XCTAssertEqual(returned.count, 1)
-            let home = try await XCTUnwrapAsync(await status(after: onB.ticks, of: returned[0].id, on: a), "the guest carries on at A")
+            let home = try await XCTUnwrapAsync(await a.memstressStatus(after: onB.ticks, of: returned[0].id), "the guest carries on at A")
             XCTAssertGreaterThanOrEqual(home.generation, onB.generation)
         }
     }
@@ -97,7 +84,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         try await withTwoDaemons { a, _, b, bListener in
             _ = try await a.client.createVM(VMCreateRequest(id: "stay", image: image, memoryMib: 128,
                                                             cmdline: "workload=memstress size_mib=64 rate_mib=50 pattern=random"))
-            let before = try await XCTUnwrapAsync(await status(after: 0, of: "stay", on: a), "the guest runs on A")
+            let before = try await XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "stay"), "the guest runs on A")
             let started = try await a.client.migrate("stay", MigrationRequest(
                 peer: try XCTUnwrap(bListener.address).description, bandwidthLimitBytesPerSecond: 4 << 20))
             XCTAssertEqual(started.vm, "stay")
@@ -117,7 +104,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertEqual(last.phase, .cancelled)
             let source = try await a.client.vm("stay")
             XCTAssertEqual(source.state, .running)
-            let later = await (try? status(after: before.ticks + 100, of: "stay", on: a)) ?? nil
+            let later = await (try? a.memstressStatus(after: before.ticks + 100, of: "stay")) ?? nil
             XCTAssertNotNil(later, "the source carries on")
             let atB = try await b.client.listVMs()
             XCTAssertEqual(atB, [], "nothing was started at B")
@@ -135,25 +122,8 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         return status
     }
 
-    struct Output { var status: Int32; var text: String }
-
-    func runMigratectl(socket: String, _ arguments: [String]) async throws -> Output {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("migratectl")
-        process.arguments = arguments + ["--socket", socket]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        // Read on a Dispatch thread: the daemons answering migratectl run on this process's cooperative pool.
-        let data = await withCheckedContinuation { continuation in
-            DispatchQueue.global().async {
-                let data = pipe.fileHandleForReading.readDataToEndOfFile()
-                process.waitUntilExit()
-                continuation.resume(returning: data)
-            }
-        }
-        return Output(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
+    func runMigratectl(socket: String, _ arguments: [String]) async throws -> ToolOutput {
+        try await runTool("migratectl", arguments + ["--socket", socket])
     }
 }
 

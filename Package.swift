@@ -69,7 +69,7 @@ let package = Package(
         .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "MigrationNetwork", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
-        .testTarget(name: "SnapshotTests", dependencies: ["Snapshots", "KVMMigration", "MicroVM", "MigrationWire", "TestSupport"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshots", "KVMMigration", "MicroVM", "MigrationWire", "PageCodec", "TestSupport"]),
         .testTarget(name: "XenAdapterTests", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "TestSupport"]),
         .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport"]),

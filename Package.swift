@@ -57,7 +57,7 @@ let package = Package(
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
         .target(name: "Snapshots", dependencies: ["MigrationEngine", "MigrationWire", "PageCodec", "LinuxSystem"]),
         .executableTarget(name: "vmsnap", dependencies: [
-            "Snapshots", "KVMMigration", "MicroVM", "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "Snapshots", "KVMMigration", "MicroVM", "MigratedAPI", "XenAdapter", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
@@ -70,7 +70,7 @@ let package = Package(
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshots", "KVMMigration", "MicroVM", "MigrationWire", "PageCodec", "TestSupport"]),
-        .testTarget(name: "XenAdapterTests", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "TestSupport"]),
+        .testTarget(name: "XenAdapterTests", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots", "TestSupport", "vmsnap"]),
         .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport"]),
         .executableTarget(name: "TransportBench", dependencies: ["Transport"], path: "bench/transport"),

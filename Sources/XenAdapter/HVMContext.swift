@@ -31,6 +31,14 @@ public enum HVMSaveType {
     public static let cpuXsave: UInt16 = 16
     public static let tscAdjust: UInt16 = 19
 
+    /// The entry's name in save.h, for people reading an image's contents.
+    public static func name(_ typecode: UInt16) -> String {
+        let names: [UInt16: String] = [end: "END", header: "HEADER", cpu: "CPU", pic: "PIC", ioapic: "IOAPIC", lapic: "LAPIC",
+                                       lapicRegisters: "LAPIC_REGS", pit: "PIT", rtc: "RTC", mtrr: "MTRR", cpuXsave: "CPU_XSAVE",
+                                       tscAdjust: "TSC_ADJUST"]
+        return names[typecode] ?? "type \(typecode)"
+    }
+
     /// The sizes Xen accepts for the fixed-size entries we map. CPU has a pre-4.7 compat size (no
     /// msr_tsc_aux, flags); LAPIC grew pending_esr (and 8 bytes) in Xen 4.21.
     static let acceptedLengths: [UInt16: Set<Int>] = [

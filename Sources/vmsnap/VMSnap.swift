@@ -196,13 +196,19 @@ struct Restore: AsyncParsableCommand {
 // MARK: inspect
 
 struct Inspect: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show a snapshot's header, parts, device state, page counts and chain.")
+    static let configuration = CommandConfiguration(
+        abstract: "Show a snapshot's header, parts, device state, page counts and chain; or an xl save image's contents.")
 
-    @Argument(help: "The snapshot file.") var path: String
+    @Argument(help: "The snapshot file, or a Xen xl save image.") var path: String
     @Flag(help: "Print a JSON document instead of a table.") var json = false
 
     func run() async throws {
         try await reporting {
+            if isXenImage(path) {
+                let document = try XenInspectDocument(path: path)
+                if json { try printJSON(document) } else { print(document.table) }
+                return
+            }
             let document = try InspectDocument(path: path)
             if json { try printJSON(document) } else { print(document.table) }
         }
@@ -308,14 +314,20 @@ struct InspectDocument: Codable {
 
 struct Verify: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check a snapshot and its parents: every checksum, every page, each memory digest and the chain's links.")
+        abstract: "Check a snapshot and its parents: every checksum, every page, each memory digest and the chain's links; or an xl save image.")
 
-    @Argument(help: "The snapshot file.") var path: String
+    @Argument(help: "The snapshot file, or a Xen xl save image.") var path: String
     @Option(name: .customLong("parent"), help: "A parent of the snapshot, nearest first; repeat for each.") var parents: [String] = []
     @Flag(help: "Print the result as JSON.") var json = false
 
     func run() async throws {
         try await reporting {
+            if isXenImage(path) {
+                // Reading the image checks all of it: headers, every record, padding, page frames, HVM context.
+                let document = try XenInspectDocument(path: path)
+                if json { try printJSON(document) } else { print("ok  xl image  \(document.dataPages) data pages  \(document.hvmContextEntries.count) HVM context entries  \(path)") }
+                return
+            }
             let chain = try SnapshotChain.open(path, parents: parents)
             let bar = ProgressBar("verifying", quiet: json)
             let files = try SnapshotVerifier.verify(chain) { bar.update(done: $0, total: $1) }
@@ -379,22 +391,36 @@ struct Merge: AsyncParsableCommand {
 }
 
 struct Convert: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Rewrite a snapshot in the plain or the compressed layout; it stays the same snapshot (id, parent, digest).")
+    static let configuration = CommandConfiguration(
+        abstract: "Rewrite a snapshot in another layout, or convert between snapshots and Xen xl save images.",
+        discussion: """
+            --to plain or compressed rewrites a snapshot in that layout; it stays the same snapshot (id, parent, \
+            digest). --to xen writes an xl save image of a snapshot (with its chain); --to native (or plain, or \
+            compressed) turns an xl save image into a full snapshot. An image carries the guest's memory and vCPU and \
+            platform state, not a device model's state or xenstore (see vmsnap inspect).
+            """)
 
-    @Argument(help: "The snapshot to read.") var path: String
-    @Argument(help: "The snapshot to write.") var output: String
-    @Option(help: "The layout to write: plain or compressed.") var to: String
+    @Argument(help: "The snapshot or xl save image to read.") var path: String
+    @Argument(help: "The file to write.") var output: String
+    @Option(help: "What to write: plain, compressed, xen, or native (= plain).") var to: String
+    @Option(name: .customLong("parent"), help: "With --to xen: a parent of the snapshot, nearest first; repeat for each.") var parents: [String] = []
     @Option(help: "Compression for the compressed layout: lz4 or zstd.") var compression: CompressionChoice = .zstd
     @Flag(help: "Replace an existing file.") var overwrite = false
 
     func validate() throws {
-        guard ["plain", "compressed"].contains(to) else { throw ValidationError("--to must be plain or compressed, not '\(to)'") }
+        guard ["plain", "compressed", "xen", "native"].contains(to) else { throw ValidationError("--to must be plain, compressed, xen or native, not '\(to)'") }
     }
 
     func run() async throws {
         try await reporting {
+            let format: SnapshotMemoryFormat = to == "compressed" ? .compressed : .plain
+            if isXenImage(path) {
+                guard to != "xen" else { throw ValidationError("\(path) is already an xl save image") }
+                return try XenConversion.xenToSnapshot(path, to: output, memoryFormat: format, compression: compression.writer, overwrite: overwrite)
+            }
+            if to == "xen" { return try XenConversion.snapshotToXen(path, parents: parents, to: output, overwrite: overwrite) }
             let bar = ProgressBar("converting")
-            let header = try SnapshotConvert.convert(path, to: output, memoryFormat: to == "plain" ? .plain : .compressed,
+            let header = try SnapshotConvert.convert(path, to: output, memoryFormat: format,
                                                      compression: compression.writer, overwrite: overwrite) { bar.update(done: $0, total: $1) }
             bar.finish()
             print("wrote \(output): \(header.memoryFormat) \(header.kind) snapshot \(header.id), \(header.dataPages) data pages")

@@ -65,29 +65,6 @@ func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations
     await daemon.stop()
 }
 
-/// What one of the project's command-line tools printed (standard output and error together) and how it exited.
-struct ToolOutput { var status: Int32; var text: String }
-
-/// Runs a tool built beside the tests (migratectl, vmsnap) to completion.
-func runTool(_ tool: String, _ arguments: [String]) async throws -> ToolOutput {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(tool)
-    process.arguments = arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try process.run()
-    // Read on a Dispatch thread: a daemon answering the tool may run on this process's cooperative pool.
-    let data = await withCheckedContinuation { continuation in
-        DispatchQueue.global().async {
-            let data = pipe.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            continuation.resume(returning: data)
-        }
-    }
-    return ToolOutput(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
-}
-
 extension TestDaemon {
     /// Polls until VM `id` has printed a memstress status line after `ticks`, which must verify; returns it.
     func memstressStatus(after ticks: UInt64, of id: String, timeout: TimeInterval = 20) async throws -> MemstressStatus? {

@@ -5,6 +5,7 @@ import KVMMigration
 import MicroVM
 import MigrationEngine
 import MigrationWire
+import Snapshots
 import TestSupport
 import XCTest
 @testable import XenAdapter
@@ -117,6 +118,59 @@ final class XenRoundTripKVMTests: KVMTestCase {
 
     /// Only what Xen's own records hold (no carried KVM state): the guest still carries on.
     func testGuestRebuiltFromXenRecordsAloneCarriesOn() throws { try roundTrip(carry: false) }
+
+    /// The round trip with the tools an operator uses: a native snapshot of the running guest,
+    /// `vmsnap convert --to xen`, Xen's verifier, `vmsnap inspect` and `verify` of the image,
+    /// `vmsnap convert --to native`, and a restore into a new MicroVM that carries on with equal registers.
+    func testSnapshotToXenImageAndBackWithVmsnap() async throws {
+        let (source, sourceConsole) = try boot()
+        defer { source.stop() }
+        var options = SnapshotSaveOptions()
+        options.live = false
+        options.resumeGuest = false
+        options.keepTracking = false
+        let snapshot = directory.appendingPathComponent("guest.snap").path
+        try SnapshotSaver(source: MicroVMGuestSource(machine: source), path: snapshot, options: options).run()
+        let before = try source.captureState()
+        let last = try XCTUnwrap(lastStatus(sourceConsole))
+
+        let image = directory.appendingPathComponent("guest.xl").path
+        let converted = try await runTool("vmsnap", ["convert", snapshot, image, "--to", "xen"])
+        XCTAssertEqual(converted.status, 0, converted.text)
+        let (ok, output) = try xenVerifier(image)
+        XCTAssertTrue(ok, output)
+        let inspected = try await runTool("vmsnap", ["inspect", image])
+        XCTAssertTrue(inspected.text.contains("KVM state       carried"), inspected.text)
+        XCTAssertTrue(inspected.text.contains("not carried:    a device model's state"), inspected.text)
+        let verified = try await runTool("vmsnap", ["verify", image])
+        XCTAssertEqual(verified.status, 0, verified.text)
+
+        let back = directory.appendingPathComponent("back.snap").path
+        let returned = try await runTool("vmsnap", ["convert", image, back, "--to", "native"])
+        XCTAssertEqual(returned.status, 0, returned.text)
+        let console = SerialConsole(output: nil)
+        let sink = MicroVMGuestSink(console: console)
+        _ = try SnapshotRestore.restore(try SnapshotChain.open(back), into: sink)
+        let machine = try XCTUnwrap(sink.machine)
+        defer { machine.stop() }
+        let after = try machine.captureState()
+        for (a, b) in zip(before.vcpus, after.vcpus) {
+            XCTAssertTrue(bytesEqual(a.registers, b.registers), "kvm_regs differ")
+            XCTAssertTrue(bytesEqual(a.specialRegisters, b.specialRegisters), "kvm_sregs differ")
+        }
+        try sink.start()
+        let lines = statuses(console, count: 3)
+        XCTAssertGreaterThanOrEqual(lines.count, 3, "\(console.receivedLines.suffix(5))")
+        XCTAssertTrue(lines.allSatisfy(\.verified), "\(console.receivedLines.suffix(5))")
+        XCTAssertGreaterThan(lines.last?.ticks ?? 0, last.ticks, "ticks carry on")
+
+        // A damaged image is refused by vmsnap verify, with the reader's reason.
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: image))
+        bytes.removeLast(100)
+        try bytes.write(to: URL(fileURLWithPath: image + ".cut"))
+        let refused = try await runTool("vmsnap", ["verify", image + ".cut"])
+        XCTAssertEqual(refused.status, 1, refused.text)
+    }
 }
 
 func bytesEqual<T>(_ a: T, _ b: T) -> Bool {

@@ -21,7 +21,7 @@ public final class UserFaultRegion: @unchecked Sendable {
     private let uffd: OwnedFileDescriptor
     /// An eventfd that `close()` writes to wake the handler thread out of poll().
     private let stop: OwnedFileDescriptor
-    private let served = FaultCounter()
+    private let shared = HandlerShared()
     private let state = Mutex(HandlerState())
 
     private struct HandlerState {
@@ -111,6 +111,8 @@ public final class UserFaultRegion: @unchecked Sendable {
     /// until a later fill of that page from any thread, or until `close()`, after which it reads whatever the memfd
     /// holds there (zeros for a hole). This also lets a resolver start a slow fetch and fill when it arrives.
     /// Several threads faulting on one page may give several calls; all but the first fill return false.
+    /// The faulting thread goes on as soon as its page is filled, possibly before `resolve` returns.
+    /// After `close()`, it does nothing.
     public func serve(_ resolve: @escaping @Sendable (Int) -> Void) {
         let handler = FaultHandler(region: self, resolve: resolve)
         state.withLock { state in
@@ -123,7 +125,7 @@ public final class UserFaultRegion: @unchecked Sendable {
                 Unmanaged<FaultHandler>.fromOpaque(context!).takeRetainedValue().run()
                 return nil
             }, Unmanaged.passRetained(handler).toOpaque())
-            precondition(result == 0, "pthread_create for the userfaultfd handler: \(SystemError("", errno: result))")
+            precondition(result == 0, "userfaultfd handler: \(SystemError("pthread_create", errno: result))")
             state.thread = thread
         }
     }
@@ -139,6 +141,7 @@ public final class UserFaultRegion: @unchecked Sendable {
         }
         guard first else { return }
         if let thread {
+            shared.stopping.store(true, ordering: .relaxed) // so that it stops between two faults of one batch, too
             var one: UInt64 = 1
             _ = try? systemCall("write to eventfd") { write(stop.rawValue, &one, MemoryLayout<UInt64>.size) }
             if pthread_equal(thread, pthread_self()) != 0 { pthread_detach(thread) } else { pthread_join(thread, nil) }
@@ -150,7 +153,7 @@ public final class UserFaultRegion: @unchecked Sendable {
     }
 
     /// Page faults handed to the resolver so far, for statistics. Prefetched pages that nobody waited for are not counted.
-    public var faultsServed: Int { served.count }
+    public var faultsServed: Int { shared.served.load(ordering: .relaxed) }
 
     // MARK: private
 
@@ -183,14 +186,14 @@ public final class UserFaultRegion: @unchecked Sendable {
     private final class FaultHandler: @unchecked Sendable {
         let uffd: OwnedFileDescriptor, stop: OwnedFileDescriptor
         let base: UInt64
-        let counter: FaultCounter
+        let shared: HandlerShared
         let resolve: @Sendable (Int) -> Void
 
         init(region: UserFaultRegion, resolve: @escaping @Sendable (Int) -> Void) {
             uffd = region.uffd
             stop = region.stop
             base = region.address(0)
-            counter = region.served
+            shared = region.shared
             self.resolve = resolve
         }
 
@@ -221,18 +224,19 @@ public final class UserFaultRegion: @unchecked Sendable {
                     fatalError("userfaultfd handler: \(SystemError("read", errno: errno))")
                 }
                 for message in messages ..< messages + bytes / MemoryLayout<uffd_msg>.stride {
+                    if shared.stopping.load(ordering: .relaxed) { return }
                     guard ckvm_uffd_msg_event(message) == CKVM_UFFD_EVENT_PAGEFAULT else { continue }
                     // Counted before resolving, so that a faulting thread, once woken, sees itself counted.
-                    counter.add()
+                    shared.served.add(1, ordering: .relaxed)
                     resolve(Int((ckvm_uffd_msg_fault_address(message) - base) & pageMask))
                 }
             }
         }
     }
 
-    private final class FaultCounter: Sendable {
-        private let value = Atomic<Int>(0)
-        func add() { value.add(1, ordering: .relaxed) }
-        var count: Int { value.load(ordering: .relaxed) }
+    /// Between the region and its handler thread.
+    private final class HandlerShared: Sendable {
+        let served = Atomic<Int>(0)
+        let stopping = Atomic<Bool>(false)
     }
 }

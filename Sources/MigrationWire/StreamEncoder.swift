@@ -58,16 +58,7 @@ public struct StreamEncoder {
     }
 
     public func encodeLayout(_ layout: GuestMemoryLayout, into out: inout [UInt8]) {
-        record(.memoryLayout, length: 8 + 24 * layout.regions.count, into: &out) { w in
-            w.u32(UInt32(layout.regions.count))
-            w.u32(0)
-            for r in layout.regions {
-                w.u64(r.guestPhysicalAddress)
-                w.u64(r.size)
-                w.u32(r.flags.rawValue)
-                w.u32(0)
-            }
-        }
+        record(.memoryLayout, length: layout.encodedLength, into: &out) { w in layout.encode(into: &w) }
     }
 
     public func encodeDeviceState(componentID: UInt32, instance: UInt32, componentVersion: UInt32,
@@ -287,6 +278,22 @@ public struct StreamEncoder {
             w.u32(UInt32(length))
             body(&w)
             w.zeros(pad)
+        }
+    }
+}
+
+extension GuestMemoryLayout {
+    /// The MEMORY_LAYOUT body (stream.md §6.3), which the snapshot format's LAYOUT part reuses.
+    public var encodedLength: Int { 8 + 24 * regions.count }
+
+    public func encode(into w: inout ByteWriter) {
+        w.u32(UInt32(regions.count))
+        w.u32(0)
+        for r in regions {
+            w.u64(r.guestPhysicalAddress)
+            w.u64(r.size)
+            w.u32(r.flags.rawValue)
+            w.u32(0)
         }
     }
 }

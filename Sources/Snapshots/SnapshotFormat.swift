@@ -188,8 +188,15 @@ public struct SnapshotHeader: Sendable, Equatable {
             parentID: SnapshotID(bytes: try field.bytes(16)), parentDigest: try field.bytes(16), memoryDigest: try field.bytes(16),
             createdNanoseconds: try field.u64(), frameCount: try field.u64(), dataPages: try field.u64(), zeroPages: try field.u64(),
             parentName: "", parts: [])
-        let nameBytes = bytes[SnapshotFormat.parentNameOffset ..< SnapshotFormat.parentNameOffset + SnapshotFormat.parentNameLength].prefix { $0 != 0 }
+        let nameField = bytes[SnapshotFormat.parentNameOffset ..< SnapshotFormat.parentNameOffset + SnapshotFormat.parentNameLength]
+        let nameBytes = nameField.prefix { $0 != 0 }
         header.parentName = String(decoding: nameBytes, as: UTF8.self)
+        let tableEnd = SnapshotFormat.partTableOffset + Int(partCount) * SnapshotFormat.partEntryLength
+        guard bytes[field.position ..< SnapshotFormat.parentNameOffset].allSatisfy({ $0 == 0 }),
+              nameField.dropFirst(nameBytes.count).allSatisfy({ $0 == 0 }),
+              bytes[tableEnd ..< SnapshotFormat.headerLength - 4].allSatisfy({ $0 == 0 }) else {
+            throw .corrupt(part: "header", "reserved bytes are not zero")
+        }
         guard header.frameCount > 0, header.frameCount <= SnapshotFormat.maximumFrames else {
             throw .corrupt(part: "header", "\(header.frameCount) frames (1 to \(SnapshotFormat.maximumFrames))")
         }
@@ -200,10 +207,10 @@ public struct SnapshotHeader: Sendable, Equatable {
         var table = FieldReader(Array(bytes[SnapshotFormat.partTableOffset...]), part: "part table")
         for _ in 0 ..< partCount {
             let typeValue = try table.u32()
-            table.skip(4)
+            try table.reserved(4)
             let part = Part(type: try PartType(rawValue: typeValue).orThrow(.corrupt(part: "part table", "unknown part type \(typeValue)")),
                             offset: try table.u64(), length: try table.u64(), checksum: try table.u32())
-            table.skip(4)
+            try table.reserved(4)
             guard header.part(part.type) == nil else { throw .corrupt(part: "part table", "two \(part.type) parts") }
             guard part.offset % UInt64(SnapshotFormat.pageSize) == 0, part.offset >= UInt64(SnapshotFormat.headerLength) else {
                 throw .corrupt(part: "part table", "\(part.type) at offset \(part.offset), not after the header on a page boundary")
@@ -254,6 +261,12 @@ struct FieldReader {
     var remaining: Int { data.count - position }
     mutating func skip(_ n: Int) { position += n }
 
+    /// Reserved bytes, which must be zero: a later version may give them a meaning, and must fail safe here.
+    mutating func reserved(_ n: Int) throws(SnapshotError) {
+        let at = position
+        guard try bytes(n).allSatisfy({ $0 == 0 }) else { throw .corrupt(part: part, "reserved bytes at offset \(at) are not zero") }
+    }
+
     mutating func bytes(_ n: Int) throws(SnapshotError) -> [UInt8] {
         guard n >= 0, n <= remaining else { throw .corrupt(part: part, "needs \(n) bytes at offset \(position), has \(max(remaining, 0))") }
         defer { position += n }
@@ -275,28 +288,25 @@ struct FieldReader {
 // MARK: metadata part bodies
 
 enum LayoutPart {
+    /// The body of the stream's MEMORY_LAYOUT record (stream.md §6.3).
     static func encode(_ layout: GuestMemoryLayout) -> [UInt8] {
-        var field = FieldWriter()
-        field.u32(UInt32(layout.regions.count))
-        field.u32(0)
-        for region in layout.regions {
-            field.u64(region.guestPhysicalAddress)
-            field.u64(region.size)
-            field.u32(region.flags.rawValue)
-            field.u32(0)
+        var bytes = [UInt8](repeating: 0, count: layout.encodedLength)
+        bytes.withUnsafeMutableBytes { buffer in
+            var writer = ByteWriter(buffer)
+            layout.encode(into: &writer)
         }
-        return field.bytes
+        return bytes
     }
 
     static func decode(_ bytes: [UInt8], frameCount: UInt64) throws(SnapshotError) -> GuestMemoryLayout {
         var field = FieldReader(bytes, part: "layout")
         let count = try field.u32()
-        field.skip(4)
+        try field.reserved(4)
         guard count >= 1, Int(count) * 24 == field.remaining else { throw .corrupt(part: "layout", "\(count) regions in \(bytes.count) bytes") }
         var regions: [MemoryRegion] = []
         for _ in 0 ..< count {
             regions.append(MemoryRegion(guestPhysicalAddress: try field.u64(), size: try field.u64(), flags: RegionFlags(rawValue: try field.u32())))
-            field.skip(4)
+            try field.reserved(4)
         }
         let layout = GuestMemoryLayout(regions: regions)
         if let bad = layout.firstInvalidRegion(pageSize: UInt32(SnapshotFormat.pageSize)) {
@@ -329,17 +339,17 @@ enum DevicesPart {
     static func decode(_ bytes: [UInt8]) throws(SnapshotError) -> [DeviceState] {
         var field = FieldReader(bytes, part: "devices")
         let count = try field.u32()
-        field.skip(4)
+        try field.reserved(4)
         // Each component takes at least 24 bytes, so the count is bounded by the part's (checked) length.
         guard Int(count) * 24 <= field.remaining else { throw .corrupt(part: "devices", "\(count) components in \(bytes.count) bytes") }
         var states: [DeviceState] = []
         for _ in 0 ..< count {
             let id = try field.u32(), instance = try field.u32(), version = try field.u32()
-            field.skip(4)
+            try field.reserved(4)
             let length = try field.u64()
             guard length <= UInt64(field.remaining) else { throw .corrupt(part: "devices", "component of \(length) bytes, \(field.remaining) left") }
             let blob = try field.bytes(Int(length))
-            field.skip((8 - Int(length) % 8) % 8)
+            try field.reserved((8 - Int(length) % 8) % 8)
             states.append(DeviceState(componentID: id, instance: instance, componentVersion: version, blob: ByteSlice(blob)))
         }
         return states
@@ -378,9 +388,9 @@ struct BlockEntry: Equatable {
         entries.reserveCapacity(blocks)
         for index in 0 ..< blocks {
             let offset = try field.u64(), length = try field.u32(), encodingValue = try field.u16()
-            field.skip(2)
+            try field.reserved(2)
             let checksum = try field.u32()
-            field.skip(4)
+            try field.reserved(4)
             guard let encoding = Encoding(rawValue: encodingValue) else { throw .corrupt(part: "block index", "block \(index): unknown encoding \(encodingValue)") }
             guard offset + UInt64(length) <= memoryLength, length <= UInt32(SnapshotFormat.blockPages * SnapshotFormat.pageSize) else {
                 throw .corrupt(part: "block index", "block \(index) (\(length) bytes at \(offset)) lies outside memory")

@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "ckvm.h"
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
@@ -22,6 +23,7 @@ int ckvm_install_kick_handler(int signo) {
 
 int ckvm_sigrtmin(void) { return SIGRTMIN; }
 int ckvm_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+int ckvm_start_writeback(int fd) { return sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE); }
 
 int ckvm_unblock_signal(int signo) {
     sigset_t set;

@@ -55,6 +55,12 @@ public final class OwnedFileDescriptor: @unchecked Sendable {
         _ = try systemCall("fsync") { fsync(rawValue) }
     }
 
+    /// Starts writing the file's dirty pages to disk and returns without waiting: a large file written this way
+    /// as it grows leaves little for the final `sync`.
+    public func startWriteback() throws {
+        _ = try systemCall("sync_file_range") { ckvm_start_writeback(rawValue) }
+    }
+
     /// The byte ranges below `limit` that hold data; the rest are holes, which read as zeros.
     /// Found with SEEK_DATA and SEEK_HOLE, so a sparse file of tens of GiB is walked in a few calls.
     public func dataRanges(from start: Int64 = 0, below limit: Int64) throws -> [Range<Int64>] {

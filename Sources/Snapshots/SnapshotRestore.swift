@@ -33,31 +33,36 @@ public enum SnapshotRestore {
     /// Pages read per system call.
     static let runPages = 256
 
-    public static func restore(_ chain: SnapshotChain, into sink: GuestSink,
+    /// `threads` readers work on alternate runs of pages at once (on these hosts the first touch of guest memory
+    /// costs as much as the read, and both scale with cores); the sink must take `page(frame:)` calls for
+    /// different frames from several threads, as the migration receiver's channels already make them.
+    public static func restore(_ chain: SnapshotChain, into sink: GuestSink, threads: Int = 2,
                                progress: ((_ done: Int, _ total: Int) -> Void)? = nil) throws(SnapshotError) -> RestoreReport {
         let started = monotonicNow()
         do throws(SnapshotError) {
             let total = try prepare(chain, sink)
-            let reader = ChainReader(chain)
-            let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: runPages * SnapshotFormat.pageSize, alignment: 4096)
-            defer { bounce.deallocate() }
-            var digest = MemoryDigest()
-            var done = 0
-            let frames = chain.top.frames
-            try chain.forEachDataRun(maximumPages: runPages) { (file, first, count) throws(SnapshotError) in
-                let firstFrame = frames.frame(at: first)
-                let destination = sink.page(frame: firstFrame)
-                // Straight into guest memory when the sink keeps the run contiguous; else through a buffer.
-                let contiguous = sink.page(frame: firstFrame + UInt64(count - 1)) == destination + (count - 1) * SnapshotFormat.pageSize
-                try reader.read(file: file, firstIndex: first, count: count, into: contiguous ? destination : bounce.baseAddress!)
-                for k in 0 ..< count {
-                    let page = sink.page(frame: firstFrame + UInt64(k))
-                    if !contiguous { page.copyMemory(from: bounce.baseAddress! + k * SnapshotFormat.pageSize, byteCount: SnapshotFormat.pageSize) }
-                    digest.add(PageHash.of(frame: firstFrame + UInt64(k), page: UnsafeRawBufferPointer(start: page, count: SnapshotFormat.pageSize)))
+            var runs: [(file: Int, first: Int, count: Int)] = []
+            try chain.forEachDataRun(maximumPages: runPages) { (file, first, count) throws(SnapshotError) in runs.append((file, first, count)) }
+            let shared = RestoreProgress(total: total, report: progress)
+            let workers = max(1, min(threads, runs.count))
+            DispatchQueue.concurrentPerform(iterations: workers) { worker in
+                let reader = ChainReader(chain)
+                let bounce = UnsafeMutableRawBufferPointer.allocate(byteCount: runPages * SnapshotFormat.pageSize, alignment: 4096)
+                defer { bounce.deallocate() }
+                var digest = MemoryDigest()
+                do throws(SnapshotError) {
+                    for run in stride(from: worker, to: runs.count, by: workers) where !shared.failed {
+                        let (file, first, count) = runs[run]
+                        try restoreRun(reader: reader, sink: sink, file: file, first: first, count: count, bounce: bounce, digest: &digest)
+                        shared.add(count)
+                    }
+                    shared.add(digest)
+                } catch {
+                    shared.fail(error)
                 }
-                done += count
-                progress?(done, total)
             }
+            if let error = shared.error { throw error }
+            let digest = shared.digest
             guard digest == chain.top.memoryDigest else {
                 throw SnapshotError.digestMismatch(expected: "\(chain.top.memoryDigest)", actual: "\(digest)")
             }
@@ -68,6 +73,21 @@ public enum SnapshotRestore {
         } catch {
             sink.discard()
             throw error
+        }
+    }
+
+    /// Reads one run of pages into the sink and adds their hashes to `digest`.
+    private static func restoreRun(reader: ChainReader, sink: GuestSink, file: Int, first: Int, count: Int,
+                                   bounce: UnsafeMutableRawBufferPointer, digest: inout MemoryDigest) throws(SnapshotError) {
+        let firstFrame = reader.chain.top.frames.frame(at: first)
+        let destination = sink.page(frame: firstFrame)
+        // Straight into guest memory when the sink keeps the run contiguous; else through a buffer.
+        let contiguous = (1 ..< count).allSatisfy { sink.page(frame: firstFrame + UInt64($0)) == destination + $0 * SnapshotFormat.pageSize }
+        try reader.read(file: file, firstIndex: first, count: count, into: contiguous ? destination : bounce.baseAddress!)
+        for k in 0 ..< count {
+            let page = contiguous ? destination + k * SnapshotFormat.pageSize : sink.page(frame: firstFrame + UInt64(k))
+            if !contiguous { page.copyMemory(from: bounce.baseAddress! + k * SnapshotFormat.pageSize, byteCount: SnapshotFormat.pageSize) }
+            digest.add(PageHash.of(frame: firstFrame + UInt64(k), page: UnsafeRawBufferPointer(start: page, count: SnapshotFormat.pageSize)))
         }
     }
 
@@ -214,3 +234,36 @@ public final class LazyRestore: @unchecked Sendable {
 }
 
 func monotonicNow() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+/// What the threads of an eager restore share: pages done, the digest so far, and the first error.
+private final class RestoreProgress: @unchecked Sendable {
+    private let lock = NSLock()
+    private let total: Int
+    private let report: ((Int, Int) -> Void)?
+    private var done = 0
+    private(set) var digest = MemoryDigest()
+    private(set) var error: SnapshotError?
+
+    init(total: Int, report: ((Int, Int) -> Void)?) {
+        self.total = total
+        self.report = report
+    }
+
+    var failed: Bool { lock.withLock { error != nil } }
+
+    func add(_ pages: Int) {
+        lock.withLock {
+            done += pages
+            report?(done, total)
+        }
+    }
+
+    func add(_ partial: MemoryDigest) {
+        lock.withLock {
+            digest.low &+= partial.low
+            digest.high &+= partial.high
+        }
+    }
+
+    func fail(_ error: SnapshotError) { lock.withLock { if self.error == nil { self.error = error } } }
+}

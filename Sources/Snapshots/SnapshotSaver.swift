@@ -58,7 +58,7 @@ public final class SnapshotSaver {
     public let options: SnapshotSaveOptions
     public var onProgress: ((MigrationProgress) -> Void)?
 
-    private static let runPages = 64
+    private static let runPages = 256
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: runPages * SnapshotFormat.pageSize, alignment: 4096)
     private var history: [PassStatistics] = []
     private let started = monotonicNow()
@@ -148,7 +148,7 @@ public final class SnapshotSaver {
         }
         let final = last.sorted()
         let passStart = monotonicNow()
-        try write(final, writer, pass: history.count)
+        try write(final, writer, pass: history.count, paused: true)
         history.append(statistics(pass: history.count, pages: final.count, seconds: monotonicNow() - passStart, dirtyPages: 0))
         let deviceState = try guest { try source.captureDeviceState() }
         source.setThrottle(0)
@@ -179,7 +179,7 @@ public final class SnapshotSaver {
         var throttle = 0.0
         while true {
             let passStart = monotonicNow()
-            try write(frames, writer, pass: history.count)
+            try write(frames, writer, pass: history.count, paused: false)
             var dirty: [UInt64] = []
             try guest { try source.harvestDirtyFrames { dirty.append($0) } }
             state.harvested.append(contentsOf: dirty)
@@ -196,20 +196,28 @@ public final class SnapshotSaver {
         }
     }
 
-    /// Copies `frames` (sorted) out of the guest in runs of consecutive frames and hands them to the writer.
-    /// Each page is copied before it is checked and written, so that its CRC and its bytes agree even while
-    /// the guest writes to it (a page changed after its copy is dirty, and the next pass writes it again).
-    private func write(_ frames: [UInt64], _ writer: SnapshotWriter, pass: Int) throws(SnapshotError) {
+    /// Hands `frames` (sorted) to the writer in runs of consecutive frames. While the guest runs, each page is
+    /// first copied, so that its CRC and its bytes agree even if the guest writes to it meanwhile (a page
+    /// changed after its copy is dirty, and the next pass writes it again). A paused guest's pages are
+    /// written straight from its memory.
+    private func write(_ frames: [UInt64], _ writer: SnapshotWriter, pass: Int, paused: Bool) throws(SnapshotError) {
         var position = 0
         var lastReport = monotonicNow()
         while position < frames.count {
             var count = 1
             while position + count < frames.count, count < Self.runPages, frames[position + count] == frames[position] + UInt64(count) { count += 1 }
-            for k in 0 ..< count {
-                (buffer.baseAddress! + k * SnapshotFormat.pageSize).copyMemory(from: source.page(frame: frames[position + k]), byteCount: SnapshotFormat.pageSize)
+            let first = source.page(frame: frames[position])
+            let pages: UnsafeRawBufferPointer
+            if paused, (1 ..< count).allSatisfy({ source.page(frame: frames[position + $0]) == first + $0 * SnapshotFormat.pageSize }) {
+                pages = UnsafeRawBufferPointer(start: first, count: count * SnapshotFormat.pageSize)
+            } else {
+                for k in 0 ..< count {
+                    (buffer.baseAddress! + k * SnapshotFormat.pageSize).copyMemory(from: source.page(frame: frames[position + k]), byteCount: SnapshotFormat.pageSize)
+                }
+                pages = UnsafeRawBufferPointer(rebasing: buffer[0 ..< count * SnapshotFormat.pageSize])
             }
             guard let index = writer.frames.index(of: frames[position]) else { throw .guest("frame \(frames[position]) lies outside the memory layout") }
-            try writer.write(pages: UnsafeRawBufferPointer(rebasing: buffer[0 ..< count * SnapshotFormat.pageSize]), firstIndex: index)
+            try writer.write(pages: pages, firstIndex: index)
             bytesWritten += count * SnapshotFormat.pageSize
             position += count
             if monotonicNow() - lastReport > 0.25 {

@@ -49,13 +49,11 @@ public final class SnapshotWriter {
     private let memoryOffset: UInt64
     private var finished = false
     // Compressed files only.
-    private var compressor: BlockCompressor?
-    private var pendingBlock: UnsafeMutableRawBufferPointer?
-    private var pendingPages = 0
-    private var compressedBuffer: UnsafeMutableRawBufferPointer?
+    private var batch: BlockBatch?
     private var blocks: [BlockEntry] = []
     private var memoryEnd: UInt64
     private var lastIndexWritten = -1
+    private var bytesSinceWriteback = 0
 
     public enum Compression: String, Sendable, Codable { case lz4, zstd }
 
@@ -108,19 +106,14 @@ public final class SnapshotWriter {
         case .compressed:
             memoryOffset = UInt64(SnapshotFormat.headerLength)
             memoryEnd = memoryOffset
-            do { compressor = try BlockCompressor(compression == .lz4 ? .lz4(acceleration: 1) : .zstd(level: 3)) } catch {
+            do { batch = try BlockBatch(compression == .lz4 ? .lz4(acceleration: 1) : .zstd(level: 3)) } catch {
                 discard()
                 throw .io("compressor: \(error)")
             }
-            let blockBytes = SnapshotFormat.blockPages * SnapshotFormat.pageSize
-            pendingBlock = .allocate(byteCount: blockBytes, alignment: 4096)
-            compressedBuffer = .allocate(byteCount: compressor!.bound(blockBytes), alignment: 64)
         }
     }
 
     deinit {
-        pendingBlock?.deallocate()
-        compressedBuffer?.deallocate()
         if !finished { unlink(temporaryPath) }
     }
 
@@ -146,6 +139,7 @@ public final class SnapshotWriter {
                     try fileOperation("writing \(temporaryPath)") {
                         try file.write(all: run, at: Int64(memoryOffset) + Int64(firstIndex + start) * Int64(SnapshotFormat.pageSize))
                     }
+                    wrote(run.count)
                     runStart = nil
                 }
             }
@@ -185,27 +179,30 @@ public final class SnapshotWriter {
 
     private func appendCompressed(_ page: UnsafeRawBufferPointer, at index: Int, isData: Bool) throws(SnapshotError) {
         try checkOrder(index)
-        guard isData, let pendingBlock else { return }
-        (pendingBlock.baseAddress! + pendingPages * SnapshotFormat.pageSize).copyMemory(from: page.baseAddress!, byteCount: SnapshotFormat.pageSize)
-        pendingPages += 1
-        if pendingPages == SnapshotFormat.blockPages { try flushBlock() }
+        guard isData, let batch else { return }
+        batch.append(page)
+        if batch.isFull { try flushBlocks() }
     }
 
-    /// Compresses the pending pages into one block (stored raw if compression does not shrink them).
-    private func flushBlock() throws(SnapshotError) {
-        guard pendingPages > 0, let pendingBlock, let compressedBuffer, let compressor else { return }
-        let input = UnsafeRawBufferPointer(rebasing: pendingBlock[0 ..< pendingPages * SnapshotFormat.pageSize])
-        var stored = input
-        var encoding = BlockEntry.Encoding.raw
-        if let length = compressor.compress(input, into: UnsafeMutableRawBufferPointer(rebasing: compressedBuffer[0 ..< input.count - 1])) {
-            stored = UnsafeRawBufferPointer(rebasing: compressedBuffer[0 ..< length])
-            encoding = compressor.codec.kind == .lz4 ? .lz4 : .zstd
+    /// Compresses the gathered pages and appends their blocks to MEMORY.
+    private func flushBlocks() throws(SnapshotError) {
+        try batch?.flush { (block) throws(SnapshotError) in
+            try fileOperation("writing \(temporaryPath)") { try file.write(all: block.bytes, at: Int64(memoryEnd)) }
+            blocks.append(BlockEntry(offset: memoryEnd - memoryOffset, length: UInt32(block.bytes.count), encoding: block.encoding,
+                                     checksum: FastCRC32C.update(0, block.bytes)))
+            memoryEnd += UInt64(block.bytes.count)
+            wrote(block.bytes.count)
         }
-        try fileOperation("writing \(temporaryPath)") { try file.write(all: stored, at: Int64(memoryEnd)) }
-        blocks.append(BlockEntry(offset: memoryEnd - memoryOffset, length: UInt32(stored.count), encoding: encoding,
-                                 checksum: FastCRC32C.update(0, stored)))
-        memoryEnd += UInt64(stored.count)
-        pendingPages = 0
+    }
+
+    /// Starts writeback every 64 MiB, so that the disk works while pages are still being written and the
+    /// final fsync has little left to do.
+    private func wrote(_ bytes: Int) {
+        bytesSinceWriteback += bytes
+        if bytesSinceWriteback >= 64 << 20 {
+            try? file.startWriteback()
+            bytesSinceWriteback = 0
+        }
     }
 
     /// Writes the metadata and the header, syncs the file and moves it into place; returns its header.
@@ -247,7 +244,7 @@ public final class SnapshotWriter {
             parts.append(Part(type: .memory, offset: memoryOffset, length: UInt64(frames.count) * pageSize, checksum: 0))
             next = memoryEnd
         case .compressed:
-            try flushBlock()
+            try flushBlocks()
             parts.append(Part(type: .memory, offset: memoryOffset, length: memoryEnd - memoryOffset, checksum: 0))
             next = alignUp(memoryEnd, pageSize)
             try put(.pageMap, pageMap, at: next)

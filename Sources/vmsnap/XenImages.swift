@@ -22,7 +22,8 @@ enum XenConversion {
         let chain = try SnapshotChain.open(path, parents: parents)
         let sink = XenImageSink(path: output)
         let bar = ProgressBar("converting")
-        _ = try SnapshotRestore.restore(chain, into: sink) { bar.update(done: $0, total: $1) }
+        // One thread: the image sink records which frames it was handed in a plain array.
+        _ = try SnapshotRestore.restore(chain, into: sink, threads: 1) { bar.update(done: $0, total: $1) }
         bar.finish()
         do { try sink.start() } catch { throw SnapshotError.io("writing \(output): \(error)") }
         print("wrote \(output): xl save image of snapshot \(chain.top.header.id), \(chain.dataPages) data pages, \(Formatting.bytes(Double(sink.bytesWritten)))")

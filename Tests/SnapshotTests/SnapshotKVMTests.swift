@@ -91,11 +91,14 @@ final class SnapshotKVMTests: KVMTestCase {
 
     /// Issue 5, test 4: a live snapshot pauses the guest only briefly while 256 MiB are written at 50 MiB/s.
     func testLiveSnapshotPausesTheGuestBriefly() throws {
-        let (machine, _) = try boot("workload=memstress size_mib=256 rate_mib=50", memory: 512 << 20)
+        let (machine, console) = try boot("workload=memstress size_mib=256 rate_mib=50", memory: 512 << 20)
+        // The whole working set written once (65536 pages), so that the snapshot holds all of it.
+        XCTAssertNotNil(console.waitForLine(timeout: 30) { $0.contains("pages=65536 ") && $0.contains("verify=ok") })
         var options = SnapshotSaveOptions()
         options.keepTracking = false
         let saved = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("brief"), options: options).run()
         print("live snapshot of a 256 MiB working set at 50 MiB/s: paused \(String(format: "%.1f", saved.pauseSeconds * 1000)) ms, passes \(saved.passes.count)")
+        XCTAssertGreaterThanOrEqual(saved.header.dataPages, 65536)
         XCTAssertLessThan(saved.pauseSeconds, 0.05)
     }
 

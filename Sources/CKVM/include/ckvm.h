@@ -124,6 +124,9 @@ int ckvm_sigrtmin(void);
 
 int ckvm_memfd_create(const char *name, unsigned int flags);
 static const unsigned int CKVM_MFD_CLOEXEC = 1U; // MFD_CLOEXEC from <linux/memfd.h>
+// Starts writeback of every dirty page of the file without waiting for it (SYNC_FILE_RANGE_WRITE over all of
+// it), so that a later fsync finds little left to write.
+int ckvm_start_writeback(int fd);
 
 // _BITUL() flags Swift cannot import.
 static const uint32_t CKVM_DIRTY_GFN_F_DIRTY = KVM_DIRTY_GFN_F_DIRTY;

@@ -1,0 +1,66 @@
+import Dispatch
+import PageCodec
+
+/// Data pages on their way into a compressed snapshot: gathered into blocks of `SnapshotFormat.blockPages`
+/// pages, and compressed a batch of blocks at a time on all cores. Each block has its own compressor and
+/// output buffer, so the blocks of a batch share nothing while they are compressed.
+final class BlockBatch {
+    /// Blocks compressed together: enough for every core to have work, little enough memory (2 MiB of pages).
+    static let blocks = 8
+    static let blockBytes = SnapshotFormat.blockPages * SnapshotFormat.pageSize
+
+    /// One compressed (or raw, when compression did not help) block, ready to be written.
+    struct Output {
+        var bytes: UnsafeRawBufferPointer
+        var encoding: BlockEntry.Encoding
+    }
+
+    private let input = UnsafeMutableRawBufferPointer.allocate(byteCount: blocks * blockBytes, alignment: 4096)
+    private let outputs: [UnsafeMutableRawBufferPointer]
+    private let compressors: [BlockCompressor]
+    private(set) var pages = 0
+
+    init(_ codec: CompressionCodec) throws {
+        compressors = try (0 ..< Self.blocks).map { _ in try BlockCompressor(codec) }
+        outputs = compressors.map { .allocate(byteCount: $0.bound(Self.blockBytes), alignment: 64) }
+    }
+
+    deinit {
+        input.deallocate()
+        for output in outputs { output.deallocate() }
+    }
+
+    var isFull: Bool { pages == Self.blocks * SnapshotFormat.blockPages }
+
+    func append(_ page: UnsafeRawBufferPointer) {
+        precondition(!isFull)
+        (input.baseAddress! + pages * SnapshotFormat.pageSize).copyMemory(from: page.baseAddress!, byteCount: SnapshotFormat.pageSize)
+        pages += 1
+    }
+
+    /// Compresses the gathered pages, block by block in parallel, hands each block to `write` in order, and
+    /// empties the batch.
+    func flush(_ write: (Output) throws(SnapshotError) -> Void) throws(SnapshotError) {
+        let count = (pages + SnapshotFormat.blockPages - 1) / SnapshotFormat.blockPages
+        guard count > 0 else { return }
+        let results = UnsafeMutableBufferPointer<Output>.allocate(capacity: count)
+        defer { results.deallocate() }
+        let pages = self.pages
+        DispatchQueue.concurrentPerform(iterations: count) { block in
+            let start = block * Self.blockBytes
+            let length = min(Self.blockBytes, pages * SnapshotFormat.pageSize - start)
+            let source = UnsafeRawBufferPointer(rebasing: input[start ..< start + length])
+            let output = outputs[block]
+            let compressor = compressors[block]
+            // Capacity one byte short of the input: compression must win, else the block is stored raw.
+            if let compressed = compressor.compress(source, into: UnsafeMutableRawBufferPointer(rebasing: output[0 ..< length - 1])) {
+                results[block] = Output(bytes: UnsafeRawBufferPointer(rebasing: output[0 ..< compressed]),
+                                        encoding: compressor.codec.kind == .lz4 ? .lz4 : .zstd)
+            } else {
+                results[block] = Output(bytes: source, encoding: .raw)
+            }
+        }
+        for block in 0 ..< count { try write(results[block]) }
+        self.pages = 0
+    }
+}

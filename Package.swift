@@ -17,6 +17,7 @@ let package = Package(
         .library(name: "KVMMigration", targets: ["KVMMigration"]),
         .library(name: "Snapshots", targets: ["Snapshots"]),
         .executable(name: "vmsnap", targets: ["vmsnap"]),
+        .executable(name: "snapshot-bench", targets: ["SnapshotBench"]),
         .executable(name: "microvm", targets: ["MicroVMCLI"]),
         .executable(name: "kvm-bench", targets: ["KVMBench"]),
         .executable(name: "migration-bench", targets: ["MigrationBench"]),
@@ -59,6 +60,7 @@ let package = Package(
         .executableTarget(name: "vmsnap", dependencies: [
             "Snapshots", "KVMMigration", "MicroVM", "MigratedAPI", "XenAdapter", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "SnapshotBench", dependencies: ["Snapshots", "KVMMigration", "MicroVM"], path: "bench/snapshot"),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
         .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM"], path: "bench/xen"),

@@ -13,6 +13,7 @@ public final class SnapshotFile: @unchecked Sendable {
     public let layout: GuestMemoryLayout
     public let frames: FrameIndex
     public let pageMap: [UInt8]
+    /// CRC32C of each data page, in data-page order (see `dataIndices`).
     public let checksums: [UInt32]
     public let deviceState: [DeviceState]
     /// Frame indices of the data pages, in order (a data page's ordinal is its position here).
@@ -59,7 +60,7 @@ public final class SnapshotFile: @unchecked Sendable {
             throw .corrupt(part: "page map", "\(data.count) data and \(zero) zero pages, the header says \(header.dataPages) and \(header.zeroPages)")
         }
         let checksumBytes = try checkedPart(.pageChecksums)
-        guard checksumBytes.count == frameCount * 4 else { throw .corrupt(part: "page checksums", "\(checksumBytes.count) bytes for \(frameCount) frames") }
+        guard checksumBytes.count == data.count * 4 else { throw .corrupt(part: "page checksums", "\(checksumBytes.count) bytes for \(data.count) data pages") }
         let memory = header.part(.memory)!
         switch header.memoryFormat {
         case .plain:
@@ -72,7 +73,7 @@ public final class SnapshotFile: @unchecked Sendable {
             blocks = try BlockEntry.decode(try checkedPart(.blockIndex), blocks: count, memoryLength: memory.length)
         }
         deviceState = try DevicesPart.decode(try checkedPart(.devices))
-        checksums = checksumBytes.withUnsafeBytes { raw in (0 ..< frameCount).map { UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: UInt32.self)) } }
+        checksums = checksumBytes.withUnsafeBytes { raw in (0 ..< data.count).map { UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: UInt32.self)) } }
         self.path = path
         self.file = file
         self.fileSize = fileSize
@@ -104,13 +105,22 @@ public final class SnapshotFile: @unchecked Sendable {
 
     /// The ordinal of the data page at frame index `index`, by binary search over `dataIndices`.
     func ordinal(ofIndex index: Int) -> Int? {
+        let low = firstOrdinal(atOrAfter: index)
+        return low < dataIndices.count && dataIndices[low] == index ? low : nil
+    }
+
+    /// The ordinal of the first data page at frame index `index` or later.
+    func firstOrdinal(atOrAfter index: Int) -> Int {
         var low = 0, high = dataIndices.count
         while low < high {
             let middle = (low + high) / 2
             if dataIndices[middle] < index { low = middle + 1 } else { high = middle }
         }
-        return low < dataIndices.count && dataIndices[low] == index ? low : nil
+        return low
     }
+
+    /// The CRC32C of the data page at frame index `index`, or nil when this file holds no data for it.
+    public func checksum(ofIndex index: Int) -> UInt32? { ordinal(ofIndex: index).map { checksums[$0] } }
 
     /// Names a page in errors the way an operator can look it up: guest-physical address and frame index.
     func pageName(_ index: Int) -> String {
@@ -158,8 +168,10 @@ public final class PageReader {
             try snapshot.file.read(all: UnsafeMutableRawBufferPointer(start: destination, count: count * pageSize),
                                    at: Int64(snapshot.memory.offset) + Int64(firstIndex) * Int64(pageSize))
         }
+        var ordinal = snapshot.firstOrdinal(atOrAfter: firstIndex)
         for k in 0 ..< count where snapshot.pageMap[firstIndex + k] == PageState.data.rawValue {
-            try check(UnsafeRawBufferPointer(start: destination + k * pageSize, count: pageSize), index: firstIndex + k)
+            try check(UnsafeRawBufferPointer(start: destination + k * pageSize, count: pageSize), index: firstIndex + k, ordinal: ordinal)
+            ordinal += 1
         }
     }
 
@@ -191,7 +203,7 @@ public final class PageReader {
             throw .corrupt(part: "memory block \(block) of \(snapshot.path)", "does not decompress to \(count) pages: \(error)")
         }
         for k in 0 ..< count {
-            try check(UnsafeRawBufferPointer(rebasing: output[k * pageSize ..< (k + 1) * pageSize]), index: snapshot.dataIndices[first + k])
+            try check(UnsafeRawBufferPointer(rebasing: output[k * pageSize ..< (k + 1) * pageSize]), index: snapshot.dataIndices[first + k], ordinal: first + k)
         }
         cachedBlock = block
         return UnsafeRawBufferPointer(output)
@@ -210,10 +222,11 @@ public final class PageReader {
         }
     }
 
-    private func check(_ page: UnsafeRawBufferPointer, index: Int) throws(SnapshotError) {
+    /// Checks the page at frame index `index`, data page number `ordinal`, against its CRC32C.
+    private func check(_ page: UnsafeRawBufferPointer, index: Int, ordinal: Int) throws(SnapshotError) {
         let actual = FastCRC32C.update(0, page)
-        guard actual == snapshot.checksums[index] else {
-            throw .checksumMismatch(part: snapshot.pageName(index), detail: String(format: "CRC32C %08x, expected %08x", actual, snapshot.checksums[index]))
+        guard actual == snapshot.checksums[ordinal] else {
+            throw .checksumMismatch(part: snapshot.pageName(index), detail: String(format: "CRC32C %08x, expected %08x", actual, snapshot.checksums[ordinal]))
         }
     }
 }

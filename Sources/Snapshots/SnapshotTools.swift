@@ -134,7 +134,7 @@ public enum SnapshotCompare {
             case (true, false), (false, true): differs = true // data pages are never zero
             case (false, false):
                 // Different checksums settle it without reading; equal ones are confirmed byte by byte.
-                differs = a.files[Int(ownerA)].checksums[index] != b.files[Int(ownerB)].checksums[index]
+                differs = a.files[Int(ownerA)].checksum(ofIndex: index) != b.files[Int(ownerB)].checksum(ofIndex: index)
                 if !differs {
                     _ = try readerA.readPage(index: index, into: pageA)
                     _ = try readerB.readPage(index: index, into: pageB)

@@ -43,6 +43,7 @@ public final class SnapshotWriter {
     private let temporaryPath: String
     private let file: OwnedFileDescriptor
     private var pageMap: [UInt8]
+    /// CRC32C per frame while pages may still be rewritten; the file keeps those of data pages only.
     private var checksums: [UInt32]
     /// Page hashes for the memory digest; nil when the caller supplies the digest (converting a diff).
     private let pageHashes: DigestTracker?
@@ -54,6 +55,7 @@ public final class SnapshotWriter {
     private var memoryEnd: UInt64
     private var lastIndexWritten = -1
     private var bytesSinceWriteback = 0
+    private let writeback = WritebackState()
 
     public enum Compression: String, Sendable, Codable { case lz4, zstd }
 
@@ -196,12 +198,16 @@ public final class SnapshotWriter {
     }
 
     /// Starts writeback every 64 MiB, so that the disk works while pages are still being written and the
-    /// final fsync has little left to do.
+    /// final fsync has little left to do. It is started from a thread of its own: sync_file_range blocks
+    /// while the disk's queue is full, and the writer may be working for a paused guest.
     private func wrote(_ bytes: Int) {
         bytesSinceWriteback += bytes
-        if bytesSinceWriteback >= 64 << 20 {
+        guard bytesSinceWriteback >= 64 << 20, !writeback.pending.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        bytesSinceWriteback = 0
+        let (file, writeback) = (self.file, self.writeback)
+        DispatchQueue.global(qos: .utility).async {
             try? file.startWriteback()
-            bytesSinceWriteback = 0
+            writeback.pending.store(false, ordering: .releasing)
         }
     }
 
@@ -233,7 +239,8 @@ public final class SnapshotWriter {
             try fileOperation("writing \(temporaryPath)") { try bytes.withUnsafeBytes { try file.write(all: $0, at: Int64(offset)) } }
             parts.append(Part(type: type, offset: offset, length: UInt64(bytes.count), checksum: crc32c(bytes)))
         }
-        let checksumBytes = checksums.withUnsafeBytes { raw in Array(raw) } // little-endian hosts only (x86-64)
+        // One checksum per data page, in frame order; little-endian hosts only (x86-64).
+        let checksumBytes = zip(pageMap, checksums).filter { $0.0 == PageState.data.rawValue }.map(\.1).withUnsafeBytes { Array($0) }
         switch memoryFormat {
         case .plain:
             // The places reserved in front of memory: page map, then checksums.
@@ -299,4 +306,9 @@ private func syncDirectory(of path: String) {
     guard fd >= 0 else { return }
     fsync(fd)
     close(fd)
+}
+
+/// Whether a writeback request of a writer is under way (one at a time is enough).
+private final class WritebackState: Sendable {
+    let pending = Atomic<Bool>(false)
 }

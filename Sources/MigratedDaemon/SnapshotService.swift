@@ -112,6 +112,10 @@ public final class SnapshotService: @unchecked Sendable {
         guard request.path.hasPrefix("/"), request.parents?.allSatisfy({ $0.hasPrefix("/") }) ?? true else {
             throw .badRequest("path and parents must be absolute paths on the daemon's host")
         }
+        if let id = request.id {
+            guard VMManager.isValidID(id) else { throw .badRequest("id '\(id)' must match [a-z0-9][a-z0-9_-]{0,62}") }
+            if (try? vms.vm(id)) != nil { throw .conflict("vm_exists", "a VM named '\(id)' exists already") }
+        }
         let started = Date()
         let chain: SnapshotChain
         do { chain = try SnapshotChain.open(request.path, parents: request.parents ?? []) } catch {

@@ -82,10 +82,9 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
     /// A disk that fills up during the save: a clear error, no file left, and the VM runs on.
     func testFullDiskDuringSaveLeavesNoFileAndTheVMRunning() async throws {
         try await withDaemon(memoryBudgetMiB: 1024) { daemon in
-            let disk = daemon.directory + "/small-disk"
-            try FileManager.default.createDirectory(atPath: disk, withIntermediateDirectories: true)
-            guard mount(disk) else { throw XCTSkip("cannot mount a small tmpfs here (needs root)") }
-            defer { unmount(disk) }
+            let smallDisk = try SmallDisk(at: daemon.directory + "/small-disk", size: "4m")
+            defer { smallDisk.unmount() }
+            let disk = smallDisk.path
             _ = try TestGuest.image()
             _ = try await daemon.client.createVM(VMCreateRequest(id: "full", image: TestGuest.path, memoryMib: 128, cmdline: Self.guest))
             let before = try await XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "full"), "the guest runs")
@@ -95,19 +94,6 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
             XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: disk), [], "nothing is left behind")
             _ = try await XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "full"), "the VM runs on")
         }
-    }
-
-    private func mount(_ path: String) -> Bool { system(["/bin/mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", path]) == 0 }
-    private func unmount(_ path: String) { _ = system(["/bin/umount", path]) }
-
-    private func system(_ command: [String]) -> Int32 {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: command[0])
-        process.arguments = Array(command.dropFirst())
-        process.standardError = FileHandle.nullDevice
-        guard (try? process.run()) != nil else { return -1 }
-        process.waitUntilExit()
-        return process.terminationStatus
     }
 
     /// The frame index of the first data page, from the page map part (state 2 = data).

@@ -1,6 +1,7 @@
 import Foundation
 import MigrationWire
 import Snapshots
+import TestSupport
 import XCTest
 
 /// The file format on its own: real files written and read back, damaged on purpose, without a guest.
@@ -175,13 +176,9 @@ final class SnapshotFormatTests: XCTestCase {
 
     /// A disk that fills up while pages are written: a clear error, and no file of any name left behind.
     func testFullDiskGivesAClearErrorAndLeavesNoFile() throws {
-        let mountPoint = directory.appendingPathComponent("small-disk")
-        try FileManager.default.createDirectory(at: mountPoint, withIntermediateDirectories: true)
-        guard run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", mountPoint.path]) == 0 else {
-            throw XCTSkip("cannot mount a small tmpfs here (needs root)")
-        }
-        defer { _ = run("/bin/umount", [mountPoint.path]) }
-        let target = mountPoint.appendingPathComponent("snap").path
+        let disk = try SmallDisk(at: directory.appendingPathComponent("small-disk").path, size: "1m")
+        defer { disk.unmount() }
+        let target = disk.path + "/snap"
         XCTAssertThrowsError(try {
             let writer = try SnapshotWriter(path: target, layout: layout, kind: .full)
             let memory = sampleMemory()
@@ -190,16 +187,6 @@ final class SnapshotFormatTests: XCTestCase {
         }()) { error in
             XCTAssertTrue("\(error)".contains("No space left on device"), "\(error)")
         }
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mountPoint.path), [])
-    }
-
-    private func run(_ tool: String, _ arguments: [String]) -> Int32 {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: tool)
-        process.arguments = arguments
-        process.standardError = FileHandle.nullDevice
-        guard (try? process.run()) != nil else { return -1 }
-        process.waitUntilExit()
-        return process.terminationStatus
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: disk.path), [])
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import XCTest
 
 /// What one of the project's command-line tools printed (standard output and error together) and how it exited.
 public struct ToolOutput: Sendable {
@@ -24,4 +25,31 @@ public func runTool(_ tool: String, _ arguments: [String]) async throws -> ToolO
         }
     }
     return ToolOutput(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
+}
+
+/// Runs a system command quietly to completion; its exit status, or -1 when it cannot be started.
+public func runCommand(_ command: [String]) -> Int32 {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: command[0])
+    process.arguments = Array(command.dropFirst())
+    process.standardError = FileHandle.nullDevice
+    guard (try? process.run()) != nil else { return -1 }
+    process.waitUntilExit()
+    return process.terminationStatus
+}
+
+/// A tmpfs of a few MiB mounted at `path`, for the tests of a disk that fills up; skips the test where mounting
+/// is not allowed (not root).
+public struct SmallDisk {
+    public let path: String
+
+    public init(at path: String, size: String) throws {
+        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        guard runCommand(["/bin/mount", "-t", "tmpfs", "-o", "size=\(size)", "tmpfs", path]) == 0 else {
+            throw XCTSkip("cannot mount a small tmpfs at \(path) (needs root)")
+        }
+        self.path = path
+    }
+
+    public func unmount() { _ = runCommand(["/bin/umount", path]) }
 }

@@ -63,7 +63,7 @@ let package = Package(
         .executableTarget(name: "SnapshotBench", dependencies: ["Snapshots", "KVMMigration", "MicroVM"], path: "bench/snapshot"),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
-        .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM"], path: "bench/xen"),
+        .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots"], path: "bench/xen"),
 
         .target(name: "TestSupport", dependencies: ["KVMBackend", "Transport"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),

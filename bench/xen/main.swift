@@ -1,5 +1,5 @@
-// Write and read throughput of xl save images against MicroVM's native save file (protocol/microvm-save.md),
-// for a 4 GiB guest holding 1 GiB of data.
+// Write and read throughput of xl save images against the native formats: the snapshot file
+// (protocol/snapshot.md) and MicroVM's save file (protocol/microvm-save.md), for a 4 GiB guest holding 1 GiB of data.
 //   swift build -c release --product xen-bench && .build/release/xen-bench guest/build/guest.elf [directory] [repeats]
 // Write: a paused MicroVM to a synced file, for Xen both through GuestCopy into XenImageSink (the seam) and
 // straight from the source (XenImageSink.save). Read: the file to a MicroVM ready to run, with the file's pages
@@ -9,6 +9,7 @@ import Glibc
 import KVMMigration
 import MicroVM
 import MigrationEngine
+import Snapshots
 import XenAdapter
 
 let arguments = CommandLine.arguments
@@ -60,9 +61,23 @@ func time(_ body: () throws -> Void) rethrows -> Double {
 
 func median(_ values: [Double]) -> Double { values.sorted()[values.count / 2] }
 
-let native = directory + "/xen-bench-native.save", xen = directory + "/xen-bench.xl"
+let native = directory + "/xen-bench-native.save", xen = directory + "/xen-bench.xl", snapshot = directory + "/xen-bench.snap"
 var results: [String: [Double]] = [:]
+var snapshotOptions = SnapshotSaveOptions()
+snapshotOptions.live = false
+snapshotOptions.resumeGuest = false
+snapshotOptions.keepTracking = false
+snapshotOptions.overwrite = true
 for _ in 0 ..< repeats {
+    results["snapshot write (plain)", default: []].append(try time {
+        try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: snapshot, options: snapshotOptions).run()
+    })
+    evict(snapshot)
+    results["snapshot read (eager restore)", default: []].append(try time {
+        let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
+        _ = try SnapshotRestore.restore(try SnapshotChain.open(snapshot), into: sink)
+        sink.discard()
+    })
     results["native write", default: []].append(try time { try MicroVMSaveFile.write(machine, to: native) })
     evict(native)
     results["native read", default: []].append(try time {
@@ -99,12 +114,13 @@ print("guest \(guestBytes >> 30) GiB, populated \(String(format: "%.3f", Double(
 print("native save file: \(fileSize(native)) bytes apparent, \(allocatedBytes(native)) allocated; xl image: \(fileSize(xen)) bytes")
 print("| operation | median s | fastest s | GB/s of guest data (median) |")
 print("|---|---|---|---|")
-for key in ["native write", "xen write", "  of which: collect pages in the sink", "  of which: write and sync the file",
+for key in ["snapshot write (plain)", "native write", "xen write", "  of which: collect pages in the sink", "  of which: write and sync the file",
             "xen write, straight from the VM (XenImageSink.save)",
-            "native read", "xen read", "  of which: open and check the image", "  of which: copy pages into the MicroVM"] {
+            "snapshot read (eager restore)", "native read", "xen read", "  of which: open and check the image", "  of which: copy pages into the MicroVM"] {
     let t = median(results[key]!)
     let fastest = results[key]!.min()!
     print("| \(key) | \(String(format: "%.3f", t)) | \(String(format: "%.3f", fastest)) | \(String(format: "%.2f", Double(populated) / t / 1e9)) |")
 }
 unlink(native)
 unlink(xen)
+unlink(snapshot)

@@ -37,6 +37,9 @@ let scenarios = [
     Scenario(name: "dirty-50", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=50 pattern=mixed", compression: .adaptive, channels: 2),
     Scenario(name: "dirty-200", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=200 pattern=mixed", compression: .adaptive, channels: 2),
     Scenario(name: "dirty-800", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=800 pattern=mixed", compression: .adaptive, channels: 2),
+    // One channel with a fixed codec: where compressing and sending on separate threads shows.
+    Scenario(name: "text-1g-lz4-1ch", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=text", compression: .lz4, channels: 1),
+    Scenario(name: "text-1g-zstd-1ch", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=text", compression: .zstd, channels: 1),
 ]
 
 print("scenario             total s  downtime ms  passes  wire MB   payload GB/s  CPU s   result")

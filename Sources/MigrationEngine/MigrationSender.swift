@@ -225,7 +225,7 @@ public final class MigrationSender: @unchecked Sendable {
             group.enter()
             let thread = Thread { [self] in
                 let result = Result {
-                    try streamer.send(frames: frames[index], pass: pass, skipZero: pass == 0, progress: pagesDone, wireProgress: bytesInPass) { isCancelled }
+                    try streamer.send(frames: frames[index], pass: pass, skipZero: pass == 0, progress: pagesDone, wireProgress: bytesInPass) { self.isCancelled }
                 }
                 if case .failure = result {
                     // A failed channel must not leave the others blocked on a peer that stopped reading.

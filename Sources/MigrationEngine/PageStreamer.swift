@@ -3,8 +3,11 @@ import MigrationWire
 import PageCodec
 import Synchronization
 
-/// Sends guest pages on one channel: encodes them in batches (zero, raw or compressed, page by page), keeps
-/// this channel's share of the memory digest, and honours a bandwidth cap.
+/// Sends guest pages on one channel, as a two-stage pipeline: an encoder thread copies pages out of guest
+/// memory and encodes them in batches (zero, raw or compressed, page by page) while the channel's thread sends
+/// the batches before them. Batches travel between the two in a small pool, so memory stays bounded and
+/// neither stage waits for the other unless it is the slower one. The streamer keeps this channel's share of
+/// the memory digest and honours a bandwidth cap.
 ///
 /// Each page is first copied once out of guest memory: the guest keeps running during pre-copy, and the
 /// batch checksum, the digest and the bytes on the wire must all describe the same version of the page.
@@ -21,6 +24,7 @@ final class PageStreamer {
     }
 
     let writer: RecordWriter
+    /// Updated by the encoder thread only; read once a pass has ended.
     let digest: DigestTracker
     private let source: GuestSource
     private let batchPages: Int
@@ -28,11 +32,35 @@ final class PageStreamer {
     private let adaptive: AdaptiveSelector?
     private var probeCompressors: [CompressionCodec: BlockCompressor] = [:]
     private let bytesPerSecondLimit: Double?
-    private let prefix: UnsafeMutableRawBufferPointer
-    private let snapshot: UnsafeMutableRawBufferPointer
-    private let scratch: UnsafeMutableRawBufferPointer
     private let padding = UnsafeMutableRawBufferPointer.allocate(byteCount: WireFormat.alignment, alignment: 8)
     private var sentSince = (bytes: 0, start: monotonicSeconds())
+    /// The link's speed as the sending thread measures it (bit pattern of a Double), for the encoder's choice.
+    private let linkRate = Atomic<UInt64>(0)
+    /// Batches in flight: one being encoded, one being sent, one ready in between.
+    private let pool: [Batch]
+
+    /// One batch between the stages: its page copies, compressed pages and record prefix.
+    private final class Batch {
+        let prefix: UnsafeMutableRawBufferPointer
+        let copies: UnsafeMutableRawBufferPointer
+        let scratch: UnsafeMutableRawBufferPointer
+        var pages: [PageSource] = []
+        var prefixLength = 0
+        var frames = 0
+
+        init(batchPages: Int) {
+            prefix = .allocate(byteCount: StreamEncoder.batchPrefixLength(pageCount: batchPages), alignment: 64)
+            copies = .allocate(byteCount: batchPages * 4096, alignment: 64)
+            scratch = .allocate(byteCount: batchPages * 4096, alignment: 64)
+            pages.reserveCapacity(batchPages)
+        }
+
+        deinit {
+            prefix.deallocate()
+            copies.deallocate()
+            scratch.deallocate()
+        }
+    }
 
     init(writer: RecordWriter, source: GuestSource, layout: GuestMemoryLayout, options: MigrationOptions) throws {
         self.writer = writer
@@ -48,102 +76,140 @@ final class PageStreamer {
             // Start by assuming the link is fast: compression has to prove itself before it is used.
             adaptive = AdaptiveSelector(linkBytesPerSecond: 4e9)
         }
+        if let adaptive { linkRate.store(adaptive.linkBytesPerSecond.bitPattern, ordering: .relaxed) }
         bytesPerSecondLimit = options.bandwidthLimit.map { $0 / Double(options.channels) }
-        prefix = .allocate(byteCount: StreamEncoder.batchPrefixLength(pageCount: options.batchPages), alignment: 64)
-        snapshot = .allocate(byteCount: options.batchPages * 4096, alignment: 64)
-        scratch = .allocate(byteCount: options.batchPages * 4096, alignment: 64)
+        pool = (0 ..< 3).map { _ in Batch(batchPages: options.batchPages) }
         padding.initializeMemory(as: UInt8.self, repeating: 0)
     }
 
-    deinit {
-        prefix.deallocate()
-        snapshot.deallocate()
-        scratch.deallocate()
-        padding.deallocate()
+    deinit { padding.deallocate() }
+
+    /// Sends `frames` as pages of pass `pass`, encoding on a thread of its own while this thread sends. In pass
+    /// 0 zero pages are skipped: the receiver's memory starts zeroed. Later passes send them (as zero pages),
+    /// because they held data before.
+    func send(frames: [UInt64], pass: UInt32, skipZero: Bool, progress: ProgressCounter, wireProgress: ProgressCounter,
+              isCancelled: @escaping () -> Bool) throws -> Counts {
+        let free = HandOff<Batch>(pool), ready = HandOff<Batch>([])
+        let encoded = EncoderResult()
+        let thread = Thread { [self] in
+            defer { encoded.done.signal() }
+            do {
+                encoded.counts = try encode(frames, pass: pass, skipZero: skipZero, free: free, ready: ready, isCancelled: isCancelled)
+            } catch {
+                encoded.error = error
+            }
+            ready.close()
+        }
+        thread.name = "migrate-encode"
+        thread.start()
+        var wireBytes = 0
+        var sendError: Error?
+        while let batch = ready.take() {
+            do {
+                if !batch.pages.isEmpty {
+                    let sent = try sendBatch(batch)
+                    wireBytes += sent
+                    wireProgress.add(sent)
+                }
+            } catch {
+                sendError = error
+                free.close() // the encoder stops at its next batch
+                break
+            }
+            progress.add(batch.frames)
+            free.put(batch)
+        }
+        encoded.done.wait()
+        if let sendError { throw sendError }
+        if let error = encoded.error { throw error }
+        var counts = encoded.counts
+        counts.wireBytes = wireBytes
+        return counts
     }
 
-    /// Sends `frames` as pages of pass `pass`. In pass 0 zero pages are skipped: the receiver's memory starts
-    /// zeroed. Later passes send them (as zero pages), because they held data before.
-    func send(frames: [UInt64], pass: UInt32, skipZero: Bool, progress: ProgressCounter, wireProgress: ProgressCounter,
-              isCancelled: () -> Bool) throws -> Counts {
+    /// The encoder stage: fills free batches with encoded pages and hands them on, in order.
+    private func encode(_ frames: [UInt64], pass: UInt32, skipZero: Bool, free: HandOff<Batch>, ready: HandOff<Batch>,
+                        isCancelled: () -> Bool) throws -> Counts {
         var counts = Counts()
-        var pages: [PageSource] = []
-        pages.reserveCapacity(batchPages)
         var index = 0
         while index < frames.count {
             if isCancelled() { throw MigrationError.cancelled }
-            let batch = frames[index ..< min(index + batchPages, frames.count)]
-            index += batch.count
-            pages.removeAll(keepingCapacity: true)
-            let codec = chooseCodec()
-            let compressStart = monotonicSeconds()
-            var compressedInput = 0, compressedOutput = 0
-            for (slot, frame) in batch.enumerated() {
-                let copy = UnsafeMutableRawBufferPointer(rebasing: snapshot[slot * 4096 ..< (slot + 1) * 4096])
-                copy.copyMemory(from: UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096))
-                let page = UnsafeRawBufferPointer(copy)
-                let scratchPage = UnsafeMutableRawBufferPointer(rebasing: scratch[slot * 4096 ..< (slot + 1) * 4096])
-                let (kind, length) = encoder.encode(page, scratch: scratchPage)
-                switch kind {
-                case .zero:
-                    counts.zero += 1
-                    digest.updateZero(frame: frame)
-                    if skipZero { continue }
-                    pages.append(.zero(frame: frame))
-                case .raw:
-                    counts.raw += 1
-                    digest.update(frame: frame, page: page)
-                    pages.append(PageSource(frame: frame, encoding: .raw, bytes: page))
-                case .compressed(let compression):
-                    counts.compressed += 1
-                    compressedInput += 4096
-                    compressedOutput += length
-                    digest.update(frame: frame, page: page)
-                    pages.append(PageSource(frame: frame, encoding: compression == .lz4 ? .lz4 : .zstd,
-                                            bytes: UnsafeRawBufferPointer(rebasing: scratchPage[0 ..< length])))
-                }
-                counts.payloadBytes += 4096
+            guard let batch = free.take() else { break } // the sender failed; it reports why
+            let slice = frames[index ..< min(index + batchPages, frames.count)]
+            index += slice.count
+            encode(slice, into: batch, skipZero: skipZero, counts: &counts)
+            if !batch.pages.isEmpty {
+                batch.prefixLength = writer.encoder.encodePageBatchPrefix(pass: pass, pages: batch.pages, into: batch.prefix)
             }
-            if let adaptive, codec != .none, compressedInput > 0 {
-                adaptive.record(codec, input: compressedInput, output: compressedOutput, seconds: monotonicSeconds() - compressStart)
-            }
-            counts.pages += batch.count
-            if !pages.isEmpty {
-                let sent = try sendBatch(pages, pass: pass)
-                counts.wireBytes += sent
-                wireProgress.add(sent)
-            }
-            progress.add(batch.count)
+            ready.put(batch)
         }
         return counts
     }
 
+    private func encode(_ frames: ArraySlice<UInt64>, into batch: Batch, skipZero: Bool, counts: inout Counts) {
+        batch.pages.removeAll(keepingCapacity: true)
+        batch.frames = frames.count
+        let codec = chooseCodec(scratch: batch.scratch)
+        let compressStart = monotonicSeconds()
+        var compressedInput = 0, compressedOutput = 0
+        for (slot, frame) in frames.enumerated() {
+            let copy = UnsafeMutableRawBufferPointer(rebasing: batch.copies[slot * 4096 ..< (slot + 1) * 4096])
+            copy.copyMemory(from: UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096))
+            let page = UnsafeRawBufferPointer(copy)
+            let scratchPage = UnsafeMutableRawBufferPointer(rebasing: batch.scratch[slot * 4096 ..< (slot + 1) * 4096])
+            let (kind, length) = encoder.encode(page, scratch: scratchPage)
+            switch kind {
+            case .zero:
+                counts.zero += 1
+                digest.updateZero(frame: frame)
+                if skipZero { continue }
+                batch.pages.append(.zero(frame: frame))
+            case .raw:
+                counts.raw += 1
+                digest.update(frame: frame, page: page)
+                batch.pages.append(PageSource(frame: frame, encoding: .raw, bytes: page))
+            case .compressed(let compression):
+                counts.compressed += 1
+                compressedInput += 4096
+                compressedOutput += length
+                digest.update(frame: frame, page: page)
+                batch.pages.append(PageSource(frame: frame, encoding: compression == .lz4 ? .lz4 : .zstd,
+                                              bytes: UnsafeRawBufferPointer(rebasing: scratchPage[0 ..< length])))
+            }
+            counts.payloadBytes += 4096
+        }
+        if let adaptive, codec != .none, compressedInput > 0 {
+            adaptive.record(codec, input: compressedInput, output: compressedOutput, seconds: monotonicSeconds() - compressStart)
+        }
+        counts.pages += frames.count
+    }
+
     /// The batch's record prefix, then each page's bytes, then padding, in one vectored send.
-    private func sendBatch(_ pages: [PageSource], pass: UInt32) throws -> Int {
-        let prefixLength = writer.encoder.encodePageBatchPrefix(pass: pass, pages: pages, into: prefix)
-        let payload = pages.reduce(0) { $0 + $1.bytes.count }
-        let paddingLength = WireFormat.padding(forBodyLength: prefixLength - WireFormat.recordHeaderLength + payload)
-        var buffers = [UnsafeRawBufferPointer(rebasing: prefix[0 ..< prefixLength])]
-        buffers.reserveCapacity(pages.count + 2)
-        for page in pages where page.bytes.count > 0 { buffers.append(page.bytes) }
+    private func sendBatch(_ batch: Batch) throws -> Int {
+        let payload = batch.pages.reduce(0) { $0 + $1.bytes.count }
+        let paddingLength = WireFormat.padding(forBodyLength: batch.prefixLength - WireFormat.recordHeaderLength + payload)
+        var buffers = [UnsafeRawBufferPointer(rebasing: batch.prefix[0 ..< batch.prefixLength])]
+        buffers.reserveCapacity(batch.pages.count + 2)
+        for page in batch.pages where page.bytes.count > 0 { buffers.append(page.bytes) }
         if paddingLength > 0 { buffers.append(UnsafeRawBufferPointer(rebasing: padding[0 ..< paddingLength])) }
         let start = monotonicSeconds()
         try writer.sendRaw(buffers)
-        let total = prefixLength + payload + paddingLength
+        let total = batch.prefixLength + payload + paddingLength
         measureLink(bytes: total, seconds: monotonicSeconds() - start)
         return total
     }
 
-    private func chooseCodec() -> CompressionCodec {
+    private func chooseCodec(scratch: UnsafeMutableRawBufferPointer) -> CompressionCodec {
         guard let adaptive else { return encoder.compressor.codec }
+        adaptive.linkBytesPerSecond = Double(bitPattern: linkRate.load(ordering: .relaxed))
         let plan = adaptive.plan()
         try? encoder.use(plan.codec)
-        if let probe = plan.probe { measure(probe) }
+        if let probe = plan.probe { measure(probe, scratch: scratch) }
         return encoder.compressor.codec
     }
 
     /// Compresses a sample with a codec not in use, only to learn its speed and ratio on this guest's pages.
-    private func measure(_ codec: CompressionCodec) {
+    private func measure(_ codec: CompressionCodec, scratch: UnsafeMutableRawBufferPointer) {
         guard let adaptive, let compressor = probeCompressors[codec] ?? (try? BlockCompressor(codec)) else { return }
         probeCompressors[codec] = compressor
         let sample = UnsafeRawBufferPointer(rebasing: scratch[0 ..< min(adaptive.probeBytes, scratch.count / 2)])
@@ -156,15 +222,55 @@ final class PageStreamer {
 
     /// Tracks the link's speed for the adaptive choice, and sleeps when the bandwidth cap is exceeded.
     private func measureLink(bytes: Int, seconds: Double) {
-        if let adaptive, seconds > 0 {
+        if adaptive != nil, seconds > 0 {
             let rate = Double(bytes) / seconds
-            adaptive.linkBytesPerSecond = 0.9 * adaptive.linkBytesPerSecond + 0.1 * rate
+            let smoothed = 0.9 * Double(bitPattern: linkRate.load(ordering: .relaxed)) + 0.1 * rate
+            linkRate.store(smoothed.bitPattern, ordering: .relaxed)
         }
         guard let limit = bytesPerSecondLimit else { return }
         sentSince.bytes += bytes
         let ahead = Double(sentSince.bytes) / limit - (monotonicSeconds() - sentSince.start)
         // At most a second at a time: the batch loop checks for cancellation between sleeps.
         if ahead > 0.001 { Thread.sleep(forTimeInterval: min(ahead, 1)) }
+    }
+}
+
+/// What the encoder thread of a pass ended with; read after `done` is signalled.
+private final class EncoderResult: @unchecked Sendable {
+    var counts = PageStreamer.Counts()
+    var error: Error?
+    let done = DispatchSemaphore(value: 0)
+}
+
+/// Items passed from one thread to another in order. `take` waits for an item, and returns nil once the
+/// hand-off is closed and empty; a closed hand-off drops what is put into it.
+final class HandOff<Item>: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var items: [Item]
+    private var closed = false
+
+    init(_ items: [Item]) { self.items = items }
+
+    func put(_ item: Item) {
+        condition.withLock {
+            guard !closed else { return }
+            items.append(item)
+            condition.signal()
+        }
+    }
+
+    func take() -> Item? {
+        condition.withLock {
+            while items.isEmpty, !closed { condition.wait() }
+            return items.isEmpty ? nil : items.removeFirst()
+        }
+    }
+
+    func close() {
+        condition.withLock {
+            closed = true
+            condition.broadcast()
+        }
     }
 }
 

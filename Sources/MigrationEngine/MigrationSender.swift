@@ -241,6 +241,10 @@ public final class MigrationSender: @unchecked Sendable {
             report(.precopy, pass: Int(pass), total: total)
         }
         var counts = PageStreamer.Counts()
+        // After a cancel, a channel may fail on one another closed: the cancel is the reason.
+        if isCancelled, results.all.contains(where: { if case .failure = $0 { true } else { false } }) {
+            throw MigrationError.cancelled
+        }
         // The first failure in channel order explains best; later ones are usually "closed" echoes of it.
         for result in results.all {
             switch result {

@@ -105,6 +105,12 @@ final class PageStreamer {
         var wireBytes = 0
         var sendError: Error?
         while let batch = ready.take() {
+            // Batches encoded before a cancel are not sent: the other channels stop too, and close theirs.
+            if isCancelled() {
+                sendError = MigrationError.cancelled
+                free.close()
+                break
+            }
             do {
                 if !batch.pages.isEmpty {
                     let sent = try sendBatch(batch)
@@ -242,27 +248,35 @@ private final class EncoderResult: @unchecked Sendable {
     let done = DispatchSemaphore(value: 0)
 }
 
-/// Items passed from one thread to another in order. `take` waits for an item, and returns nil once the
-/// hand-off is closed and empty; a closed hand-off drops what is put into it.
+/// Items passed from one thread to another in order. `put` waits while `capacity` items are waiting; `take`
+/// waits for an item, and returns nil once the hand-off is closed and empty. A closed hand-off drops what is
+/// put into it.
 final class HandOff<Item>: @unchecked Sendable {
     private let condition = NSCondition()
     private var items: [Item]
+    private let capacity: Int
     private var closed = false
 
-    init(_ items: [Item]) { self.items = items }
+    init(_ items: [Item], capacity: Int = .max) {
+        self.items = items
+        self.capacity = capacity
+    }
 
     func put(_ item: Item) {
         condition.withLock {
+            while items.count >= capacity, !closed { condition.wait() }
             guard !closed else { return }
             items.append(item)
-            condition.signal()
+            condition.broadcast()
         }
     }
 
     func take() -> Item? {
         condition.withLock {
             while items.isEmpty, !closed { condition.wait() }
-            return items.isEmpty ? nil : items.removeFirst()
+            guard !items.isEmpty else { return nil }
+            condition.broadcast() // a put may be waiting for room
+            return items.removeFirst()
         }
     }
 

@@ -16,6 +16,8 @@ public final class MigrationReceiver: @unchecked Sendable {
     /// The threads reading channels 1..<N; waited for before the sink is discarded, so none writes into
     /// memory that is gone.
     private var otherChannels: ChannelThreads?
+    /// One per channel: the threads that write pages into the sink; stopped before the sink is discarded.
+    private var appliers: [PageApplier] = []
 
     public init(sink: GuestSink, channels: [MigrationChannel], capabilities: Capabilities? = nil) {
         precondition(!channels.isEmpty)
@@ -38,6 +40,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         do {
             let report = try receive(main, reply: &reply)
             for channel in channels { channel.close() }
+            for applier in appliers { applier.stop() }
             return report
         } catch {
             let failure = error as? MigrationError ?? .guestFailed("\(error)")
@@ -49,6 +52,7 @@ public final class MigrationReceiver: @unchecked Sendable {
             }
             for channel in channels { channel.close() }
             try? otherChannels?.wait()
+            for applier in appliers { applier.stop() }
             sink.discard()
             throw failure
         }
@@ -74,7 +78,9 @@ public final class MigrationReceiver: @unchecked Sendable {
         do { try sink.prepare(layout: layout) } catch { throw MigrationError.guestFailed("preparing memory: \(error)") }
 
         let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout) }
-        let others = startOtherChannels(layout: layout, writers: writers)
+        appliers = writers.enumerated().map { PageApplier(writer: $1, name: "migrate-write-\($0)") }
+        let appliers = self.appliers
+        let others = startOtherChannels(layout: layout, appliers: appliers)
         otherChannels = others
         var deviceState: [DeviceState] = []
         var passes = 0
@@ -82,7 +88,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         while true {
             switch try main.next() {
             case .pageBatch(let batch):
-                try writers[0].apply(batch)
+                try appliers[0].submit(batch)
             case .passBoundary:
                 passes += 1
             case .switchover:
@@ -91,6 +97,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 deviceState.append(state)
             case .verify(let theirs):
                 try others.wait()
+                try appliers[0].drain()
                 var digest = MemoryDigest()
                 for writer in writers { digest.add(PageHash(low: writer.digest.digest.low, high: writer.digest.digest.high)) }
                 let ours = DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: digest.bytes)
@@ -121,8 +128,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         }
     }
 
-    /// Reads channels 1..<N on threads of their own, each writing its own pages.
-    private func startOtherChannels(layout: GuestMemoryLayout, writers: [PageWriter]) -> ChannelThreads {
+    /// Reads channels 1..<N on threads of their own, each handing its pages to its own applier.
+    private func startOtherChannels(layout: GuestMemoryLayout, appliers: [PageApplier]) -> ChannelThreads {
         let threads = ChannelThreads()
         for index in channels.indices.dropFirst() {
             threads.start(name: "migrate-receive-\(index)") { [self] in
@@ -137,9 +144,9 @@ public final class MigrationReceiver: @unchecked Sendable {
                     }
                     while true {
                         switch try reader.next() {
-                        case .pageBatch(let batch): try writers[index].apply(batch)
+                        case .pageBatch(let batch): try appliers[index].submit(batch)
                         case .passBoundary, .note, .skippedOptional: continue
-                        case .end: return
+                        case .end: return try appliers[index].drain()
                         case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
                         case let other: throw MigrationError.protocolViolation("unexpected \(other) on channel \(index)")
                         }
@@ -152,6 +159,61 @@ public final class MigrationReceiver: @unchecked Sendable {
             }
         }
         return threads
+    }
+}
+
+/// Writes one channel's page batches on a thread of its own, so that receiving and checking the next batches
+/// (TLS, CRC, decoding) overlaps with decompressing and writing this one. At most a few batches wait between
+/// the two; their bytes stay in the decoder's buffers, which are not reused while a batch holds them.
+final class PageApplier: @unchecked Sendable {
+    let writer: PageWriter
+    private enum Work { case batch(PageBatch), flush(DispatchSemaphore) }
+    private let queue = HandOff<Work>([], capacity: 4)
+    private let lock = NSLock()
+    private var failure: Error?
+    private let finished = DispatchSemaphore(value: 0)
+
+    init(writer: PageWriter, name: String) {
+        self.writer = writer
+        let thread = Thread { [self] in
+            while let work = queue.take() {
+                switch work {
+                case .batch(let batch):
+                    guard lock.withLock({ failure == nil }) else { continue }
+                    do { try writer.apply(batch) } catch { lock.withLock { failure = error } }
+                case .flush(let done):
+                    done.signal()
+                }
+            }
+            finished.signal()
+        }
+        thread.name = name
+        thread.start()
+    }
+
+    /// Queues a batch; throws the error of an earlier batch, if one failed.
+    func submit(_ batch: PageBatch) throws {
+        try rethrowFailure()
+        queue.put(.batch(batch))
+    }
+
+    /// Returns once every batch submitted so far is in guest memory; throws if one failed.
+    func drain() throws {
+        let done = DispatchSemaphore(value: 0)
+        queue.put(.flush(done))
+        done.wait()
+        try rethrowFailure()
+    }
+
+    /// Ends the thread once it has written what it was given, and waits for it. Idempotent.
+    func stop() {
+        queue.close()
+        finished.wait()
+        finished.signal()
+    }
+
+    private func rethrowFailure() throws {
+        if let failure = lock.withLock({ failure }) { throw failure }
     }
 }
 

@@ -42,20 +42,19 @@ public enum MigrationError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-/// Reads the records of one stream from a channel: bytes in bounded chunks into the streaming decoder,
-/// which checks every length and index before anything is allocated or written.
+/// Reads the records of one stream from a channel: bytes in bounded chunks straight into the streaming
+/// decoder's buffer (no copy in between), which checks every length and index before anything is allocated
+/// or written.
 final class RecordReader {
     let channel: MigrationChannel
     let decoder: StreamDecoder
-    private let chunk: UnsafeMutableRawBufferPointer
+    /// Bytes asked of the channel per receive.
+    private static let chunk = 1 << 20
 
     init(channel: MigrationChannel, checksum: @escaping ChecksumFunction = FastCRC32C.function) {
         self.channel = channel
         decoder = StreamDecoder(checksum: checksum)
-        chunk = .allocate(byteCount: 1 << 20, alignment: 64)
     }
-
-    deinit { chunk.deallocate() }
 
     /// The next event; throws when the channel closes or fails first, or the bytes are malformed.
     func next() throws -> StreamEvent {
@@ -68,14 +67,13 @@ final class RecordReader {
             if decoder.isComplete { throw MigrationError.protocolViolation("read past the end of the stream") }
             let count: Int
             do {
-                count = try channel.receive(into: chunk)
+                count = try decoder.receive(maximum: Self.chunk) { try channel.receive(into: $0) }
             } catch {
                 throw MigrationError.channel("\(error)")
             }
             guard count > 0 else {
                 throw MigrationError.channel("peer closed the connection at stream offset \(decoder.offset + UInt64(decoder.bufferedByteCount))")
             }
-            decoder.feed(UnsafeRawBufferPointer(rebasing: chunk[0 ..< count]))
         }
     }
 }

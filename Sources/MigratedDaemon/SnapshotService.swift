@@ -45,11 +45,8 @@ public final class SnapshotService: @unchecked Sendable {
         if request.kind == .diff, base == nil {
             throw .conflict("no_parent", "VM '\(vm.id)' has no snapshot taken through this daemon since it started or last migrated; take a full one first")
         }
-        var options = SnapshotSaveOptions()
-        options.live = request.live
-        options.memoryFormat = request.format == .plain ? .plain : .compressed
-        options.compression = request.compression == .lz4 ? .lz4 : .zstd
-        options.overwrite = request.overwrite
+        let options = SnapshotSaveOptions(live: request.live, memoryFormat: request.format == .plain ? .plain : .compressed,
+                                          compression: request.compression == .lz4 ? .lz4 : .zstd, overwrite: request.overwrite)
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: machine), configuration: vm.request)
         let saver = SnapshotSaver(source: source, path: request.path, base: base, options: options)
         saver.onProgress = { progress in

@@ -24,7 +24,15 @@ public struct SnapshotSaveOptions: Sendable, Codable, Equatable {
         return options
     }()
 
-    public init() {}
+    public init(live: Bool = true, keepTracking: Bool = true, resumeGuest: Bool = true, memoryFormat: SnapshotMemoryFormat = .plain,
+                compression: SnapshotWriter.Compression = .zstd, overwrite: Bool = false) {
+        self.live = live
+        self.keepTracking = keepTracking
+        self.resumeGuest = resumeGuest
+        self.memoryFormat = memoryFormat
+        self.compression = compression
+        self.overwrite = overwrite
+    }
 }
 
 /// What a save measured.

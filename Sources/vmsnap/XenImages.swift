@@ -34,12 +34,7 @@ enum XenConversion {
                               compression: SnapshotWriter.Compression, overwrite: Bool) throws {
         let source: XenImageSource
         do { source = try XenImageSource(path: path) } catch { throw SnapshotError.corrupt(part: "xl image \(path)", "\(error)") }
-        var options = SnapshotSaveOptions()
-        options.live = false
-        options.keepTracking = false
-        options.memoryFormat = memoryFormat
-        options.compression = compression
-        options.overwrite = overwrite
+        let options = SnapshotSaveOptions(live: false, keepTracking: false, memoryFormat: memoryFormat, compression: compression, overwrite: overwrite)
         let report = try SnapshotSaver(source: source, path: output, options: options).run()
         print("wrote \(output): \(report.header.memoryFormat) full snapshot \(report.header.id) of \(path), \(report.header.dataPages) data pages"
             + (source.usedCarriedState ? " (exact KVM state, carried in the image)" : " (KVM state rebuilt from Xen's records)"))

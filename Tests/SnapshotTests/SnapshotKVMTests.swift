@@ -75,9 +75,8 @@ final class SnapshotKVMTests: KVMTestCase {
     /// Issue 5, test 1: a guest writing 100 MiB/s is saved live, and carries on after eager and lazy restores.
     func testLiveSnapshotOfAWritingGuestRestoresEagerlyAndLazily() throws {
         let (machine, console) = try boot("workload=memstress size_mib=64 rate_mib=100 pattern=mixed")
-        var options = SnapshotSaveOptions()
-        options.keepTracking = false
-        let saved = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("live"), options: options).run()
+        let saved = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("live"),
+                                      options: SnapshotSaveOptions(keepTracking: false)).run()
         XCTAssertGreaterThan(saved.header.dataPages, 16384, "the 64 MiB working set is in the snapshot")
         _ = statuses(console, after: console.lineCount, count: 1) // the source runs on, unharmed
         machine.stop()
@@ -94,9 +93,8 @@ final class SnapshotKVMTests: KVMTestCase {
         let (machine, console) = try boot("workload=memstress size_mib=256 rate_mib=50", memory: 512 << 20)
         // The whole working set written once (65536 pages), so that the snapshot holds all of it.
         XCTAssertNotNil(console.waitForLine(timeout: 30) { $0.contains("pages=65536 ") && $0.contains("verify=ok") })
-        var options = SnapshotSaveOptions()
-        options.keepTracking = false
-        let saved = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("brief"), options: options).run()
+        let saved = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("brief"),
+                                      options: SnapshotSaveOptions(keepTracking: false)).run()
         print("live snapshot of a 256 MiB working set at 50 MiB/s: paused \(String(format: "%.1f", saved.pauseSeconds * 1000)) ms, passes \(saved.passes.count)")
         XCTAssertGreaterThanOrEqual(saved.header.dataPages, 65536)
         XCTAssertLessThan(saved.pauseSeconds, 0.05)
@@ -120,10 +118,7 @@ final class SnapshotKVMTests: KVMTestCase {
             base = try SnapshotSaver(source: source, path: path("\(step)-diff"), base: base, options: options).run().base
             XCTAssertNotNil(base)
         }
-        var fullOptions = SnapshotSaveOptions()
-        fullOptions.live = false
-        fullOptions.keepTracking = false
-        try SnapshotSaver(source: source, path: path("same-moment-full"), options: fullOptions).run()
+        try SnapshotSaver(source: source, path: path("same-moment-full"), options: SnapshotSaveOptions(live: false, keepTracking: false)).run()
         machine.resume()
         _ = statuses(console, after: console.lineCount, count: 1)
 
@@ -159,12 +154,8 @@ final class SnapshotKVMTests: KVMTestCase {
         }
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: disk), [])
         Thread.sleep(forTimeInterval: 0.3)
-        var paused = SnapshotSaveOptions()
-        paused.live = false
-        paused.resumeGuest = false
-        try SnapshotSaver(source: source, path: path("diff"), base: base, options: paused).run()
-        paused.keepTracking = false
-        try SnapshotSaver(source: source, path: path("same-moment"), options: paused).run()
+        try SnapshotSaver(source: source, path: path("diff"), base: base, options: SnapshotSaveOptions(live: false, resumeGuest: false)).run()
+        try SnapshotSaver(source: source, path: path("same-moment"), options: SnapshotSaveOptions(live: false, keepTracking: false, resumeGuest: false)).run()
         machine.resume()
         let differences = try SnapshotCompare.differences(try SnapshotChain.open(path("diff")), try SnapshotChain.open(path("same-moment")))
         XCTAssertEqual(differences.reduce(0) { $0 + $1.pages }, 0, "pages that differ, the first: \(differences.prefix(3))")

@@ -125,10 +125,7 @@ final class XenRoundTripKVMTests: KVMTestCase {
     func testSnapshotToXenImageAndBackWithVmsnap() async throws {
         let (source, sourceConsole) = try boot()
         defer { source.stop() }
-        var options = SnapshotSaveOptions()
-        options.live = false
-        options.resumeGuest = false
-        options.keepTracking = false
+        let options = SnapshotSaveOptions(live: false, keepTracking: false, resumeGuest: false)
         let snapshot = directory.appendingPathComponent("guest.snap").path
         try SnapshotSaver(source: MicroVMGuestSource(machine: source), path: snapshot, options: options).run()
         let before = try source.captureState()

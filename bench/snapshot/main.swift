@@ -195,14 +195,7 @@ func boot(_ commandLine: String) throws -> (MicroVM, SerialConsole, Double) {
 
 func saveOptions(live: Bool, format: SnapshotMemoryFormat = .plain, compression: SnapshotWriter.Compression = .zstd,
                  keepTracking: Bool = false) -> SnapshotSaveOptions {
-    var options = SnapshotSaveOptions()
-    options.live = live
-    options.memoryFormat = format
-    options.compression = compression
-    options.keepTracking = keepTracking
-    options.resumeGuest = true
-    options.overwrite = true
-    return options
+    SnapshotSaveOptions(live: live, keepTracking: keepTracking, memoryFormat: format, compression: compression, overwrite: true)
 }
 
 @discardableResult

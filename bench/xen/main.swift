@@ -63,11 +63,7 @@ func median(_ values: [Double]) -> Double { values.sorted()[values.count / 2] }
 
 let native = directory + "/xen-bench-native.save", xen = directory + "/xen-bench.xl", snapshot = directory + "/xen-bench.snap"
 var results: [String: [Double]] = [:]
-var snapshotOptions = SnapshotSaveOptions()
-snapshotOptions.live = false
-snapshotOptions.resumeGuest = false
-snapshotOptions.keepTracking = false
-snapshotOptions.overwrite = true
+let snapshotOptions = SnapshotSaveOptions(live: false, keepTracking: false, resumeGuest: false, overwrite: true)
 for _ in 0 ..< repeats {
     results["snapshot write (plain)", default: []].append(try time {
         try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: snapshot, options: snapshotOptions).run()

@@ -1,0 +1,660 @@
+#!/usr/bin/env python3
+"""Live migration through two `migrated` daemons over loopback (issue 4).
+
+Starts a source and a destination daemon, boots the test guest
+(guest/build/guest.elf, memstress) on the source with `migratectl vm start`,
+waits until it has written its working set, migrates it with
+`migratectl migrate --json` and reports, per scenario and configuration:
+total time, downtime, bytes on the wire, throughput and CPU seconds of both
+daemons. The scenarios are those of bench/qemu/migrate.py (imported), so the
+two scripts can be run one after the other and compared row by row.
+
+Configurations (--configs, comma-separated):
+  tls-lz4-2ch       mutual TLS 1.3, lz4, 2 channels         (default)
+  tls-adaptive-2ch  mutual TLS 1.3, adaptive, 2 channels    (default)
+  tls-zstd-2ch      mutual TLS 1.3, zstd, 2 channels
+  tcp-lz4-2ch       plaintext (asked for by name), lz4, 2 channels
+
+Usage: bench/daemon/migrate.py [--repeat N] [--configs a,b] [--json out.json] [scenario ...]
+       bench/daemon/migrate.py --table daemon.json [qemu.json]   (markdown tables only)
+Standard library only. Needs root (private network namespace for exact
+loopback byte counts, /dev/kvm), openssl, and the release builds of
+migrated and migratectl (see --bin).
+"""
+
+import argparse
+import http.client
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+ELF = os.path.join(REPO, "guest", "build", "guest.elf")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = 4096
+NETNS_ENV = "DAEMON_MIGRATE_BENCH_NETNS"
+DEFAULT_BIN = os.path.join(REPO, ".build-daemonbench", "release")
+
+# The QEMU script's scenarios and helpers (it has no side effects on import). Loaded by path: its
+# module name, "migrate", is also ours. No bytecode is written into bench/qemu.
+sys.dont_write_bytecode = True
+_spec = importlib.util.spec_from_file_location("qemu_migrate_bench",
+                                               os.path.join(REPO, "bench", "qemu", "migrate.py"))
+qemu_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(qemu_bench)
+SCENARIOS = qemu_bench.SCENARIOS      # name -> (guest RAM MiB, command line, working set MiB)
+ALIASES = qemu_bench.ALIASES
+STATUS_RE = qemu_bench.STATUS_RE
+lo_bytes = qemu_bench.lo_bytes
+free_port = qemu_bench.free_port
+set_pdeathsig = qemu_bench.set_pdeathsig
+
+# name -> (security, compression, channels)
+CONFIGS = {
+    "tls-lz4-2ch": ("tls", "lz4", 2),
+    "tls-adaptive-2ch": ("tls", "adaptive", 2),
+    "tls-zstd-2ch": ("tls", "zstd", 2),
+    "tcp-lz4-2ch": ("plaintext", "lz4", 2),
+}
+DEFAULT_CONFIGS = ["tls-lz4-2ch", "tls-adaptive-2ch"]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_status(line):
+    m = STATUS_RE.match(line or "")
+    if not m:
+        return None
+    return {"t": int(m[1]), "gen": int(m[2]), "pages": int(m[3]), "ticks": int(m[4]), "verify": m[5]}
+
+
+# --------------------------------------------------------------------------- control API
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=10):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def api(sock, method, path, body=None):
+    """(status, JSON document) of one request to a daemon's control socket."""
+    conn = UnixHTTPConnection(sock)
+    try:
+        headers = {"Connection": "close"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, (json.loads(raw) if raw else None)
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- CPU accounting
+def _stat_fields(path):
+    with open(path) as f:
+        s = f.read()
+    return s[s.rindex(")") + 2:].split()  # fields from 3 (state) on
+
+
+def process_cpu(pid):
+    """utime+stime of the whole process (live and exited threads), seconds."""
+    f = _stat_fields(f"/proc/{pid}/stat")
+    return (int(f[11]) + int(f[12])) / CLK_TCK
+
+
+def thread_cpu(pid):
+    """{tid: (utime+stime ticks, guest_time ticks)} of the live threads."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            f = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+            out[int(tid)] = (int(f[11]) + int(f[12]), int(f[40]))  # utime, stime; guest_time (field 43)
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+class CPUWatch:
+    """CPU of one daemon over an interval, with its vCPU threads split out. A vCPU thread is one that has
+    run guest code (guest_time > 0; migrated's threads carry no names). Threads are sampled while the
+    migration runs, because the source's vCPU thread exits at switchover and takes its counters with it:
+    its time after the last sample (at most one poll interval) is counted as the daemon's own."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.start_total = process_cpu(pid)
+        self.first = thread_cpu(pid)
+        self.last = dict(self.first)
+        self.vcpu_tids = {t for t, (_, g) in self.first.items() if g > 0}
+        self.end_total = None
+
+    def sample(self):
+        now = thread_cpu(self.pid)
+        self.last.update(now)
+        self.vcpu_tids |= {t for t, (_, g) in now.items() if g > 0}
+
+    def stop(self):
+        self.sample()
+        self.end_total = process_cpu(self.pid)
+
+    def result(self):
+        total = self.end_total - self.start_total
+        vcpu = sum(self.last[t][0] - self.first.get(t, (0, 0))[0] for t in self.vcpu_tids) / CLK_TCK
+        return round(total, 3), round(vcpu, 3), round(total - vcpu, 3)
+
+
+# --------------------------------------------------------------------------- certificates
+def make_certs(d):
+    """One CA and two host identities, as scripts/demo makes them (EC P-256, SAN DNS:host-a / host-b)."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=demo-ca", "-days", "1")
+    for host in ("host-a", "host-b"):
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{host}.key", "-out", f"{host}.csr", "-subj", f"/CN={host}")
+        with open(os.path.join(d, f"{host}.ext"), "w") as f:
+            f.write(f"subjectAltName=DNS:{host}\n")
+        run("x509", "-req", "-in", f"{host}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "1", "-extfile", f"{host}.ext", "-out", f"{host}.pem")
+    for name in os.listdir(d):
+        if name.endswith(".key"):
+            os.chmod(os.path.join(d, name), 0o600)
+
+
+# --------------------------------------------------------------------------- one run
+class Daemon:
+    def __init__(self, args, rundir, name, peer, certdir, listen=None, plaintext=False):
+        self.name = name
+        self.sock = os.path.join(rundir, f"{name}.sock")
+        self.logpath = os.path.join(rundir, f"{name}.log")
+        cmd = [os.path.join(args.bin, "migrated"), "--socket", self.sock, "--log-level", "warning",
+               "--memory-budget", args.memory_budget,
+               "--tls-certificate", os.path.join(certdir, f"{name}.pem"),
+               "--tls-key", os.path.join(certdir, f"{name}.key"),
+               "--tls-ca", os.path.join(certdir, "ca.pem"), "--allow-peer", peer]
+        if listen:
+            cmd += ["--incoming-listen", listen]
+            if plaintext:
+                cmd.append("--incoming-plaintext")
+        err = open(self.logpath, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                     preexec_fn=set_pdeathsig)
+        err.close()
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon {name} exited ({self.proc.returncode}): {self.log_tail()}")
+            if os.path.exists(self.sock):
+                try:
+                    if api(self.sock, "GET", "/vms")[0] == 200:
+                        break
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon {name} did not come up: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, n=600):
+        try:
+            with open(self.logpath, "rb") as f:
+                return f.read().decode("utf-8", "replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # stops its VMs, removes the socket
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Run:
+    def __init__(self, args, tmp, certdir, scenario, config, rep):
+        self.args, self.certdir, self.scenario, self.config, self.rep = args, certdir, scenario, config, rep
+        self.dir = os.path.join(tmp, f"{scenario}-{config}-{rep}")
+        os.makedirs(self.dir)
+        self.daemons = []
+        self.children = []
+
+    def ctl(self, sock, *argv, check=True, timeout=60):
+        cmd = [os.path.join(self.args.bin, "migratectl"), *argv, "--socket", sock, "--json"]
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"migratectl {' '.join(argv[:2])} failed ({r.returncode}): "
+                               f"{(r.stderr or r.stdout).strip()[-400:]}")
+        return json.loads(r.stdout) if r.stdout.strip() else None
+
+    def cleanup(self):
+        for p in self.children:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for d in self.daemons:
+            d.stop()
+
+    def execute(self):
+        mem, cmdline, ws_mib = SCENARIOS[self.scenario]
+        security, compression, channels = CONFIGS[self.config]
+        res = {"scenario": self.scenario, "config": self.config, "repeat": self.rep,
+               "guest_mem_mib": mem, "cmdline": cmdline, "security": security,
+               "compression": compression, "channels": channels, "status": "error"}
+        port = free_port()
+        src = Daemon(self.args, self.dir, "host-a", "host-b", self.certdir)
+        self.daemons.append(src)
+        dst = Daemon(self.args, self.dir, "host-b", "host-a", self.certdir,
+                     listen=f"127.0.0.1:{port}", plaintext=security == "plaintext")
+        self.daemons.append(dst)
+        vm = "bench"
+
+        t_boot = time.monotonic()
+        self.ctl(src.sock, "vm", "start", "--id", vm, "--image", ELF, "--memory", f"{mem}M",
+                 "--cmdline", cmdline)
+        want = ws_mib * 256
+        while True:
+            st, doc = api(src.sock, "GET", f"/vms/{vm}")
+            line = parse_status((doc or {}).get("last_console_line"))
+            if doc and doc.get("state") != "running":
+                raise RuntimeError(f"source VM is {doc.get('state')}: {doc.get('stop_reason')}")
+            if line and line["pages"] >= want and line["verify"] == "ok":
+                break
+            if line and line["verify"] != "ok":
+                raise RuntimeError(f"source guest reports {doc.get('last_console_line')!r}")
+            if time.monotonic() - t_boot > self.args.fill_timeout:
+                raise RuntimeError(f"guest did not fill {want} pages in {self.args.fill_timeout}s "
+                                   f"(last line {doc.get('last_console_line')!r})")
+            time.sleep(0.05)
+        res["fill_s"] = round(time.monotonic() - t_boot, 2)
+
+        argv = [os.path.join(self.args.bin, "migratectl"), "migrate", vm,
+                "--to", f"127.0.0.1:{port}", "--channels", str(channels),
+                "--compression", compression, "--interval", str(self.args.poll),
+                "--socket", src.sock, "--json"]
+        if security == "plaintext":
+            argv.append("--plaintext")
+        res["migratectl"] = " ".join(argv[1:])
+
+        cpu_src, cpu_dst = CPUWatch(src.pid), CPUWatch(dst.pid)
+        lo0 = lo_bytes()
+        t0 = time.monotonic()
+        out = open(os.path.join(self.dir, "migrate.out"), "w+")
+        mp = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        self.children.append(mp)
+        cancelled = False
+        while mp.poll() is None:
+            cpu_src.sample()
+            cpu_dst.sample()
+            if not cancelled and time.monotonic() - t0 > self.args.timeout:
+                cancelled = True
+                self.ctl(src.sock, "migration", "cancel", vm, check=False)
+            if time.monotonic() - t0 > self.args.timeout + 60:
+                raise RuntimeError("migratectl migrate did not return after the cancel")
+            time.sleep(self.args.poll)
+        t_end = time.monotonic()
+        cpu_src.stop()
+        out.seek(0)
+        text = out.read()
+        out.close()
+        try:
+            status = json.loads(text)
+        except ValueError:
+            raise RuntimeError(f"migratectl migrate ({mp.returncode}): {text.strip()[-500:]}")
+        report = status.get("report") or {}
+        res["phase"] = status.get("phase")
+
+        # Destination: until it runs the guest.
+        dst_doc = None
+        if status.get("phase") == "completed":
+            deadline = time.monotonic() + 20
+            while True:
+                cpu_dst.sample()
+                st, dst_doc = api(dst.sock, "GET", f"/vms/{vm}")
+                if st == 200 and dst_doc.get("state") == "running":
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"destination VM not running after the migration: {dst_doc}")
+                time.sleep(0.01)
+        cpu_dst.stop()
+        lo1 = lo_bytes()
+
+        res["status"] = ("completed" if status.get("phase") == "completed" else
+                         "not converged" if cancelled else f"failed ({status.get('phase')})")
+        if report.get("error"):
+            res["error"] = report["error"]
+        res["wall_s"] = round(t_end - t0, 3)
+        res["total_s"] = report.get("total_seconds")
+        res["setup_s"] = report.get("setup_seconds")
+        res["downtime_ms"] = report.get("downtime_ms")
+        res["report_wire_bytes"] = report.get("wire_bytes")
+        res["wire_bytes"] = (lo1 - lo0) if lo0 is not None and lo1 is not None else None
+        passes = report.get("passes") or []
+        res["passes"] = len(passes)
+        res["pages_sent"] = report.get("pages_sent")
+        # Guest memory carried: pages sent with content (zero pages are a descriptor), as QEMU's ram.normal.
+        payload_pages = sum(p.get("pages_sent", 0) - p.get("zero_pages", 0) for p in passes)
+        res["page_payload_bytes"] = payload_pages * PAGE
+        res["max_throttle"] = max((p.get("throttle", 0) for p in passes), default=0)
+        tt = res["total_s"] or res["wall_s"]
+        wb = res["wire_bytes"] if res["wire_bytes"] is not None else res["report_wire_bytes"]
+        res["wire_GBps"] = round(wb / tt / 1e9, 3) if wb and tt else None
+        res["payload_GBps"] = round(res["page_payload_bytes"] / tt / 1e9, 3) if tt else None
+        (res["cpu_src_s"], res["cpu_src_vcpu_s"], res["cpu_src_excl_vcpu_s"]) = cpu_src.result()
+        (res["cpu_dst_s"], res["cpu_dst_vcpu_s"], res["cpu_dst_excl_vcpu_s"]) = cpu_dst.result()
+        res["report"] = report
+
+        src_doc = self.ctl(src.sock, "vm", "show", vm, check=False)
+        res["source_state"] = (src_doc or {}).get("state")
+        if res["status"] == "completed":
+            res["guest"] = self.check_guest(dst, vm, src_doc or {})
+            if res["source_state"] != "migrated":
+                res["guest"] = f"FAILED: source VM is {res['source_state']!r}, not 'migrated'"
+            if not res["guest"].startswith("ok"):
+                res["status"] = "completed, guest check failed"
+        else:
+            time.sleep(1.5)
+            doc = api(src.sock, "GET", f"/vms/{vm}")[1] or {}
+            line = parse_status(doc.get("last_console_line"))
+            ok = doc.get("state") == "running" and line and line["verify"] == "ok"
+            res["guest"] = ("source still running, verify=ok" if ok
+                            else f"source NOT healthy: {doc.get('state')} {doc.get('last_console_line')!r}")
+        res["src_last_line"] = (src_doc or {}).get("last_console_line")
+        res["dst_last_line"] = (dst_doc or {}).get("last_console_line")
+        return res
+
+    def check_guest(self, dst, vm, src_doc):
+        """The guest carries on at the destination: fresh status lines (ticks beyond the source's last),
+        all verify=ok. Only the last console line is visible through the API, so it is polled."""
+        src_line = parse_status(src_doc.get("last_console_line"))
+        src_ticks = src_line["ticks"] if src_line else 0
+        seen = []
+        deadline = time.monotonic() + 10
+        while True:
+            st, doc = api(dst.sock, "GET", f"/vms/{vm}")
+            if st != 200 or doc.get("state") != "running":
+                return f"FAILED: destination VM {doc}"
+            raw = doc.get("last_console_line")
+            line = parse_status(raw)
+            if line and (not seen or seen[-1] != line):
+                seen.append(line)
+            if "FAIL" in (raw or ""):
+                return f"FAILED on destination: {raw!r}"
+            fresh = [l for l in seen if l["ticks"] > src_ticks]
+            if len(fresh) >= 2 and all(l["verify"] == "ok" for l in seen):
+                return (f"ok ({len(fresh)} fresh status lines verify=ok on destination, ticks "
+                        f"{src_ticks} -> {fresh[-1]['ticks']}; source state migrated)")
+            if time.monotonic() > deadline:
+                return f"FAILED: no fresh verify=ok lines on destination (seen {seen})"
+            time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- summaries and tables
+SUMMARY_KEYS = ["total_s", "downtime_ms", "wire_bytes", "report_wire_bytes", "wire_GBps", "payload_GBps",
+                "cpu_src_s", "cpu_dst_s", "cpu_src_excl_vcpu_s", "cpu_dst_excl_vcpu_s", "passes",
+                "max_throttle", "fill_s"]
+
+
+def summarize(results):
+    groups = {}
+    for r in results:
+        groups.setdefault((r["scenario"], r["config"]), []).append(r)
+    out = []
+    for (scenario, config), rs in groups.items():
+        ok = [r for r in rs if r.get("status") == "completed"]
+        s = {"scenario": scenario, "config": config, "runs": len(rs), "completed": len(ok),
+             "statuses": [r.get("status") for r in rs]}
+        for k in SUMMARY_KEYS:
+            vals = [r[k] for r in ok if r.get(k) is not None]
+            if vals:
+                s[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        out.append(s)
+    return out
+
+
+def fmt(v, f="{:.0f}"):
+    return "-" if v is None else f.format(v)
+
+
+def cell(s, key, f="{:.2f}", scale=1.0, spread=True):
+    m = s.get(key)
+    if not m:
+        return "-"
+    text = fmt(m["median"] * scale, f)
+    if spread and s.get("completed", 1) > 1 and m["min"] != m["max"]:
+        text += f" ({fmt(m['min'] * scale, f)}–{fmt(m['max'] * scale, f)})"
+    return text
+
+
+def qemu_summary(r):
+    """One QEMU result in the shape of a one-run summary."""
+    def one(v):
+        return None if v is None else {"median": v, "min": v, "max": v}
+    tt = r.get("total_time_ms")
+    return {"completed": 1 if r.get("status") == "completed" else 0, "runs": 1,
+            "statuses": [r.get("status")],
+            "total_s": one(tt / 1000 if tt is not None else None),
+            "downtime_ms": one(r.get("downtime_ms")), "wire_bytes": one(r.get("wire_bytes")),
+            "payload_GBps": one(r.get("payload_GBps")), "cpu_src_s": one(r.get("cpu_src_s")),
+            "cpu_dst_s": one(r.get("cpu_dst_s")),
+            "cpu_src_excl_vcpu_s": one(r.get("cpu_src_excl_vcpu_s")),
+            "cpu_dst_excl_vcpu_s": one(r.get("cpu_dst_excl_vcpu_s")), "passes": one(r.get("passes"))}
+
+
+def tables(daemon_docs, qemu_doc=None):
+    """Markdown, one table per scenario: each migrated configuration (medians, min–max of the total and
+    the downtime), then QEMU's rows from a bench/qemu/migrate.py JSON file (one run each)."""
+    summaries = []
+    for d in daemon_docs:
+        summaries += d.get("summary") or summarize(d["results"])
+    qemu = {}
+    for r in (qemu_doc or {}).get("results", []):
+        qemu[(r["scenario"], r["config"])] = qemu_summary(r)
+    scenarios = [s for s in SCENARIOS if any(x["scenario"] == s for x in summaries)]
+    lines = []
+    head = ["side / config", "runs ok", "total s", "downtime ms", "wire MB", "payload GB/s",
+            "CPU s src / dst", "CPU s excl. vCPU src / dst", "passes", "QEMU time ÷ this (default / tls)"]
+    for sc in scenarios:
+        mem, cmdline, ws = SCENARIOS[sc]
+        lines.append(f"**{sc}** ({mem} MiB guest, `{cmdline}`)")
+        lines.append("")
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join("---" for _ in head) + "|")
+        rows = [(f"migrated {s['config']}", s) for s in summaries if s["scenario"] == sc]
+        rows += [(f"QEMU {c}", qemu[(sc, c)]) for c in ("default", "tls") if (sc, c) in qemu]
+        for label, s in rows:
+            ratio = ""
+            if label.startswith("migrated") and s.get("total_s") and qemu_doc:
+                mt = s["total_s"]["median"]
+                parts = []
+                for c in ("default", "tls"):
+                    q = qemu.get((sc, c))
+                    if not q or not q.get("total_s") or not mt:
+                        parts.append("-")
+                    else:
+                        # A QEMU run that did not converge counts with the time until it was cancelled.
+                        parts.append(("> " if not q["completed"] else "") + f"{q['total_s']['median'] / mt:.2f}")
+                ratio = " / ".join(parts)
+            ok = f"{s['completed']}/{s['runs']}"
+            if s["completed"] < s["runs"]:
+                bad = [x for x in s["statuses"] if x != "completed"]
+                ok += " (" + ", ".join(sorted(set(str(b) for b in bad))) + ")"
+            cpu = f"{cell(s, 'cpu_src_s', spread=False)} / {cell(s, 'cpu_dst_s', spread=False)}"
+            cpux = (f"{cell(s, 'cpu_src_excl_vcpu_s', spread=False)} / "
+                    f"{cell(s, 'cpu_dst_excl_vcpu_s', spread=False)}")
+            lines.append("| " + " | ".join([
+                label, ok, cell(s, "total_s", "{:.2f}"), cell(s, "downtime_ms", "{:.0f}"),
+                cell(s, "wire_bytes", "{:.0f}", 1e-6, spread=False), cell(s, "payload_GBps", "{:.2f}", spread=False),
+                cpu, cpux, cell(s, "passes", "{:.0f}", spread=False), ratio]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+def enter_netns():
+    """Re-run inside a private network namespace so that its loopback counters count exactly this
+    benchmark's traffic (as bench/qemu/migrate.py does). Falls back to the host's namespace."""
+    if os.environ.get(NETNS_ENV):
+        if os.environ[NETNS_ENV] == "1":
+            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return
+    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
+        env = dict(os.environ, **{NETNS_ENV: "1"})
+        try:
+            os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
+                                   os.path.abspath(__file__), *sys.argv[1:]], env)
+        except OSError:
+            pass
+    os.environ[NETNS_ENV] = "host"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("scenarios", nargs="*",
+                    help="idle4g random1g text1g dirty50 dirty200 dirty800, or 1 2 3 4 (default: all)")
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help=f"comma-separated, of {', '.join(CONFIGS)} (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per scenario and config (default 3)")
+    ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--table", nargs="+", metavar="JSON",
+                    help="only print the markdown tables of earlier runs of this script, side by side "
+                         "with one bench/qemu/migrate.py JSON file among them")
+    ap.add_argument("--timeout", type=float, default=120,
+                    help="cancel a migration after this many seconds (default 120)")
+    ap.add_argument("--fill-timeout", type=float, default=120,
+                    help="seconds to wait for the guest to fill its working set")
+    ap.add_argument("--poll", type=float, default=0.05,
+                    help="migratectl --interval and CPU sampling interval, s (default 0.05)")
+    ap.add_argument("--bin", default=DEFAULT_BIN,
+                    help="directory with migrated and migratectl (default: %(default)s)")
+    ap.add_argument("--memory-budget", default="6G", help="each daemon's --memory-budget")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon logs, certs)")
+    ap.add_argument("--note", help="free text stored in the JSON's meta (e.g. what the binaries were built from)")
+    args = ap.parse_args()
+
+    if args.table:
+        daemon_docs, qemu_doc = [], None
+        for p in args.table:
+            with open(p) as f:
+                d = json.load(f)
+            if "qemu" in d.get("meta", {}):
+                qemu_doc = d
+            else:
+                daemon_docs.append(d)
+        print(tables(daemon_docs, qemu_doc))
+        return 0
+
+    names = []
+    for s in args.scenarios or list(SCENARIOS):
+        if s in ALIASES:
+            names += ALIASES[s]
+        elif s in SCENARIOS:
+            names.append(s)
+        else:
+            ap.error(f"unknown scenario {s!r}")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in CONFIGS:
+            ap.error(f"unknown configuration {c!r} (known: {', '.join(CONFIGS)})")
+    for tool in ("migrated", "migratectl"):
+        if not os.access(os.path.join(args.bin, tool), os.X_OK):
+            ap.error(f"{tool} not found in {args.bin}: swift build -c release --scratch-path "
+                     f".build-daemonbench --product {tool}")
+    if args.json:
+        args.json = os.path.abspath(args.json)
+
+    enter_netns()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    r = subprocess.run(["make", "-s", "-C", os.path.join(REPO, "guest")],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        sys.exit(f"make -C guest failed:\n{r.stdout}")
+
+    tmp = tempfile.mkdtemp(prefix="daemon-migrate-bench-")
+    meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "bin": args.bin,
+            "git_head": subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], stdout=subprocess.PIPE,
+                                       stderr=subprocess.DEVNULL, text=True).stdout.strip(),
+            "loadavg_start": open("/proc/loadavg").read().split()[:3],
+            "netns": os.environ.get(NETNS_ENV) == "1", "repeat": args.repeat, "configs": configs,
+            "timeout_s": args.timeout, "poll_s": args.poll, "command": sys.argv, "note": args.note,
+            "bin_mtime": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(
+                os.path.getmtime(os.path.join(args.bin, "migrated"))))}
+    results = []
+    t_all = time.monotonic()
+    try:
+        certdir = os.path.join(tmp, "certs")
+        os.makedirs(certdir)
+        make_certs(certdir)
+        for name in names:
+            for rep in range(args.repeat):
+                for config in configs:
+                    log(f"== {name} / {config} / run {rep + 1} of {args.repeat}")
+                    run = Run(args, tmp, certdir, name, config, rep)
+                    try:
+                        res = run.execute()
+                    except Exception as e:
+                        res = {"scenario": name, "config": config, "repeat": rep, "status": "error",
+                               "error": f"{type(e).__name__}: {e}",
+                               "daemon_logs": {d.name: d.log_tail() for d in run.daemons}}
+                    finally:
+                        run.cleanup()
+                    log(f"   {res['status']}: total {res.get('total_s')} s, downtime "
+                        f"{res.get('downtime_ms')} ms, wire {res.get('wire_bytes')} B (report "
+                        f"{res.get('report_wire_bytes')}), passes {res.get('passes')}, CPU src "
+                        f"{res.get('cpu_src_s')} dst {res.get('cpu_dst_s')}; "
+                        f"guest: {res.get('guest', res.get('error'))}")
+                    results.append(res)
+    finally:
+        meta["run_s"] = round(time.monotonic() - t_all, 1)
+        meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+        if args.keep:
+            log(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        doc = {"meta": meta, "summary": summarize(results), "results": results}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(doc, f, indent=2)
+    print(f"migrated over loopback; wire bytes "
+          f"{'from a private netns loopback' if meta['netns'] else 'from the migration report'}; "
+          f"run {meta['run_s']} s, load average {' '.join(meta['loadavg_start'])} -> "
+          f"{' '.join(meta['loadavg_end'])}")
+    print(tables([doc]))
+    for r in results:
+        if r.get("error"):
+            print(f"{r['scenario']}/{r['config']}/{r.get('repeat')}: {r['error']}")
+    return 0 if all(r["status"] in ("completed", "not converged") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

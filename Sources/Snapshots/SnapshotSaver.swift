@@ -55,7 +55,8 @@ public struct SnapshotSaveReport: Sendable {
 /// its parent) at its fixed place in a plain file while the guest runs; each later pass rewrites the pages
 /// the dirty log reports, until `ConvergencePolicy` expects the rest to take less than the downtime limit.
 /// Then the guest is paused, the last pages and the device state are taken, and it runs again before the
-/// file is finished. A compressed snapshot is written plain first and compressed after the guest resumed.
+/// file is finished. A live compressed snapshot is written plain first and compressed after the guest resumed;
+/// a paused one is compressed as it is written.
 ///
 /// Nothing is lost: any failure leaves the guest running as before, no file at `path`, and (for a diff) the
 /// dirty pages it harvested remembered by `base` for the next attempt.
@@ -85,8 +86,12 @@ public final class SnapshotSaver {
     private var trackingWasOn: Bool { base != nil }
 
     public func run() throws(SnapshotError) -> SnapshotSaveReport {
-        let plainPath = options.memoryFormat == .plain ? path : hiddenPath(path, "plain")
+        // A paused save writes each page once, in order, so it can compress as it goes; a live one rewrites
+        // pages the guest dirtied again, which only the plain layout allows: it is compressed afterwards.
+        let direct = options.memoryFormat == .plain || !options.live
+        let plainPath = direct ? path : hiddenPath(path, "plain")
         let writer = try SnapshotWriter(path: plainPath, layout: source.layout, kind: base == nil ? .full : .diff,
+                                        memoryFormat: direct ? options.memoryFormat : .plain, compression: options.compression,
                                         base: base, overwrite: options.overwrite || plainPath != path)
         if !options.overwrite, plainPath != path, FileManager.default.fileExists(atPath: path) {
             writer.discard()

@@ -118,6 +118,7 @@ public final class SnapshotService: @unchecked Sendable {
         do { chain = try SnapshotChain.open(request.path, parents: request.parents ?? []) } catch {
             throw .unprocessable("bad_snapshot", "\(error)")
         }
+        try vms.checkFits(memory: chain.top.layout.totalBytes)
         let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil)))
         var lazy: LazyRestore?
         do {

@@ -189,13 +189,27 @@ public final class VMManager: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         guard vms[id] == nil else { throw .conflict("vm_exists", "a VM with id '\(id)' exists; delete it first") }
-        let committed = committedLocked
-        if committed + memory > memoryBudget {
-            let message = "\(memory >> 20) MiB does not fit: \((memoryBudget - min(committed, memoryBudget)) >> 20) MiB of the daemon's \(memoryBudget >> 20) MiB budget are free"
+        if let message = budgetProblemLocked(memory) {
             guard overcommitAllowed else { throw .conflict("memory_does_not_fit", message) }
             logger.warning("over the memory budget", metadata: ["vm": "\(id)", "detail": "\(message)"])
         }
         reserved += memory
+    }
+
+    /// Refuses `memory` when the budget cannot hold it now: for work that is about to build a VM of that size
+    /// from elsewhere, such as a snapshot restore, and had better not start.
+    public func checkFits(memory: UInt64) throws(ControlError) {
+        reapStopped()
+        lock.lock()
+        defer { lock.unlock() }
+        if let message = budgetProblemLocked(memory) { throw .conflict("memory_does_not_fit", message) }
+    }
+
+    /// Why `memory` does not fit in the budget, or nil when it does. Call with the lock held.
+    private func budgetProblemLocked(_ memory: UInt64) -> String? {
+        let committed = committedLocked
+        guard committed + memory > memoryBudget else { return nil }
+        return "\(memory >> 20) MiB does not fit: \((memoryBudget - min(committed, memoryBudget)) >> 20) MiB of the daemon's \(memoryBudget >> 20) MiB budget are free"
     }
 
     private func register(_ vm: ManagedVM, reservedMemory: UInt64) {

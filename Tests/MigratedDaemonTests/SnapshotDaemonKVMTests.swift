@@ -64,6 +64,11 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
             let restored = try await vmsnap(daemon, ["restore", merged, "--into-daemon", "--id", "copy", "--json"])
             XCTAssertEqual(restored.status, 0, restored.text)
             _ = try await XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "copy"), "the restored VM runs in the daemon")
+            try await withDaemon(memoryBudgetMiB: 64) { small in
+                let refused = try await vmsnap(small, ["restore", merged, "--into-daemon"])
+                XCTAssertEqual(refused.status, 2, refused.text)
+                XCTAssertTrue(refused.text.contains("does not fit"), refused.text)
+            }
 
             // One flipped byte in a memory page: verify names it and fails, restore refuses.
             var bytes = try Data(contentsOf: URL(fileURLWithPath: full))

@@ -520,20 +520,8 @@ def tables(daemon_docs, qemu_doc=None):
 
 # --------------------------------------------------------------------------- main
 def enter_netns():
-    """Re-run inside a private network namespace so that its loopback counters count exactly this
-    benchmark's traffic (as bench/qemu/migrate.py does). Falls back to the host's namespace."""
-    if os.environ.get(NETNS_ENV):
-        if os.environ[NETNS_ENV] == "1":
-            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-        return
-    if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
-        env = dict(os.environ, **{NETNS_ENV: "1"})
-        try:
-            os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
-                                   os.path.abspath(__file__), *sys.argv[1:]], env)
-        except OSError:
-            pass
-    os.environ[NETNS_ENV] = "host"
+    """Re-run inside a private network namespace, as bench/qemu/migrate.py does."""
+    qemu_bench.enter_netns(__file__, NETNS_ENV)
 
 
 def main():

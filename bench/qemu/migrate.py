@@ -429,21 +429,22 @@ def print_table(results):
     sys.stdout.flush()
 
 
-def enter_netns():
-    """Re-run inside a private network namespace so that its loopback counters
-    count exactly this benchmark's traffic. Falls back to the host's namespace."""
-    if os.environ.get(NETNS_ENV):
-        if os.environ[NETNS_ENV] == "1":
+def enter_netns(script=__file__, env_name=NETNS_ENV):
+    """Re-run `script` inside a private network namespace so that its loopback counters
+    count exactly this benchmark's traffic. Falls back to the host's namespace.
+    `env_name` marks the re-run (bench/daemon/migrate.py uses this too, with its own)."""
+    if os.environ.get(env_name):
+        if os.environ[env_name] == "1":
             subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         return
     if os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip"):
-        env = dict(os.environ, **{NETNS_ENV: "1"})
+        env = dict(os.environ, **{env_name: "1"})
         try:
             os.execvpe("unshare", ["unshare", "--net", "--", sys.executable,
-                                   os.path.abspath(__file__), *sys.argv[1:]], env)
+                                   os.path.abspath(script), *sys.argv[1:]], env)
         except OSError:
             pass
-    os.environ[NETNS_ENV] = "host"
+    os.environ[env_name] = "host"
 
 
 def main():

@@ -64,6 +64,14 @@ public struct ControlClient: Sendable {
         try await call(.POST, "/vms/\(Self.escape(id))/stop")
     }
 
+    public func pauseVM(_ id: String) async throws -> VMInfo {
+        try await call(.POST, "/vms/\(Self.escape(id))/pause")
+    }
+
+    public func resumeVM(_ id: String) async throws -> VMInfo {
+        try await call(.POST, "/vms/\(Self.escape(id))/resume")
+    }
+
     public func deleteVM(_ id: String) async throws -> VMInfo {
         try await call(.DELETE, "/vms/\(Self.escape(id))")
     }

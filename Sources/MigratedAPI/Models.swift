@@ -45,8 +45,10 @@ public struct VMCreateRequest: Codable, Sendable, Equatable, StrictlyDecodable {
 
 /// What a VM is doing.
 public enum VMState: String, Codable, Sendable, CaseIterable {
-    /// Its vCPUs run (or are briefly paused by a migration).
+    /// Its vCPUs run (or are briefly paused by a migration or a snapshot).
     case running
+    /// Paused through the API: its vCPUs do not run until it is resumed.
+    case paused
     /// Stopped through the API.
     case stopped
     /// The guest wrote its exit code to the debug-exit port.

@@ -67,6 +67,13 @@ public final class ControlAPI: Sendable {
             let id = parts[1]
             snapshots.forgetBase(vm: id)
             return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.stop(id) }))
+        case (_, 3) where parts[0] == "vms" && (parts[2] == "pause" || parts[2] == "resume"):
+            try allow(method, ["POST"])
+            let id = parts[1]
+            if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved") }
+            if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
+            let pause = parts[2] == "pause"
+            return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.setPaused(id, pause) }))
         case (_, 3) where parts[0] == "vms" && parts[2] == "snapshot":
             try allow(method, ["GET", "POST"])
             if method == "GET" {
@@ -106,6 +113,7 @@ public final class ControlAPI: Sendable {
         if let problem = request.problem() { throw .badRequest(problem) }
         let machine = try vms.runningMachine(id)
         if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved; migrate it when the snapshot is done") }
+        if try vms.isPaused(id) { throw .conflict("vm_paused", "VM '\(id)' is paused; resume it to migrate it") }
         // The migration takes over the dirty log, so a later diff snapshot could miss pages: the next must be full.
         snapshots.forgetBase(vm: id)
         if request.security == .tls && tls == nil {
@@ -121,10 +129,13 @@ public final class ControlAPI: Sendable {
 
     private func startSnapshot(vm id: String, _ request: SnapshotRequest) async throws(ControlError) -> SnapshotStatus {
         let machine = try vms.runningMachine(id)
-        if let migration = try? await migrations.status(ofVM: id), [.setup, .precopy, .switchover].contains(migration.phase) {
-            throw .conflict("migration_running", "VM '\(id)' is migrating")
-        }
-        return try snapshots.startSave(vm: try vms.vm(id), machine: machine, request: request)
+        if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
+        return try snapshots.startSave(vm: try vms.vm(id), machine: machine, request: request, paused: try vms.isPaused(id))
+    }
+
+    private func isMigrating(_ id: String) async throws(ControlError) -> Bool {
+        guard let migration = try? await migrations.status(ofVM: id) else { return false }
+        return [.setup, .precopy, .switchover].contains(migration.phase)
     }
 
     // MARK: helpers

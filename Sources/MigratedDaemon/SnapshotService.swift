@@ -33,7 +33,8 @@ public final class SnapshotService: @unchecked Sendable {
     /// Forgets the base of a VM's next diff: its dirty log is someone else's now (a migration), or it is gone.
     public func forgetBase(vm id: String) { _ = lock.withLock { bases.removeValue(forKey: id) } }
 
-    public func startSave(vm: ManagedVM, machine: MicroVM, request: SnapshotRequest) throws(ControlError) -> SnapshotStatus {
+    /// A VM `paused` through the API is saved as it is (no pre-copy) and stays paused.
+    public func startSave(vm: ManagedVM, machine: MicroVM, request: SnapshotRequest, paused: Bool) throws(ControlError) -> SnapshotStatus {
         if let problem = request.problem() { throw .badRequest(problem) }
         let job = Job(SnapshotStatus(vm: vm.id, state: .running, path: request.path, kind: request.kind, format: request.format))
         lock.lock()
@@ -45,7 +46,8 @@ public final class SnapshotService: @unchecked Sendable {
         if request.kind == .diff, base == nil {
             throw .conflict("no_parent", "VM '\(vm.id)' has no snapshot taken through this daemon since it started or last migrated; take a full one first")
         }
-        let options = SnapshotSaveOptions(live: request.live, memoryFormat: request.format == .plain ? .plain : .compressed,
+        let options = SnapshotSaveOptions(live: request.live && !paused, resumeGuest: !paused,
+                                          memoryFormat: request.format == .plain ? .plain : .compressed,
                                           compression: request.compression == .lz4 ? .lz4 : .zstd, overwrite: request.overwrite)
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: machine), configuration: vm.request)
         let saver = SnapshotSaver(source: source, path: request.path, base: base, options: options)

@@ -17,6 +17,8 @@ public final class ManagedVM: @unchecked Sendable {
     fileprivate(set) var machine: MicroVM?
     fileprivate var consoleFD: Int32?
     fileprivate var final: Final?
+    /// Paused through the API (not by a migration or snapshot, which pause and resume it themselves).
+    fileprivate var paused = false
 
     struct Final {
         var state: VMState
@@ -278,10 +280,11 @@ public final class VMManager: @unchecked Sendable {
         lock.lock()
         let machine = vm.machine
         let final = vm.final
+        let paused = vm.paused
         lock.unlock()
         let lines = machine?.console.receivedLines
         return VMInfo(
-            id: vm.id, state: final?.state ?? .running, image: vm.request.image, memoryMib: vm.request.memoryMib,
+            id: vm.id, state: final?.state ?? (paused ? .paused : .running), image: vm.request.image, memoryMib: vm.request.memoryMib,
             vcpus: vm.request.vcpus, cmdline: vm.request.cmdline, consoleLog: vm.request.consoleLog,
             dirtyTracking: vm.request.dirtyTracking, startedAt: ISO8601DateFormatter().string(from: vm.startedAt),
             uptimeSeconds: final?.uptime ?? vm.uptime, stopReason: final?.reason, exitCode: final?.exitCode,
@@ -298,6 +301,26 @@ public final class VMManager: @unchecked Sendable {
             throw .conflict("vm_not_running", "VM '\(id)' is \(vm.final?.state.rawValue ?? "not running")")
         }
         return machine
+    }
+
+    /// Whether the VM was paused through the API.
+    public func isPaused(_ id: String) throws(ControlError) -> Bool {
+        let vm = try vm(id)
+        return lock.withLock { vm.paused }
+    }
+
+    /// Pauses or resumes a running VM's vCPUs; doing it twice changes nothing.
+    public func setPaused(_ id: String, _ paused: Bool) throws(ControlError) -> ManagedVM {
+        let machine = try runningMachine(id)
+        let vm = try vm(id)
+        if paused {
+            do { try machine.pause() } catch { throw ControlError(500, "pause_failed", "cannot pause VM '\(id)': \(error)") }
+        } else {
+            machine.resume()
+        }
+        lock.withLock { vm.paused = paused }
+        logger.info(paused ? "VM paused" : "VM resumed", metadata: ["vm": "\(id)"])
+        return vm
     }
 
     // MARK: stop and delete

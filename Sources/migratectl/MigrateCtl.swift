@@ -62,7 +62,7 @@ func describe(_ vm: VMInfo) -> String {
 // MARK: vm
 
 struct VM: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Manage VMs.", subcommands: [Start.self, List.self, Show.self, Stop.self, Delete.self])
+    static let configuration = CommandConfiguration(abstract: "Manage VMs.", subcommands: [Start.self, List.self, Show.self, Pause.self, Resume.self, Stop.self, Delete.self])
 
     struct Start: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Boot a guest image; prints the new VM's id.")
@@ -115,6 +115,26 @@ struct VM: AsyncParsableCommand {
 
         func run() async throws {
             try await reportingErrors { try options.print(try await options.client.vm(vm), text: describe) }
+        }
+    }
+
+    struct Pause: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Pause a VM's vCPUs until it is resumed.")
+        @OptionGroup var options: ClientOptions
+        @Argument(help: "The VM's id.") var vm: String
+
+        func run() async throws {
+            try await reportingErrors { try options.print(try await options.client.pauseVM(vm)) { "\($0.id) \($0.state.rawValue)" } }
+        }
+    }
+
+    struct Resume: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Let a paused VM run again.")
+        @OptionGroup var options: ClientOptions
+        @Argument(help: "The VM's id.") var vm: String
+
+        func run() async throws {
+            try await reportingErrors { try options.print(try await options.client.resumeVM(vm)) { "\($0.id) \($0.state.rawValue)" } }
         }
     }
 

@@ -86,6 +86,41 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
         }
     }
 
+    /// A VM paused through the API is saved as it is and stays paused; after a resume it carries on, and the
+    /// snapshot restores to a guest that carries on from the paused moment.
+    func testSnapshotOfAPausedVM() async throws {
+        try await withDaemon(memoryBudgetMiB: 1024) { daemon in
+            _ = try TestGuest.image()
+            _ = try await daemon.client.createVM(VMCreateRequest(id: "still", image: TestGuest.path, memoryMib: 128, cmdline: Self.guest))
+            let before = try await XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "still"), "the guest runs")
+            let paused = try await runTool("migratectl", ["vm", "pause", "still", "--socket", daemon.socketPath])
+            XCTAssertEqual(paused.status, 0, paused.text)
+            let pausedInfo = try await daemon.client.vm("still")
+            XCTAssertEqual(pausedInfo.state, .paused)
+            let linesWhilePaused = pausedInfo.consoleLines
+            let file = daemon.directory + "/paused.snap"
+            let saved = try await vmsnap(daemon, ["save", "still", file, "--json"])
+            XCTAssertEqual(saved.status, 0, saved.text)
+            let migrate = try await daemon.failure("POST", "/vms/still/migrate", body: #"{"peer": "127.0.0.1:1", "security": "plaintext"}"#)
+            XCTAssertEqual(migrate.error.error, "vm_paused")
+            try await Task.sleep(nanoseconds: 1_200_000_000)
+            let info = try await daemon.client.vm("still")
+            XCTAssertEqual(info.state, .paused, "a save leaves a paused VM paused")
+            XCTAssertEqual(info.consoleLines, linesWhilePaused, "the guest printed nothing while paused")
+            _ = try await daemon.client.resumeVM("still")
+            _ = try await XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "still"), "the guest carries on after resume")
+            let ran = try await vmsnap(nil, ["restore", file, "--seconds", "3"])
+            XCTAssertEqual(ran.status, 0, ran.text)
+            let lines = ran.text.components(separatedBy: "\n").compactMap(MemstressStatus.init)
+            XCTAssertGreaterThanOrEqual(lines.count, 2, ran.text)
+            XCTAssertTrue(lines.allSatisfy(\.verified), ran.text)
+            // A paused VM stops like a running one.
+            _ = try await daemon.client.pauseVM("still")
+            let stopped = try await daemon.client.stopVM("still")
+            XCTAssertEqual(stopped.state, .stopped)
+        }
+    }
+
     /// A disk that fills up during the save: a clear error, no file left, and the VM runs on.
     func testFullDiskDuringSaveLeavesNoFileAndTheVMRunning() async throws {
         try await withDaemon(memoryBudgetMiB: 1024) { daemon in

@@ -228,9 +228,6 @@ public final class LazyRestore: @unchecked Sendable {
                              secondsToReady: readyAt ?? 0, secondsToResident: residentAt.withLock { $0 },
                              faultsServed: regions.reduce(0) { $0 + $1.faultsServed })
     }
-
-    /// Seconds from the start of the restore until the guest could run.
-    public var secondsToReady: Double { readyAt ?? 0 }
 }
 
 func monotonicNow() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

@@ -285,6 +285,9 @@ do {
         print("repetition \(repetition)/\(options.repeats): full saves")
         try save(source, "full-plain-paused.snap", saveOptions(live: false), row: row("save", "full plain, paused"))
         unlink(path("full-plain-paused.snap"))
+        try save(source, "full-zstd-paused.snap", saveOptions(live: false, format: .compressed, compression: .zstd),
+                 row: row("save", "full zstd, paused (compressed as written)"))
+        unlink(path("full-zstd-paused.snap"))
         try save(source, "full-plain.snap", saveOptions(live: true), row: row("save", "full plain, live"))
         try save(source, "full-lz4.snap", saveOptions(live: true, format: .compressed, compression: .lz4), row: row("save", "full lz4, live"))
         try save(source, "full-zstd.snap", saveOptions(live: true, format: .compressed, compression: .zstd), row: row("save", "full zstd, live"))

@@ -193,25 +193,17 @@ public final class ControlAPI: Sendable {
         for vm in snapshot.running { out.sample("migrated_vm_vcpus", ["vm": vm.id], Double(vm.vcpus)) }
         out.family("migrated_vm_uptime_seconds", "gauge", "Seconds each running VM has run.")
         for vm in snapshot.running { out.sample("migrated_vm_uptime_seconds", ["vm": vm.id], vm.uptime) }
-        out.family("migrated_guest_memory_bytes", "gauge", "Guest memory held by running VMs and boots under way.")
-        out.sample("migrated_guest_memory_bytes", [:], Double(snapshot.committedMemory))
-        out.family("migrated_memory_budget_bytes", "gauge", "Guest memory all VMs together may hold.")
-        out.sample("migrated_memory_budget_bytes", [:], Double(vms.memoryBudget))
-        out.family("migrated_vms_started_total", "counter", "VMs started since the daemon started.")
-        out.sample("migrated_vms_started_total", [:], Double(snapshot.startedTotal))
-        out.family("migrated_vm_start_failures_total", "counter", "VM starts refused or failed after validation.")
-        out.sample("migrated_vm_start_failures_total", [:], Double(snapshot.startFailuresTotal))
+        out.metric("migrated_guest_memory_bytes", "gauge", "Guest memory held by running VMs and boots under way.", Double(snapshot.committedMemory))
+        out.metric("migrated_memory_budget_bytes", "gauge", "Guest memory all VMs together may hold.", Double(vms.memoryBudget))
+        out.metric("migrated_vms_started_total", "counter", "VMs started since the daemon started.", Double(snapshot.startedTotal))
+        out.metric("migrated_vm_start_failures_total", "counter", "VM starts refused or failed after validation.", Double(snapshot.startFailuresTotal))
         out.family("migrated_http_requests_total", "counter", "Control API requests answered, by status code.")
         for (status, count) in requestCounts.counts() { out.sample("migrated_http_requests_total", ["code": String(status)], Double(count)) }
         let snapshotCounts = snapshots.counters()
-        out.family("migrated_snapshots_saved_total", "counter", "Snapshots saved.")
-        out.sample("migrated_snapshots_saved_total", [:], Double(snapshotCounts.saved))
-        out.family("migrated_snapshot_failures_total", "counter", "Snapshot saves that failed (the VM ran on).")
-        out.sample("migrated_snapshot_failures_total", [:], Double(snapshotCounts.failed))
-        out.family("migrated_snapshots_restored_total", "counter", "VMs started from snapshots.")
-        out.sample("migrated_snapshots_restored_total", [:], Double(snapshotCounts.restored))
-        out.family("migrated_uptime_seconds", "gauge", "Seconds since the daemon started.")
-        out.sample("migrated_uptime_seconds", [:], Double(DispatchTime.now().uptimeNanoseconds - startedAt.uptimeNanoseconds) / 1e9)
+        out.metric("migrated_snapshots_saved_total", "counter", "Snapshots saved.", Double(snapshotCounts.saved))
+        out.metric("migrated_snapshot_failures_total", "counter", "Snapshot saves that failed (the VM ran on).", Double(snapshotCounts.failed))
+        out.metric("migrated_snapshots_restored_total", "counter", "VMs started from snapshots.", Double(snapshotCounts.restored))
+        out.metric("migrated_uptime_seconds", "gauge", "Seconds since the daemon started.", Double(DispatchTime.now().uptimeNanoseconds - startedAt.uptimeNanoseconds) / 1e9)
         return out.text + (await migrations.metrics())
     }
 }
@@ -240,6 +232,12 @@ struct PrometheusText {
 
     mutating func family(_ name: String, _ type: String, _ help: String) {
         text += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+    }
+
+    /// A family with a single, unlabelled sample.
+    mutating func metric(_ name: String, _ type: String, _ help: String, _ value: Double) {
+        family(name, type, help)
+        sample(name, [:], value)
     }
 
     mutating func sample(_ name: String, _ labels: [String: String], _ value: Double) {

@@ -50,6 +50,17 @@ public struct PassStatistics: Sendable, Codable, Equatable {
     public var throttle: Double = 0
 
     public init(pass: Int) { self.pass = pass }
+
+    /// Fills in what the convergence policy reads, once `seconds` and `dirtyPages` are set: the dirty rate, the
+    /// rate of the link (or file) over all passes so far, `totalBytes` in `earlier` and this pass' seconds (a
+    /// short pass alone says more about latency than bandwidth), and the pause that sending the dirty pages, at
+    /// `bytesPerDirtyPage` each, would take at that rate.
+    public mutating func estimate(totalBytes: Int, bytesPerDirtyPage: Double, earlier: [PassStatistics]) {
+        dirtyRate = seconds > 0 ? Double(dirtyPages * 4096) / seconds : 0
+        let allSeconds = earlier.reduce(seconds) { $0 + $1.seconds }
+        bandwidth = allSeconds > 0 ? Double(totalBytes) / allSeconds : 0
+        expectedDowntime = bandwidth > 0 ? Double(dirtyPages) * bytesPerDirtyPage / bandwidth : .infinity
+    }
 }
 
 /// Where a running migration stands, for progress displays.

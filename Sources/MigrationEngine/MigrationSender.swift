@@ -266,13 +266,9 @@ public final class MigrationSender: @unchecked Sendable {
         statistics.wireBytes = counts.wireBytes
         statistics.seconds = seconds
         statistics.dirtyPages = dirtyPages
-        statistics.dirtyRate = seconds > 0 ? Double(dirtyPages * 4096) / seconds : 0
-        // The link's speed over all passes so far: a short pass alone says more about latency than bandwidth.
-        let allSeconds = history.reduce(seconds) { $0 + $1.seconds }
-        statistics.bandwidth = allSeconds > 0 ? Double(wireBytes) / allSeconds : 0
-        let bytesPerPage = counts.pages > counts.zero ? Double(counts.wireBytes) / Double(counts.pages - counts.zero) : 4096
-        statistics.expectedDowntime = statistics.bandwidth > 0 ? Double(dirtyPages) * bytesPerPage / statistics.bandwidth : .infinity
         statistics.throttle = throttle
+        let bytesPerPage = counts.pages > counts.zero ? Double(counts.wireBytes) / Double(counts.pages - counts.zero) : 4096
+        statistics.estimate(totalBytes: wireBytes, bytesPerDirtyPage: bytesPerPage, earlier: history)
         return statistics
     }
 

@@ -120,4 +120,5 @@ extension GuestMemoryLayout {
     var pageCount: Int { Int(totalBytes >> 12) }
 }
 
-func monotonicSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+/// Seconds on a clock that only goes forward, for measuring durations.
+public func monotonicSeconds() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

@@ -9,6 +9,8 @@ public final class SnapshotChain: @unchecked Sendable {
     /// `Self.zero` when the page is zero in the chain's memory.
     public let owner: [UInt8]
     public static let zero: UInt8 = 0xFF
+    /// How many pages of the chain's memory hold data.
+    public let dataPages: Int
 
     public var top: SnapshotFile { files.last! }
     public var base: SnapshotFile { files.first! }
@@ -32,6 +34,7 @@ public final class SnapshotChain: @unchecked Sendable {
             }
         }
         self.owner = owner
+        dataPages = owner.lazy.filter { $0 != Self.zero }.count
     }
 
     /// Opens `path` and its parents. Parents are taken from `parents` (nearest first) when given, else found
@@ -79,8 +82,7 @@ public final class SnapshotChain: @unchecked Sendable {
         guard parent.layout == child.layout else { throw .chain("\(parent.path) and \(child.path) have different memory layouts") }
     }
 
-    /// How many pages of the chain's memory hold data.
-    public var dataPages: Int { owner.lazy.filter { $0 != Self.zero }.count }
+
 }
 
 extension SnapshotChain {

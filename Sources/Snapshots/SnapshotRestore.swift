@@ -38,7 +38,7 @@ public enum SnapshotRestore {
     /// different frames from several threads, as the migration receiver's channels already make them.
     public static func restore(_ chain: SnapshotChain, into sink: GuestSink, threads: Int = 2,
                                progress: ((_ done: Int, _ total: Int) -> Void)? = nil) throws(SnapshotError) -> RestoreReport {
-        let started = monotonicNow()
+        let started = monotonicSeconds()
         do throws(SnapshotError) {
             let total = try prepare(chain, sink)
             var runs: [(file: Int, first: Int, count: Int)] = []
@@ -67,7 +67,7 @@ public enum SnapshotRestore {
                 throw SnapshotError.digestMismatch(expected: "\(chain.top.memoryDigest)", actual: "\(digest)")
             }
             try restoreDevices(chain, sink)
-            let seconds = monotonicNow() - started
+            let seconds = monotonicSeconds() - started
             return RestoreReport(lazy: false, dataPages: total, bytesRead: total * SnapshotFormat.pageSize,
                                  secondsToReady: seconds, secondsToResident: seconds, faultsServed: 0)
         } catch {
@@ -113,7 +113,7 @@ public final class LazyRestore: @unchecked Sendable {
     public let chain: SnapshotChain
     private let sink: GuestSink
     private var regions: [UserFaultRegion] = []
-    private let started = monotonicNow()
+    private let started = monotonicSeconds()
     private var readyAt: Double?
     private let resident = DispatchSemaphore(value: 0)
     private let residentAt = Mutex<Double?>(nil)
@@ -158,7 +158,7 @@ public final class LazyRestore: @unchecked Sendable {
                 }
             }
             try SnapshotRestore.restoreDevices(chain, sink)
-            readyAt = monotonicNow() - started
+            readyAt = monotonicSeconds() - started
             let thread = Thread { [self] in prefetch() }
             thread.name = "snapshot-prefetch"
             thread.start()
@@ -203,7 +203,7 @@ public final class LazyRestore: @unchecked Sendable {
         }
         // Zero pages need no filling: once unregistered, the guest's first touch allocates them zeroed.
         for region in regions { region.close() }
-        residentAt.withLock { $0 = monotonicNow() - started }
+        residentAt.withLock { $0 = monotonicSeconds() - started }
         resident.signal()
     }
 
@@ -230,7 +230,6 @@ public final class LazyRestore: @unchecked Sendable {
     }
 }
 
-func monotonicNow() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 
 /// What the threads of an eager restore share: pages done, the digest so far, and the first error.
 private final class RestoreProgress: @unchecked Sendable {

@@ -70,7 +70,7 @@ public final class SnapshotSaver {
     private static let runPages = 256
     private let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: runPages * SnapshotFormat.pageSize, alignment: 4096)
     private var history: [PassStatistics] = []
-    private let started = monotonicNow()
+    private let started = monotonicSeconds()
     private var bytesWritten = 0
 
     public init(source: GuestSource, path: String, base: SnapshotBase? = nil, options: SnapshotSaveOptions = SnapshotSaveOptions()) {
@@ -100,7 +100,7 @@ public final class SnapshotSaver {
         var state = SaveState()
         do throws(SnapshotError) {
             let deviceState = try capture(writer, &state)
-            let finishStart = monotonicNow()
+            let finishStart = monotonicSeconds()
             var header = try writer.finish(deviceState: deviceState)
             if plainPath != path {
                 defer { unlink(plainPath) }
@@ -112,8 +112,8 @@ public final class SnapshotSaver {
             let nextBase = options.keepTracking ? writer.base(header: header).map {
                 SnapshotBase(id: header.id, memoryDigest: header.memoryDigest, path: path, layout: $0.layout, pageHashes: $0.pageHashes)
             } : nil
-            return SnapshotSaveReport(header: header, path: path, pauseSeconds: state.pauseSeconds, totalSeconds: monotonicNow() - started,
-                                      finishSeconds: monotonicNow() - finishStart, passes: history, base: nextBase)
+            return SnapshotSaveReport(header: header, path: path, pauseSeconds: state.pauseSeconds, totalSeconds: monotonicSeconds() - started,
+                                      finishSeconds: monotonicSeconds() - finishStart, passes: history, base: nextBase)
         } catch {
             writer.discard()
             source.setThrottle(0)
@@ -144,7 +144,7 @@ public final class SnapshotSaver {
             }
             frames = try precopy(frames, writer, &state)
         }
-        let pausedAt = monotonicNow()
+        let pausedAt = monotonicSeconds()
         try guest { try source.pause() }
         state.paused = true
         var last = Set(frames)
@@ -160,14 +160,14 @@ public final class SnapshotSaver {
             state.tracking = true
         }
         let final = last.sorted()
-        let passStart = monotonicNow()
+        let passStart = monotonicSeconds()
         try write(final, writer, pass: history.count, paused: true)
-        history.append(statistics(pass: history.count, pages: final.count, seconds: monotonicNow() - passStart, dirtyPages: 0))
+        history.append(statistics(pass: history.count, pages: final.count, seconds: monotonicSeconds() - passStart, dirtyPages: 0))
         let deviceState = try guest { try source.captureDeviceState() }
         source.setThrottle(0)
         if options.resumeGuest { source.resume() }
         state.paused = false
-        state.pauseSeconds = monotonicNow() - pausedAt
+        state.pauseSeconds = monotonicSeconds() - pausedAt
         report(.completed, pass: history.count, done: final.count, total: final.count)
         return deviceState
     }
@@ -191,14 +191,14 @@ public final class SnapshotSaver {
         var frames = initial.sorted()
         var throttle = 0.0
         while true {
-            let passStart = monotonicNow()
+            let passStart = monotonicSeconds()
             try write(frames, writer, pass: history.count, paused: false)
             var dirty: [UInt64] = []
             try guest { try source.harvestDirtyFrames { dirty.append($0) } }
             state.harvested.append(contentsOf: dirty)
-            history.append(statistics(pass: history.count, pages: frames.count, seconds: monotonicNow() - passStart, dirtyPages: dirty.count, throttle: throttle))
+            history.append(statistics(pass: history.count, pages: frames.count, seconds: monotonicSeconds() - passStart, dirtyPages: dirty.count, throttle: throttle))
             frames = dirty.sorted()
-            switch policy.decide(history: history, elapsed: monotonicNow() - started, throttle: throttle) {
+            switch policy.decide(history: history, elapsed: monotonicSeconds() - started, throttle: throttle) {
             case .switchover: return frames
             case .nextPass: continue
             case .throttle(let fraction):
@@ -215,7 +215,7 @@ public final class SnapshotSaver {
     /// written straight from its memory.
     private func write(_ frames: [UInt64], _ writer: SnapshotWriter, pass: Int, paused: Bool) throws(SnapshotError) {
         var position = 0
-        var lastReport = monotonicNow()
+        var lastReport = monotonicSeconds()
         while position < frames.count {
             var count = 1
             while position + count < frames.count, count < Self.runPages, frames[position + count] == frames[position] + UInt64(count) { count += 1 }
@@ -233,9 +233,9 @@ public final class SnapshotSaver {
             try writer.write(pages: pages, firstIndex: index)
             bytesWritten += count * SnapshotFormat.pageSize
             position += count
-            if monotonicNow() - lastReport > 0.25 {
+            if monotonicSeconds() - lastReport > 0.25 {
                 report(.precopy, pass: pass, done: position, total: frames.count)
-                lastReport = monotonicNow()
+                lastReport = monotonicSeconds()
             }
         }
     }
@@ -247,18 +247,14 @@ public final class SnapshotSaver {
         statistics.wireBytes = statistics.payloadBytes
         statistics.seconds = seconds
         statistics.dirtyPages = dirtyPages
-        statistics.dirtyRate = seconds > 0 ? Double(dirtyPages * SnapshotFormat.pageSize) / seconds : 0
-        // The file's speed over all passes: a short pass alone says more about latency than throughput.
-        let allSeconds = history.reduce(seconds) { $0 + $1.seconds }
-        statistics.bandwidth = allSeconds > 0 ? Double(bytesWritten) / allSeconds : 0
-        statistics.expectedDowntime = statistics.bandwidth > 0 ? Double(dirtyPages * SnapshotFormat.pageSize) / statistics.bandwidth : .infinity
         statistics.throttle = throttle
+        statistics.estimate(totalBytes: bytesWritten, bytesPerDirtyPage: Double(SnapshotFormat.pageSize), earlier: history)
         return statistics
     }
 
     private func report(_ phase: MigrationProgress.Phase, pass: Int, done: Int, total: Int) {
         guard let onProgress else { return }
-        let elapsed = monotonicNow() - started
+        let elapsed = monotonicSeconds() - started
         let last = history.last
         onProgress(MigrationProgress(
             phase: phase, pass: pass, pagesDone: done, pagesTotal: total, bytesOnWire: bytesWritten,

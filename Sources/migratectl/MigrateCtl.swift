@@ -39,10 +39,6 @@ func reportingErrors(_ body: () async throws -> Void) async throws {
     }
 }
 
-func absolutePath(_ path: String) -> String {
-    path.hasPrefix("/") ? path : URL(fileURLWithPath: path, relativeTo: URL(fileURLWithPath: FileManager.default.currentDirectoryPath)).path
-}
-
 func describe(_ vm: VMInfo) -> String {
     var lines = [
         "id:           \(vm.id)",

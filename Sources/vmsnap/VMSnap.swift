@@ -56,10 +56,6 @@ func isDamage(_ error: SnapshotError) -> Bool {
     }
 }
 
-func absolutePath(_ path: String) -> String {
-    path.hasPrefix("/") ? path : URL(fileURLWithPath: path, relativeTo: URL(fileURLWithPath: FileManager.default.currentDirectoryPath)).path
-}
-
 func printJSON(_ value: some Encodable) throws {
     print(String(decoding: try APIJSON.encode(value), as: UTF8.self))
 }

@@ -23,7 +23,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         precondition(!channels.isEmpty)
         self.sink = sink
         self.channels = channels
-        self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count))
+        self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count),
+                                                         flags: [.wholeBatchCompression])
     }
 
     public struct Report: Sendable, Equatable {
@@ -77,7 +78,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         guard case .layout(let layout) = try main.next() else { throw MigrationError.protocolViolation("expected the memory layout") }
         do { try sink.prepare(layout: layout) } catch { throw MigrationError.guestFailed("preparing memory: \(error)") }
 
-        let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout) }
+        let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout, agreed: agreed) }
         appliers = writers.enumerated().map { PageApplier(writer: $1, name: "migrate-write-\($0)") }
         let appliers = self.appliers
         let others = startOtherChannels(layout: layout, appliers: appliers)
@@ -191,8 +192,9 @@ final class PageApplier: @unchecked Sendable {
         thread.start()
     }
 
-    /// Queues a batch; throws the error of an earlier batch, if one failed.
+    /// Queues a batch; throws if it breaks the agreement, or with the error of an earlier batch, if one failed.
     func submit(_ batch: PageBatch) throws {
+        try writer.admit(batch)
         try rethrowFailure()
         queue.put(.batch(batch))
     }
@@ -218,23 +220,39 @@ final class PageApplier: @unchecked Sendable {
 }
 
 /// Writes the pages of one channel into guest memory and keeps that channel's share of the memory digest,
-/// hashing each page as it lies in guest memory after the write.
+/// hashing each page as it lies in guest memory after the write. Refuses page encodings and batch compression
+/// that were not agreed: the decoder checks the format, this side its own promises.
 final class PageWriter {
     let digest: DigestTracker
     private let sink: GuestSink
+    private let agreed: Capabilities
     private let lz4: BlockCompressor
     private let zstd: BlockCompressor
     private var batchPayload: UnsafeMutableRawBufferPointer?
     private(set) var pagesWritten = 0
 
-    init(sink: GuestSink, layout: GuestMemoryLayout) {
+    init(sink: GuestSink, layout: GuestMemoryLayout, agreed: Capabilities) {
         self.sink = sink
+        self.agreed = agreed
         digest = DigestTracker(regions: layout.digestRegions)
         lz4 = try! BlockCompressor(.lz4(acceleration: 1))
         zstd = try! BlockCompressor(.zstd(level: 1))
     }
 
     deinit { batchPayload?.deallocate() }
+
+    /// Throws unless `batch` uses only what was agreed.
+    func admit(_ batch: PageBatch) throws {
+        if let page = batch.pages.first(where: { !agreed.codecs.contains($0.encoding) }) {
+            throw MigrationError.protocolViolation("page \(page.frame) is encoded \(page.encoding), which was not agreed")
+        }
+        if batch.compression != .none {
+            let codec: CodecSet = batch.compression == .lz4 ? .lz4 : .zstd
+            guard agreed.flags.contains(.wholeBatchCompression), agreed.codecs.isSuperset(of: codec) else {
+                throw MigrationError.protocolViolation("batch \(batch.sequence) of channel \(batch.channel) is compressed as a whole with \(batch.compression), which was not agreed")
+            }
+        }
+    }
 
     func apply(_ batch: PageBatch) throws {
         if batch.compression == .none {

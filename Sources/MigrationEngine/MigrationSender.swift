@@ -84,7 +84,7 @@ public final class MigrationSender: @unchecked Sendable {
     private func migrate(_ phase: inout Phase) throws -> Double {
         let layout = source.layout
         let count = options.channels
-        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count))
+        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: [.wholeBatchCompression])
         for index in 0 ..< count {
             let channel: MigrationChannel
             do { channel = try openChannel(index) } catch { throw MigrationError.channel("opening channel \(index): \(error)") }
@@ -101,8 +101,12 @@ public final class MigrationSender: @unchecked Sendable {
         let reply = RecordReader(channel: channels[0])
         phase.reply = reply
         try expectReplyHeader(reply)
-        try checkAgreement(try expectAgreed(reply))
-        let streamers = try writers.map { try PageStreamer(writer: $0, source: source, layout: layout, options: options) }
+        let agreed = try expectAgreed(reply)
+        try checkAgreement(agreed)
+        let wholeBatches = agreed.flags.contains(.wholeBatchCompression)
+        let streamers = try writers.map {
+            try PageStreamer(writer: $0, source: source, layout: layout, options: options, compressWholeBatches: wholeBatches)
+        }
 
         try guest { try source.startDirtyTracking() }
         phase.tracking = true

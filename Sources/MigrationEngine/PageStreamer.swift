@@ -13,6 +13,11 @@ import Synchronization
 /// batch checksum, the digest and the bytes on the wire must all describe the same version of the page.
 /// (A page that changes after its copy is dirty again, and the next pass sends it.) The batch then leaves in
 /// one vectored send from these copies and the compressed blocks, with no further copy.
+///
+/// With a receiver that agreed to it, a compressed batch is compressed as a whole (stream.md §6.4): the
+/// non-zero pages lie back to back in the batch's copies and make one block, so the codec finds what pages
+/// share (text, code, repeated structures), which a 4 KiB page alone cannot show it, and is called once per
+/// batch rather than per page. Otherwise each page is compressed on its own.
 final class PageStreamer {
     struct Counts {
         var pages = 0, zero = 0, raw = 0, compressed = 0, payloadBytes = 0, wireBytes = 0
@@ -28,9 +33,12 @@ final class PageStreamer {
     let digest: DigestTracker
     private let source: GuestSource
     private let batchPages: Int
+    private let compressWholeBatches: Bool
     private let encoder: PageEncoder
     private let adaptive: AdaptiveSelector?
     private var probeCompressors: [CompressionCodec: BlockCompressor] = [:]
+    /// Where probes put their output, which is thrown away; adaptive compression only.
+    private let probeOutput: UnsafeMutableRawBufferPointer?
     private let bytesPerSecondLimit: Double?
     private let padding = UnsafeMutableRawBufferPointer.allocate(byteCount: WireFormat.alignment, alignment: 8)
     private var sentSince = (bytes: 0, start: monotonicSeconds())
@@ -39,7 +47,8 @@ final class PageStreamer {
     /// Batches in flight: one being encoded, one being sent, one ready in between.
     private let pool: [Batch]
 
-    /// One batch between the stages: its page copies, compressed pages and record prefix.
+    /// One batch between the stages: its page copies (the non-zero pages, back to back), compressed bytes and
+    /// record prefix.
     private final class Batch {
         let prefix: UnsafeMutableRawBufferPointer
         let copies: UnsafeMutableRawBufferPointer
@@ -47,6 +56,9 @@ final class PageStreamer {
         var pages: [PageSource] = []
         var prefixLength = 0
         var frames = 0
+        /// How the payload area is compressed as a whole, and its compressed bytes (in `scratch`).
+        var compression = BatchCompression.none
+        var compressedPayload = UnsafeRawBufferPointer(start: nil, count: 0)
 
         init(batchPages: Int) {
             prefix = .allocate(byteCount: StreamEncoder.batchPrefixLength(pageCount: batchPages), alignment: 64)
@@ -62,11 +74,13 @@ final class PageStreamer {
         }
     }
 
-    init(writer: RecordWriter, source: GuestSource, layout: GuestMemoryLayout, options: MigrationOptions) throws {
+    init(writer: RecordWriter, source: GuestSource, layout: GuestMemoryLayout, options: MigrationOptions,
+         compressWholeBatches: Bool) throws {
         self.writer = writer
         self.source = source
         digest = DigestTracker(regions: layout.digestRegions)
         batchPages = options.batchPages
+        self.compressWholeBatches = compressWholeBatches
         switch options.compression {
         case .none: encoder = try PageEncoder(codec: .none); adaptive = nil
         case .lz4: encoder = try PageEncoder(codec: .lz4(acceleration: 1)); adaptive = nil
@@ -77,12 +91,17 @@ final class PageStreamer {
             adaptive = AdaptiveSelector(linkBytesPerSecond: 4e9)
         }
         if let adaptive { linkRate.store(adaptive.linkBytesPerSecond.bitPattern, ordering: .relaxed) }
+        // Room for any codec's worst case on the largest probe.
+        probeOutput = adaptive.map { .allocate(byteCount: 2 * $0.probeBytes + 4096, alignment: 64) }
         bytesPerSecondLimit = options.bandwidthLimit.map { $0 / Double(options.channels) }
         pool = (0 ..< 3).map { _ in Batch(batchPages: options.batchPages) }
         padding.initializeMemory(as: UInt8.self, repeating: 0)
     }
 
-    deinit { padding.deallocate() }
+    deinit {
+        padding.deallocate()
+        probeOutput?.deallocate()
+    }
 
     /// Sends `frames` as pages of pass `pass`, encoding on a thread of its own while this thread sends. In pass
     /// 0 zero pages are skipped: the receiver's memory starts zeroed. Later passes send them (as zero pages),
@@ -144,7 +163,11 @@ final class PageStreamer {
             let slice = frames[index ..< min(index + batchPages, frames.count)]
             index += slice.count
             encode(slice, into: batch, skipZero: skipZero, counts: &counts)
-            if !batch.pages.isEmpty {
+            if batch.compression != .none {
+                batch.prefixLength = writer.encoder.encodeCompressedPageBatchPrefix(
+                    pass: pass, pages: batch.pages.map { (frame: $0.frame, encoding: $0.encoding) }, pageSize: 4096,
+                    compression: batch.compression, compressedPayload: batch.compressedPayload, into: batch.prefix)
+            } else if !batch.pages.isEmpty {
                 batch.prefixLength = writer.encoder.encodePageBatchPrefix(pass: pass, pages: batch.pages, into: batch.prefix)
             }
             ready.put(batch)
@@ -155,34 +178,59 @@ final class PageStreamer {
     private func encode(_ frames: ArraySlice<UInt64>, into batch: Batch, skipZero: Bool, counts: inout Counts) {
         batch.pages.removeAll(keepingCapacity: true)
         batch.frames = frames.count
-        let codec = chooseCodec(scratch: batch.scratch)
+        batch.compression = .none
+        let (codec, probe) = chooseCodec()
+        let compressPages = codec != .none && !compressWholeBatches
         let compressStart = monotonicSeconds()
         var compressedInput = 0, compressedOutput = 0
-        for (slot, frame) in frames.enumerated() {
-            let copy = UnsafeMutableRawBufferPointer(rebasing: batch.copies[slot * 4096 ..< (slot + 1) * 4096])
+        var copied = 0 // bytes of `copies` holding raw pages
+        var scratchUsed = 0
+        for frame in frames {
+            let copy = UnsafeMutableRawBufferPointer(rebasing: batch.copies[copied ..< copied + 4096])
             copy.copyMemory(from: UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096))
             let page = UnsafeRawBufferPointer(copy)
-            let scratchPage = UnsafeMutableRawBufferPointer(rebasing: batch.scratch[slot * 4096 ..< (slot + 1) * 4096])
-            let (kind, length) = encoder.encode(page, scratch: scratchPage)
-            switch kind {
-            case .zero:
+            let output = UnsafeMutableRawBufferPointer(rebasing: batch.scratch[scratchUsed ..< scratchUsed + 4096])
+            let (kind, length) = compressPages ? encoder.encode(page, scratch: output)
+                                               : (ZeroPage.isZero(page) ? .zero : .raw, 4096)
+            if kind == .zero {
                 counts.zero += 1
                 digest.updateZero(frame: frame)
-                if skipZero { continue }
-                batch.pages.append(.zero(frame: frame))
-            case .raw:
-                counts.raw += 1
-                digest.update(frame: frame, page: page)
-                batch.pages.append(PageSource(frame: frame, encoding: .raw, bytes: page))
-            case .compressed(let compression):
-                counts.compressed += 1
+                if !skipZero { batch.pages.append(.zero(frame: frame)) }
+                continue
+            }
+            digest.update(frame: frame, page: page)
+            counts.payloadBytes += 4096
+            if compressPages {
                 compressedInput += 4096
                 compressedOutput += length
-                digest.update(frame: frame, page: page)
-                batch.pages.append(PageSource(frame: frame, encoding: compression == .lz4 ? .lz4 : .zstd,
-                                              bytes: UnsafeRawBufferPointer(rebasing: scratchPage[0 ..< length])))
             }
-            counts.payloadBytes += 4096
+            if case .compressed(let compression) = kind {
+                counts.compressed += 1
+                scratchUsed += length
+                batch.pages.append(PageSource(frame: frame, encoding: compression == .lz4 ? .lz4 : .zstd,
+                                              bytes: UnsafeRawBufferPointer(rebasing: output[0 ..< length])))
+                continue // its copy is not sent: the next page may take its place
+            }
+            counts.raw += 1
+            batch.pages.append(PageSource(frame: frame, encoding: .raw, bytes: page))
+            copied += 4096
+        }
+        if let probe, let adaptive {
+            measure(probe, sample: UnsafeRawBufferPointer(rebasing: batch.copies[0 ..< min(copied, adaptive.probeBytes)]))
+        }
+        if codec != .none && compressWholeBatches && copied > 0 {
+            // Worth sending compressed only if it saves at least a page's worth of bytes per 64 pages.
+            let limit = copied - copied / 64
+            let output = UnsafeMutableRawBufferPointer(rebasing: batch.scratch[0 ..< limit])
+            compressedInput = copied
+            compressedOutput = copied
+            if let length = encoder.compressor.compress(UnsafeRawBufferPointer(rebasing: batch.copies[0 ..< copied]), into: output) {
+                compressedOutput = length
+                batch.compression = codec.kind == .lz4 ? .lz4 : .zstd
+                batch.compressedPayload = UnsafeRawBufferPointer(rebasing: output[0 ..< length])
+                counts.compressed += copied / 4096
+                counts.raw -= copied / 4096
+            }
         }
         if let adaptive, codec != .none, compressedInput > 0 {
             adaptive.record(codec, input: compressedInput, output: compressedOutput, seconds: monotonicSeconds() - compressStart)
@@ -192,11 +240,15 @@ final class PageStreamer {
 
     /// The batch's record prefix, then each page's bytes, then padding, in one vectored send.
     private func sendBatch(_ batch: Batch) throws -> Int {
-        let payload = batch.pages.reduce(0) { $0 + $1.bytes.count }
-        let paddingLength = WireFormat.padding(forBodyLength: batch.prefixLength - WireFormat.recordHeaderLength + payload)
         var buffers = [UnsafeRawBufferPointer(rebasing: batch.prefix[0 ..< batch.prefixLength])]
-        buffers.reserveCapacity(batch.pages.count + 2)
-        for page in batch.pages where page.bytes.count > 0 { buffers.append(page.bytes) }
+        if batch.compression != .none {
+            buffers.append(batch.compressedPayload)
+        } else {
+            buffers.reserveCapacity(batch.pages.count + 2)
+            for page in batch.pages where page.bytes.count > 0 { buffers.append(page.bytes) }
+        }
+        let payload = buffers.dropFirst().reduce(0) { $0 + $1.count }
+        let paddingLength = WireFormat.padding(forBodyLength: batch.prefixLength - WireFormat.recordHeaderLength + payload)
         if paddingLength > 0 { buffers.append(UnsafeRawBufferPointer(rebasing: padding[0 ..< paddingLength])) }
         let start = monotonicSeconds()
         try writer.sendRaw(buffers)
@@ -205,25 +257,29 @@ final class PageStreamer {
         return total
     }
 
-    private func chooseCodec(scratch: UnsafeMutableRawBufferPointer) -> CompressionCodec {
-        guard let adaptive else { return encoder.compressor.codec }
+    /// The codec for the next batch (adaptive: the selector's plan, which may also name a codec to probe).
+    private func chooseCodec() -> (codec: CompressionCodec, probe: CompressionCodec?) {
+        guard let adaptive else { return (encoder.compressor.codec, nil) }
         adaptive.linkBytesPerSecond = Double(bitPattern: linkRate.load(ordering: .relaxed))
         let plan = adaptive.plan()
         try? encoder.use(plan.codec)
-        if let probe = plan.probe { measure(probe, scratch: scratch) }
-        return encoder.compressor.codec
+        return (encoder.compressor.codec, plan.probe)
     }
 
-    /// Compresses a sample with a codec not in use, only to learn its speed and ratio on this guest's pages.
-    private func measure(_ codec: CompressionCodec, scratch: UnsafeMutableRawBufferPointer) {
-        guard let adaptive, let compressor = probeCompressors[codec] ?? (try? BlockCompressor(codec)) else { return }
+    /// Compresses a sample of this batch's pages with a codec not in use, only to learn its speed and ratio on
+    /// this guest's pages: as one block, or page by page, as the batch itself would be compressed.
+    private func measure(_ codec: CompressionCodec, sample: UnsafeRawBufferPointer) {
+        guard let adaptive, let output = probeOutput, !sample.isEmpty,
+              let compressor = probeCompressors[codec] ?? (try? BlockCompressor(codec)) else { return }
         probeCompressors[codec] = compressor
-        let sample = UnsafeRawBufferPointer(rebasing: scratch[0 ..< min(adaptive.probeBytes, scratch.count / 2)])
-        let output = UnsafeMutableRawBufferPointer(rebasing: scratch[scratch.count / 2 ..< scratch.count])
+        let blockSize = compressWholeBatches ? sample.count : 4096
+        var compressed = 0
         let start = monotonicSeconds()
-        if let length = compressor.compress(sample, into: output) {
-            adaptive.record(codec, input: sample.count, output: length, seconds: monotonicSeconds() - start)
+        for offset in stride(from: 0, to: sample.count, by: blockSize) {
+            let block = UnsafeRawBufferPointer(rebasing: sample[offset ..< min(offset + blockSize, sample.count)])
+            compressed += compressor.compress(block, into: output) ?? block.count
         }
+        adaptive.record(codec, input: sample.count, output: compressed, seconds: monotonicSeconds() - start)
     }
 
     /// Tracks the link's speed for the adaptive choice, and sleeps when the bandwidth cap is exceeded.

@@ -181,10 +181,8 @@ public struct StreamEncoder {
         return writePrefix(pass: pass, count: pages.count, compression: .none, payloadLength: payload,
                             uncompressedLength: payload, into: out,
                             descriptors: { w in
-                                for p in pages {
-                                    w.u64(p.frame); w.u32(UInt32(p.bytes.count)); w.u8(p.encoding.rawValue)
-                                    w.u8(0); w.u8(0); w.u8(0)
-                                }
+                                Self.writeDescriptors(pages.lazy.map { (frame: $0.frame, length: $0.bytes.count, encoding: $0.encoding) },
+                                                      into: &w)
                             },
                             continueChecksum: { crc in
                                 var c = crc
@@ -200,22 +198,32 @@ public struct StreamEncoder {
                                                    pageSize: Int, compression: BatchCompression,
                                                    compressedPayload: UnsafeRawBufferPointer,
                                                    into out: UnsafeMutableRawBufferPointer) -> Int {
-        let uncompressed = pages.reduce(0) { $0 + ($1.encoding == .zero ? 0 : pageSize) }
-        let checksum = self.checksum
-        let prefix = writePrefix(pass: pass, count: pages.count, compression: compression,
-                                 payloadLength: compressedPayload.count, uncompressedLength: uncompressed,
-                                 into: out,
-                                 descriptors: { w in
-                                     for p in pages {
-                                         w.u64(p.frame); w.u32(p.encoding == .zero ? 0 : UInt32(pageSize))
-                                         w.u8(p.encoding.rawValue); w.u8(0); w.u8(0); w.u8(0)
-                                     }
-                                 },
-                                 continueChecksum: { crc in checksum(crc, compressedPayload) })
+        let prefix = encodeCompressedPageBatchPrefix(pass: pass, pages: pages, pageSize: pageSize, compression: compression,
+                                                     compressedPayload: compressedPayload, into: out)
         var w = ByteWriter(UnsafeMutableRawBufferPointer(rebasing: out[prefix...]))
         w.bytes(compressedPayload)
         w.zeros(WireFormat.padding(forBodyLength: 32 + 16 * pages.count + compressedPayload.count))
         return prefix + w.position
+    }
+
+    /// Writes only the prefix of a batch whose payload area was compressed as a whole (record header, batch
+    /// header, descriptors, checksum over all of it and `compressedPayload`). `pages` describe the uncompressed
+    /// payload: each is zero or raw. The caller then sends `compressedPayload` and
+    /// `WireFormat.padding(forBodyLength:)` zero bytes. Returns the prefix length.
+    @discardableResult
+    public mutating func encodeCompressedPageBatchPrefix(pass: UInt32, pages: [(frame: UInt64, encoding: PageEncoding)],
+                                                         pageSize: Int, compression: BatchCompression,
+                                                         compressedPayload: UnsafeRawBufferPointer,
+                                                         into out: UnsafeMutableRawBufferPointer) -> Int {
+        precondition(compression != .none && pages.allSatisfy { $0.encoding == .zero || $0.encoding == .raw },
+                     "a batch compressed as a whole holds zero and raw pages")
+        let descriptors = pages.lazy.map { (frame: $0.frame, length: $0.encoding == .zero ? 0 : pageSize, encoding: $0.encoding) }
+        let uncompressed = descriptors.reduce(0) { $0 + $1.length }
+        let checksum = self.checksum
+        return writePrefix(pass: pass, count: pages.count, compression: compression,
+                           payloadLength: compressedPayload.count, uncompressedLength: uncompressed, into: out,
+                           descriptors: { w in Self.writeDescriptors(descriptors, into: &w) },
+                           continueChecksum: { crc in checksum(crc, compressedPayload) })
     }
 
     /// Array convenience: appends an uncompressed batch to `out`.
@@ -260,6 +268,15 @@ public struct StreamEncoder {
     }
 
     // MARK: helpers
+
+    /// One descriptor per page: frame, length in the uncompressed payload area, encoding.
+    private static func writeDescriptors(_ pages: some Sequence<(frame: UInt64, length: Int, encoding: PageEncoding)>,
+                                         into w: inout ByteWriter) {
+        for p in pages {
+            w.u64(p.frame); w.u32(UInt32(p.length)); w.u8(p.encoding.rawValue)
+            w.u8(0); w.u8(0); w.u8(0)
+        }
+    }
 
     private func append(to out: inout [UInt8], count: Int, _ body: (inout ByteWriter) -> Void) {
         let start = out.count

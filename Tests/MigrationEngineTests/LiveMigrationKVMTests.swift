@@ -2,6 +2,7 @@ import Foundation
 import KVMMigration
 import MicroVM
 import MigrationEngine
+import MigrationWire
 import TestSupport
 import XCTest
 
@@ -50,6 +51,31 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         XCTAssertEqual(atHome.count, 2)
         XCTAssertGreaterThan(atHome.last!.ticks, atMiddle.last!.ticks)
         home.stop()
+    }
+
+    /// Text compresses far better as whole batches than page by page (pages share their words); a receiver that
+    /// does not take whole-batch compression still gets compressed pages, one by one.
+    func testBatchesCompressAsAWholeUnlessTheReceiverDeclines() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=0 pattern=text")
+        var options = MigrationOptions()
+        options.compression = .zstd
+        let perPage = migrate(source, options: options, receiverCapabilities: Capabilities(codecs: .all, maxChannels: 1))
+        XCTAssertTrue(perPage.report.succeeded, perPage.report.error ?? "")
+        let middle = try XCTUnwrap(perPage.destination)
+        source.stop()
+        XCTAssertEqual(statuses(perPage.destinationConsole, after: 0, count: 1).count, 1)
+        let wholeBatches = migrate(middle, options: options)
+        XCTAssertTrue(wholeBatches.report.succeeded, wholeBatches.report.error ?? "")
+        middle.stop()
+        let home = try XCTUnwrap(wholeBatches.destination)
+        XCTAssertEqual(statuses(wholeBatches.destinationConsole, after: 0, count: 2).count, 2)
+        home.stop()
+
+        let (pagesA, pagesB) = (perPage.report.passes[0], wholeBatches.report.passes[0])
+        XCTAssertGreaterThan(pagesA.compressedPages, 8000, "32 MiB of text compresses page by page")
+        XCTAssertGreaterThan(pagesB.compressedPages, 8000, "and as whole batches")
+        XCTAssertLessThan(pagesB.wireBytes * 3, pagesA.wireBytes,
+                          "whole batches: \(pagesB.wireBytes) bytes on the wire, page by page: \(pagesA.wireBytes)")
     }
 
     /// Connections of one migration reach a listener in any order; their stream headers put them in place.

@@ -3,6 +3,7 @@ import KVMBackend
 import KVMMigration
 import MicroVM
 import MigrationEngine
+import MigrationWire
 import TestSupport
 import XCTest
 
@@ -24,12 +25,12 @@ class MigrationTestCase: KVMTestCase {
         return (machine, console)
     }
 
-    func migrate(_ source: MicroVM, options: MigrationOptions,
+    func migrate(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
                  prepare: (MigrationSender, [SocketPairChannel]) -> Void = { _, _ in }) -> Outcome {
         let pairs = (0 ..< options.channels).map { _ in SocketPairChannel.pair() }
         let console = SerialConsole(output: nil)
         let sink = MicroVMGuestSink(console: console)
-        let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1))
+        let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1), capabilities: receiverCapabilities)
         let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: options)
         prepare(sender, pairs.map(\.0))
         let receiverResult = ReceiverResult()

@@ -42,6 +42,8 @@ final class PageStreamer {
     private let bytesPerSecondLimit: Double?
     private let padding = UnsafeMutableRawBufferPointer.allocate(byteCount: WireFormat.alignment, alignment: 8)
     private var sentSince = (bytes: 0, start: monotonicSeconds())
+    /// Bytes and seconds of recent sends, each decayed by 0.9 per send; the sending thread's only.
+    private var recentSends = (bytes: 0.0, seconds: 0.0)
     /// The link's speed as the sending thread measures it (bit pattern of a Double), for the encoder's choice.
     private let linkRate = Atomic<UInt64>(0)
     /// Batches in flight: one being encoded, one being sent, one ready in between.
@@ -283,11 +285,16 @@ final class PageStreamer {
     }
 
     /// Tracks the link's speed for the adaptive choice, and sleeps when the bandwidth cap is exceeded.
+    ///
+    /// The speed is bytes over seconds of the last ten or so sends together, not an average of each send's
+    /// rate: most sends return at once into the socket buffer and a few wait for the peer to drain it, and only
+    /// the time-weighted figure shows what the peer takes (an average of rates reads GB/s where 0.3 get through).
     private func measureLink(bytes: Int, seconds: Double) {
-        if adaptive != nil, seconds > 0 {
-            let rate = Double(bytes) / seconds
-            let smoothed = 0.9 * Double(bitPattern: linkRate.load(ordering: .relaxed)) + 0.1 * rate
-            linkRate.store(smoothed.bitPattern, ordering: .relaxed)
+        if adaptive != nil {
+            recentSends = (bytes: 0.9 * recentSends.bytes + Double(bytes), seconds: 0.9 * recentSends.seconds + seconds)
+            var rate = recentSends.bytes / max(recentSends.seconds, 1e-9)
+            if let limit = bytesPerSecondLimit { rate = min(rate, limit) }
+            linkRate.store(rate.bitPattern, ordering: .relaxed)
         }
         guard let limit = bytesPerSecondLimit else { return }
         sentSince.bytes += bytes

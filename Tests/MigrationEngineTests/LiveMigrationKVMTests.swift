@@ -78,6 +78,24 @@ final class LiveMigrationKVMTests: MigrationTestCase {
                           "whole batches: \(pagesB.wireBytes) bytes on the wire, page by page: \(pagesA.wireBytes)")
     }
 
+    /// Under a bandwidth cap the link is what the cap allows, however fast the socket: adaptive compression
+    /// then compresses text rather than sending it raw at the capped rate.
+    func testAdaptiveCompressionCompressesUnderABandwidthCap() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=0 pattern=text")
+        var options = MigrationOptions()
+        options.compression = .adaptive
+        options.bandwidthLimit = 100e6
+        let outcome = migrate(source, options: options)
+        XCTAssertTrue(outcome.report.succeeded, outcome.report.error ?? "")
+        source.stop()
+        let destination = try XCTUnwrap(outcome.destination)
+        XCTAssertEqual(statuses(outcome.destinationConsole, after: 0, count: 1).count, 1)
+        destination.stop()
+        let passZero = outcome.report.passes[0]
+        XCTAssertGreaterThan(passZero.compressedPages, (passZero.pagesSent - passZero.zeroPages) / 2,
+                             "pass 0: \(passZero.compressedPages) of \(passZero.pagesSent - passZero.zeroPages) pages compressed")
+    }
+
     /// Connections of one migration reach a listener in any order; their stream headers put them in place.
     func testChannelsArrivingOutOfOrderAreSortedByTheirHeaders() throws {
         let (source, _) = try bootSource("workload=memstress size_mib=16 rate_mib=50")

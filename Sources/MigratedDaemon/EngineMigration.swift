@@ -270,22 +270,26 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         }
     }
 
-    /// One migration at a time is gathered (its channels announce how many there are); each is then received
-    /// on a thread of its own while the next is accepted.
+    /// Accepts connections (the TLS handshake runs here, bounded by its timeout) and hands them to a gatherer,
+    /// which reads their headers on threads of their own and groups them into migrations (stream.md §10.5):
+    /// concurrent migrations are received side by side, each on a thread of its own.
     private func acceptLoop(_ listener: Listener, adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
-        while lock.withLock({ self.listener === listener }) {
-            let channels: [MigrationChannel], peer: String
-            do {
-                (channels, peer) = try MigrationNetwork.accept(from: listener)
-            } catch {
-                if lock.withLock({ self.listener === listener }) {
-                    logger.warning("incoming migration refused", metadata: ["error": "\(error)"])
-                }
-                continue
-            }
+        let gatherer = ChannelGatherer(ready: { [self] channels, peer in
             let thread = Thread { [self] in receive(channels, from: peer, adopt: adopt) }
             thread.name = "migrate-receive"
             thread.start()
+        }, refused: { [logger] peer, reason in
+            logger.warning("incoming migration refused", metadata: ["peer": "\(peer)", "error": "\(reason)"])
+        })
+        while lock.withLock({ self.listener === listener }) {
+            do {
+                let (channel, peer) = try MigrationNetwork.acceptChannel(from: listener)
+                gatherer.add(channel, peer: peer)
+            } catch {
+                if lock.withLock({ self.listener === listener }) {
+                    logger.warning("incoming connection refused", metadata: ["error": "\(error)"])
+                }
+            }
         }
     }
 

@@ -1,3 +1,4 @@
+import Foundation
 import MigrationWire
 
 /// Gathers the channels of one incoming migration from a listener. Connections may arrive in any order:
@@ -5,52 +6,172 @@ import MigrationWire
 /// header read says how many more to accept, and every channel is put in its place.
 public enum IncomingChannels {
     /// Accepts connections with `accept` until all channels of one migration are in, and returns them in
-    /// channel order, each still positioned at the start of its stream.
+    /// channel order, each still positioned at the start of its stream. For a listener that serves one
+    /// migration at a time; `ChannelGatherer` serves concurrent ones.
     public static func collect(accept: () throws -> MigrationChannel, maximumChannels: Int = 64) throws -> [MigrationChannel] {
-        var slots: [MigrationChannel?] = []
-        var expected = 1
-        var accepted = 0
-        while accepted < expected {
+        var migration: PartialMigration?
+        while true {
             let channel = try accept()
             let header = try readHeader(channel)
-            accepted += 1
-            if slots.isEmpty {
-                guard Int(header.channelCount) <= maximumChannels else {
-                    channel.close()
-                    throw MigrationError.protocolViolation("sender asks for \(header.channelCount) channels, at most \(maximumChannels) are accepted")
-                }
-                expected = Int(header.channelCount)
-                slots = Array(repeating: nil, count: expected)
+            if migration == nil { migration = try PartialMigration(header.header, maximumChannels: maximumChannels, closing: channel) }
+            do {
+                if let complete = try migration!.place(channel, header: header) { return complete }
+            } catch {
+                migration!.close()
+                throw error
             }
-            guard Int(header.channelCount) == expected, slots[Int(header.channel)] == nil else {
-                channel.close()
-                for open in slots { open?.close() }
-                throw MigrationError.protocolViolation("connection claims channel \(header.channel) of \(header.channelCount), this migration has \(expected) channels")
-            }
-            slots[Int(header.channel)] = ReplayingChannel(channel, replay: header.bytes)
         }
-        return slots.map { $0! }
     }
 
-    /// Reads exactly one stream header, checked by the wire decoder.
-    private static func readHeader(_ channel: MigrationChannel) throws -> (channel: UInt16, channelCount: UInt16, bytes: [UInt8]) {
+    /// Reads exactly one stream header, checked by the wire decoder; on any failure the channel is closed.
+    static func readHeader(_ channel: MigrationChannel) throws -> (header: StreamHeader, bytes: [UInt8]) {
         var bytes = [UInt8](repeating: 0, count: WireFormat.headerLength)
         var filled = 0
-        while filled < bytes.count {
-            let count = try bytes.withUnsafeMutableBytes { buffer in
-                try channel.receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[filled...]))
-            }
-            guard count > 0 else { throw MigrationError.channel("peer closed the connection inside the stream header") }
-            filled += count
-        }
-        let decoder = StreamDecoder()
-        decoder.feed(bytes)
         do {
-            guard case .header(let header)? = try decoder.next() else { throw MigrationError.protocolViolation("no stream header") }
-            return (header.channel, header.channelCount, bytes)
-        } catch let error as WireError {
+            while filled < bytes.count {
+                let count = try bytes.withUnsafeMutableBytes { buffer in
+                    try channel.receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[filled...]))
+                }
+                guard count > 0 else { throw MigrationError.channel("peer closed the connection inside the stream header") }
+                filled += count
+            }
+            let decoder = StreamDecoder()
+            decoder.feed(bytes)
+            do {
+                guard case .header(let header)? = try decoder.next() else { throw MigrationError.protocolViolation("no stream header") }
+                return (header, bytes)
+            } catch let error as WireError {
+                throw MigrationError.malformedStream("\(error)")
+            }
+        } catch {
             channel.close()
-            throw MigrationError.malformedStream("\(error)")
+            throw error as? MigrationError ?? .channel("\(error)")
+        }
+    }
+}
+
+/// The channels of one migration gathered so far, in their places.
+struct PartialMigration {
+    private var slots: [MigrationChannel?]
+    private var placed = 0
+
+    /// Sized by the first header seen; refuses (and closes `channel`) a count above `maximumChannels`.
+    init(_ first: StreamHeader, maximumChannels: Int, closing channel: MigrationChannel) throws {
+        guard Int(first.channelCount) <= maximumChannels else {
+            channel.close()
+            throw MigrationError.protocolViolation("sender asks for \(first.channelCount) channels, at most \(maximumChannels) are accepted")
+        }
+        slots = Array(repeating: nil, count: Int(first.channelCount))
+    }
+
+    /// Puts `channel` in its place; returns all channels in order once the last one is in. A channel that
+    /// disagrees on the count or repeats an index is closed and refused; the others stay.
+    mutating func place(_ channel: MigrationChannel, header: (header: StreamHeader, bytes: [UInt8])) throws -> [MigrationChannel]? {
+        let (index, count) = (Int(header.header.channel), Int(header.header.channelCount))
+        guard count == slots.count else {
+            channel.close()
+            throw MigrationError.protocolViolation("connection claims channel \(index) of \(count), this migration has \(slots.count) channels")
+        }
+        guard slots[index] == nil else {
+            channel.close()
+            throw MigrationError.protocolViolation("connection claims channel \(index) of \(count), which this migration already has")
+        }
+        slots[index] = ReplayingChannel(channel, replay: header.bytes)
+        placed += 1
+        return placed == slots.count ? slots.map { $0! } : nil
+    }
+
+    func close() { for channel in slots { channel?.close() } }
+}
+
+/// Gathers the channels of concurrent incoming migrations: each connection's header is read on a thread of its
+/// own, and connections are grouped by peer and migration ID (stream.md §10.5), so that neither another
+/// migration's connections nor a connection that never speaks hold anyone up. A complete migration is handed
+/// to `ready`; a connection whose header does not come within `headerTimeout`, or a migration not complete
+/// within `gatherTimeout` of its first channel, is closed and reported to `refused`.
+public final class ChannelGatherer: @unchecked Sendable {
+    public typealias Ready = @Sendable (_ channels: [MigrationChannel], _ peer: String) -> Void
+    public typealias Refused = @Sendable (_ peer: String, _ reason: MigrationError) -> Void
+
+    private struct Key: Hashable { var peer: String, migrationID: UInt32 }
+
+    private let maximumChannels: Int
+    private let headerTimeout: Double
+    private let gatherTimeout: Double
+    private let ready: Ready
+    private let refused: Refused
+    private let lock = NSLock()
+    /// Incomplete migrations; the serial tells a migration from a later one that happens to reuse its key.
+    private var pending: [Key: (serial: Int, migration: PartialMigration)] = [:]
+    private var serials = 0
+
+    public init(maximumChannels: Int = 64, headerTimeout: Double = 10, gatherTimeout: Double = 30,
+                ready: @escaping Ready, refused: @escaping Refused) {
+        self.maximumChannels = maximumChannels
+        self.headerTimeout = headerTimeout
+        self.gatherTimeout = gatherTimeout
+        self.ready = ready
+        self.refused = refused
+    }
+
+    /// Takes a new connection from `peer` (with TLS, its verified name) and returns at once.
+    public func add(_ channel: MigrationChannel, peer: String) {
+        let thread = Thread { [self] in gather(channel, peer: peer) }
+        thread.name = "migrate-gather"
+        thread.start()
+    }
+
+    /// Migrations with some but not all channels in.
+    public var pendingCount: Int { lock.withLock { pending.count } }
+
+    private func gather(_ channel: MigrationChannel, peer: String) {
+        let heard = DispatchSemaphore(value: 0)
+        let watchdog = Thread { [headerTimeout] in
+            // Closing the channel makes the header read below fail: a silent peer costs a thread for this long.
+            if heard.wait(timeout: .now() + headerTimeout) == .timedOut { channel.close() }
+        }
+        watchdog.start()
+        let header: (header: StreamHeader, bytes: [UInt8])
+        do {
+            header = try IncomingChannels.readHeader(channel)
+            heard.signal()
+        } catch {
+            heard.signal()
+            refused(peer, error as? MigrationError ?? .channel("\(error)"))
+            return
+        }
+        let key = Key(peer: peer, migrationID: header.header.migrationID)
+        let outcome: Result<[MigrationChannel]?, Error> = lock.withLock {
+            do {
+                var entry = try pending[key] ?? {
+                    serials += 1
+                    return (serials, try PartialMigration(header.header, maximumChannels: maximumChannels, closing: channel))
+                }()
+                let complete = try entry.migration.place(channel, header: header)
+                if complete == nil, pending[key] == nil { expire(key, serial: entry.serial, after: gatherTimeout) }
+                pending[key] = complete == nil ? entry : nil
+                return .success(complete)
+            } catch {
+                return .failure(error)
+            }
+        }
+        switch outcome {
+        case .success(let complete?): ready(complete, peer)
+        case .success(nil): break
+        case .failure(let error): refused(peer, error as? MigrationError ?? .protocolViolation("\(error)"))
+        }
+    }
+
+    /// Drops the migration under `key` if it is still incomplete after `seconds`.
+    private func expire(_ key: Key, serial: Int, after seconds: Double) {
+        DispatchQueue.global().asyncAfter(deadline: .now() + seconds) { [self] in
+            let stale: PartialMigration? = lock.withLock {
+                guard pending[key]?.serial == serial else { return nil }
+                return pending.removeValue(forKey: key)?.migration
+            }
+            guard let stale else { return }
+            stale.close()
+            refused(key.peer, .channel("migration \(key.migrationID) did not open all its channels within \(Int(seconds)) s"))
         }
     }
 }

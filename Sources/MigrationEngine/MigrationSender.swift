@@ -85,11 +85,13 @@ public final class MigrationSender: @unchecked Sendable {
         let layout = source.layout
         let count = options.channels
         let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: [.wholeBatchCompression])
+        let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
             let channel: MigrationChannel
             do { channel = try openChannel(index) } catch { throw MigrationError.channel("opening channel \(index): \(error)") }
             channelLock.withLock { openedChannels.append(channel) }
-            let writer = RecordWriter(channel: channel, header: StreamHeader(features: .liveMigration, channel: UInt16(index), channelCount: UInt16(count)))
+            let writer = RecordWriter(channel: channel, header: StreamHeader(features: .liveMigration, channel: UInt16(index), channelCount: UInt16(count),
+                                                                    migrationID: migrationID))
             phase.writers.append(writer)
             try writer.send { encoder, out in
                 encoder.encodeHeader(into: &out)

@@ -10,13 +10,20 @@ public enum MigrationNetwork {
         TransportMigrationChannel(try Transport.connect(to: endpoint, security: security, options: options))
     }
 
-    /// Accepts the channels of the next incoming migration, in channel order. Every channel must come from
-    /// the same peer: with TLS, the same allow-listed certificate name.
+    /// Accepts one connection (after its TLS handshake, if any) and names its peer: with TLS, the verified
+    /// certificate name; in plaintext, the peer's host. For a `ChannelGatherer`.
+    public static func acceptChannel(from listener: Listener) throws -> (channel: MigrationChannel, peer: String) {
+        let channel = TransportMigrationChannel(try listener.accept())
+        return (channel, channel.peer)
+    }
+
+    /// Accepts the channels of the next incoming migration, in channel order, when one migration comes at a
+    /// time. Every channel must come from the same peer: with TLS, the same allow-listed certificate name.
     public static func accept(from listener: Listener, maximumChannels: Int = 64) throws -> (channels: [MigrationChannel], peer: String) {
         var peers = Set<String>()
         let channels = try IncomingChannels.collect(accept: {
-            let channel = TransportMigrationChannel(try listener.accept())
-            peers.insert(channel.peer)
+            let (channel, peer) = try acceptChannel(from: listener)
+            peers.insert(peer)
             return channel
         }, maximumChannels: maximumChannels)
         guard peers.count == 1, let peer = peers.first else {

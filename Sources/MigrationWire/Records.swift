@@ -10,14 +10,18 @@ public struct StreamHeader: Hashable, Sendable {
     public var channel: UInt16
     /// Number of channels of this migration, at least 1.
     public var channelCount: UInt16
+    /// The same on every channel of one migration and, picked at random, different from other migrations of the
+    /// same sender: how a receiver tells apart the channels of concurrent migrations. 0 when not given.
+    public var migrationID: UInt32
 
     public init(version: UInt16 = WireFormat.version, pageSize: UInt32 = 4096,
-                features: StreamFeatures = [], channel: UInt16 = 0, channelCount: UInt16 = 1) {
+                features: StreamFeatures = [], channel: UInt16 = 0, channelCount: UInt16 = 1, migrationID: UInt32 = 0) {
         self.version = version
         self.pageSize = pageSize
         self.features = features
         self.channel = channel
         self.channelCount = channelCount
+        self.migrationID = migrationID
     }
 }
 

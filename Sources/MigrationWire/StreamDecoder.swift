@@ -177,9 +177,8 @@ public final class StreamDecoder {
         if unknown != 0 { throw fail(16, .unsupportedMandatoryFeatures(unknown)) }
         let channel = h.le16(24), count = h.le16(26)
         if count == 0 || channel >= count { throw fail(24, .badChannel(channel: channel, count: count)) }
-        if h.le32(28) != 0 { throw fail(28, .reservedNotZero) }
         let header = StreamHeader(version: version, pageSize: pageSize, features: StreamFeatures(rawValue: features),
-                                  channel: channel, channelCount: count)
+                                  channel: channel, channelCount: count, migrationID: h.le32(28))
         self.header = header
         pageShift = pageSize.trailingZeroBitCount
         readIndex += WireFormat.headerLength

@@ -44,7 +44,7 @@ public struct StreamEncoder {
             w.u64(header.features.rawValue)
             w.u16(header.channel)
             w.u16(header.channelCount)
-            w.u32(0)
+            w.u32(header.migrationID)
         }
     }
 

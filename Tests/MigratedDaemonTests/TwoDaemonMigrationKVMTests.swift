@@ -111,6 +111,36 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         }
     }
 
+    /// Two guests leave A for B at the same time, each on two channels: B's listener gathers the four connections
+    /// into two migrations by their migration IDs, receives both side by side, and both guests carry on at B.
+    func testTwoConcurrentMigrationsIntoOneDaemon() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        try await withTwoDaemons { a, _, b, bListener in
+            let guests = ["left", "right"]
+            var before: [String: MemstressStatus] = [:]
+            for id in guests {
+                _ = try await a.client.createVM(VMCreateRequest(id: id, image: image, memoryMib: 128,
+                                                                cmdline: "workload=memstress size_mib=48 rate_mib=50 pattern=random"))
+            }
+            for id in guests { before[id] = try await XCTUnwrapAsync(await a.memstressStatus(after: 0, of: id), "\(id) runs on A") }
+            let toB = try XCTUnwrap(bListener.address).description
+            // A cap keeps both migrations on the wire at once for a second or more.
+            for id in guests {
+                _ = try await a.client.migrate(id, MigrationRequest(peer: toB, channels: 2, bandwidthLimitBytesPerSecond: 32 << 20))
+            }
+            for id in guests {
+                let last = try await finalStatus(of: id, on: a)
+                XCTAssertEqual(last.phase, .completed, last.report?.error ?? "")
+            }
+            let atB = try await b.client.listVMs()
+            XCTAssertEqual(Set(atB.filter { $0.state == .running }.map(\.id)), Set(guests))
+            for id in guests {
+                let moved = try await XCTUnwrapAsync(await b.memstressStatus(after: before[id]!.ticks, of: id), "\(id) carries on at B")
+                XCTAssertGreaterThanOrEqual(moved.generation, before[id]!.generation)
+            }
+        }
+    }
+
     /// Polls a migration until it has ended, for at most a minute.
     func finalStatus(of id: String, on daemon: TestDaemon) async throws -> MigrationStatus {
         let deadline = Date(timeIntervalSinceNow: 60)

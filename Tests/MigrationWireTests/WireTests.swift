@@ -174,8 +174,12 @@ final class WireTests: XCTestCase {
         XCTAssertEqual(error(channel), WireError(offset: 24, reason: .badChannel(channel: 1, count: 1)))
         var length = good; length[10] = 40
         XCTAssertEqual(error(length), WireError(offset: 10, reason: .badHeaderLength(40)))
-        var reserved = good; reserved[30] = 1
-        XCTAssertEqual(error(reserved), WireError(offset: 28, reason: .reservedNotZero))
+        var identified = good; identified[28] = 0x2A; identified[31] = 0x01  // any migration_id is accepted
+        XCTAssertNil(error(identified))
+        let decoder = StreamDecoder()
+        decoder.feed(identified)
+        guard case .header(let header)? = try? decoder.next() else { return XCTFail("no header") }
+        XCTAssertEqual(header.migrationID, 0x0100_002A)
         var informational = good; informational[22] = 0x80  // unknown informational feature bit 54
         XCTAssertNil(error(informational))
         XCTAssertEqual(error(Array(good[..<20])), WireError(offset: 0, reason: .truncated))

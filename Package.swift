@@ -60,7 +60,8 @@ let package = Package(
         .executableTarget(name: "vmsnap", dependencies: [
             "Snapshots", "KVMMigration", "MicroVM", "MigratedAPI", "XenAdapter", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .executableTarget(name: "SnapshotBench", dependencies: ["Snapshots", "KVMMigration", "MicroVM"], path: "bench/snapshot"),
+        .executableTarget(name: "SnapshotBench", dependencies: ["Snapshots", "KVMMigration", "MicroVM"], path: "bench/snapshot",
+                          exclude: ["results"]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
         .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots"], path: "bench/xen"),

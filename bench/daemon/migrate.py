@@ -14,6 +14,7 @@ Configurations (--configs, comma-separated):
   tls-adaptive-2ch  mutual TLS 1.3, adaptive, 2 channels    (default)
   tls-zstd-2ch      mutual TLS 1.3, zstd, 2 channels
   tcp-lz4-2ch       plaintext (asked for by name), lz4, 2 channels
+  tcp-none-1ch      plaintext, uncompressed, 1 channel: QEMU default's shape
 
 Usage: bench/daemon/migrate.py [--repeat N] [--configs a,b] [--json out.json] [scenario ...]
        bench/daemon/migrate.py --table daemon.json [qemu.json]   (markdown tables only)
@@ -64,6 +65,7 @@ CONFIGS = {
     "tls-adaptive-2ch": ("tls", "adaptive", 2),
     "tls-zstd-2ch": ("tls", "zstd", 2),
     "tcp-lz4-2ch": ("plaintext", "lz4", 2),
+    "tcp-none-1ch": ("plaintext", "none", 1),
 }
 DEFAULT_CONFIGS = ["tls-lz4-2ch", "tls-adaptive-2ch"]
 

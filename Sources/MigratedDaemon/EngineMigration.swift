@@ -270,9 +270,9 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         }
     }
 
-    /// Accepts connections (the TLS handshake runs here, bounded by its timeout) and hands them to a gatherer,
-    /// which reads their headers on threads of their own and groups them into migrations (stream.md §10.5):
-    /// concurrent migrations are received side by side, each on a thread of its own.
+    /// Accepts connections and hands them to a gatherer, which runs their TLS handshakes and reads their headers
+    /// on threads of their own and groups them into migrations (stream.md §10.5): a peer that stalls holds up
+    /// nobody else, and concurrent migrations are received side by side, each on a thread of its own.
     private func acceptLoop(_ listener: Listener, adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
         let gatherer = ChannelGatherer(ready: { [self] channels, peer in
             let thread = Thread { [self] in receive(channels, from: peer, adopt: adopt) }
@@ -283,8 +283,8 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         })
         while lock.withLock({ self.listener === listener }) {
             do {
-                let (channel, peer) = try MigrationNetwork.acceptChannel(from: listener)
-                gatherer.add(channel, peer: peer)
+                let connection = try listener.acceptConnection()
+                gatherer.add(from: connection.peerAddress) { try MigrationNetwork.establish(connection) }
             } catch {
                 if lock.withLock({ self.listener === listener }) {
                     logger.warning("incoming connection refused", metadata: ["error": "\(error)"])

@@ -84,11 +84,12 @@ struct PartialMigration {
     func close() { for channel in slots { channel?.close() } }
 }
 
-/// Gathers the channels of concurrent incoming migrations: each connection's header is read on a thread of its
-/// own, and connections are grouped by peer and migration ID (stream.md §10.5), so that neither another
-/// migration's connections nor a connection that never speaks hold anyone up. A complete migration is handed
-/// to `ready`; a connection whose header does not come within `headerTimeout`, or a migration not complete
-/// within `gatherTimeout` of its first channel, is closed and reported to `refused`.
+/// Gathers the channels of concurrent incoming migrations: each connection is opened (its handshake) and its
+/// header read on a thread of its own, and connections are grouped by peer and migration ID (stream.md §10.5),
+/// so that neither another migration's connections nor a connection that never speaks hold anyone up. A
+/// complete migration is handed to `ready`; a connection whose header does not come within `headerTimeout`, or
+/// a migration not complete within `gatherTimeout` of its first channel, is closed and reported to `refused`,
+/// as is a connection that fails to open.
 public final class ChannelGatherer: @unchecked Sendable {
     public typealias Ready = @Sendable (_ channels: [MigrationChannel], _ peer: String) -> Void
     public typealias Refused = @Sendable (_ peer: String, _ reason: MigrationError) -> Void
@@ -114,11 +115,25 @@ public final class ChannelGatherer: @unchecked Sendable {
         self.refused = refused
     }
 
-    /// Takes a new connection from `peer` (with TLS, its verified name) and returns at once.
-    public func add(_ channel: MigrationChannel, peer: String) {
-        let thread = Thread { [self] in gather(channel, peer: peer) }
+    /// Takes a new connection and returns at once. `open` runs on the connection's thread: it completes the
+    /// connection (a TLS handshake, bounded by its own timeout) and names the peer (with TLS, its verified
+    /// name); `address` names the connection if it fails.
+    public func add(from address: String, open: @escaping @Sendable () throws -> (channel: MigrationChannel, peer: String)) {
+        let thread = Thread { [self] in
+            do {
+                let (channel, peer) = try open()
+                gather(channel, peer: peer)
+            } catch {
+                refused(address, error as? MigrationError ?? .channel("\(error)"))
+            }
+        }
         thread.name = "migrate-gather"
         thread.start()
+    }
+
+    /// Takes a connection that is already open, from `peer`.
+    public func add(_ channel: MigrationChannel, peer: String) {
+        add(from: peer) { (channel, peer) }
     }
 
     /// Migrations with some but not all channels in.

@@ -10,10 +10,10 @@ public enum MigrationNetwork {
         TransportMigrationChannel(try Transport.connect(to: endpoint, security: security, options: options))
     }
 
-    /// Accepts one connection (after its TLS handshake, if any) and names its peer: with TLS, the verified
-    /// certificate name; in plaintext, the peer's host. For a `ChannelGatherer`.
-    public static func acceptChannel(from listener: Listener) throws -> (channel: MigrationChannel, peer: String) {
-        let channel = TransportMigrationChannel(try listener.accept())
+    /// Runs an accepted connection's handshake and names its peer: with TLS, the verified certificate name; in
+    /// plaintext, the peer's host. For a `ChannelGatherer`, on the connection's own thread.
+    public static func establish(_ connection: AcceptedConnection) throws -> (channel: MigrationChannel, peer: String) {
+        let channel = TransportMigrationChannel(try connection.establish())
         return (channel, channel.peer)
     }
 
@@ -22,7 +22,7 @@ public enum MigrationNetwork {
     public static func accept(from listener: Listener, maximumChannels: Int = 64) throws -> (channels: [MigrationChannel], peer: String) {
         var peers = Set<String>()
         let channels = try IncomingChannels.collect(accept: {
-            let (channel, peer) = try acceptChannel(from: listener)
+            let (channel, peer) = try establish(listener.acceptConnection())
             peers.insert(peer)
             return channel
         }, maximumChannels: maximumChannels)

@@ -94,20 +94,48 @@ public final class Listener: @unchecked Sendable {
     /// Waits for a connection and, for TLS, runs its handshake (bounded by `handshakeTimeout`).
     /// A refused peer is an error of this call; the listener itself carries on.
     public func accept() throws(TransportError) -> any Channel {
+        try acceptConnection().establish()
+    }
+
+    /// Waits for a connection and returns it before any handshake, so that a server can run handshakes on
+    /// threads of their own: a peer that connects and then stalls holds up only its own connection.
+    public func acceptConnection() throws(TransportError) -> AcceptedConnection {
         let fd = try transportCall("accept on \(endpoint)") { Glibc.accept(socket.rawValue, nil, nil) }
         let connection = OwnedFileDescriptor(taking: fd)
         // accept4 with SOCK_CLOEXEC is not visible to Swift; the descriptor must not leak into a forked child.
         try transportCall("fcntl FD_CLOEXEC") { fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        return try makeChannel(socket: connection, family: family, security: security,
-                               server: true, context: context, options: options)
+        return AcceptedConnection(socket: connection, listener: self)
     }
 
-    /// Wakes a thread blocked in `accept`, which then fails; the socket is closed when the listener is released.
+    fileprivate func establish(_ connection: OwnedFileDescriptor) throws(TransportError) -> any Channel {
+        try makeChannel(socket: connection, family: family, security: security, server: true, context: context, options: options)
+    }
+
     public func close() {
         _ = shutdown(socket.rawValue, Int32(SHUT_RDWR))
     }
 
     deinit {
         if case .unix(let path) = endpoint { unlink(path) } // the socket file is ours; leave no stale one behind
+    }
+}
+
+/// A connection a listener accepted, before its handshake.
+public final class AcceptedConnection: @unchecked Sendable {
+    private let socket: OwnedFileDescriptor
+    private let listener: Listener
+
+    fileprivate init(socket: OwnedFileDescriptor, listener: Listener) {
+        self.socket = socket
+        self.listener = listener
+    }
+
+    /// The peer's address, as the socket reports it.
+    public var peerAddress: String { Socket.peerAddress(socket.rawValue) }
+
+    /// Runs the handshake the listener's security asks for (TLS: bounded by `handshakeTimeout`), once. When it
+    /// fails, the connection closes as soon as this object goes away.
+    public func establish() throws(TransportError) -> any Channel {
+        try listener.establish(socket)
     }
 }

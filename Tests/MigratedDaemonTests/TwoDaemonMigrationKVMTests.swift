@@ -113,9 +113,13 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
 
     /// Two guests leave A for B at the same time, each on two channels: B's listener gathers the four connections
     /// into two migrations by their migration IDs, receives both side by side, and both guests carry on at B.
+    /// Meanwhile a peer that connected first and never starts its TLS handshake holds nobody up.
     func testTwoConcurrentMigrationsIntoOneDaemon() async throws {
         let image = try { _ = try TestGuest.image(); return TestGuest.path }()
         try await withTwoDaemons { a, _, b, bListener in
+            guard case .tcp(_, let port)? = bListener.address else { return XCTFail("B listens on TCP") }
+            let stalled = try connectSilently(toLoopbackPort: port)
+            defer { close(stalled) }
             let guests = ["left", "right"]
             var before: [String: MemstressStatus] = [:]
             for id in guests {
@@ -131,6 +135,8 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             for id in guests {
                 let last = try await finalStatus(of: id, on: a)
                 XCTAssertEqual(last.phase, .completed, last.report?.error ?? "")
+                // Opening the channels did not wait for the stalled peer's 10 s handshake timeout.
+                XCTAssertLessThan(last.report?.setupSeconds ?? 99, 5)
             }
             let atB = try await b.client.listVMs()
             XCTAssertEqual(Set(atB.filter { $0.state == .running }.map(\.id)), Set(guests))
@@ -139,6 +145,20 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
                 XCTAssertGreaterThanOrEqual(moved.generation, before[id]!.generation)
             }
         }
+    }
+
+    /// A TCP connection to 127.0.0.1:`port` that sends nothing; the caller closes it.
+    func connectSilently(toLoopbackPort port: UInt16) throws -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard fd >= 0, result == 0 else { throw NSError(domain: NSPOSIXErrorDomain, code: Int(errno)) }
+        return fd
     }
 
     /// Polls a migration until it has ended, for at most a minute.

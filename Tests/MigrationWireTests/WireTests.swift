@@ -160,7 +160,7 @@ final class WireTests: XCTestCase {
             enc.encodeSwitchover(Switchover(finalPass: 1), into: &out)
         })?.reason, .unexpectedRecord(7))
         // A secondary channel carries no device state.
-        var enc = StreamEncoder(header: StreamHeader(channel: 1, channelCount: 2))
+        let enc = StreamEncoder(header: StreamHeader(channel: 1, channelCount: 2))
         var out: [UInt8] = []
         enc.encodeHeader(into: &out)
         enc.encodeLayout(vectorLayout, into: &out)

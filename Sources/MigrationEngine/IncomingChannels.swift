@@ -97,6 +97,7 @@ public final class ChannelGatherer: @unchecked Sendable {
     private struct Key: Hashable { var peer: String, migrationID: UInt32 }
 
     private let maximumChannels: Int
+    private let maximumOpening: Int
     private let headerTimeout: Double
     private let gatherTimeout: Double
     private let ready: Ready
@@ -105,10 +106,15 @@ public final class ChannelGatherer: @unchecked Sendable {
     /// Incomplete migrations; the serial tells a migration from a later one that happens to reuse its key.
     private var pending: [Key: (serial: Int, migration: PartialMigration)] = [:]
     private var serials = 0
+    /// Connections not yet past their header: each holds a thread until it is, or until it times out.
+    private var opening = 0
 
-    public init(maximumChannels: Int = 64, headerTimeout: Double = 10, gatherTimeout: Double = 30,
+    /// At most `maximumOpening` connections may be in their handshake or header at once; more are closed at once,
+    /// so that a flood of connections costs a bounded number of threads.
+    public init(maximumChannels: Int = 64, maximumOpening: Int = 256, headerTimeout: Double = 10, gatherTimeout: Double = 30,
                 ready: @escaping Ready, refused: @escaping Refused) {
         self.maximumChannels = maximumChannels
+        self.maximumOpening = maximumOpening
         self.headerTimeout = headerTimeout
         self.gatherTimeout = gatherTimeout
         self.ready = ready
@@ -118,12 +124,21 @@ public final class ChannelGatherer: @unchecked Sendable {
     /// Takes a new connection and returns at once. `open` runs on the connection's thread: it completes the
     /// connection (a TLS handshake, bounded by its own timeout) and names the peer (with TLS, its verified
     /// name); `address` names the connection if it fails.
-    public func add(from address: String, open: @escaping @Sendable () throws -> (channel: MigrationChannel, peer: String)) {
+    /// When too many connections are opening, `open` is not called and `abandon` closes the connection (the
+    /// default does nothing, for connections that close when `open` is dropped, as an `AcceptedConnection` does).
+    public func add(from address: String, open: @escaping @Sendable () throws -> (channel: MigrationChannel, peer: String),
+                    abandon: () -> Void = {}) {
+        guard lock.withLock({ opening < maximumOpening ? { opening += 1; return true }() : false }) else {
+            abandon()
+            refused(address, .channel("\(maximumOpening) connections are already opening; this one is closed"))
+            return
+        }
         let thread = Thread { [self] in
             do {
                 let (channel, peer) = try open()
                 gather(channel, peer: peer)
             } catch {
+                lock.withLock { opening -= 1 }
                 refused(address, error as? MigrationError ?? .channel("\(error)"))
             }
         }
@@ -133,25 +148,26 @@ public final class ChannelGatherer: @unchecked Sendable {
 
     /// Takes a connection that is already open, from `peer`.
     public func add(_ channel: MigrationChannel, peer: String) {
-        add(from: peer) { (channel, peer) }
+        add(from: peer, open: { (channel, peer) }, abandon: { channel.close() })
     }
 
     /// Migrations with some but not all channels in.
     public var pendingCount: Int { lock.withLock { pending.count } }
 
     private func gather(_ channel: MigrationChannel, peer: String) {
-        let heard = DispatchSemaphore(value: 0)
-        let watchdog = Thread { [headerTimeout] in
+        let wait = HeaderWait()
+        DispatchQueue.global().asyncAfter(deadline: .now() + headerTimeout) {
             // Closing the channel makes the header read below fail: a silent peer costs a thread for this long.
-            if heard.wait(timeout: .now() + headerTimeout) == .timedOut { channel.close() }
+            if wait.expire() { channel.close() }
         }
-        watchdog.start()
         let header: (header: StreamHeader, bytes: [UInt8])
         do {
+            defer {
+                wait.finish()
+                lock.withLock { opening -= 1 }
+            }
             header = try IncomingChannels.readHeader(channel)
-            heard.signal()
         } catch {
-            heard.signal()
             refused(peer, error as? MigrationError ?? .channel("\(error)"))
             return
         }
@@ -189,6 +205,18 @@ public final class ChannelGatherer: @unchecked Sendable {
             refused(key.peer, .channel("migration \(key.migrationID) did not open all its channels within \(Int(seconds)) s"))
         }
     }
+}
+
+/// Whether a connection's header came before its deadline; whichever of the two comes first wins.
+private final class HeaderWait: @unchecked Sendable {
+    private let lock = NSLock()
+    private var decided = false
+
+    /// The header was read (or failed); the deadline will do nothing.
+    func finish() { lock.withLock { decided = true } }
+
+    /// True if the deadline came first, and the caller should close the connection.
+    func expire() -> Bool { lock.withLock { defer { decided = true }; return !decided } }
 }
 
 /// A channel that first hands back bytes already read from it.

@@ -13,8 +13,9 @@ final class ChannelGathererTests: XCTestCase {
         private(set) var ready: [(peer: String, headers: [StreamHeader])] = []
         private(set) var refused: [(peer: String, reason: String)] = []
 
-        func gatherer(headerTimeout: Double = 10, gatherTimeout: Double = 30) -> ChannelGatherer {
-            ChannelGatherer(headerTimeout: headerTimeout, gatherTimeout: gatherTimeout, ready: { [self] channels, peer in
+        func gatherer(maximumOpening: Int = 256, headerTimeout: Double = 10, gatherTimeout: Double = 30) -> ChannelGatherer {
+            ChannelGatherer(maximumOpening: maximumOpening, headerTimeout: headerTimeout, gatherTimeout: gatherTimeout,
+                            ready: { [self] channels, peer in
                 let headers = channels.map { channel in
                     let decoder = StreamDecoder()
                     var bytes = [UInt8](repeating: 0, count: WireFormat.headerLength)
@@ -93,6 +94,23 @@ final class ChannelGathererTests: XCTestCase {
         XCTAssertTrue(events.refused.first?.reason.contains("stream header") ?? false, "\(events.refused)")
         var byte: UInt8 = 0
         XCTAssertEqual(try withUnsafeMutableBytes(of: &byte) { try silent.theirs.receive(into: $0) }, 0, "closed")
+    }
+
+    func testConnectionsBeyondTheOpeningLimitAreClosedAtOnce() throws {
+        let events = Events()
+        let gatherer = events.gatherer(maximumOpening: 2, headerTimeout: 0.5)
+        let silent = try (0 ..< 3).map { _ in try connection(nil) }
+        for (ours, _) in silent { gatherer.add(ours, peer: "host-a") }
+        XCTAssertTrue(events.wait(for: 1))
+        XCTAssertTrue(events.refused.first?.reason.contains("2 connections are already opening") ?? false, "\(events.refused)")
+        var byte: UInt8 = 0
+        XCTAssertEqual(try withUnsafeMutableBytes(of: &byte) { try silent[2].theirs.receive(into: $0) }, 0, "closed at once")
+        XCTAssertTrue(events.wait(for: 2), "the two admitted ones time out")
+        // Their places are free again: a migration gets in.
+        let late = try connection(header(0, of: 1, id: 4))
+        gatherer.add(late.ours, peer: "host-a")
+        XCTAssertTrue(events.wait(for: 1))
+        XCTAssertEqual(events.ready.map(\.headers.first?.migrationID), [4])
     }
 
     func testAHalfOpenMigrationExpiresAndARepeatedChannelIsRefusedAlone() throws {

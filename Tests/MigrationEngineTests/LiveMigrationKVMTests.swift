@@ -59,16 +59,9 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=0 pattern=text")
         var options = MigrationOptions()
         options.compression = .zstd
-        let perPage = migrate(source, options: options, receiverCapabilities: Capabilities(codecs: .all, maxChannels: 1))
-        XCTAssertTrue(perPage.report.succeeded, perPage.report.error ?? "")
-        let middle = try XCTUnwrap(perPage.destination)
-        source.stop()
-        XCTAssertEqual(statuses(perPage.destinationConsole, after: 0, count: 1).count, 1)
-        let wholeBatches = migrate(middle, options: options)
-        XCTAssertTrue(wholeBatches.report.succeeded, wholeBatches.report.error ?? "")
-        middle.stop()
-        let home = try XCTUnwrap(wholeBatches.destination)
-        XCTAssertEqual(statuses(wholeBatches.destinationConsole, after: 0, count: 2).count, 2)
+        let (perPage, middle) = try migrateSuccessfully(source, options: options,
+                                                        receiverCapabilities: Capabilities(codecs: .all, maxChannels: 1))
+        let (wholeBatches, home) = try migrateSuccessfully(middle, options: options, lines: 2)
         home.stop()
 
         let (pagesA, pagesB) = (perPage.report.passes[0], wholeBatches.report.passes[0])
@@ -85,11 +78,7 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         var options = MigrationOptions()
         options.compression = .adaptive
         options.bandwidthLimit = 100e6
-        let outcome = migrate(source, options: options)
-        XCTAssertTrue(outcome.report.succeeded, outcome.report.error ?? "")
-        source.stop()
-        let destination = try XCTUnwrap(outcome.destination)
-        XCTAssertEqual(statuses(outcome.destinationConsole, after: 0, count: 1).count, 1)
+        let (outcome, destination) = try migrateSuccessfully(source, options: options)
         destination.stop()
         let passZero = outcome.report.passes[0]
         XCTAssertGreaterThan(passZero.compressedPages, (passZero.pagesSent - passZero.zeroPages) / 2,

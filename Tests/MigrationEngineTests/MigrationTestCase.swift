@@ -43,6 +43,18 @@ class MigrationTestCase: KVMTestCase {
         return Outcome(report: report, receiverError: receiverResult.error, destination: sink.machine, destinationConsole: console)
     }
 
+    /// Migrates `source`, which must succeed; stops the source and waits for `lines` verified status lines at the
+    /// destination, which is returned running.
+    func migrateSuccessfully(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
+                             lines: Int = 1, file: StaticString = #filePath, line: UInt = #line) throws -> (Outcome, MicroVM) {
+        let outcome = migrate(source, options: options, receiverCapabilities: receiverCapabilities)
+        XCTAssertTrue(outcome.report.succeeded, outcome.report.error ?? "", file: file, line: line)
+        source.stop()
+        let destination = try XCTUnwrap(outcome.destination, file: file, line: line)
+        XCTAssertEqual(statuses(outcome.destinationConsole, after: 0, count: lines).count, lines, file: file, line: line)
+        return (outcome, destination)
+    }
+
     /// Status lines after `line`, waiting up to `timeout` for `count` of them; all must verify.
     func statuses(_ console: SerialConsole, after line: Int, count: Int, timeout: TimeInterval = 10) -> [MemstressStatus] {
         var found: [MemstressStatus] = []

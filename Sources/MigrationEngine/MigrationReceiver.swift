@@ -24,7 +24,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         self.sink = sink
         self.channels = channels
         self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count),
-                                                         flags: [.wholeBatchCompression])
+                                                         flags: [.wholeBatchCompression, .passAcknowledgement])
     }
 
     public struct Report: Sendable, Equatable {
@@ -79,7 +79,11 @@ public final class MigrationReceiver: @unchecked Sendable {
         do { try sink.prepare(layout: layout) } catch { throw MigrationError.guestFailed("preparing memory: \(error)") }
 
         let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout, agreed: agreed) }
-        appliers = writers.enumerated().map { PageApplier(writer: $1, name: "migrate-write-\($0)") }
+        // Each channel's writer thread reports the passes it has written; once all have, the sender hears of it.
+        let acknowledger = agreed.flags.contains(.passAcknowledgement) ? PassAcknowledger(channels: channels.count, reply: writer) : nil
+        appliers = writers.enumerated().map { index, pageWriter in
+            PageApplier(writer: pageWriter, name: "migrate-write-\(index)") { pass in try acknowledger?.applied(pass: pass, channel: index) }
+        }
         let appliers = self.appliers
         let others = startOtherChannels(layout: layout, appliers: appliers)
         otherChannels = others
@@ -90,8 +94,9 @@ public final class MigrationReceiver: @unchecked Sendable {
             switch try main.next() {
             case .pageBatch(let batch):
                 try appliers[0].submit(batch)
-            case .passBoundary:
+            case .passBoundary(let boundary):
                 passes += 1
+                try appliers[0].passEnded(boundary.pass)
             case .switchover:
                 break
             case .deviceState(let state):
@@ -146,7 +151,8 @@ public final class MigrationReceiver: @unchecked Sendable {
                     while true {
                         switch try reader.next() {
                         case .pageBatch(let batch): try appliers[index].submit(batch)
-                        case .passBoundary, .note, .skippedOptional: continue
+                        case .passBoundary(let boundary): try appliers[index].passEnded(boundary.pass)
+                        case .note, .skippedOptional: continue
                         case .end: return try appliers[index].drain()
                         case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
                         case let other: throw MigrationError.protocolViolation("unexpected \(other) on channel \(index)")
@@ -168,22 +174,29 @@ public final class MigrationReceiver: @unchecked Sendable {
 /// the two; their bytes stay in the decoder's buffers, which are not reused while a batch holds them.
 final class PageApplier: @unchecked Sendable {
     let writer: PageWriter
-    private enum Work { case batch(PageBatch), flush(DispatchSemaphore) }
+    private enum Work { case batch(PageBatch), passEnded(UInt32), flush(DispatchSemaphore) }
     private let queue = HandOff<Work>([], capacity: 4)
     private let lock = NSLock()
     private var failure: Error?
     private let finished = DispatchSemaphore(value: 0)
 
-    init(writer: PageWriter, name: String) {
+    /// `written` is called on this applier's thread once every batch of a pass that ended is in guest memory.
+    init(writer: PageWriter, name: String, written: @escaping (UInt32) throws -> Void) {
         self.writer = writer
         let thread = Thread { [self] in
             while let work = queue.take() {
-                switch work {
-                case .batch(let batch):
-                    guard lock.withLock({ failure == nil }) else { continue }
-                    do { try writer.apply(batch) } catch { lock.withLock { failure = error } }
-                case .flush(let done):
-                    done.signal()
+                guard lock.withLock({ failure == nil }) else {
+                    if case .flush(let done) = work { done.signal() }
+                    continue
+                }
+                do {
+                    switch work {
+                    case .batch(let batch): try writer.apply(batch)
+                    case .passEnded(let pass): try written(pass)
+                    case .flush(let done): done.signal()
+                    }
+                } catch {
+                    lock.withLock { failure = error }
                 }
             }
             finished.signal()
@@ -197,6 +210,12 @@ final class PageApplier: @unchecked Sendable {
         try writer.admit(batch)
         try rethrowFailure()
         queue.put(.batch(batch))
+    }
+
+    /// Marks the end of a pass on this channel: reported once the batches before it are written.
+    func passEnded(_ pass: UInt32) throws {
+        try rethrowFailure()
+        queue.put(.passEnded(pass))
     }
 
     /// Returns once every batch submitted so far is in guest memory; throws if one failed.
@@ -296,6 +315,33 @@ final class PageWriter {
             digest.update(frame: page.frame, page: UnsafeRawBufferPointer(target))
             pagesWritten += 1
         }
+    }
+}
+
+/// Tells the sender, on the reply stream, when a pre-copy pass is wholly in guest memory: once every channel's
+/// writer thread has written all its batches up to that pass's boundary. The sender waits for this before it
+/// measures the dirty set, so that what the receiver still had queued is neither counted as sent nor left for the
+/// downtime.
+final class PassAcknowledger: @unchecked Sendable {
+    private let channels: Int
+    private let reply: RecordWriter
+    private let lock = NSLock()
+    /// Per pass still open: how many channels have written it.
+    private var written: [UInt32: Int] = [:]
+
+    init(channels: Int, reply: RecordWriter) {
+        self.channels = channels
+        self.reply = reply
+    }
+
+    func applied(pass: UInt32, channel: Int) throws {
+        let complete: Bool = lock.withLock {
+            written[pass, default: 0] += 1
+            guard written[pass] == channels else { return false }
+            written[pass] = nil
+            return true
+        }
+        if complete { try reply.send { encoder, out in encoder.encodePassApplied(pass: pass, into: &out) } }
     }
 }
 

@@ -84,7 +84,7 @@ public final class MigrationSender: @unchecked Sendable {
     private func migrate(_ phase: inout Phase) throws -> Double {
         let layout = source.layout
         let count = options.channels
-        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: [.wholeBatchCompression])
+        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: [.wholeBatchCompression, .passAcknowledgement])
         let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
             let channel: MigrationChannel
@@ -106,6 +106,7 @@ public final class MigrationSender: @unchecked Sendable {
         let agreed = try expectAgreed(reply)
         try checkAgreement(agreed)
         let wholeBatches = agreed.flags.contains(.wholeBatchCompression)
+        let acknowledged = agreed.flags.contains(.passAcknowledgement)
         let streamers = try writers.map {
             try PageStreamer(writer: $0, source: source, layout: layout, options: options, compressWholeBatches: wholeBatches)
         }
@@ -122,18 +123,20 @@ public final class MigrationSender: @unchecked Sendable {
         while true {
             let passStart = monotonicSeconds()
             let counts = try sendPass(frames, pass: pass, streamers: streamers)
-            var dirty = [[UInt64]](repeating: [], count: count)
-            var dirtyCount = 0
-            try guest {
-                try source.harvestDirtyFrames { frame in
-                    dirty[channelIndex(of: frame, channels: count)].append(frame)
-                    dirtyCount += 1
-                }
+            var dirty = try harvest(channels: count)
+            var statistics = measure(pass: Int(pass), counts: counts, seconds: monotonicSeconds() - passStart,
+                                     dirtyPages: dirty.reduce(0) { $0 + $1.count }, throttle: throttle)
+            try sendBoundary(statistics, counts: counts, on: writers)
+            if acknowledged {
+                // Sent is not yet received: wait until the receiver has the whole pass in memory, so that the pass's
+                // time is the link's real rate and a switchover never waits on the receiver's backlog. What the
+                // guest dirtied meanwhile joins the next pass.
+                try awaitApplied(pass: pass, on: reply)
+                dirty = zip(dirty, try harvest(channels: count)).map { Array(Set($0).union($1)).sorted() }
+                statistics = measure(pass: Int(pass), counts: counts, seconds: monotonicSeconds() - passStart,
+                                     dirtyPages: dirty.reduce(0) { $0 + $1.count }, throttle: throttle)
             }
-            let statistics = measure(pass: Int(pass), counts: counts, seconds: monotonicSeconds() - passStart,
-                                     dirtyPages: dirtyCount, throttle: throttle)
             history.append(statistics)
-            try sendBoundary(statistics, counts: counts, on: writers[0])
             if isCancelled { throw MigrationError.cancelled }
             frames = dirty
             pass += 1
@@ -168,7 +171,7 @@ public final class MigrationSender: @unchecked Sendable {
         let counts = try sendPass(last, pass: finalPass, streamers: streamers)
         let final = measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle)
         history.append(final)
-        try sendBoundary(final, counts: counts, on: writers[0])
+        try sendBoundary(final, counts: counts, on: writers)
         let deviceState = try guest { try source.captureDeviceState() }
 
         var digest = MemoryDigest()
@@ -184,7 +187,7 @@ public final class MigrationSender: @unchecked Sendable {
             encoder.encodeVerify(digestRecord, into: &out)
         }
 
-        switch try reply.next() {
+        switch try reply.nextSkippingAcknowledgements() {
         case .verified(let theirs) where theirs == digestRecord:
             break
         case .verified(let theirs):
@@ -198,7 +201,7 @@ public final class MigrationSender: @unchecked Sendable {
 
         try writers[0].send { encoder, out in encoder.encodeCommit(into: &out) }
         phase.committed = true
-        switch try reply.next() {
+        switch try reply.nextSkippingAcknowledgements() {
         case .started: break
         case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
         case let other: throw MigrationError.protocolViolation("expected started, got \(other)")
@@ -210,12 +213,29 @@ public final class MigrationSender: @unchecked Sendable {
         return downtime
     }
 
-    private func sendBoundary(_ statistics: PassStatistics, counts: PageStreamer.Counts, on writer: RecordWriter) throws {
-        try writer.send { encoder, out in
-            encoder.encodePassBoundary(PassBoundary(
-                pass: UInt32(statistics.pass), dirtyPages: UInt64(statistics.dirtyPages), pagesSent: UInt64(counts.pages),
-                zeroPages: UInt64(counts.zero), wireBytes: UInt64(counts.wireBytes),
-                durationNanoseconds: UInt64(statistics.seconds * 1e9)), into: &out)
+    /// Ends the pass on every channel: the receiver knows each channel's share of it is complete.
+    private func sendBoundary(_ statistics: PassStatistics, counts: PageStreamer.Counts, on writers: [RecordWriter]) throws {
+        let boundary = PassBoundary(pass: UInt32(statistics.pass), dirtyPages: UInt64(statistics.dirtyPages),
+                                    pagesSent: UInt64(counts.pages), zeroPages: UInt64(counts.zero),
+                                    wireBytes: UInt64(counts.wireBytes), durationNanoseconds: UInt64(statistics.seconds * 1e9))
+        for writer in writers {
+            try writer.send { encoder, out in encoder.encodePassBoundary(boundary, into: &out) }
+        }
+    }
+
+    /// The frames written since the last harvest, per channel, in ascending order.
+    private func harvest(channels count: Int) throws -> [[UInt64]] {
+        var dirty = [[UInt64]](repeating: [], count: count)
+        try guest { try source.harvestDirtyFrames { dirty[channelIndex(of: $0, channels: count)].append($0) } }
+        return dirty
+    }
+
+    /// Waits for the receiver's word that pass `pass` is wholly in its memory.
+    private func awaitApplied(pass: UInt32, on reply: RecordReader) throws {
+        switch try reply.next() {
+        case .passApplied(let applied) where applied == pass: return
+        case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+        case let other: throw MigrationError.protocolViolation("expected pass \(pass) applied, got \(other)")
         }
     }
 

@@ -78,11 +78,24 @@ final class RecordReader {
     }
 }
 
-/// Writes the records of one stream to a channel.
+extension RecordReader {
+    /// The next event that is not a pass acknowledgement (those of the final pass arrive during the switchover).
+    func nextSkippingAcknowledgements() throws -> StreamEvent {
+        while true {
+            let event = try next()
+            if case .passApplied = event { continue }
+            return event
+        }
+    }
+}
+
+/// Writes the records of one stream to a channel. Sends from several threads are serialized (the receiver's
+/// reply stream carries acknowledgements from the channels' writer threads and the handshake from the main one).
 final class RecordWriter {
     let channel: MigrationChannel
     var encoder: StreamEncoder
     private(set) var bytesWritten = 0
+    private let lock = NSLock()
 
     init(channel: MigrationChannel, header: StreamHeader) {
         self.channel = channel
@@ -91,12 +104,18 @@ final class RecordWriter {
 
     /// Encodes records with `body` and sends them at once.
     func send(_ body: (StreamEncoder, inout [UInt8]) -> Void) throws {
-        var out: [UInt8] = []
-        body(encoder, &out)
-        try out.withUnsafeBytes { try sendRaw([$0]) }
+        try lock.withLock {
+            var out: [UInt8] = []
+            body(encoder, &out)
+            try out.withUnsafeBytes { try sendUnlocked([$0]) }
+        }
     }
 
     func sendRaw(_ buffers: [UnsafeRawBufferPointer]) throws {
+        try lock.withLock { try sendUnlocked(buffers) }
+    }
+
+    private func sendUnlocked(_ buffers: [UnsafeRawBufferPointer]) throws {
         do {
             try channel.send(buffers)
         } catch {

@@ -51,6 +51,8 @@ public struct CapabilityFlags: OptionSet, Hashable, Sendable {
     public static let postCopy = CapabilityFlags(rawValue: 1 << 1)
     /// Page batches may be compressed as a whole.
     public static let wholeBatchCompression = CapabilityFlags(rawValue: 1 << 2)
+    /// The receiver says on its reply stream when each pre-copy pass is wholly in guest memory (PASS_APPLIED).
+    public static let passAcknowledgement = CapabilityFlags(rawValue: 1 << 3)
 }
 
 /// A side's offer, or the agreed set (stream.md §6.1).
@@ -302,6 +304,8 @@ public enum StreamEvent: Sendable {
     /// Receiver, reply stream: the destination runs.
     case started
     case note(String)
+    /// Reply stream: every page of this pre-copy pass, on every channel, is in guest memory.
+    case passApplied(pass: UInt32)
     /// An optional record this reader does not know; its body was skipped.
     case skippedOptional(type: UInt32, length: Int)
 }

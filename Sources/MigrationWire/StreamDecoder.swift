@@ -150,7 +150,7 @@ public final class StreamDecoder {
 
     private static let knownTypes: Set<RecordType> = [
         .capabilitiesOffer, .capabilitiesAgreed, .memoryLayout, .pageBatch, .deviceState,
-        .passBoundary, .switchover, .end, .abort, .note, .verify, .verified, .commit, .started,
+        .passBoundary, .switchover, .end, .abort, .note, .verify, .verified, .commit, .started, .passApplied,
     ]
 
     private func fail(_ at: UInt64, _ reason: WireError.Reason) -> WireError {
@@ -315,6 +315,12 @@ public final class StreamDecoder {
             guard let text = String(validating: body[8...], as: UTF8.self) else { throw fail(at + 8, .badText) }
             isComplete = true
             return .abort(Abort(reason: AbortReason(rawValue: body.le32(0)), message: text))
+
+        case .passApplied:
+            try need(body.count == 8)
+            if !isReply { throw unexpected() }
+            try reservedZero(4, UInt64(body.le32(4)))
+            return .passApplied(pass: body.le32(0))
 
         case .note:
             try need(body.count >= 8)

@@ -126,6 +126,13 @@ public struct StreamEncoder {
         }
     }
 
+    public func encodePassApplied(pass: UInt32, into out: inout [UInt8]) {
+        record(.passApplied, length: 8, into: &out) { w in
+            w.u32(pass)
+            w.u32(0)
+        }
+    }
+
     public func encodeNote(_ note: String, into out: inout [UInt8]) {
         let text = Array(note.utf8.prefix(WireLimits.v1.maxText))
         record(.note, length: 8 + text.count, into: &out) { w in

@@ -89,6 +89,8 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     public static let started = RecordType(rawValue: 0x0D)
     /// Optional: human-readable text (progress, provenance). Readers may ignore it.
     public static let note = RecordType(rawValue: 0x8000_0001)
+    /// Optional, reply stream: every page of a pre-copy pass is in guest memory (capability `passAcknowledgement`).
+    public static let passApplied = RecordType(rawValue: 0x8000_0002)
 
     public var description: String {
         switch self {
@@ -106,6 +108,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .commit: return "commit"
         case .started: return "started"
         case .note: return "note"
+        case .passApplied: return "passApplied"
         default: return "0x" + String(rawValue, radix: 16)
         }
     }

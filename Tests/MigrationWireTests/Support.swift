@@ -72,6 +72,7 @@ func json(_ event: StreamEvent) -> [String: Any] {
     case .verified(let d): return ["record": "verified", "digest_algorithm": Int(d.algorithm), "digest_hex": hex(d.digest)]
     case .commit: return ["record": "commit"]
     case .started: return ["record": "started"]
+    case .passApplied(let pass): return ["record": "pass_applied", "pass": Int(pass)]
     case .skippedOptional(let type, let length):
         return ["record": "skipped_optional", "type": String(type, radix: 16), "length": length]
     }

@@ -49,6 +49,22 @@ final class SwitchoverHandshakeTests: XCTestCase {
         XCTAssertEqual(replies.count, 5)
     }
 
+    /// PASS_APPLIED travels in the reply stream only; a reader that does not know it skips it (it is optional).
+    func testPassAppliedOnlyInTheReplyStream() {
+        let answered = reply { e, out in
+            e.encodePassApplied(pass: 0, into: &out)
+            e.encodePassApplied(pass: 1, into: &out)
+            e.encodeVerified(digest, into: &out)
+            e.encodeStarted(into: &out)
+            e.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }
+        let (replies, error) = decodeAll(answered, chunks: [5, 9])
+        XCTAssertNil(error)
+        guard replies.count == 7, case .passApplied(pass: 1) = replies[3] else { return XCTFail("\(replies)") }
+        let sent = forward { e, out in e.encodePassApplied(pass: 0, into: &out) }
+        XCTAssertEqual(decodeAll(sent).error?.reason, .unexpectedRecord(RecordType.passApplied.rawValue))
+    }
+
     func testCommitBeforeVerifyIsRefused() {
         let sent = forward { e, out in
             e.encodeSwitchover(Switchover(finalPass: 1), into: &out)

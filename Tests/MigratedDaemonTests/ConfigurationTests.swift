@@ -10,7 +10,7 @@ final class ConfigurationTests: XCTestCase {
         directory = NSTemporaryDirectory() + "migrated-config-" + UUID().uuidString
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         for name in ["host.pem", "host.key", "ca.pem"] {
-            FileManager.default.createFile(atPath: "\(directory)/\(name)", contents: Data("pem".utf8))
+            XCTAssertTrue(FileManager.default.createFile(atPath: "\(directory)/\(name)", contents: Data("pem".utf8)))
         }
     }
 
@@ -20,7 +20,7 @@ final class ConfigurationTests: XCTestCase {
 
     func write(_ text: String) -> String {
         let path = directory + "/migrated.json"
-        FileManager.default.createFile(atPath: path, contents: Data(text.utf8))
+        XCTAssertTrue(FileManager.default.createFile(atPath: path, contents: Data(text.utf8)))
         return path
     }
 

@@ -19,7 +19,7 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
             let image = TestGuest.path
             _ = try TestGuest.image()
             _ = try await daemon.client.createVM(VMCreateRequest(id: "snappy", image: image, memoryMib: 128, cmdline: Self.guest))
-            let before = try await XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "snappy"), "the guest runs")
+            let before = try XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "snappy"), "the guest runs")
             let full = daemon.directory + "/full.snap", diff = daemon.directory + "/diff.snap"
 
             let saved = try await vmsnap(daemon, ["save", "snappy", full])
@@ -33,7 +33,7 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
             let status = try APIJSON.decode(SnapshotStatus.self, from: Data(diffSaved.text.utf8))
             XCTAssertEqual(status.kind, .diff)
             XCTAssertNotNil(status.parentId)
-            _ = try await XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "snappy"), "the guest runs on after its snapshots")
+            _ = try XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "snappy"), "the guest runs on after its snapshots")
 
             let verified = try await vmsnap(nil, ["verify", diff])
             XCTAssertEqual(verified.status, 0, verified.text)
@@ -63,7 +63,7 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
             // Into the daemon, as a second VM beside the first.
             let restored = try await vmsnap(daemon, ["restore", merged, "--into-daemon", "--id", "copy", "--json"])
             XCTAssertEqual(restored.status, 0, restored.text)
-            _ = try await XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "copy"), "the restored VM runs in the daemon")
+            _ = try XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "copy"), "the restored VM runs in the daemon")
             try await withDaemon(memoryBudgetMiB: 64) { small in
                 let refused = try await vmsnap(small, ["restore", merged, "--into-daemon"])
                 XCTAssertEqual(refused.status, 2, refused.text)
@@ -92,7 +92,7 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
         try await withDaemon(memoryBudgetMiB: 1024) { daemon in
             _ = try TestGuest.image()
             _ = try await daemon.client.createVM(VMCreateRequest(id: "still", image: TestGuest.path, memoryMib: 128, cmdline: Self.guest))
-            let before = try await XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "still"), "the guest runs")
+            let before = try XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "still"), "the guest runs")
             let paused = try await runTool("migratectl", ["vm", "pause", "still", "--socket", daemon.socketPath])
             XCTAssertEqual(paused.status, 0, paused.text)
             let pausedInfo = try await daemon.client.vm("still")
@@ -108,7 +108,7 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
             XCTAssertEqual(info.state, .paused, "a save leaves a paused VM paused")
             XCTAssertEqual(info.consoleLines, linesWhilePaused, "the guest printed nothing while paused")
             _ = try await daemon.client.resumeVM("still")
-            _ = try await XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "still"), "the guest carries on after resume")
+            _ = try XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "still"), "the guest carries on after resume")
             let ran = try await vmsnap(nil, ["restore", file, "--seconds", "3"])
             XCTAssertEqual(ran.status, 0, ran.text)
             let lines = ran.text.components(separatedBy: "\n").compactMap(MemstressStatus.init)
@@ -129,12 +129,12 @@ final class SnapshotDaemonKVMTests: KVMTestCase {
             let disk = smallDisk.path
             _ = try TestGuest.image()
             _ = try await daemon.client.createVM(VMCreateRequest(id: "full", image: TestGuest.path, memoryMib: 128, cmdline: Self.guest))
-            let before = try await XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "full"), "the guest runs")
+            let before = try XCTUnwrapAsync(await daemon.memstressStatus(after: 0, of: "full"), "the guest runs")
             let saved = try await vmsnap(daemon, ["save", "full", disk + "/snap"])
             XCTAssertEqual(saved.status, 2, saved.text)
             XCTAssertTrue(saved.text.contains("No space left on device"), saved.text)
             XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: disk), [], "nothing is left behind")
-            _ = try await XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "full"), "the VM runs on")
+            _ = try XCTUnwrapAsync(await daemon.memstressStatus(after: before.ticks, of: "full"), "the VM runs on")
         }
     }
 

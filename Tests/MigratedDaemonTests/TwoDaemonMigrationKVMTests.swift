@@ -46,7 +46,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         let image = try { _ = try TestGuest.image(); return TestGuest.path }()
         try await withTwoDaemons { a, aListener, b, bListener in
             _ = try await a.client.createVM(VMCreateRequest(id: "mover", image: image, memoryMib: 1024, cmdline: Self.guest))
-            let before = try await XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "mover"), "the guest runs on A")
+            let before = try XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "mover"), "the guest runs on A")
             let toB = try XCTUnwrap(bListener.address).description
 
             // There: migratectl follows the migration, one line per update on a pipe, then the report.
@@ -57,7 +57,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertTrue(output.text.contains("lz4, 2 channels"), output.text)
             let source = try await a.client.vm("mover")
             XCTAssertEqual(source.state, .migrated, "the source VM is gone from A")
-            let onB = try await XCTUnwrapAsync(await b.memstressStatus(after: before.ticks, of: "mover"), "the guest carries on at B")
+            let onB = try XCTUnwrapAsync(await b.memstressStatus(after: before.ticks, of: "mover"), "the guest carries on at B")
             XCTAssertGreaterThanOrEqual(onB.generation, before.generation)
             let report = try await a.client.migration("mover").report
             XCTAssertEqual(report?.succeeded, true)
@@ -72,7 +72,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertEqual(back.phase, .completed, back.report?.error ?? "")
             let returned = try await a.client.listVMs().filter { $0.state == .running }
             XCTAssertEqual(returned.count, 1)
-            let home = try await XCTUnwrapAsync(await a.memstressStatus(after: onB.ticks, of: returned[0].id), "the guest carries on at A")
+            let home = try XCTUnwrapAsync(await a.memstressStatus(after: onB.ticks, of: returned[0].id), "the guest carries on at A")
             XCTAssertGreaterThanOrEqual(home.generation, onB.generation)
         }
     }
@@ -84,7 +84,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         try await withTwoDaemons { a, _, b, bListener in
             _ = try await a.client.createVM(VMCreateRequest(id: "stay", image: image, memoryMib: 128,
                                                             cmdline: "workload=memstress size_mib=64 rate_mib=50 pattern=random"))
-            let before = try await XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "stay"), "the guest runs on A")
+            let before = try XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "stay"), "the guest runs on A")
             let started = try await a.client.migrate("stay", MigrationRequest(
                 peer: try XCTUnwrap(bListener.address).description, bandwidthLimitBytesPerSecond: 4 << 20))
             XCTAssertEqual(started.vm, "stay")
@@ -126,7 +126,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
                 _ = try await a.client.createVM(VMCreateRequest(id: id, image: image, memoryMib: 128,
                                                                 cmdline: "workload=memstress size_mib=48 rate_mib=50 pattern=random"))
             }
-            for id in guests { before[id] = try await XCTUnwrapAsync(await a.memstressStatus(after: 0, of: id), "\(id) runs on A") }
+            for id in guests { before[id] = try XCTUnwrapAsync(await a.memstressStatus(after: 0, of: id), "\(id) runs on A") }
             let toB = try XCTUnwrap(bListener.address).description
             // A cap keeps both migrations on the wire at once for a second or more.
             for id in guests {
@@ -141,7 +141,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             let atB = try await b.client.listVMs()
             XCTAssertEqual(Set(atB.filter { $0.state == .running }.map(\.id)), Set(guests))
             for id in guests {
-                let moved = try await XCTUnwrapAsync(await b.memstressStatus(after: before[id]!.ticks, of: id), "\(id) carries on at B")
+                let moved = try XCTUnwrapAsync(await b.memstressStatus(after: before[id]!.ticks, of: id), "\(id) carries on at B")
                 XCTAssertGreaterThanOrEqual(moved.generation, before[id]!.generation)
             }
         }

@@ -214,6 +214,7 @@ func recordSave(_ report: SnapshotSaveReport, into row: Row) -> SnapshotSaveRepo
     return report
 }
 
+@discardableResult
 func save(_ source: MicroVMGuestSource, _ name: String, base: SnapshotBase? = nil, _ options: SnapshotSaveOptions, row: Row) throws -> SnapshotSaveReport {
     let report = try SnapshotSaver(source: source, path: path(name), base: base, options: options).run()
     recordSave(report, into: row)

@@ -53,7 +53,7 @@ public final class MigrationReceiver: @unchecked Sendable {
             }
             for channel in channels { channel.close() }
             try? otherChannels?.wait()
-            for applier in appliers { applier.stop() }
+            for applier in appliers { applier.abandon() }
             sink.discard()
             throw failure
         }
@@ -231,6 +231,13 @@ final class PageApplier: @unchecked Sendable {
         queue.close()
         finished.wait()
         finished.signal()
+    }
+
+    /// Ends the thread after the batch it is writing, skipping those still queued (the migration failed and its
+    /// memory will be discarded), and waits for it.
+    func abandon() {
+        lock.withLock { if failure == nil { failure = MigrationError.cancelled } }
+        stop()
     }
 
     private func rethrowFailure() throws {

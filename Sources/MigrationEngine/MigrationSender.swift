@@ -230,9 +230,32 @@ public final class MigrationSender: @unchecked Sendable {
         return dirty
     }
 
-    /// Waits for the receiver's word that pass `pass` is wholly in its memory.
+    /// Waits for the receiver's word that pass `pass` is wholly in its memory. A cancel, or the time budget
+    /// running out, ends the wait: a watchdog closes the channels, which fails the blocked read.
     private func awaitApplied(pass: UInt32, on reply: RecordReader) throws {
-        switch try reply.next() {
+        let waiting = Atomic<Bool>(true)
+        let watchdog = Thread { [self] in
+            while waiting.load(ordering: .relaxed) {
+                if isCancelled || monotonicSeconds() - started > options.timeLimit {
+                    for channel in channels { channel.close() }
+                    return
+                }
+                Thread.sleep(forTimeInterval: 0.02)
+            }
+        }
+        watchdog.start()
+        defer { waiting.store(false, ordering: .relaxed) }
+        let event: StreamEvent
+        do {
+            event = try reply.next()
+        } catch {
+            if isCancelled { throw MigrationError.cancelled }
+            if monotonicSeconds() - started > options.timeLimit {
+                throw MigrationError.didNotConverge("the time budget of \(options.timeLimit) s ran out while the receiver was writing pass \(pass)")
+            }
+            throw error
+        }
+        switch event {
         case .passApplied(let applied) where applied == pass: return
         case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
         case let other: throw MigrationError.protocolViolation("expected pass \(pass) applied, got \(other)")

@@ -128,13 +128,15 @@ final class ReceiverBacklogKVMTests: MigrationTestCase {
         func discard() { base.discard() }
     }
 
-    func downtime(acknowledged: Bool) throws -> Double {
-        let (source, _) = try bootSource("workload=memstress size_mib=48 rate_mib=0 pattern=text")
-        defer { source.stop() }
+    /// Migrates a static text guest with zstd to a receiver that takes `microsecondsPerPage` per page;
+    /// `whileRunning` gets the sender once the migration has started.
+    func migrateToSlowReceiver(mebibytes: Int, acknowledged: Bool, microsecondsPerPage: useconds_t,
+                               whileRunning: @escaping (MigrationSender) -> Void = { _ in }) throws -> (MigrationReport, MicroVM, SerialConsole) {
+        let (source, console) = try bootSource("workload=memstress size_mib=\(mebibytes) rate_mib=0 pattern=text")
         var options = MigrationOptions()
         options.compression = .zstd
         let (ours, theirs) = SocketPairChannel.pair()
-        let sink = SlowSink(MicroVMGuestSink(console: SerialConsole(output: nil)), microsecondsPerPage: 100)
+        let sink = SlowSink(MicroVMGuestSink(console: SerialConsole(output: nil)), microsecondsPerPage: microsecondsPerPage)
         let flags: CapabilityFlags = acknowledged ? [.wholeBatchCompression, .passAcknowledgement] : [.wholeBatchCompression]
         let receiver = MigrationReceiver(sink: sink, channels: [theirs], capabilities: Capabilities(codecs: .all, maxChannels: 1, flags: flags))
         let result = ReceiverResult()
@@ -142,12 +144,36 @@ final class ReceiverBacklogKVMTests: MigrationTestCase {
             do { _ = try receiver.run() } catch { result.error = error }
             result.done.signal()
         }.start()
-        let report = MigrationSender(source: MicroVMGuestSource(machine: source), channels: [ours], options: options).run()
+        let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: [ours], options: options)
+        Thread { whileRunning(sender) }.start()
+        let report = sender.run()
         result.done.wait()
-        XCTAssertTrue(report.succeeded, report.error ?? "")
-        XCTAssertNil(result.error)
+        if report.succeeded { XCTAssertNil(result.error) } else { XCTAssertNil(sink.base.machine, "nothing runs at the receiver") }
         sink.base.machine?.stop()
+        return (report, source, console)
+    }
+
+    func downtime(acknowledged: Bool) throws -> Double {
+        let (report, source, _) = try migrateToSlowReceiver(mebibytes: 48, acknowledged: acknowledged, microsecondsPerPage: 100)
+        source.stop()
+        XCTAssertTrue(report.succeeded, report.error ?? "")
         return try XCTUnwrap(report.downtimeSeconds)
+    }
+
+    /// A receiver far behind: 8 MiB of text fit in the socket and its queue at once (zstd), and take it 4 s to
+    /// write at 2 ms a page. The sender has sent everything and waits for the acknowledgement when it is
+    /// cancelled after 1 s: the cancel ends the wait at once, and the source runs on.
+    func testCancelWhileWaitingForASlowReceiver() throws {
+        let (report, source, console) = try migrateToSlowReceiver(mebibytes: 8, acknowledged: true, microsecondsPerPage: 2_000) { sender in
+            Thread.sleep(forTimeInterval: 1)
+            sender.cancel()
+        }
+        XCTAssertEqual(report.error, "migration cancelled")
+        XCTAssertLessThan(report.totalSeconds, 2.5, "the cancel ended the sender's wait (the receiver needed 4 s more)")
+        let line = console.lineCount
+        XCTAssertNotNil(console.waitForLine(after: line, timeout: 5) { $0.contains("verify=ok") }, "the source runs on")
+        XCTAssertNil(source.stopped)
+        source.stop()
     }
 
     func testTheSwitchoverWaitsForTheReceiverToCatchUp() throws {

@@ -120,7 +120,7 @@ final class SnapshotKVMTests: KVMTestCase {
             base = try SnapshotSaver(source: source, path: path("\(step)-diff"), base: base, options: options).run().base
             XCTAssertNotNil(base)
         }
-        try SnapshotSaver(source: source, path: path("same-moment-full"), options: SnapshotSaveOptions(live: false, keepTracking: false)).run()
+        _ = try SnapshotSaver(source: source, path: path("same-moment-full"), options: SnapshotSaveOptions(live: false, keepTracking: false)).run()
         machine.resume()
         _ = statuses(console, after: console.lineCount, count: 1)
 
@@ -156,8 +156,8 @@ final class SnapshotKVMTests: KVMTestCase {
         }
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: disk), [])
         Thread.sleep(forTimeInterval: 0.3)
-        try SnapshotSaver(source: source, path: path("diff"), base: base, options: SnapshotSaveOptions(live: false, resumeGuest: false)).run()
-        try SnapshotSaver(source: source, path: path("same-moment"), options: SnapshotSaveOptions(live: false, keepTracking: false, resumeGuest: false)).run()
+        _ = try SnapshotSaver(source: source, path: path("diff"), base: base, options: SnapshotSaveOptions(live: false, resumeGuest: false)).run()
+        _ = try SnapshotSaver(source: source, path: path("same-moment"), options: SnapshotSaveOptions(live: false, keepTracking: false, resumeGuest: false)).run()
         machine.resume()
         let differences = try SnapshotCompare.differences(try SnapshotChain.open(path("diff")), try SnapshotChain.open(path("same-moment")))
         XCTAssertEqual(differences.reduce(0) { $0 + $1.pages }, 0, "pages that differ, the first: \(differences.prefix(3))")
@@ -179,7 +179,7 @@ final class SnapshotKVMTests: KVMTestCase {
     /// without a guest.
     func testRestoreRefusesACorruptedSnapshot() throws {
         let (machine, _) = try boot("workload=memstress size_mib=16 rate_mib=50", memory: 64 << 20)
-        try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("good")).run()
+        _ = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("good")).run()
         machine.stop()
         let file = try SnapshotFile(path: path("good"))
         var bytes = try Data(contentsOf: URL(fileURLWithPath: path("good")))

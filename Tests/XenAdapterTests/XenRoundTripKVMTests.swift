@@ -127,7 +127,7 @@ final class XenRoundTripKVMTests: KVMTestCase {
         defer { source.stop() }
         let options = SnapshotSaveOptions(live: false, keepTracking: false, resumeGuest: false)
         let snapshot = directory.appendingPathComponent("guest.snap").path
-        try SnapshotSaver(source: MicroVMGuestSource(machine: source), path: snapshot, options: options).run()
+        _ = try SnapshotSaver(source: MicroVMGuestSource(machine: source), path: snapshot, options: options).run()
         let before = try source.captureState()
         let last = try XCTUnwrap(lastStatus(sourceConsole))
 

@@ -66,7 +66,7 @@ var results: [String: [Double]] = [:]
 let snapshotOptions = SnapshotSaveOptions(live: false, keepTracking: false, resumeGuest: false, overwrite: true)
 for _ in 0 ..< repeats {
     results["snapshot write (plain)", default: []].append(try time {
-        try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: snapshot, options: snapshotOptions).run()
+        _ = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: snapshot, options: snapshotOptions).run()
     })
     evict(snapshot)
     results["snapshot read (eager restore)", default: []].append(try time {

@@ -35,7 +35,7 @@ func json(_ event: StreamEvent) -> [String: Any] {
     case .header(let h):
         return ["record": "header", "version": Int(h.version), "page_size": Int(h.pageSize),
                 "features": String(h.features.rawValue, radix: 16), "channel": Int(h.channel),
-                "channel_count": Int(h.channelCount)]
+                "channel_count": Int(h.channelCount), "migration_id": String(h.migrationID, radix: 16)]
     case .capabilitiesOffer(let c): return ["record": "capabilities_offer"].merging(caps(c)) { a, _ in a }
     case .capabilitiesAgreed(let c): return ["record": "capabilities_agreed"].merging(caps(c)) { a, _ in a }
     case .layout(let l):

@@ -23,9 +23,9 @@ let vectorLayout = GuestMemoryLayout(regions: [
 func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
 
 /// Builds a stream: header, layout, then `records` appended by the closure.
-func stream(features: StreamFeatures = .snapshotFile, layout: GuestMemoryLayout? = vectorLayout,
+func stream(features: StreamFeatures = .snapshotFile, layout: GuestMemoryLayout? = vectorLayout, migrationID: UInt32 = 0,
             _ records: (inout StreamEncoder, inout [UInt8]) -> Void = { _, _ in }) -> [UInt8] {
-    var enc = StreamEncoder(header: StreamHeader(pageSize: UInt32(vectorPageSize), features: features))
+    var enc = StreamEncoder(header: StreamHeader(pageSize: UInt32(vectorPageSize), features: features, migrationID: migrationID))
     var out: [UInt8] = []
     enc.encodeHeader(into: &out)
     if let layout { enc.encodeLayout(layout, into: &out) }
@@ -59,7 +59,7 @@ func allVectors() -> [Vector] {
     v.append(Vector(name: "valid-minimal-snapshot", description: "header, layout, end with a 16-byte digest",
                     bytes: stream { enc, out in enc.encodeEnd(endRecord, into: &out) }))
 
-    let migration = stream(features: .liveMigration, layout: nil) { enc, out in
+    let migration = stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0001) { enc, out in
         enc.encodeCapabilities(Capabilities(codecs: .all, maxChannels: 4, flags: [.resume, .wholeBatchCompression]),
                                agreed: false, into: &out)
         enc.encodeCapabilities(Capabilities(codecs: [.zero, .raw, .lz4], maxChannels: 2, flags: [.wholeBatchCompression]),
@@ -79,6 +79,19 @@ func allVectors() -> [Vector] {
     }
     v.append(Vector(name: "valid-migration", description:
         "negotiation, layout, two passes with zero and raw pages, switchover, device state, end", bytes: migration))
+
+    v.append(Vector(name: "valid-reply", description:
+        "the receiver's reply stream: agreed capabilities with pass acknowledgement, two passes applied, the handshake, end",
+        bytes: stream(features: .liveMigration, layout: nil) { enc, out in
+            enc.encodeCapabilities(Capabilities(codecs: [.zero, .raw, .lz4], maxChannels: 2,
+                                                flags: [.wholeBatchCompression, .passAcknowledgement]),
+                                   agreed: true, into: &out)
+            enc.encodePassApplied(pass: 0, into: &out)
+            enc.encodePassApplied(pass: 1, into: &out)
+            enc.encodeVerified(DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: Array(0..<16)), into: &out)
+            enc.encodeStarted(into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }))
 
     v.append(Vector(name: "valid-optional-records", description:
         "a note and an unknown optional record (type 0x80000042), both skipped or reported, then end",

@@ -28,7 +28,6 @@ import http.client
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -58,6 +57,7 @@ STATUS_RE = qemu_bench.STATUS_RE
 lo_bytes = qemu_bench.lo_bytes
 free_port = qemu_bench.free_port
 set_pdeathsig = qemu_bench.set_pdeathsig
+log = qemu_bench.log
 
 # name -> (security, compression, channels)
 CONFIGS = {
@@ -68,10 +68,6 @@ CONFIGS = {
     "tcp-none-1ch": ("plaintext", "none", 1),
 }
 DEFAULT_CONFIGS = ["tls-lz4-2ch", "tls-adaptive-2ch"]
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def parse_status(line):
@@ -625,16 +621,8 @@ def main():
                         f"guest: {res.get('guest', res.get('error'))}")
                     results.append(res)
     finally:
-        meta["run_s"] = round(time.monotonic() - t_all, 1)
-        meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        if args.keep:
-            log(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        doc = {"meta": meta, "summary": summarize(results), "results": results}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(doc, f, indent=2)
+        doc = qemu_bench.finish_run(meta, t_all, tmp, args.keep, args.json,
+                                    summary=summarize(results), results=results)
     print(f"migrated over loopback; wire bytes "
           f"{'from a private netns loopback' if meta['netns'] else 'from the migration report'}; "
           f"run {meta['run_s']} s, load average {' '.join(meta['loadavg_start'])} -> "

@@ -429,6 +429,22 @@ def print_table(results):
     sys.stdout.flush()
 
 
+def finish_run(meta, t_all, tmp, keep, json_path, **fields):
+    """Closes a benchmark run: its duration and load into `meta`, the temp dir kept or removed, and
+    {"meta": meta, **fields} written to `json_path` if given. Returns that document."""
+    meta["run_s"] = round(time.monotonic() - t_all, 1)
+    meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+    if keep:
+        log(f"logs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    doc = {"meta": meta, **fields}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=2)
+    return doc
+
+
 def enter_netns(script=__file__, env_name=NETNS_ENV):
     """Re-run `script` inside a private network namespace so that its loopback counters
     count exactly this benchmark's traffic. Falls back to the host's namespace.
@@ -519,15 +535,7 @@ def main():
                     f"guest: {res.get('guest', res.get('error'))}")
                 results.append(res)
     finally:
-        meta["run_s"] = round(time.monotonic() - t_all, 1)
-        meta["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        if args.keep:
-            log(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "results": results}, f, indent=2)
+        finish_run(meta, t_all, tmp, args.keep, args.json, results=results)
     print(f"QEMU: {version}; max-bandwidth {MAX_BANDWIDTH // 10**9} GB/s; "
           f"wire bytes {'from a private netns loopback' if meta['netns'] else 'unavailable'}; "
           f"run {meta['run_s']} s")

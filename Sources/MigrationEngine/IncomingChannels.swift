@@ -128,7 +128,12 @@ public final class ChannelGatherer: @unchecked Sendable {
     /// default does nothing, for connections that close when `open` is dropped, as an `AcceptedConnection` does).
     public func add(from address: String, open: @escaping @Sendable () throws -> (channel: MigrationChannel, peer: String),
                     abandon: () -> Void = {}) {
-        guard lock.withLock({ opening < maximumOpening ? { opening += 1; return true }() : false }) else {
+        let admitted = lock.withLock { () -> Bool in
+            guard opening < maximumOpening else { return false }
+            opening += 1
+            return true
+        }
+        guard admitted else {
             abandon()
             refused(address, .channel("\(maximumOpening) connections are already opening; this one is closed"))
             return

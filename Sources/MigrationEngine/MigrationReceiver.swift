@@ -82,7 +82,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         // Each channel's writer thread reports the passes it has written; once all have, the sender hears of it.
         let acknowledger = agreed.flags.contains(.passAcknowledgement) ? PassAcknowledger(channels: channels.count, reply: writer) : nil
         appliers = writers.enumerated().map { index, pageWriter in
-            PageApplier(writer: pageWriter, name: "migrate-write-\(index)") { pass in try acknowledger?.applied(pass: pass, channel: index) }
+            PageApplier(writer: pageWriter, name: "migrate-write-\(index)") { pass in try acknowledger?.applied(pass: pass) }
         }
         let appliers = self.appliers
         let others = startOtherChannels(layout: layout, appliers: appliers)
@@ -341,7 +341,8 @@ final class PassAcknowledger: @unchecked Sendable {
         self.reply = reply
     }
 
-    func applied(pass: UInt32, channel: Int) throws {
+    /// One channel has written all its batches of `pass`.
+    func applied(pass: UInt32) throws {
         let complete: Bool = lock.withLock {
             written[pass, default: 0] += 1
             guard written[pass] == channels else { return false }

@@ -53,6 +53,7 @@ public final class MigrationSender: @unchecked Sendable {
     /// Asks the migration to stop; it does so at the next batch. Has no effect once the switchover is committed.
     public func cancel() { cancelled.store(true, ordering: .relaxed) }
     private var isCancelled: Bool { cancelled.load(ordering: .relaxed) }
+    private var timeBudgetSpent: Bool { monotonicSeconds() - started > options.timeLimit }
 
     /// Runs the migration on the calling thread. On success the destination runs the guest and the source is
     /// paused, for the caller to shut down. On failure before commit, the source runs as before.
@@ -236,7 +237,7 @@ public final class MigrationSender: @unchecked Sendable {
         let waiting = Atomic<Bool>(true)
         let watchdog = Thread { [self] in
             while waiting.load(ordering: .relaxed) {
-                if isCancelled || monotonicSeconds() - started > options.timeLimit {
+                if isCancelled || timeBudgetSpent {
                     for channel in channels { channel.close() }
                     return
                 }
@@ -250,7 +251,7 @@ public final class MigrationSender: @unchecked Sendable {
             event = try reply.next()
         } catch {
             if isCancelled { throw MigrationError.cancelled }
-            if monotonicSeconds() - started > options.timeLimit {
+            if timeBudgetSpent {
                 throw MigrationError.didNotConverge("the time budget of \(options.timeLimit) s ran out while the receiver was writing pass \(pass)")
             }
             throw error

@@ -253,6 +253,28 @@ class Run:
                                f"{(r.stderr or r.stdout).strip()[-400:]}")
         return json.loads(r.stdout) if r.stdout.strip() else None
 
+    def start_profilers(self, src, dst):
+        """With --perf DIR: `perf record` on each daemon for the migration alone (setup to the destination
+        running), so that a profile shows where each side spends its CPU without the guest's fill."""
+        if not self.args.perf:
+            return []
+        os.makedirs(self.args.perf, exist_ok=True)
+        profilers = []
+        for side, daemon in (("src", src), ("dst", dst)):
+            out = os.path.join(self.args.perf, f"{self.scenario}-{self.config}-{self.rep}-{side}.data")
+            p = subprocess.Popen(["perf", "record", "-q", "-g", "-F", "1999", "-p", str(daemon.pid), "-o", out],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.children.append(p)
+            profilers.append(p)
+        time.sleep(0.5)  # perf needs a moment to attach to every thread
+        return profilers
+
+    def stop_profilers(self, profilers):
+        for p in profilers:
+            p.send_signal(signal.SIGINT)
+        for p in profilers:
+            p.wait(timeout=60)
+
     def cleanup(self):
         for p in self.children:
             if p.poll() is None:
@@ -303,6 +325,7 @@ class Run:
         res["migratectl"] = " ".join(argv[1:])
 
         cpu_src, cpu_dst = CPUWatch(src.pid), CPUWatch(dst.pid)
+        profilers = self.start_profilers(src, dst)
         lo0 = lo_bytes()
         t0 = time.monotonic()
         out = open(os.path.join(self.dir, "migrate.out"), "w+")
@@ -344,6 +367,7 @@ class Run:
                 time.sleep(0.01)
         cpu_dst.stop()
         lo1 = lo_bytes()
+        self.stop_profilers(profilers)
 
         res["status"] = ("completed" if status.get("phase") == "completed" else
                          "not converged" if cancelled else f"failed ({status.get('phase')})")
@@ -544,6 +568,9 @@ def main():
                     help="directory with migrated and migratectl (default: %(default)s)")
     ap.add_argument("--memory-budget", default="6G", help="each daemon's --memory-budget")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon logs, certs)")
+    ap.add_argument("--perf", metavar="DIR",
+                    help="profile both daemons during each migration with perf record, into DIR "
+                         "(timings are then not comparable with unprofiled runs)")
     ap.add_argument("--note", help="free text stored in the JSON's meta (e.g. what the binaries were built from)")
     args = ap.parse_args()
 

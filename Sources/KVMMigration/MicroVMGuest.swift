@@ -57,7 +57,7 @@ public final class MicroVMGuestSource: GuestSource {
 /// a guest of that size), the VM itself when the device state arrives, and it runs on `start`.
 public final class MicroVMGuestSink: GuestSink {
     public private(set) var machine: MicroVM?
-    private var memory: GuestMemory?
+    public private(set) var memory: GuestMemory?
     private let console: SerialConsole
     private let dirtyTracking: DirtyTrackingMethod
 
@@ -77,6 +77,16 @@ public final class MicroVMGuestSink: GuestSink {
 
     public func page(frame: UInt64) -> UnsafeMutableRawPointer {
         memory!.pointer(guestPhysicalAddress: frame << 12, length: pageSize)!
+    }
+
+    /// Through the memfd: pages arriving in a migration are new to the mapping, see `GuestMemory.write`.
+    public func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws {
+        try memory!.write(pages: pages, at: first << 12)
+    }
+
+    /// Punches the frames out of the memfd, so that a zero page costs no memory.
+    public func zero(frames first: UInt64, count: Int) throws {
+        try memory!.zero(at: first << 12, length: count * pageSize)
     }
 
     public func restore(deviceState: [DeviceState]) throws {

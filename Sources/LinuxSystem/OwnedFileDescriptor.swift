@@ -29,6 +29,38 @@ public final class OwnedFileDescriptor: @unchecked Sendable {
         }
     }
 
+    /// Writes `pages.count` whole pages of `pageSize` bytes to consecutive pages of the file from `offset`,
+    /// page i from `pages[i]`: one pwritev per IOV_MAX pages, resumed after a short write.
+    public func write(pages: UnsafeBufferPointer<UnsafeRawPointer>, pageSize: Int, at offset: Int64) throws {
+        let groupSize = 1024 // IOV_MAX on Linux
+        var index = 0
+        while index < pages.count {
+            let group = min(groupSize, pages.count - index)
+            let written = try withUnsafeTemporaryAllocation(of: iovec.self, capacity: group) { vectors in
+                for i in 0 ..< group {
+                    vectors[i] = iovec(iov_base: UnsafeMutableRawPointer(mutating: pages[index + i]), iov_len: pageSize)
+                }
+                return try systemCall("pwritev") {
+                    pwritev(rawValue, vectors.baseAddress, Int32(group), off_t(offset) + off_t(index * pageSize))
+                }
+            }
+            // A short write (rare: a signal, or memory pressure) ends inside some page; finish that page alone.
+            let whole = written / pageSize, partial = written % pageSize
+            index += whole
+            if partial > 0 {
+                try write(all: UnsafeRawBufferPointer(start: pages[index] + partial, count: pageSize - partial),
+                          at: offset + Int64(index * pageSize + partial))
+                index += 1
+            }
+        }
+    }
+
+    /// Deallocates `length` bytes from `offset`, keeping the file's size: they read as zeros afterwards, and
+    /// hold no memory (a memfd) or blocks (a file).
+    public func punchHole(at offset: Int64, length: Int64) throws {
+        _ = try systemCall("fallocate PUNCH_HOLE of \(length) bytes at \(offset)") { ckvm_punch_hole(rawValue, offset, length) }
+    }
+
     /// Fills all of `buffer` from `offset`; reaching the end of the file first is an error.
     public func read(all buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
         var done = 0

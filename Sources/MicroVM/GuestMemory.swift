@@ -52,6 +52,27 @@ public final class GuestMemory: @unchecked Sendable {
         return nil
     }
 
+    /// Writes whole pages to guest RAM from `address` on, page i from `pages[i]`, through the memfd rather than
+    /// the mapping. A page the mapping has not touched yet would cost, written through it, a fault, a zero fill
+    /// and a page-table update; written here, it costs none of the three (about half the time on this host),
+    /// and KVM maps it when the guest first uses it.
+    public func write(pages: UnsafeBufferPointer<UnsafeRawPointer>, at address: UInt64) throws {
+        let offset = try fileOffset(guestPhysicalAddress: address, length: pages.count * pageSize)
+        try file.write(pages: pages, pageSize: pageSize, at: offset)
+    }
+
+    /// Makes `length` bytes of guest RAM from `address` read as zero, and gives their memory back.
+    public func zero(at address: UInt64, length: Int) throws {
+        try file.punchHole(at: fileOffset(guestPhysicalAddress: address, length: length), length: Int64(length))
+    }
+
+    private func fileOffset(guestPhysicalAddress address: UInt64, length: Int) throws(GuestMemoryError) -> Int64 {
+        guard let pointer = pointer(guestPhysicalAddress: address, length: length) else {
+            throw .outsideRAM(address: address, length: length)
+        }
+        return Int64(pointer - mapping.base)
+    }
+
     /// The guest-physical address of a byte of the memfd (which holds the slots back to back).
     public func guestPhysicalAddress(fileOffset offset: UInt64) -> UInt64 {
         let slot = slots.last { UInt64($0.hostAddress - mapping.base) <= offset }!
@@ -64,10 +85,12 @@ public final class GuestMemory: @unchecked Sendable {
 
 public enum GuestMemoryError: Error, CustomStringConvertible, Equatable {
     case sizeDoesNotFit(UInt64, String)
+    case outsideRAM(address: UInt64, length: Int)
 
     public var description: String {
         switch self {
         case .sizeDoesNotFit(let size, let why): "guest memory of \(size) bytes does not fit: \(why)"
+        case .outsideRAM(let address, let length): "\(length) bytes at guest-physical 0x\(String(address, radix: 16)) are not all RAM"
         }
     }
 }

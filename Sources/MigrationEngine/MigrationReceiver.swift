@@ -255,6 +255,9 @@ final class PageWriter {
     private let lz4: BlockCompressor
     private let zstd: BlockCompressor
     private var batchPayload: UnsafeMutableRawBufferPointer?
+    private var pageScratch: UnsafeMutableRawBufferPointer?
+    /// Where each page of the batch being written lies, for the sink: one slot per page a batch may hold.
+    private let pagePointers = UnsafeMutableBufferPointer<UnsafeRawPointer>.allocate(capacity: WireLimits.v1.maxPagesPerBatch)
     private(set) var pagesWritten = 0
 
     init(sink: GuestSink, layout: GuestMemoryLayout, agreed: Capabilities) {
@@ -265,7 +268,11 @@ final class PageWriter {
         zstd = try! BlockCompressor(.zstd(level: 1))
     }
 
-    deinit { batchPayload?.deallocate() }
+    deinit {
+        batchPayload?.deallocate()
+        pageScratch?.deallocate()
+        pagePointers.deallocate()
+    }
 
     /// Throws unless `batch` uses only what was agreed.
     func admit(_ batch: PageBatch) throws {
@@ -299,29 +306,79 @@ final class PageWriter {
         try write(batch.pages, payload: UnsafeRawBufferPointer(expanded))
     }
 
+    /// Hands the batch's pages to the sink in runs of consecutive frames, so that a sink writing through a file
+    /// makes one system call per run. Pages compressed one by one are expanded into `expandedPages` first.
     private func write(_ pages: [PageDescriptor], payload: UnsafeRawBufferPointer) throws {
+        let expanded = expandedPages(for: pages)
+        var data = FrameRun(), zeros = FrameRun()
+        var pointerCount = 0, expandedCount = 0
+        func flushData() throws {
+            guard data.count > 0 else { return }
+            try sink.write(frames: data.first, pages: UnsafeBufferPointer(rebasing: pagePointers[pointerCount - data.count ..< pointerCount]))
+            data = FrameRun()
+        }
+        func flushZeros() throws {
+            guard zeros.count > 0 else { return }
+            try sink.zero(frames: zeros.first, count: zeros.count)
+            zeros = FrameRun()
+        }
         for page in pages {
-            let target = UnsafeMutableRawBufferPointer(start: sink.page(frame: page.frame), count: 4096)
             let bytes = UnsafeRawBufferPointer(rebasing: payload[page.offset ..< page.offset + page.length])
+            let contents: UnsafeRawPointer
             switch page.encoding {
             case .zero:
-                target.initializeMemory(as: UInt8.self, repeating: 0)
+                try flushData()
+                if !zeros.extend(with: page.frame) { try flushZeros(); zeros = FrameRun(page.frame) }
                 digest.updateZero(frame: page.frame)
-                pagesWritten += 1
                 continue
             case .raw:
                 guard bytes.count == 4096 else { throw MigrationError.malformedStream("raw page \(page.frame) of \(bytes.count) bytes") }
-                target.copyMemory(from: bytes)
+                contents = bytes.baseAddress!
             case .lz4, .zstd:
+                let target = UnsafeMutableRawBufferPointer(rebasing: expanded[expandedCount * 4096 ..< (expandedCount + 1) * 4096])
                 do {
                     try (page.encoding == .lz4 ? lz4 : zstd).decompress(bytes, into: target)
                 } catch {
                     throw MigrationError.malformedStream("page \(page.frame) does not decompress to 4096 bytes (\(page.encoding))")
                 }
+                expandedCount += 1
+                contents = UnsafeRawPointer(target.baseAddress!)
             }
-            digest.update(frame: page.frame, page: UnsafeRawBufferPointer(target))
-            pagesWritten += 1
+            try flushZeros()
+            digest.update(frame: page.frame, page: UnsafeRawBufferPointer(start: contents, count: 4096))
+            if !data.extend(with: page.frame) { try flushData(); data = FrameRun(page.frame) }
+            pagePointers[pointerCount] = contents
+            pointerCount += 1
         }
+        try flushData()
+        try flushZeros()
+        pagesWritten += pages.count
+    }
+
+    /// Room for the batch's pages that are compressed one by one, once expanded.
+    private func expandedPages(for pages: [PageDescriptor]) -> UnsafeMutableRawBufferPointer {
+        let needed = pages.count { $0.encoding == .lz4 || $0.encoding == .zstd } * 4096
+        if (pageScratch?.count ?? 0) < needed {
+            pageScratch?.deallocate()
+            pageScratch = .allocate(byteCount: needed, alignment: 4096)
+        }
+        return pageScratch.map { UnsafeMutableRawBufferPointer(rebasing: $0[0 ..< needed]) } ?? UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    }
+}
+
+/// Consecutive guest frames, `count` of them from `first`.
+private struct FrameRun {
+    var first: UInt64 = 0
+    var count = 0
+
+    init() {}
+    init(_ frame: UInt64) { first = frame; count = 1 }
+
+    /// Adds `frame` if it follows the run directly; false if it does not (the run is then unchanged).
+    mutating func extend(with frame: UInt64) -> Bool {
+        guard count > 0, frame == first + UInt64(count) else { return false }
+        count += 1
+        return true
     }
 }
 

@@ -35,12 +35,28 @@ public protocol GuestSink: AnyObject {
     func prepare(layout: GuestMemoryLayout) throws
     /// The host address of guest frame `frame`, for writing; the decoder has checked it lies in the layout.
     func page(frame: UInt64) -> UnsafeMutableRawPointer
+    /// Writes consecutive frames from `first`, frame `first + i` from the 4096 bytes at `pages[i]`; the frames lie
+    /// in the layout. A sink that can write its memory other than through `page(frame:)` more cheaply does so
+    /// here; the default copies through `page(frame:)`.
+    func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws
+    /// Makes `count` consecutive frames from `first` read as zero; the default clears them through `page(frame:)`.
+    func zero(frames first: UInt64, count: Int) throws
     /// Rebuilds the guest from its device state, without starting it.
     func restore(deviceState: [DeviceState]) throws
     /// Starts the rebuilt guest.
     func start() throws
     /// Throws away whatever was built; the migration failed before the guest started.
     func discard()
+}
+
+extension GuestSink {
+    public func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws {
+        for (i, bytes) in pages.enumerated() { page(frame: first + UInt64(i)).copyMemory(from: bytes, byteCount: 4096) }
+    }
+
+    public func zero(frames first: UInt64, count: Int) throws {
+        for i in 0 ..< count { page(frame: first + UInt64(i)).initializeMemory(as: UInt8.self, repeating: 0, count: 4096) }
+    }
 }
 
 /// A bidirectional byte stream between sender and receiver: a TCP or Unix socket, with or without TLS.

@@ -2,7 +2,7 @@ import MicroVM
 import TestSupport
 import XCTest
 
-/// Bad guest images and memory sizes are refused with an error that says why; none of this needs KVM.
+/// Bad guest images are refused with an error that says why; none of this needs KVM.
 final class PVHImageTests: XCTestCase {
     func testTheGuestKitImageHasAPVHEntry() throws {
         let image = try PVHImage(elf: try TestGuest.image())
@@ -51,26 +51,5 @@ final class PVHImageTests: XCTestCase {
         XCTAssertThrowsError(try image.load(into: memory, commandLine: "")) { error in
             XCTAssertTrue("\(error)".contains("outside guest RAM"), "\(error)")
         }
-    }
-}
-
-final class GuestMemoryTests: XCTestCase {
-    func testRefusesSizesThatDoNotFit() {
-        for size: UInt64 in [0, 1 << 20, (64 << 20) + 4096, 2 << 40] {
-            XCTAssertThrowsError(try GuestMemory(size: size), "size \(size)") { error in
-                XCTAssertTrue("\(error)".contains("does not fit"), "\(error)")
-            }
-        }
-    }
-
-    func testLargeGuestsAreSparseAndSkipTheHoleBelow4GiB() throws {
-        let memory = try GuestMemory(size: 32 << 30)
-        XCTAssertEqual(memory.slots.map(\.guestPhysicalAddress), [0, 4 << 30])
-        XCTAssertEqual(memory.slots.map(\.size), [3 << 30, 29 << 30])
-        XCTAssertNotNil(memory.pointer(guestPhysicalAddress: (4 << 30) + 4096, length: 4096))
-        XCTAssertNil(memory.pointer(guestPhysicalAddress: 3 << 30, length: 1), "3-4 GiB is not RAM")
-        XCTAssertEqual(try memory.dataRanges(), [], "nothing written, nothing allocated")
-        memory.pointer(guestPhysicalAddress: (4 << 30) + 8192, length: 1)!.storeBytes(of: 1, as: UInt8.self)
-        XCTAssertEqual(try memory.dataRanges().reduce(0) { $0 + $1.count }, 4096)
     }
 }

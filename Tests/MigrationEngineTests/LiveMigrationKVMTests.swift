@@ -123,6 +123,14 @@ final class ReceiverBacklogKVMTests: MigrationTestCase {
         init(_ base: MicroVMGuestSink, microsecondsPerPage delay: useconds_t) { self.base = base; self.delay = delay }
         func prepare(layout: GuestMemoryLayout) throws { try base.prepare(layout: layout) }
         func page(frame: UInt64) -> UnsafeMutableRawPointer { usleep(delay); return base.page(frame: frame) }
+        func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws {
+            usleep(delay * useconds_t(pages.count))
+            try base.write(frames: first, pages: pages)
+        }
+        func zero(frames first: UInt64, count: Int) throws {
+            usleep(delay * useconds_t(count))
+            try base.zero(frames: first, count: count)
+        }
         func restore(deviceState: [DeviceState]) throws { try base.restore(deviceState: deviceState) }
         func start() throws { try base.start() }
         func discard() { base.discard() }

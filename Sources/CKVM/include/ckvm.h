@@ -127,6 +127,9 @@ static const unsigned int CKVM_MFD_CLOEXEC = 1U; // MFD_CLOEXEC from <linux/memf
 // Starts writeback of every dirty page of the file without waiting for it (SYNC_FILE_RANGE_WRITE over all of
 // it), so that a later fsync finds little left to write.
 int ckvm_start_writeback(int fd);
+// Deallocates a byte range of a file without changing its size (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
+// the range reads as zeros and holds no memory (a memfd) or blocks (a file) afterwards.
+int ckvm_punch_hole(int fd, long long offset, long long length);
 
 // _BITUL() flags Swift cannot import.
 static const uint32_t CKVM_DIRTY_GFN_F_DIRTY = KVM_DIRTY_GFN_F_DIRTY;

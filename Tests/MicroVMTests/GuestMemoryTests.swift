@@ -1,0 +1,64 @@
+import KVMBackend
+import MicroVM
+import XCTest
+
+/// Guest RAM's sizes and slots, and writing it through its memfd as a migration's receiver does. Needs no KVM:
+/// the memfd is sparse, so a guest above 3 GiB (two slots) costs only the pages written.
+final class GuestMemoryTests: XCTestCase {
+    func testRefusesSizesThatDoNotFit() {
+        for size: UInt64 in [0, 1 << 20, (64 << 20) + 4096, 2 << 40] {
+            XCTAssertThrowsError(try GuestMemory(size: size), "size \(size)") { error in
+                XCTAssertTrue("\(error)".contains("does not fit"), "\(error)")
+            }
+        }
+    }
+
+    func testLargeGuestsAreSparseAndSkipTheHoleBelow4GiB() throws {
+        let memory = try GuestMemory(size: 32 << 30)
+        XCTAssertEqual(memory.slots.map(\.guestPhysicalAddress), [0, 4 << 30])
+        XCTAssertEqual(memory.slots.map(\.size), [3 << 30, 29 << 30])
+        XCTAssertNotNil(memory.pointer(guestPhysicalAddress: (4 << 30) + 4096, length: 4096))
+        XCTAssertNil(memory.pointer(guestPhysicalAddress: 3 << 30, length: 1), "3-4 GiB is not RAM")
+        XCTAssertEqual(try memory.dataRanges(), [], "nothing written, nothing allocated")
+        memory.pointer(guestPhysicalAddress: (4 << 30) + 8192, length: 1)!.storeBytes(of: 1, as: UInt8.self)
+        XCTAssertEqual(try memory.dataRanges().reduce(0) { $0 + $1.count }, 4096)
+    }
+
+    func testPagesWrittenThroughTheFileAppearInTheMappingOfEitherSlot() throws {
+        let memory = try GuestMemory(size: GuestMemory.lowMemoryLimit + (8 << 20))
+        // More pages than one pwritev takes (IOV_MAX, 1024), from the start of the slot above 4 GiB; pages come
+        // from buffers that are not consecutive in memory, and each carries its index.
+        let count = 1100
+        let buffers = (0 ..< count).map { index in
+            UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize).initializeMemory(as: UInt32.self, repeating: UInt32(index), count: pageSize / 4)
+        }
+        defer { buffers.forEach { $0.deallocate() } }
+        try buffers.map { UnsafeRawPointer($0) }.withUnsafeBufferPointer {
+            try memory.write(pages: $0, at: GuestMemory.highMemoryBase)
+        }
+        let high = try XCTUnwrap(memory.pointer(guestPhysicalAddress: GuestMemory.highMemoryBase, length: count * pageSize))
+        for index in [0, 1, 1023, 1024, count - 1] {
+            XCTAssertEqual(high.load(fromByteOffset: index * pageSize + pageSize - 4, as: UInt32.self), UInt32(index))
+        }
+        let lowEnd = Int64(GuestMemory.lowMemoryLimit)
+        XCTAssertEqual(try memory.dataRanges(), [lowEnd ..< lowEnd + Int64(count * pageSize)])
+
+        // Zeroing punches a hole: the page reads as zero and holds no memory.
+        try memory.zero(at: GuestMemory.highMemoryBase + UInt64(pageSize), length: pageSize)
+        XCTAssertEqual(try memory.dataRanges(), [lowEnd ..< lowEnd + Int64(pageSize), lowEnd + Int64(2 * pageSize) ..< lowEnd + Int64(count * pageSize)])
+        XCTAssertEqual(high.load(fromByteOffset: pageSize + 64, as: UInt32.self), 0)
+    }
+
+    func testWritesThatLeaveRAMAreRefused() throws {
+        let memory = try GuestMemory(size: GuestMemory.lowMemoryLimit + (8 << 20))
+        let page = UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
+        defer { page.deallocate() }
+        let two = [UnsafeRawPointer(page), UnsafeRawPointer(page)]
+        // The last page below 3 GiB and the first of the hole for devices.
+        XCTAssertThrowsError(try two.withUnsafeBufferPointer { try memory.write(pages: $0, at: GuestMemory.lowMemoryLimit - UInt64(pageSize)) }) { error in
+            XCTAssertEqual(error as? GuestMemoryError, .outsideRAM(address: GuestMemory.lowMemoryLimit - UInt64(pageSize), length: 2 * pageSize))
+        }
+        XCTAssertThrowsError(try memory.zero(at: GuestMemory.highMemoryBase + (8 << 20), length: pageSize))
+        XCTAssertEqual(try memory.dataRanges(), [], "nothing was written")
+    }
+}

@@ -454,8 +454,10 @@ def summarize(results):
         ok = [r for r in rs if r.get("status") == "completed"]
         s = {"scenario": scenario, "config": config, "runs": len(rs), "completed": len(ok),
              "statuses": [r.get("status") for r in rs]}
+        # Figures come from the completed runs; when none completed (a migration that did not converge),
+        # from all of them, so that the time until it was cancelled still shows.
         for k in SUMMARY_KEYS:
-            vals = [r[k] for r in ok if r.get(k) is not None]
+            vals = [r[k] for r in (ok or rs) if r.get(k) is not None]
             if vals:
                 s[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         out.append(s)
@@ -476,30 +478,20 @@ def cell(s, key, f="{:.2f}", scale=1.0, spread=True):
     return text
 
 
-def qemu_summary(r):
-    """One QEMU result in the shape of a one-run summary."""
-    def one(v):
-        return None if v is None else {"median": v, "min": v, "max": v}
-    tt = r.get("total_time_ms")
-    return {"completed": 1 if r.get("status") == "completed" else 0, "runs": 1,
-            "statuses": [r.get("status")],
-            "total_s": one(tt / 1000 if tt is not None else None),
-            "downtime_ms": one(r.get("downtime_ms")), "wire_bytes": one(r.get("wire_bytes")),
-            "payload_GBps": one(r.get("payload_GBps")), "cpu_src_s": one(r.get("cpu_src_s")),
-            "cpu_dst_s": one(r.get("cpu_dst_s")),
-            "cpu_src_excl_vcpu_s": one(r.get("cpu_src_excl_vcpu_s")),
-            "cpu_dst_excl_vcpu_s": one(r.get("cpu_dst_excl_vcpu_s")), "passes": one(r.get("passes"))}
+def qemu_summaries(qemu_doc):
+    """bench/qemu/migrate.py's results, summarized as this script's are: keyed by (scenario, config)."""
+    results = [dict(r, total_s=r["total_time_ms"] / 1000 if r.get("total_time_ms") is not None else None)
+               for r in (qemu_doc or {}).get("results", [])]
+    return {(s["scenario"], s["config"]): s for s in summarize(results)}
 
 
 def tables(daemon_docs, qemu_doc=None):
-    """Markdown, one table per scenario: each migrated configuration (medians, min–max of the total and
-    the downtime), then QEMU's rows from a bench/qemu/migrate.py JSON file (one run each)."""
+    """Markdown, one table per scenario: each migrated configuration, then QEMU's rows from a
+    bench/qemu/migrate.py JSON file; medians, with the min–max of the total and the downtime."""
     summaries = []
     for d in daemon_docs:
         summaries += d.get("summary") or summarize(d["results"])
-    qemu = {}
-    for r in (qemu_doc or {}).get("results", []):
-        qemu[(r["scenario"], r["config"])] = qemu_summary(r)
+    qemu = qemu_summaries(qemu_doc)
     scenarios = [s for s in SCENARIOS if any(x["scenario"] == s for x in summaries)]
     lines = []
     head = ["side / config", "runs ok", "total s", "downtime ms", "wire MB", "payload GB/s",

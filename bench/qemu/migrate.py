@@ -203,12 +203,12 @@ def make_certs(d):
 
 # --------------------------------------------------------------------------- one run
 class Run:
-    def __init__(self, args, tmp, scenario, config, certdir):
+    def __init__(self, args, tmp, scenario, config, certdir, rep=0):
         self.args, self.tmp, self.scenario, self.config = args, tmp, scenario, config
         self.certdir = certdir
         self.procs = []
         self.qmps = []
-        self.dir = os.path.join(tmp, f"{scenario}-{config}")
+        self.dir = os.path.join(tmp, f"{scenario}-{config}-{rep}")
         os.makedirs(self.dir, exist_ok=True)
 
     def start_qemu(self, role, mem, append, extra):
@@ -469,6 +469,9 @@ def main():
     ap.add_argument("scenarios", nargs="*",
                     help="idle4g random1g text1g dirty50 dirty200 dirty800, or 1 2 3 4 (default: all)")
     ap.add_argument("--json", help="write all figures to this file")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per scenario and configuration (default 1); QEMU's times here vary with "
+                         "whether its huge pages come back from the host, so take the median of several")
     ap.add_argument("--config", action="append", choices=CONFIGS,
                     help="only this configuration (repeatable; default: both)")
     ap.add_argument("--timeout", type=float, default=120,
@@ -506,7 +509,7 @@ def main():
     meta = {"qemu": version, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "loadavg_start": open("/proc/loadavg").read().split()[:3],
             "netns": os.environ.get(NETNS_ENV) == "1", "max_bandwidth": MAX_BANDWIDTH,
-            "compression": args.compression, "timeout_s": args.timeout, "notes": []}
+            "compression": args.compression, "timeout_s": args.timeout, "repeat": args.repeat, "notes": []}
     results = []
     t_all = time.monotonic()
     try:
@@ -516,24 +519,25 @@ def main():
             make_certs(certdir)
         for name in names:
             for config in configs:
-                log(f"== {name} / {config}")
-                run = Run(args, tmp, name, config, certdir)
-                try:
-                    res = run.execute()
-                except QMPError as e:
-                    res = {"scenario": name, "config": config, "status": "error",
-                           "error": str(e)}
-                    if "compression" in str(e):
-                        meta["notes"].append(f"multifd-compression {args.compression}: {e}")
-                except Exception as e:
-                    res = {"scenario": name, "config": config, "status": "error",
-                           "error": f"{type(e).__name__}: {e}"}
-                finally:
-                    run.cleanup()
-                log(f"   {res['status']}: total {res.get('total_time_ms')} ms, downtime "
-                    f"{res.get('downtime_ms')} ms, wire {res.get('wire_bytes')} B, "
-                    f"guest: {res.get('guest', res.get('error'))}")
-                results.append(res)
+                for rep in range(args.repeat):
+                    log(f"== {name} / {config} / run {rep + 1} of {args.repeat}")
+                    run = Run(args, tmp, name, config, certdir, rep)
+                    try:
+                        res = run.execute()
+                    except QMPError as e:
+                        res = {"scenario": name, "config": config, "status": "error",
+                               "error": str(e)}
+                        if "compression" in str(e):
+                            meta["notes"].append(f"multifd-compression {args.compression}: {e}")
+                    except Exception as e:
+                        res = {"scenario": name, "config": config, "status": "error",
+                               "error": f"{type(e).__name__}: {e}"}
+                    finally:
+                        run.cleanup()
+                    log(f"   {res['status']}: total {res.get('total_time_ms')} ms, downtime "
+                        f"{res.get('downtime_ms')} ms, wire {res.get('wire_bytes')} B, "
+                        f"guest: {res.get('guest', res.get('error'))}")
+                    results.append(res)
     finally:
         finish_run(meta, t_all, tmp, args.keep, args.json, results=results)
     print(f"QEMU: {version}; max-bandwidth {MAX_BANDWIDTH // 10**9} GB/s; "

@@ -44,7 +44,14 @@ public final class MigrationReceiver: @unchecked Sendable {
             for applier in appliers { applier.stop() }
             return report
         } catch {
-            let failure = error as? MigrationError ?? .guestFailed("\(error)")
+            var failure = error as? MigrationError ?? .guestFailed("\(error)")
+            if case .channel = failure, let others = otherChannels {
+                // A failing secondary channel closes every channel to stop this one: its error is the cause.
+                for channel in channels { channel.close() }
+                do { try others.wait() } catch let cause as MigrationError {
+                    if case .channel = cause {} else { failure = cause }
+                } catch {}
+            }
             if case .peerAborted = failure {} else if let reply {
                 try? reply.send { encoder, out in
                     encoder.encodeAbort(Abort(reason: failure.abortReason == .sourceError ? .destinationError : failure.abortReason,
@@ -69,23 +76,32 @@ public final class MigrationReceiver: @unchecked Sendable {
             throw MigrationError.protocolViolation("the main stream must offer capabilities first")
         }
         let agreed = capabilities.agreed(with: offer)
+        main.decoder.hold(to: agreed)
         let writer = RecordWriter(channel: channels[0], header: StreamHeader(channel: 0, channelCount: header.channelCount))
         reply = writer
         try writer.send { encoder, out in
             encoder.encodeHeader(into: &out)
             encoder.encodeCapabilities(agreed, agreed: true, into: &out)
         }
-        guard case .layout(let layout) = try main.next() else { throw MigrationError.protocolViolation("expected the memory layout") }
+        var event = try main.next()
+        // The sender may copy the agreement onto its main channel before the layout (stream.md §6.2).
+        if case .capabilitiesAgreed(let copy) = event {
+            guard copy == agreed else {
+                throw MigrationError.protocolViolation("the sender's copy of the agreement (\(copy)) differs from the receiver's (\(agreed))")
+            }
+            event = try main.next()
+        }
+        guard case .layout(let layout) = event else { throw MigrationError.protocolViolation("expected the memory layout") }
         do { try sink.prepare(layout: layout) } catch { throw MigrationError.guestFailed("preparing memory: \(error)") }
 
-        let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout, agreed: agreed) }
+        let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout) }
         // Each channel's writer thread reports the passes it has written; once all have, the sender hears of it.
         let acknowledger = agreed.flags.contains(.passAcknowledgement) ? PassAcknowledger(channels: channels.count, reply: writer) : nil
         appliers = writers.enumerated().map { index, pageWriter in
             PageApplier(writer: pageWriter, name: "migrate-write-\(index)") { pass in try acknowledger?.applied(pass: pass) }
         }
         let appliers = self.appliers
-        let others = startOtherChannels(layout: layout, appliers: appliers)
+        let others = startOtherChannels(layout: layout, agreed: agreed, appliers: appliers)
         otherChannels = others
         var deviceState: [DeviceState] = []
         var passes = 0
@@ -134,12 +150,13 @@ public final class MigrationReceiver: @unchecked Sendable {
         }
     }
 
-    /// Reads channels 1..<N on threads of their own, each handing its pages to its own applier.
-    private func startOtherChannels(layout: GuestMemoryLayout, appliers: [PageApplier]) -> ChannelThreads {
+    /// Reads channels 1..<N on threads of their own, held to the agreement, each handing its pages to its own applier.
+    private func startOtherChannels(layout: GuestMemoryLayout, agreed: Capabilities, appliers: [PageApplier]) -> ChannelThreads {
         let threads = ChannelThreads()
         for index in channels.indices.dropFirst() {
             threads.start(name: "migrate-receive-\(index)") { [self] in
                 let reader = RecordReader(channel: channels[index])
+                reader.decoder.hold(to: agreed)
                 do {
                     guard case .header(let header) = try reader.next(), Int(header.channel) == index,
                           Int(header.channelCount) == channels.count else {
@@ -205,9 +222,8 @@ final class PageApplier: @unchecked Sendable {
         thread.start()
     }
 
-    /// Queues a batch; throws if it breaks the agreement, or with the error of an earlier batch, if one failed.
+    /// Queues a batch; throws with the error of an earlier batch, if one failed.
     func submit(_ batch: PageBatch) throws {
-        try writer.admit(batch)
         try rethrowFailure()
         queue.put(.batch(batch))
     }
@@ -246,12 +262,11 @@ final class PageApplier: @unchecked Sendable {
 }
 
 /// Writes the pages of one channel into guest memory and keeps that channel's share of the memory digest,
-/// hashing each page as it lies in guest memory after the write. Refuses page encodings and batch compression
-/// that were not agreed: the decoder checks the format, this side its own promises.
+/// hashing each page as it is handed to the sink, once decompressed. Batches reach it checked by the decoder,
+/// format and agreement both.
 final class PageWriter {
     let digest: DigestTracker
     private let sink: GuestSink
-    private let agreed: Capabilities
     private let lz4: BlockCompressor
     private let zstd: BlockCompressor
     private var batchPayload: UnsafeMutableRawBufferPointer?
@@ -260,9 +275,8 @@ final class PageWriter {
     private let pagePointers = UnsafeMutableBufferPointer<UnsafeRawPointer>.allocate(capacity: WireLimits.v1.maxPagesPerBatch)
     private(set) var pagesWritten = 0
 
-    init(sink: GuestSink, layout: GuestMemoryLayout, agreed: Capabilities) {
+    init(sink: GuestSink, layout: GuestMemoryLayout) {
         self.sink = sink
-        self.agreed = agreed
         digest = DigestTracker(regions: layout.digestRegions)
         lz4 = try! BlockCompressor(.lz4(acceleration: 1))
         zstd = try! BlockCompressor(.zstd(level: 1))
@@ -272,19 +286,6 @@ final class PageWriter {
         batchPayload?.deallocate()
         pageScratch?.deallocate()
         pagePointers.deallocate()
-    }
-
-    /// Throws unless `batch` uses only what was agreed.
-    func admit(_ batch: PageBatch) throws {
-        if let page = batch.pages.first(where: { !agreed.codecs.contains($0.encoding) }) {
-            throw MigrationError.protocolViolation("page \(page.frame) is encoded \(page.encoding), which was not agreed")
-        }
-        if batch.compression != .none {
-            let codec: CodecSet = batch.compression == .lz4 ? .lz4 : .zstd
-            guard agreed.flags.contains(.wholeBatchCompression), agreed.codecs.isSuperset(of: codec) else {
-                throw MigrationError.protocolViolation("batch \(batch.sequence) of channel \(batch.channel) is compressed as a whole with \(batch.compression), which was not agreed")
-            }
-        }
     }
 
     func apply(_ batch: PageBatch) throws {

@@ -29,6 +29,9 @@ public final class StreamDecoder {
     public private(set) var layout: GuestMemoryLayout?
     /// The agreed capabilities, if the stream carried them.
     public private(set) var agreed: Capabilities?
+    /// The agreement page batches are held to: the stream's own, or the one given to `hold(to:)`.
+    private var rules: Capabilities? { agreed ?? heldTo }
+    private var heldTo: Capabilities?
     /// Stream offset of the next byte the decoder will parse.
     public private(set) var offset: UInt64 = 0
     /// True after an end or abort record: the stream is complete.
@@ -55,6 +58,10 @@ public final class StreamDecoder {
         self.checksum = checksum
         self.storage = ByteStorage(capacity: 64 << 10)
     }
+
+    /// Holds the stream's page batches to `agreed` as if the stream had carried it (§6.2): for a receiver, which
+    /// decides the agreement and writes it on its reply stream, while the sender's channels need not repeat it.
+    public func hold(to agreed: Capabilities) { heldTo = agreed }
 
     /// Bytes fed but not yet turned into events.
     public var bufferedByteCount: Int { writeIndex - readIndex }
@@ -369,7 +376,7 @@ public final class StreamDecoder {
         guard let compression = BatchCompression(rawValue: compressionValue) else {
             throw fail(at + 22, .badBatchCompression(compressionValue))
         }
-        if compression != .none, let agreed {
+        if compression != .none, let agreed = rules {
             let needed: CodecSet = compression == .lz4 ? .lz4 : .zstd
             if !agreed.flags.contains(.wholeBatchCompression) || !agreed.codecs.contains(needed) {
                 throw fail(at + 22, .codecNotAgreed(compressionValue))
@@ -394,7 +401,7 @@ public final class StreamDecoder {
                   compression == .none || encoding == .zero || encoding == .raw else {
                 throw fail(fieldAt + 12, .badPageEncoding(index: i, value: encodingValue))
             }
-            if let agreed, !agreed.codecs.contains(encoding), encoding != .zero, encoding != .raw {
+            if let agreed = rules, !agreed.codecs.contains(encoding), encoding != .zero, encoding != .raw {
                 throw fail(fieldAt + 12, .codecNotAgreed(encodingValue))
             }
             let lengthOK: Bool

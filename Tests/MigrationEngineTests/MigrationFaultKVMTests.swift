@@ -102,33 +102,6 @@ final class MigrationFaultKVMTests: MigrationTestCase {
         assertSourceIntact(source, console, Outcome(report: report, receiverError: nil, destination: nil, destinationConsole: SerialConsole(output: nil)))
     }
 
-    /// A well-formed stream that uses what the receiver did not agree to: a batch compressed as a whole, offered
-    /// by neither side. The receiver refuses it before writing anything, and says why.
-    func testReceiverRefusesWholeBatchCompressionItDidNotAgreeTo() throws {
-        let (ours, theirs) = SocketPairChannel.pair()
-        let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
-        var encoder = StreamEncoder(header: StreamHeader(features: .liveMigration, channel: 0, channelCount: 1))
-        var stream: [UInt8] = []
-        encoder.encodeHeader(into: &stream)
-        encoder.encodeCapabilities(Capabilities(codecs: .all, maxChannels: 1), agreed: false, into: &stream)
-        encoder.encodeLayout(GuestMemoryLayout(regions: [MemoryRegion(guestPhysicalAddress: 0, size: 16 << 20)]), into: &stream)
-        var record = [UInt8](repeating: 0, count: StreamEncoder.batchLength(pageCount: 1, payloadLength: 64))
-        let payload = [UInt8](repeating: 0x11, count: 64)
-        record.withUnsafeMutableBytes { out in
-            payload.withUnsafeBytes {
-                _ = encoder.encodeCompressedPageBatch(pass: 0, pages: [(frame: 3, encoding: .raw)], pageSize: 4096,
-                                                      compression: .lz4, compressedPayload: $0, into: out)
-            }
-        }
-        stream += record
-        try stream.withUnsafeBytes { try theirs.send([$0]) }
-        XCTAssertThrowsError(try MigrationReceiver(sink: sink, channels: [ours], capabilities: Capabilities(codecs: .all, maxChannels: 1)).run()) { error in
-            XCTAssertTrue("\(error)".contains("compressed as a whole with lz4, which was not agreed"), "\(error)")
-        }
-        XCTAssertNil(sink.machine)
-        theirs.close()
-    }
-
     func testReceiverFacingGarbageDiscardsEverything() throws {
         for garbage in [
             (0 ..< 65536).map { _ in UInt8.random(in: 0 ... 255) },

@@ -59,7 +59,7 @@ final class PageWriterTests: XCTestCase {
         ])
         let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
         try sink.prepare(layout: layout)
-        let writer = PageWriter(sink: sink, layout: layout, agreed: Capabilities(codecs: .all, maxChannels: 1))
+        let writer = PageWriter(sink: sink, layout: layout)
         for batch in batches { try writer.apply(batch) }
 
         // Zero pages are holes in the memfd: they cost no memory. (Looked at first: reading a hole through the

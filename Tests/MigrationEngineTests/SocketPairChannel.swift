@@ -70,6 +70,11 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
         shutdown(fd, Int32(SHUT_RDWR))
     }
 
+    /// Ends this side's stream (the peer reads end of file) while replies can still arrive.
+    func finishSending() {
+        shutdown(fd, Int32(SHUT_WR))
+    }
+
     deinit { Glibc.close(fd) }
 }
 

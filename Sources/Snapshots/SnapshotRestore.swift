@@ -33,9 +33,9 @@ public enum SnapshotRestore {
     /// Pages read per system call.
     static let runPages = 256
 
-    /// `threads` readers work on alternate runs of pages at once (on these hosts the first touch of guest memory
-    /// costs as much as the read, and both scale with cores); the sink must take `page(frame:)` calls for
-    /// different frames from several threads, as the migration receiver's channels already make them.
+    /// `threads` readers work on alternate runs of pages at once (the read and the write into guest memory both
+    /// scale with cores); the sink must take `write` calls for different frames from several threads, as the
+    /// migration receiver's channels already make them.
     public static func restore(_ chain: SnapshotChain, into sink: GuestSink, threads: Int = 2,
                                progress: ((_ done: Int, _ total: Int) -> Void)? = nil) throws(SnapshotError) -> RestoreReport {
         let started = monotonicSeconds()
@@ -76,18 +76,22 @@ public enum SnapshotRestore {
         }
     }
 
-    /// Reads one run of pages into the sink and adds their hashes to `digest`.
+    /// Reads one run of pages, checks and hashes them into `digest`, and hands them to the sink in one write:
+    /// through a buffer, as a sink writes memory the mapping has not touched yet more cheaply than a read into
+    /// the mapping would fault it in (`GuestSink.write`).
     private static func restoreRun(reader: ChainReader, sink: GuestSink, file: Int, first: Int, count: Int,
                                    bounce: UnsafeMutableRawBufferPointer, digest: inout MemoryDigest) throws(SnapshotError) {
         let firstFrame = reader.chain.top.frames.frame(at: first)
-        let destination = sink.page(frame: firstFrame)
-        // Straight into guest memory when the sink keeps the run contiguous; else through a buffer.
-        let contiguous = (1 ..< count).allSatisfy { sink.page(frame: firstFrame + UInt64($0)) == destination + $0 * SnapshotFormat.pageSize }
-        try reader.read(file: file, firstIndex: first, count: count, into: contiguous ? destination : bounce.baseAddress!)
-        for k in 0 ..< count {
-            let page = contiguous ? destination + k * SnapshotFormat.pageSize : sink.page(frame: firstFrame + UInt64(k))
-            if !contiguous { page.copyMemory(from: bounce.baseAddress! + k * SnapshotFormat.pageSize, byteCount: SnapshotFormat.pageSize) }
-            digest.add(PageHash.of(frame: firstFrame + UInt64(k), page: UnsafeRawBufferPointer(start: page, count: SnapshotFormat.pageSize)))
+        let pageSize = SnapshotFormat.pageSize
+        try reader.read(file: file, firstIndex: first, count: count, into: bounce.baseAddress!)
+        let pages = (0 ..< count).map { UnsafeRawPointer(bounce.baseAddress! + $0 * pageSize) }
+        for (k, page) in pages.enumerated() {
+            digest.add(PageHash.of(frame: firstFrame + UInt64(k), page: UnsafeRawBufferPointer(start: page, count: pageSize)))
+        }
+        do {
+            try pages.withUnsafeBufferPointer { try sink.write(frames: firstFrame, pages: $0) }
+        } catch {
+            throw .guest("writing \(count) pages from frame \(firstFrame): \(error)")
         }
     }
 

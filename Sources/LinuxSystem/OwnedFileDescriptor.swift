@@ -44,6 +44,7 @@ public final class OwnedFileDescriptor: @unchecked Sendable {
                     pwritev(rawValue, vectors.baseAddress, Int32(group), off_t(offset) + off_t(index * pageSize))
                 }
             }
+            if written == 0 { throw SystemError("pwritev wrote nothing at \(offset + Int64(index * pageSize))", errno: EIO) }
             // A short write (rare: a signal, or memory pressure) ends inside some page; finish that page alone.
             let whole = written / pageSize, partial = written % pageSize
             index += whole

@@ -29,6 +29,24 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         destination.stop()
     }
 
+    /// The destination holds memory for the non-zero pages only: pass 0 leaves out the populated pages of zeros it
+    /// finds (the destination's memory starts as holes), and the receiver writes through the memfd, which touches
+    /// nothing else. (Pages that become zero in a later pass are punched out: PageWriterTests.)
+    func testDestinationHoldsMemoryOnlyForNonZeroPages() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=0 pattern=text")
+        let (outcome, destination) = try migrateSuccessfully(source, options: MigrationOptions())
+        defer { destination.stop() }
+        func pages(_ memory: GuestMemory) throws -> Int { try memory.dataRanges().reduce(0) { $0 + $1.count } / 4096 }
+        let populatedAtSource = try pages(source.memory)
+        let zeroPagesFound = outcome.report.passes.reduce(0) { $0 + $1.zeroPages }
+        XCTAssertGreaterThan(zeroPagesFound, 64, "the guest has populated pages of zeros")
+        // The running guest may touch a few pages of its own after the start (stack, status line).
+        let slack = 32
+        let atDestination = try pages(destination.memory)
+        XCTAssertLessThanOrEqual(atDestination, populatedAtSource - zeroPagesFound + slack,
+                                 "source \(populatedAtSource) populated, \(zeroPagesFound) of them zero; destination \(atDestination)")
+    }
+
     /// There with zstd, back with adaptive compression: the guest moves twice and still verifies.
     func testThereWithZstdAndBackWithAdaptiveCompression() throws {
         let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=100 pattern=text")

@@ -16,7 +16,7 @@ Configurations (--configs, comma-separated):
   tcp-lz4-2ch       plaintext (asked for by name), lz4, 2 channels
   tcp-none-1ch      plaintext, uncompressed, 1 channel: QEMU default's shape
 
-Usage: bench/daemon/migrate.py [--repeat N] [--configs a,b] [--json out.json] [scenario ...]
+Usage: bench/daemon/migrate.py [--repeat N] [--configs a,b] [--json out.json] [--perf DIR] [scenario ...]
        bench/daemon/migrate.py --table daemon.json [qemu.json]   (markdown tables only)
 Standard library only. Needs root (private network namespace for exact
 loopback byte counts, /dev/kvm), openssl, and the release builds of

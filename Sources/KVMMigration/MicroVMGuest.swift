@@ -79,7 +79,7 @@ public final class MicroVMGuestSink: GuestSink {
         memory!.pointer(guestPhysicalAddress: frame << 12, length: pageSize)!
     }
 
-    /// Through the memfd: pages arriving in a migration are new to the mapping, see `GuestMemory.write`.
+    /// Through the memfd: pages arriving from a migration or a snapshot are new to the mapping, see `GuestMemory.write`.
     public func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws {
         try memory!.write(pages: pages, at: first << 12)
     }

@@ -56,6 +56,20 @@ public final class OwnedFileDescriptor: @unchecked Sendable {
         }
     }
 
+    /// Copies `count` bytes at `sourceOffset` of `source` to `offset` of this file inside the kernel (sendfile):
+    /// one copy from the source's page cache, and pages of this file that did not exist are not zero-filled first.
+    /// Moves this file's position; reaching the end of `source` first is an error.
+    public func copy(_ count: Int, from source: OwnedFileDescriptor, at sourceOffset: Int64, to offset: Int64) throws {
+        _ = try systemCall("lseek") { lseek(rawValue, off_t(offset), SEEK_SET) }
+        var position = off_t(sourceOffset)
+        var done = 0
+        while done < count {
+            let n = try systemCall("sendfile") { sendfile(rawValue, source.rawValue, &position, count - done) }
+            if n == 0 { throw SystemError("sendfile: source ends \(count - done) bytes early", errno: EIO) }
+            done += n
+        }
+    }
+
     /// Deallocates `length` bytes from `offset`, keeping the file's size: they read as zeros afterwards, and
     /// hold no memory (a memfd) or blocks (a file).
     public func punchHole(at offset: Int64, length: Int64) throws {

@@ -86,9 +86,10 @@ public enum MicroVMSaveFile {
             throw SaveFileError(path, "header says \(vcpuCount) vCPUs, the machine state holds \(machineState.vcpus.count)")
         }
         let memory = try GuestMemory(size: memorySize)
+        // The file holds the memfd's image: each data range goes straight into the memfd, without faulting in and
+        // zero-filling guest pages through the mapping first.
         for range in try file.dataRanges(from: Int64(memoryOffset), below: fileSize) {
-            let target = UnsafeMutableRawBufferPointer(start: memory.mapping.base + Int(range.lowerBound - Int64(memoryOffset)), count: range.count)
-            try file.read(all: target, at: range.lowerBound)
+            try memory.file.copy(Int(range.count), from: file, at: range.lowerBound, to: range.lowerBound - Int64(memoryOffset))
         }
         return try MicroVM(restoring: machineState, memory: memory,
                            configuration: MicroVMConfiguration(memorySize: memorySize, dirtyTracking: dirtyTracking, console: console))

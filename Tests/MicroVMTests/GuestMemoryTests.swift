@@ -1,4 +1,7 @@
+import Foundation
+import Glibc
 import KVMBackend
+import LinuxSystem
 import MicroVM
 import XCTest
 
@@ -60,5 +63,22 @@ final class GuestMemoryTests: XCTestCase {
         }
         XCTAssertThrowsError(try memory.zero(at: GuestMemory.highMemoryBase + (8 << 20), length: pageSize))
         XCTAssertEqual(try memory.dataRanges(), [], "nothing was written")
+    }
+
+    /// A file's bytes copied into the memfd in the kernel (as a MicroVM save file is restored) read back through
+    /// the mapping; a source that ends early is an error.
+    func testFileRangesCopyIntoTheMemfd() throws {
+        let memory = try GuestMemory(size: 16 << 20)
+        let path = NSTemporaryDirectory() + "guest-memory-copy-\(getpid())"
+        defer { unlink(path) }
+        let file = try OwnedFileDescriptor(opening: path, flags: O_RDWR | O_CREAT | O_TRUNC)
+        let bytes = (0 ..< 3 * pageSize).map { UInt8(truncatingIfNeeded: $0 * 7) }
+        try bytes.withUnsafeBytes { try file.write(all: $0, at: 4096) }
+        try memory.file.copy(bytes.count, from: file, at: 4096, to: 5 * Int64(pageSize))
+        let copied = UnsafeRawBufferPointer(start: memory.pointer(guestPhysicalAddress: 5 * UInt64(pageSize), length: bytes.count), count: bytes.count)
+        XCTAssertTrue(bytes.elementsEqual(copied))
+        XCTAssertThrowsError(try memory.file.copy(bytes.count, from: file, at: 8192, to: 0)) { error in
+            XCTAssertTrue("\(error)".contains("source ends"), "\(error)")
+        }
     }
 }

@@ -13,24 +13,16 @@ public enum GuestCopy {
     public static func copy(from source: GuestSource, to sink: GuestSink) throws -> Int {
         do {
             try sink.prepare(layout: source.layout)
-            // Runs of consecutive frames, each handed to the sink in one write (GuestSink.write).
-            var run: (first: UInt64, pages: [UnsafeRawPointer]) = (0, [])
+            var runs = SinkRuns(sink: sink, maximumRun: runPages)
             var pages = 0
             var failure: Error?
-            func flush() {
-                guard failure == nil, !run.pages.isEmpty else { return }
-                do { try run.pages.withUnsafeBufferPointer { try sink.write(frames: run.first, pages: $0) } } catch { failure = error }
-                pages += run.pages.count
-                run.pages.removeAll(keepingCapacity: true)
-            }
             try source.forEachPopulatedFrame { frame in
                 guard failure == nil else { return }
-                if frame != run.first + UInt64(run.pages.count) || run.pages.count == runPages { flush() }
-                if run.pages.isEmpty { run.first = frame }
-                run.pages.append(source.page(frame: frame))
+                do { try runs.add(frame: frame, contents: source.page(frame: frame)) } catch { failure = error }
+                pages += 1
             }
-            flush()
             if let failure { throw failure }
+            try runs.flush()
             try sink.restore(deviceState: try source.captureDeviceState())
             return pages
         } catch {

@@ -266,17 +266,16 @@ final class PageApplier: @unchecked Sendable {
 /// format and agreement both.
 final class PageWriter {
     let digest: DigestTracker
-    private let sink: GuestSink
     private let lz4: BlockCompressor
     private let zstd: BlockCompressor
     private var batchPayload: UnsafeMutableRawBufferPointer?
     private var pageScratch: UnsafeMutableRawBufferPointer?
-    /// Where each page of the batch being written lies, for the sink: one slot per page a batch may hold.
-    private let pagePointers = UnsafeMutableBufferPointer<UnsafeRawPointer>.allocate(capacity: WireLimits.v1.maxPagesPerBatch)
+    /// A batch goes to the sink in one run per stretch of consecutive frames, never split further.
+    private var runs: SinkRuns
     private(set) var pagesWritten = 0
 
     init(sink: GuestSink, layout: GuestMemoryLayout) {
-        self.sink = sink
+        runs = SinkRuns(sink: sink, maximumRun: WireLimits.v1.maxPagesPerBatch)
         digest = DigestTracker(regions: layout.digestRegions)
         lz4 = try! BlockCompressor(.lz4(acceleration: 1))
         zstd = try! BlockCompressor(.zstd(level: 1))
@@ -285,7 +284,6 @@ final class PageWriter {
     deinit {
         batchPayload?.deallocate()
         pageScratch?.deallocate()
-        pagePointers.deallocate()
     }
 
     func apply(_ batch: PageBatch) throws {
@@ -307,29 +305,17 @@ final class PageWriter {
         try write(batch.pages, payload: UnsafeRawBufferPointer(expanded))
     }
 
-    /// Hands the batch's pages to the sink in runs of consecutive frames, so that a sink writing through a file
-    /// makes one system call per run. Pages compressed one by one are expanded into `expandedPages` first.
+    /// Hands the batch's pages to the sink in runs of consecutive frames (`SinkRuns`). Pages compressed one by
+    /// one are expanded into `expandedPages` first.
     private func write(_ pages: [PageDescriptor], payload: UnsafeRawBufferPointer) throws {
         let expanded = expandedPages(for: pages)
-        var data = FrameRun(), zeros = FrameRun()
-        var pointerCount = 0, expandedCount = 0
-        func flushData() throws {
-            guard data.count > 0 else { return }
-            try sink.write(frames: data.first, pages: UnsafeBufferPointer(rebasing: pagePointers[pointerCount - data.count ..< pointerCount]))
-            data = FrameRun()
-        }
-        func flushZeros() throws {
-            guard zeros.count > 0 else { return }
-            try sink.zero(frames: zeros.first, count: zeros.count)
-            zeros = FrameRun()
-        }
+        var expandedCount = 0
         for page in pages {
             let bytes = UnsafeRawBufferPointer(rebasing: payload[page.offset ..< page.offset + page.length])
             let contents: UnsafeRawPointer
             switch page.encoding {
             case .zero:
-                try flushData()
-                if !zeros.extend(with: page.frame) { try flushZeros(); zeros = FrameRun(page.frame) }
+                try runs.add(frame: page.frame, contents: nil)
                 digest.updateZero(frame: page.frame)
                 continue
             case .raw:
@@ -345,14 +331,11 @@ final class PageWriter {
                 expandedCount += 1
                 contents = UnsafeRawPointer(target.baseAddress!)
             }
-            try flushZeros()
             digest.update(frame: page.frame, page: UnsafeRawBufferPointer(start: contents, count: 4096))
-            if !data.extend(with: page.frame) { try flushData(); data = FrameRun(page.frame) }
-            pagePointers[pointerCount] = contents
-            pointerCount += 1
+            try runs.add(frame: page.frame, contents: contents)
         }
-        try flushData()
-        try flushZeros()
+        // The pages point into this batch's payload and scratch: all of them go to the sink before returning.
+        try runs.flush()
         pagesWritten += pages.count
     }
 
@@ -364,22 +347,6 @@ final class PageWriter {
             pageScratch = .allocate(byteCount: needed, alignment: 4096)
         }
         return pageScratch.map { UnsafeMutableRawBufferPointer(rebasing: $0[0 ..< needed]) } ?? UnsafeMutableRawBufferPointer(start: nil, count: 0)
-    }
-}
-
-/// Consecutive guest frames, `count` of them from `first`.
-private struct FrameRun {
-    var first: UInt64 = 0
-    var count = 0
-
-    init() {}
-    init(_ frame: UInt64) { first = frame; count = 1 }
-
-    /// Adds `frame` if it follows the run directly; false if it does not (the run is then unchanged).
-    mutating func extend(with frame: UInt64) -> Bool {
-        guard count > 0, frame == first + UInt64(count) else { return false }
-        count += 1
-        return true
     }
 }
 

@@ -40,6 +40,12 @@ public final class StreamDecoder {
     public private(set) var skippedRecords = 0
 
     private var storage: ByteStorage
+    /// Storages the decoder moved away from while yielded slices still pointed into them (see `reserve`).
+    private var retired: [ByteStorage] = []
+    private static let retiredLimit = 4
+    /// Storages allocated, and bytes carried from one storage into the next (part of a record): for tests.
+    private(set) var storagesAllocated = 1
+    private(set) var carriedByteCount = 0
     private var readIndex = 0
     private var writeIndex = 0
     private var failure: WireError?
@@ -81,14 +87,34 @@ public final class StreamDecoder {
     /// Lets the caller put up to `maximum` bytes straight into the decoder's buffer, e.g. with
     /// read(2) or a TLS decrypt, saving the copy that `feed` makes. `body` returns how many bytes
     /// it wrote (0 at end of input); that is what `receive` returns.
+    ///
+    ///
+    /// Near the end of its buffer the decoder asks for a record's header on its own, then for the rest of the
+    /// record when that fits, so that it moves to its next buffer at a record boundary and need not carry a
+    /// partial record over.
     @discardableResult
     public func receive(maximum: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> Int) rethrows -> Int {
         precondition(maximum >= 0)
-        reserve(maximum)
-        let n = try body(UnsafeMutableRawBufferPointer(start: storage.base + writeIndex, count: maximum))
-        precondition(n >= 0 && n <= maximum, "receive: body reported \(n) bytes of \(maximum)")
+        var wanted = maximum
+        let room = storage.capacity - writeIndex
+        if room < maximum, let rest = bytesToRecordBoundary(), rest > 0, rest <= room { wanted = rest }
+        reserve(wanted)
+        let n = try body(UnsafeMutableRawBufferPointer(start: storage.base + writeIndex, count: wanted))
+        precondition(n >= 0 && n <= wanted, "receive: body reported \(n) bytes of \(wanted)")
         writeIndex += n
         return n
+    }
+
+    /// Bytes still to come of the header of the record that starts at the read position, or once that is in,
+    /// of the whole record; nil before the stream header, after the end, or for a length the limits refuse
+    /// (`next()` reports those).
+    private func bytesToRecordBoundary() -> Int? {
+        let available = writeIndex - readIndex
+        guard header != nil, !isComplete else { return nil }
+        if available < WireFormat.recordHeaderLength { return WireFormat.recordHeaderLength - available }
+        let length = Int(UnsafeRawBufferPointer(start: storage.base + readIndex, count: available).le32(4))
+        guard length <= options.limits.maxRecordBody else { return nil }
+        return WireFormat.recordHeaderLength + length + WireFormat.padding(forBodyLength: length) - available
     }
 
     /// Makes room for `n` more bytes after `writeIndex`.
@@ -100,15 +126,42 @@ public final class StreamDecoder {
             if unread > 0 { storage.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
         } else {
             // Yielded slices may still point into the old storage: leave it to them, and copy
-            // only the unread bytes (less than one record) into a new one.
-            var capacity = 64 << 10
-            while capacity < unread + n { capacity *= 2 }
-            let fresh = ByteStorage(capacity: capacity)
+            // only the unread bytes (less than one record) into another one, four reads long, so that
+            // moving between storages (and the copy it may take) is rare.
+            let fresh = reusableStorage(capacity: unread + n) ?? newStorage(capacity: Self.storageCapacity(unread: unread, read: n))
             if unread > 0 { fresh.base.copyMemory(from: storage.base + readIndex, byteCount: unread) }
+            carriedByteCount += unread
+            retire(storage)
             storage = fresh
         }
         readIndex = 0
         writeIndex = unread
+    }
+
+    private func newStorage(capacity: Int) -> ByteStorage {
+        storagesAllocated += 1
+        return ByteStorage(capacity: capacity)
+    }
+
+    private static func storageCapacity(unread: Int, read: Int) -> Int {
+        var capacity = 64 << 10
+        while capacity < max(4 * read, unread + read) { capacity *= 2 }
+        return capacity
+    }
+
+    /// A storage given up earlier whose slices have all been released, with room for `capacity` bytes. Reusing
+    /// one saves the page faults and zero-filling that the kernel charges for fresh memory, on every buffer.
+    private func reusableStorage(capacity: Int) -> ByteStorage? {
+        for i in retired.indices where retired[i].capacity >= capacity && isKnownUniquelyReferenced(&retired[i]) {
+            return retired.remove(at: i)
+        }
+        return nil
+    }
+
+    /// Keeps a storage the decoder moves away from, for reuse; at most `retiredLimit`, the oldest given up first.
+    private func retire(_ old: ByteStorage) {
+        retired.append(old)
+        if retired.count > Self.retiredLimit { retired.removeFirst() }
     }
 
     public func feed(_ bytes: [UInt8]) { bytes.withUnsafeBytes { feed($0) } }

@@ -60,14 +60,16 @@ public final class MicroVMGuestSink: GuestSink {
     public private(set) var memory: GuestMemory?
     private let console: SerialConsole
     private let dirtyTracking: DirtyTrackingMethod
+    private let memoryBacking: GuestMemory.Backing
 
-    public init(console: SerialConsole, dirtyTracking: DirtyTrackingMethod = .bitmap) {
+    public init(console: SerialConsole, dirtyTracking: DirtyTrackingMethod = .bitmap, memoryBacking: GuestMemory.Backing = .sharedMemory) {
         self.console = console
         self.dirtyTracking = dirtyTracking
+        self.memoryBacking = memoryBacking
     }
 
     public func prepare(layout: GuestMemoryLayout) throws {
-        let memory = try GuestMemory(size: layout.totalBytes)
+        let memory = try GuestMemory(size: layout.totalBytes, backing: memoryBacking)
         let expected = memory.slots.map { MemoryRegion(guestPhysicalAddress: $0.guestPhysicalAddress, size: $0.size) }
         guard layout.regions == expected else {
             throw MicroVMError.invalidConfiguration("memory layout \(layout.regions) is not MicroVM's layout for \(layout.totalBytes) bytes")
@@ -79,12 +81,13 @@ public final class MicroVMGuestSink: GuestSink {
         memory!.pointer(guestPhysicalAddress: frame << 12, length: pageSize)!
     }
 
-    /// Through the memfd: pages arriving from a migration or a snapshot are new to the mapping, see `GuestMemory.write`.
+    /// Through the memfd (shared memory): pages arriving from a migration or a snapshot are new to the mapping,
+    /// see `GuestMemory.write`.
     public func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws {
         try memory!.write(pages: pages, at: first << 12)
     }
 
-    /// Punches the frames out of the memfd, so that a zero page costs no memory.
+    /// Punches the frames out of the memfd, so that a zero page costs no memory (huge pages: zeroes them).
     public func zero(frames first: UInt64, count: Int) throws {
         try memory!.zero(at: first << 12, length: count * pageSize)
     }

@@ -24,8 +24,10 @@ public final class MemoryMapping: @unchecked Sendable {
 
 /// Anonymous shared memory (memfd_create), for guest RAM: sparse until written, so a VM of tens of GiB costs
 /// nothing to create, and a file descriptor that another process or userfaultfd can be handed later.
-public func makeMemoryFile(name: String, size: Int64) throws -> OwnedFileDescriptor {
-    let fd = try systemCall("memfd_create \(name)") { ckvm_memfd_create(name, CKVM_MFD_CLOEXEC) }
+/// With `hugePages`, the file's pages are 2 MiB pages from the host's reserved pool (hugetlbfs).
+public func makeMemoryFile(name: String, size: Int64, hugePages: Bool = false) throws -> OwnedFileDescriptor {
+    let flags = CKVM_MFD_CLOEXEC | (hugePages ? CKVM_MFD_HUGETLB : 0)
+    let fd = try systemCall("memfd_create \(name)") { ckvm_memfd_create(name, flags) }
     let file = OwnedFileDescriptor(taking: fd)
     try file.truncate(to: size)
     return file

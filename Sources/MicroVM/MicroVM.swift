@@ -10,13 +10,15 @@ public struct MicroVMConfiguration {
     public var vcpuCount: Int
     public var dirtyTracking: DirtyTrackingMethod
     public var console: SerialConsole
+    public var memoryBacking: GuestMemory.Backing
 
     public init(memorySize: UInt64, vcpuCount: Int = 1, dirtyTracking: DirtyTrackingMethod = .bitmap,
-                console: SerialConsole = SerialConsole()) {
+                console: SerialConsole = SerialConsole(), memoryBacking: GuestMemory.Backing = .sharedMemory) {
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
         self.dirtyTracking = dirtyTracking
         self.console = console
+        self.memoryBacking = memoryBacking
     }
 }
 
@@ -97,7 +99,7 @@ public final class MicroVM: @unchecked Sendable {
         if let existingMemory, existingMemory.size != configuration.memorySize {
             throw MicroVMError.invalidConfiguration("memory of \(existingMemory.size) bytes for a VM configured with \(configuration.memorySize)")
         }
-        memory = try existingMemory ?? GuestMemory(size: configuration.memorySize)
+        memory = try existingMemory ?? GuestMemory(size: configuration.memorySize, backing: configuration.memoryBacking)
         for slot in memory.slots { try vm.setMemorySlot(slot) }
         let supported = settingCPUID ? try system.supportedCPUID() : []
         vcpus = try (0 ..< UInt32(configuration.vcpuCount)).map { id in
@@ -127,6 +129,7 @@ public final class MicroVM: @unchecked Sendable {
         var configuration = configuration
         configuration.vcpuCount = state.vcpus.count
         configuration.memorySize = memory.size
+        configuration.memoryBacking = memory.backing
         try self.init(configuration: configuration, memory: memory, settingCPUID: false)
         for (vcpu, saved) in zip(vcpus, state.vcpus) { try vcpu.restoreState(saved) }
         try vm.restoreDevices(state.devices)

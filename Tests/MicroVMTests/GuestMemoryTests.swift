@@ -65,6 +65,45 @@ final class GuestMemoryTests: XCTestCase {
         XCTAssertEqual(try memory.dataRanges(), [], "nothing was written")
     }
 
+    /// Huge pages: writes go through the mapping (hugetlbfs files cannot be written), zeroing zeroes in place,
+    /// and the pages holding data are the huge pages touched (hugetlbfs reports no holes of its own).
+    func testHugePageMemoryTakesWritesAndZeroesAndReportsThePagesItHolds() throws {
+        let size: UInt64 = 16 << 20
+        guard GuestMemory.freeHugePages() >= size / GuestMemory.hugePageSize else {
+            throw XCTSkip("needs 8 free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
+        }
+        let memory = try GuestMemory(size: size, backing: .hugePages)
+        XCTAssertEqual(try memory.dataRanges(), [], "nothing touched yet")
+        let huge = Int64(GuestMemory.hugePageSize)
+        let buffers = (0 ..< 3).map { index in
+            UnsafeMutableRawPointer.allocate(byteCount: pageSize, alignment: pageSize)
+                .initializeMemory(as: UInt32.self, repeating: UInt32(index + 1), count: pageSize / 4)
+        }
+        defer { buffers.forEach { $0.deallocate() } }
+        let at = UInt64(huge) + UInt64(pageSize)
+        try buffers.map { UnsafeRawPointer($0) }.withUnsafeBufferPointer { try memory.write(pages: $0, at: at) }
+        let written = try XCTUnwrap(memory.pointer(guestPhysicalAddress: at, length: 3 * pageSize))
+        XCTAssertEqual((0 ..< 3).map { written.load(fromByteOffset: $0 * pageSize + 100, as: UInt32.self) }, [1, 2, 3])
+        XCTAssertEqual(try memory.dataRanges(), [huge ..< 2 * huge], "the one huge page written")
+        try memory.zero(at: at + UInt64(pageSize), length: pageSize)
+        XCTAssertEqual((0 ..< 3).map { written.load(fromByteOffset: $0 * pageSize + 100, as: UInt32.self) }, [1, 0, 3])
+        XCTAssertThrowsError(try memory.zero(at: size - UInt64(pageSize), length: 2 * pageSize)) { error in
+            XCTAssertEqual(error as? GuestMemoryError, .outsideRAM(address: size - UInt64(pageSize), length: 2 * pageSize))
+        }
+    }
+
+    /// All of a huge-page guest's RAM is reserved when it is created: more than the pool holds is refused then,
+    /// with the figures, and not found out later by a guest killed with SIGBUS.
+    func testHugePagesBeyondThePoolAreRefusedWhenTheMemoryIsCreated() throws {
+        if (try? makeMemoryFile(name: "probe", size: 0, hugePages: true)) == nil { throw XCTSkip("no hugetlbfs in this kernel") }
+        let free = GuestMemory.freeHugePages()
+        let size = max(GuestMemory.minimumSize, (free + 1) * GuestMemory.hugePageSize)
+        XCTAssertThrowsError(try GuestMemory(size: size, backing: .hugePages)) { error in
+            XCTAssertEqual(error as? GuestMemoryError, .notEnoughHugePages(needed: size / GuestMemory.hugePageSize, free: free))
+            XCTAssertTrue("\(error)".contains("nr_hugepages"), "\(error)")
+        }
+    }
+
     /// A file's bytes copied into the memfd in the kernel (as a MicroVM save file is restored) read back through
     /// the mapping; a source that ends early is an error.
     func testFileRangesCopyIntoTheMemfd() throws {

@@ -47,6 +47,32 @@ final class LiveMigrationKVMTests: MigrationTestCase {
                                  "source \(populatedAtSource) populated, \(zeroPagesFound) of them zero; destination \(atDestination)")
     }
 
+    /// A guest on 2 MiB pages moves, while writing, to a destination on 2 MiB pages, and from there to one on
+    /// shared memory: each end's memory is its own choice, and the guest verifies after both moves.
+    func testGuestMovesOntoHugePagesAndOffThemAgain() throws {
+        let size: UInt64 = 256 << 20
+        let pages = size / GuestMemory.hugePageSize
+        guard GuestMemory.freeHugePages() >= 2 * pages else {
+            throw XCTSkip("needs \(2 * pages) free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
+        }
+        let (source, sourceConsole) = try bootSource("workload=memstress size_mib=64 rate_mib=100 pattern=mixed",
+                                                     memory: size, backing: .hugePages)
+        let before = MemstressStatus(sourceConsole.receivedLines.last { $0.contains("verify=ok") }!)!
+        var options = MigrationOptions()
+        options.channels = 2
+        options.compression = .lz4
+        let (there, middle) = try migrateSuccessfully(source, options: options, destinationBacking: .hugePages, lines: 2)
+        XCTAssertEqual(middle.memory.backing, .hugePages)
+        let atMiddle = statuses(there.destinationConsole, after: 0, count: 1)
+        XCTAssertGreaterThan(atMiddle.last?.ticks ?? 0, before.ticks, "ticks carry on on huge pages")
+        // Only the pages written hold memory: the guest's 64 MiB working set and its boot pages, not all 256 MiB.
+        let resident = try middle.memory.dataRanges().reduce(0) { $0 + $1.count }
+        XCTAssertLessThan(resident, Int(size) / 2, "\(resident) bytes of huge pages hold data")
+        let (_, back) = try migrateSuccessfully(middle, options: options, destinationBacking: .sharedMemory, lines: 2)
+        XCTAssertEqual(back.memory.backing, .sharedMemory)
+        back.stop()
+    }
+
     /// There with zstd, back with adaptive compression: the guest moves twice and still verifies.
     func testThereWithZstdAndBackWithAdaptiveCompression() throws {
         let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=100 pattern=text")

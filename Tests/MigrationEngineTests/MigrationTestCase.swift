@@ -16,20 +16,22 @@ class MigrationTestCase: KVMTestCase {
         var destinationConsole: SerialConsole
     }
 
-    func bootSource(_ commandLine: String, memory: UInt64 = 256 << 20) throws -> (MicroVM, SerialConsole) {
+    func bootSource(_ commandLine: String, memory: UInt64 = 256 << 20,
+                    backing: GuestMemory.Backing = .sharedMemory) throws -> (MicroVM, SerialConsole) {
         let console = SerialConsole(output: nil)
         let machine = try MicroVM(booting: try TestGuest.image(), commandLine: commandLine,
-                                  configuration: MicroVMConfiguration(memorySize: memory, console: console))
+                                  configuration: MicroVMConfiguration(memorySize: memory, console: console, memoryBacking: backing))
         machine.start()
         XCTAssertNotNil(console.waitForLine(timeout: 10) { $0.contains("verify=ok") && !$0.contains("pages=0 ") })
         return (machine, console)
     }
 
     func migrate(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
+                 destinationBacking: GuestMemory.Backing = .sharedMemory,
                  prepare: (MigrationSender, [SocketPairChannel]) -> Void = { _, _ in }) -> Outcome {
         let pairs = (0 ..< options.channels).map { _ in SocketPairChannel.pair() }
         let console = SerialConsole(output: nil)
-        let sink = MicroVMGuestSink(console: console)
+        let sink = MicroVMGuestSink(console: console, memoryBacking: destinationBacking)
         let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1), capabilities: receiverCapabilities)
         let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: options)
         prepare(sender, pairs.map(\.0))
@@ -46,8 +48,9 @@ class MigrationTestCase: KVMTestCase {
     /// Migrates `source`, which must succeed; stops the source and waits for `lines` verified status lines at the
     /// destination, which is returned running.
     func migrateSuccessfully(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
-                             lines: Int = 1, file: StaticString = #filePath, line: UInt = #line) throws -> (Outcome, MicroVM) {
-        let outcome = migrate(source, options: options, receiverCapabilities: receiverCapabilities)
+                             destinationBacking: GuestMemory.Backing = .sharedMemory, lines: Int = 1,
+                             file: StaticString = #filePath, line: UInt = #line) throws -> (Outcome, MicroVM) {
+        let outcome = migrate(source, options: options, receiverCapabilities: receiverCapabilities, destinationBacking: destinationBacking)
         XCTAssertTrue(outcome.report.succeeded, outcome.report.error ?? "", file: file, line: line)
         source.stop()
         let destination = try XCTUnwrap(outcome.destination, file: file, line: line)

@@ -124,6 +124,7 @@ int ckvm_sigrtmin(void);
 
 int ckvm_memfd_create(const char *name, unsigned int flags);
 static const unsigned int CKVM_MFD_CLOEXEC = 1U; // MFD_CLOEXEC from <linux/memfd.h>
+static const unsigned int CKVM_MFD_HUGETLB = 4U; // MFD_HUGETLB: pages of the default huge page size (2 MiB on x86-64)
 // Starts writeback of every dirty page of the file without waiting for it (SYNC_FILE_RANGE_WRITE over all of
 // it), so that a later fsync finds little left to write.
 int ckvm_start_writeback(int fd);

@@ -21,7 +21,7 @@ public final class Daemon: Sendable {
         self.logger = logger
         self.incoming = incoming ?? EngineIncomingListener(logger: logger)
         let migrations = migrations ?? EngineMigrationService(logger: logger)
-        let vms = VMManager(memoryBudget: configuration.memoryBudget, logger: logger)
+        let vms = VMManager(memoryBudget: configuration.memoryBudget, memoryBacking: configuration.memoryBacking, logger: logger)
         api = ControlAPI(vms: vms, migrations: migrations, snapshots: SnapshotService(logger: logger), tls: configuration.tls, logger: logger)
         server = HTTPServer(config: HTTPServer.Configuration(address: sockaddr_un.unix(path: configuration.socketPath),
                                                              logger: FlyingFoxLogger(logger: logger)),

@@ -1,7 +1,9 @@
 import Foundation
 import Glibc
 import Logging
+import LinuxSystem
 import MigratedAPI
+import MicroVM
 
 /// The daemon's TLS identity and trust, used for outgoing migrations and by the incoming listener alike.
 /// Maps one to one onto Transport.TLSConfiguration.
@@ -31,10 +33,13 @@ public struct IncomingMigrationSettings: Sendable, Equatable {
 
     public var address: PeerAddress
     public var security: Security
+    /// What holds the RAM of the VMs that arrive.
+    public var memoryBacking: GuestMemory.Backing
 
-    public init(address: PeerAddress, security: Security) {
+    public init(address: PeerAddress, security: Security, memoryBacking: GuestMemory.Backing = .sharedMemory) {
         self.address = address
         self.security = security
+        self.memoryBacking = memoryBacking
     }
 }
 
@@ -45,6 +50,7 @@ public struct IncomingMigrationSettings: Sendable, Equatable {
 ///       "socket": "/run/migrated/control.sock",
 ///       "log_level": "info",
 ///       "memory_budget_mib": 16384,
+///       "guest_memory": "huge-pages",
 ///       "tls": { "certificate": "/etc/migrated/host.pem", "key": "/etc/migrated/host.key",
 ///                "ca": "/etc/migrated/ca.pem", "allowed_peers": ["host-b"] },
 ///       "incoming": { "listen": "0.0.0.0:7070" }
@@ -54,6 +60,9 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public var logLevel: String?
     /// Guest memory all VMs together may hold; the host's RAM when absent.
     public var memoryBudgetMib: UInt64?
+    /// What holds guest RAM, for VMs started here and VMs that migrate here: "shared-memory" (the default) or
+    /// "huge-pages" (2 MiB pages from the host's pool, `/proc/sys/vm/nr_hugepages`).
+    public var guestMemory: String?
     public var tls: TLSFiles?
     public var incoming: Incoming?
 
@@ -71,11 +80,12 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
 
     public static let defaultSocket = "/run/migrated/control.sock"
 
-    public init(socket: String? = nil, logLevel: String? = nil, memoryBudgetMib: UInt64? = nil, tls: TLSFiles? = nil,
-                incoming: Incoming? = nil) {
+    public init(socket: String? = nil, logLevel: String? = nil, memoryBudgetMib: UInt64? = nil, guestMemory: String? = nil,
+                tls: TLSFiles? = nil, incoming: Incoming? = nil) {
         self.socket = socket
         self.logLevel = logLevel
         self.memoryBudgetMib = memoryBudgetMib
+        self.guestMemory = guestMemory
         self.tls = tls
         self.incoming = incoming
     }
@@ -100,6 +110,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         if let socket = overrides.socket { merged.socket = socket }
         if let logLevel = overrides.logLevel { merged.logLevel = logLevel }
         if let budget = overrides.memoryBudgetMib { merged.memoryBudgetMib = budget }
+        if let backing = overrides.guestMemory { merged.guestMemory = backing }
         if overrides.tlsCertificate != nil || overrides.tlsKey != nil || overrides.tlsCA != nil || !overrides.allowedPeers.isEmpty {
             var tls = merged.tls ?? TLSFiles(certificate: "", key: "", ca: "", allowedPeers: [])
             if let value = overrides.tlsCertificate { tls.certificate = value }
@@ -120,6 +131,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var socket: String?
         public var logLevel: String?
         public var memoryBudgetMib: UInt64?
+        public var guestMemory: String?
         public var tlsCertificate: String?
         public var tlsKey: String?
         public var tlsCA: String?
@@ -142,6 +154,10 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         }
         if memoryBudgetMib == 0 { throw ConfigurationError("memory_budget_mib must be positive") }
         let budget = memoryBudgetMib.map { $0 << 20 } ?? hostMemory
+        let backingName = guestMemory ?? GuestMemory.Backing.sharedMemory.rawValue
+        guard let backing = GuestMemory.Backing(rawValue: backingName) else {
+            throw ConfigurationError("guest_memory '\(backingName)' is not one of \(GuestMemory.Backing.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
         if let tls { try Self.check(tls) }
         var incomingSettings: IncomingMigrationSettings?
         if let incoming {
@@ -149,14 +165,15 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
                 throw ConfigurationError("incoming.listen '\(incoming.listen)' is not host:port, [v6-address]:port or unix:/path")
             }
             if incoming.plaintext == true {
-                incomingSettings = IncomingMigrationSettings(address: address, security: .plaintext)
+                incomingSettings = IncomingMigrationSettings(address: address, security: .plaintext, memoryBacking: backing)
             } else if let tls {
-                incomingSettings = IncomingMigrationSettings(address: address, security: .tls(tls))
+                incomingSettings = IncomingMigrationSettings(address: address, security: .tls(tls), memoryBacking: backing)
             } else {
                 throw ConfigurationError("incoming migrations need the tls section (certificate, key, ca, allowed_peers), or \"plaintext\": true to accept them unencrypted")
             }
         }
-        return ValidatedConfiguration(socketPath: socket, logLevel: level, memoryBudget: budget, tls: tls, incoming: incomingSettings)
+        return ValidatedConfiguration(socketPath: socket, logLevel: level, memoryBudget: budget, memoryBacking: backing,
+                                      tls: tls, incoming: incomingSettings)
     }
 
     private static func check(_ tls: TLSFiles) throws(ConfigurationError) {
@@ -174,16 +191,11 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     }
 
     /// MemTotal from /proc/meminfo, the default memory budget.
-    public static func hostMemory() -> UInt64 {
-        guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("MemTotal:") }),
-              let kib = line.split(separator: " ").dropFirst().first.flatMap({ UInt64($0) }) else { return 1 << 30 }
-        return kib << 10
-    }
+    public static func hostMemory() -> UInt64 { memoryInfo("MemTotal").map { $0 << 10 } ?? 1 << 30 }
 }
 
 extension DaemonConfiguration: StrictlyDecodable {
-    public static let fieldNames: Set<String> = ["socket", "log_level", "memory_budget_mib", "tls", "incoming"]
+    public static let fieldNames: Set<String> = ["socket", "log_level", "memory_budget_mib", "guest_memory", "tls", "incoming"]
 }
 
 /// The configuration the daemon runs with: defaults filled in, files checked.
@@ -191,14 +203,18 @@ public struct ValidatedConfiguration: Sendable, Equatable {
     public var socketPath: String
     public var logLevel: Logger.Level
     public var memoryBudget: UInt64
+    /// For VMs started here; incoming ones take `incoming.memoryBacking`, which validation sets to the same.
+    public var memoryBacking: GuestMemory.Backing
     public var tls: TLSFiles?
     public var incoming: IncomingMigrationSettings?
 
-    public init(socketPath: String, logLevel: Logger.Level = .info, memoryBudget: UInt64, tls: TLSFiles? = nil,
+    public init(socketPath: String, logLevel: Logger.Level = .info, memoryBudget: UInt64,
+                memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
                 incoming: IncomingMigrationSettings? = nil) {
         self.socketPath = socketPath
         self.logLevel = logLevel
         self.memoryBudget = memoryBudget
+        self.memoryBacking = memoryBacking
         self.tls = tls
         self.incoming = incoming
     }

@@ -260,7 +260,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         let listener = try Listener(endpoint: endpoint, security: security)
         lock.withLock { self.listener = listener }
         logger.info("listening for migrations", metadata: ["address": "\(listener.endpoint)"])
-        let thread = Thread { [self] in acceptLoop(listener, adopt: adopt) }
+        let thread = Thread { [self] in acceptLoop(listener, memoryBacking: settings.memoryBacking, adopt: adopt) }
         thread.name = "migrate-listen"
         thread.start()
     }
@@ -275,9 +275,10 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     /// Accepts connections and hands them to a gatherer, which runs their TLS handshakes and reads their headers
     /// on threads of their own and groups them into migrations (stream.md §10.5): a peer that stalls holds up
     /// nobody else, and concurrent migrations are received side by side, each on a thread of its own.
-    private func acceptLoop(_ listener: Listener, adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
+    private func acceptLoop(_ listener: Listener, memoryBacking: GuestMemory.Backing,
+                            adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
         let gatherer = ChannelGatherer(ready: { [self] channels, peer in
-            let thread = Thread { [self] in receive(channels, from: peer, adopt: adopt) }
+            let thread = Thread { [self] in receive(channels, from: peer, memoryBacking: memoryBacking, adopt: adopt) }
             thread.name = "migrate-receive"
             thread.start()
         }, refused: { [logger] peer, reason in
@@ -295,10 +296,10 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         }
     }
 
-    private func receive(_ channels: [MigrationChannel], from peer: String,
+    private func receive(_ channels: [MigrationChannel], from peer: String, memoryBacking: GuestMemory.Backing,
                          adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
-        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil)))
+        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking))
         do {
             let report = try MigrationReceiver(sink: sink, channels: channels).run()
             guard let machine = sink.base.machine, let configuration = sink.configuration else { return }

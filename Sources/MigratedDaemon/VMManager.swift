@@ -54,6 +54,8 @@ public final class ManagedVM: @unchecked Sendable {
 public final class VMManager: @unchecked Sendable {
     /// Guest memory all VMs together may hold.
     public let memoryBudget: UInt64
+    /// What holds the RAM of the VMs this manager boots.
+    public let memoryBacking: GuestMemory.Backing
     private let logger: Logger
     private let lock = NSLock()
     private var vms: [String: ManagedVM] = [:]
@@ -64,8 +66,9 @@ public final class VMManager: @unchecked Sendable {
     private(set) var startedTotal = 0
     private(set) var startFailuresTotal = 0
 
-    public init(memoryBudget: UInt64, logger: Logger) {
+    public init(memoryBudget: UInt64, memoryBacking: GuestMemory.Backing = .sharedMemory, logger: Logger) {
         self.memoryBudget = memoryBudget
+        self.memoryBacking = memoryBacking
         self.logger = logger
     }
 
@@ -98,7 +101,7 @@ public final class VMManager: @unchecked Sendable {
             let configuration = MicroVMConfiguration(
                 memorySize: memory, vcpuCount: request.vcpus,
                 dirtyTracking: request.dirtyTracking == .ring ? .defaultRing : .bitmap,
-                console: SerialConsole(output: consoleFD))
+                console: SerialConsole(output: consoleFD), memoryBacking: memoryBacking)
             let machine: MicroVM
             do {
                 machine = try MicroVM(booting: image, commandLine: request.cmdline, configuration: configuration)

@@ -25,6 +25,9 @@ struct MigratedCommand: AsyncParsableCommand {
     @Option(help: "Guest memory all VMs together may hold, e.g. 16G (default: the host's RAM).")
     var memoryBudget: String?
 
+    @Option(help: "What holds guest RAM: shared-memory (default) or huge-pages (2 MiB pages from /proc/sys/vm/nr_hugepages).")
+    var guestMemory: String?
+
     @Option(name: .customLong("tls-certificate"), help: "PEM certificate of this host, for migrations.")
     var tlsCertificate: String?
 
@@ -48,6 +51,7 @@ struct MigratedCommand: AsyncParsableCommand {
         overrides.socket = socket
         overrides.logLevel = logLevel
         overrides.memoryBudgetMib = try memoryBudget.map { try parseMiB($0) }
+        overrides.guestMemory = guestMemory
         overrides.tlsCertificate = tlsCertificate
         overrides.tlsKey = tlsKey
         overrides.tlsCA = tlsCA

@@ -49,6 +49,16 @@ final class ConfigurationTests: XCTestCase {
         XCTAssertEqual(merged.tls?.allowedPeers, ["host-c", "host-d"])
         XCTAssertEqual(merged.tls?.certificate, tls.certificate)
         XCTAssertEqual(merged.incoming?.address, .tcp(host: "::1", port: 7171))
+        XCTAssertEqual(merged.memoryBacking, .sharedMemory)
+
+        // Guest memory on huge pages, from the file or a flag, for VMs started here and VMs that arrive.
+        let hugeFromFile = try DaemonConfiguration.load(from: write(#"{"guest_memory": "huge-pages", "incoming": {"listen": "127.0.0.1:7070", "plaintext": true}}"#)).validated()
+        XCTAssertEqual(hugeFromFile.memoryBacking, .hugePages)
+        XCTAssertEqual(hugeFromFile.incoming?.memoryBacking, .hugePages)
+        flags.guestMemory = "huge-pages"
+        let hugeFromFlag = try file.merging(flags).validated()
+        XCTAssertEqual(hugeFromFlag.memoryBacking, .hugePages)
+        XCTAssertEqual(hugeFromFlag.incoming?.memoryBacking, .hugePages)
     }
 
     func testDefaults() throws {
@@ -79,6 +89,7 @@ final class ConfigurationTests: XCTestCase {
         }
         refused(DaemonConfiguration(logLevel: "loud"), mentioning: "log_level")
         refused(DaemonConfiguration(memoryBudgetMib: 0), mentioning: "memory_budget_mib")
+        refused(DaemonConfiguration(guestMemory: "hugepages"), mentioning: "guest_memory 'hugepages' is not one of shared-memory, huge-pages")
         refused(DaemonConfiguration(socket: "/" + String(repeating: "s", count: 120)), mentioning: "socket")
         var noPeers = tls
         noPeers.allowedPeers = []

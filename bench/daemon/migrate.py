@@ -192,7 +192,7 @@ class Daemon:
         self.sock = os.path.join(rundir, f"{name}.sock")
         self.logpath = os.path.join(rundir, f"{name}.log")
         cmd = [os.path.join(args.bin, "migrated"), "--socket", self.sock, "--log-level", "warning",
-               "--memory-budget", args.memory_budget,
+               "--memory-budget", args.memory_budget, "--guest-memory", args.guest_memory,
                "--tls-certificate", os.path.join(certdir, f"{name}.pem"),
                "--tls-key", os.path.join(certdir, f"{name}.key"),
                "--tls-ca", os.path.join(certdir, "ca.pem"), "--allow-peer", peer]
@@ -559,6 +559,9 @@ def main():
     ap.add_argument("--bin", default=DEFAULT_BIN,
                     help="directory with migrated and migratectl (default: %(default)s)")
     ap.add_argument("--memory-budget", default="6G", help="each daemon's --memory-budget")
+    ap.add_argument("--guest-memory", default="shared-memory", choices=["shared-memory", "huge-pages"],
+                    help="each daemon's --guest-memory; huge-pages needs the source's and the destination's RAM "
+                         "in /proc/sys/vm/nr_hugepages (2 MiB pages)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon logs, certs)")
     ap.add_argument("--perf", metavar="DIR",
                     help="profile both daemons during each migration with perf record, into DIR "
@@ -612,6 +615,7 @@ def main():
             "loadavg_start": open("/proc/loadavg").read().split()[:3],
             "netns": os.environ.get(NETNS_ENV) == "1", "repeat": args.repeat, "configs": configs,
             "timeout_s": args.timeout, "poll_s": args.poll, "command": sys.argv, "note": args.note,
+            "guest_memory": args.guest_memory,
             "bin_mtime": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(
                 os.path.getmtime(os.path.join(args.bin, "migrated"))))}
     results = []

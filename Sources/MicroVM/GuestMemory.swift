@@ -15,7 +15,8 @@ public final class GuestMemory: @unchecked Sendable {
         /// 2 MiB pages from the host's reserved pool (`/proc/sys/vm/nr_hugepages`), as VMMs offer for
         /// hugetlbfs. All of RAM is reserved when the VM is created, so a guest cannot find the pool empty
         /// later. A page costs one fault and one page-table entry per 2 MiB instead of 512, which on this
-        /// nested host makes receiving a GiB about 3.5 times cheaper (bench/memory/receive.c).
+        /// nested host makes receiving a GiB about 3.5 times cheaper (bench/memory/receive.c). Lazy snapshot
+        /// restore (userfaultfd, which copies 4 KiB pages) needs shared memory; eager restore takes either.
         case hugePages = "huge-pages"
     }
 
@@ -150,8 +151,12 @@ public final class GuestMemory: @unchecked Sendable {
         return ranges
     }
 
-    /// HugePages_Free from /proc/meminfo: the pool's pages not yet given or reserved.
-    public static func freeHugePages() -> UInt64 { memoryInfo("HugePages_Free") ?? 0 }
+    /// Huge pages a new guest can still reserve: the pool's free pages (HugePages_Free) less those that other
+    /// mappings have reserved but not yet touched (HugePages_Rsvd).
+    public static func freeHugePages() -> UInt64 {
+        let free = memoryInfo("HugePages_Free") ?? 0, reserved = memoryInfo("HugePages_Rsvd") ?? 0
+        return free - min(free, reserved)
+    }
 }
 
 public enum GuestMemoryError: Error, CustomStringConvertible, Equatable {

@@ -26,10 +26,11 @@ final class SnapshotKVMTests: KVMTestCase {
 
     func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
 
-    func boot(_ commandLine: String, memory: UInt64 = 256 << 20) throws -> (MicroVM, SerialConsole) {
+    func boot(_ commandLine: String, memory: UInt64 = 256 << 20,
+              backing: GuestMemory.Backing = .sharedMemory) throws -> (MicroVM, SerialConsole) {
         let console = SerialConsole(output: nil)
         let machine = try MicroVM(booting: try TestGuest.image(), commandLine: commandLine,
-                                  configuration: MicroVMConfiguration(memorySize: memory, console: console))
+                                  configuration: MicroVMConfiguration(memorySize: memory, console: console, memoryBacking: backing))
         machines.append(machine)
         machine.start()
         XCTAssertNotNil(console.waitForLine(timeout: 10) { $0.contains("verify=ok") && !$0.contains("pages=0 ") })
@@ -50,9 +51,9 @@ final class SnapshotKVMTests: KVMTestCase {
     }
 
     /// Restores `chain` into a new MicroVM, eagerly or lazily, starts it and checks that memstress carries on.
-    func restoreAndRun(_ chain: SnapshotChain, lazy: Bool) throws -> RestoreReport {
+    func restoreAndRun(_ chain: SnapshotChain, lazy: Bool, backing: GuestMemory.Backing = .sharedMemory) throws -> RestoreReport {
         let console = SerialConsole(output: nil)
-        let sink = MicroVMGuestSink(console: console)
+        let sink = MicroVMGuestSink(console: console, memoryBacking: backing)
         var report: RestoreReport
         if lazy {
             let restore = LazyRestore(chain, into: sink)
@@ -86,6 +87,20 @@ final class SnapshotKVMTests: KVMTestCase {
         XCTAssertEqual(eager.dataPages, Int(saved.header.dataPages))
         let lazy = try restoreAndRun(chain, lazy: true)
         XCTAssertNotNil(lazy.secondsToResident)
+    }
+
+    /// A guest on huge pages is saved live (its pages found with mincore) and restored eagerly onto huge pages.
+    func testLiveSnapshotOfAHugePageGuestRestoresOntoHugePages() throws {
+        guard GuestMemory.freeHugePages() >= 2 * (256 << 20) / GuestMemory.hugePageSize else {
+            throw XCTSkip("needs 256 free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
+        }
+        let (machine, _) = try boot("workload=memstress size_mib=64 rate_mib=100 pattern=mixed", backing: .hugePages)
+        let saved = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("huge"),
+                                      options: SnapshotSaveOptions(keepTracking: false)).run()
+        XCTAssertGreaterThan(saved.header.dataPages, 16384, "the 64 MiB working set is in the snapshot")
+        let chain = try SnapshotChain.open(path("huge"))
+        let report = try restoreAndRun(chain, lazy: false, backing: .hugePages)
+        XCTAssertEqual(report.dataPages, Int(saved.header.dataPages))
     }
 
     /// Issue 5, test 4: a live snapshot pauses the guest only briefly while 256 MiB are written at 50 MiB/s.

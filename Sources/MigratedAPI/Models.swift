@@ -69,6 +69,8 @@ public struct VMInfo: Codable, Sendable, Equatable {
     public var cmdline: String
     public var consoleLog: String?
     public var dirtyTracking: VMCreateRequest.DirtyTracking
+    /// What holds its RAM: `shared-memory` or `huge-pages` (the daemon's `guest_memory`).
+    public var memoryBacking: String
     /// ISO 8601, UTC.
     public var startedAt: String
     /// Seconds since start while running; the time it ran once it has stopped.
@@ -81,7 +83,7 @@ public struct VMInfo: Codable, Sendable, Equatable {
     public var lastConsoleLine: String?
 
     public init(id: String, state: VMState, image: String, memoryMib: UInt64, vcpus: Int, cmdline: String,
-                consoleLog: String?, dirtyTracking: VMCreateRequest.DirtyTracking, startedAt: String,
+                consoleLog: String?, dirtyTracking: VMCreateRequest.DirtyTracking, memoryBacking: String, startedAt: String,
                 uptimeSeconds: Double, stopReason: String?, exitCode: Int?, consoleLines: Int, lastConsoleLine: String?) {
         self.id = id
         self.state = state
@@ -91,6 +93,7 @@ public struct VMInfo: Codable, Sendable, Equatable {
         self.cmdline = cmdline
         self.consoleLog = consoleLog
         self.dirtyTracking = dirtyTracking
+        self.memoryBacking = memoryBacking
         self.startedAt = startedAt
         self.uptimeSeconds = uptimeSeconds
         self.stopReason = stopReason

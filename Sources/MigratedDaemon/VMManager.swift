@@ -11,6 +11,8 @@ public final class ManagedVM: @unchecked Sendable {
     public let id: String
     /// What it was started with; a migration sends this as the VM's static configuration.
     public let request: VMCreateRequest
+    /// What holds its RAM: the daemon's choice when it was started or arrived (`guest_memory`).
+    public let memoryBacking: GuestMemory.Backing
     let startedAt: Date
     private let startedUptime: DispatchTime
     // Guarded by the manager's lock.
@@ -32,6 +34,7 @@ public final class ManagedVM: @unchecked Sendable {
     init(id: String, request: VMCreateRequest, machine: MicroVM, consoleFD: Int32?) {
         self.id = id
         self.request = request
+        memoryBacking = machine.memory.backing
         self.machine = machine
         self.consoleFD = consoleFD
         startedAt = Date()
@@ -289,7 +292,7 @@ public final class VMManager: @unchecked Sendable {
         return VMInfo(
             id: vm.id, state: final?.state ?? (paused ? .paused : .running), image: vm.request.image, memoryMib: vm.request.memoryMib,
             vcpus: vm.request.vcpus, cmdline: vm.request.cmdline, consoleLog: vm.request.consoleLog,
-            dirtyTracking: vm.request.dirtyTracking, startedAt: ISO8601DateFormatter().string(from: vm.startedAt),
+            dirtyTracking: vm.request.dirtyTracking, memoryBacking: vm.memoryBacking.rawValue, startedAt: ISO8601DateFormatter().string(from: vm.startedAt),
             uptimeSeconds: final?.uptime ?? vm.uptime, stopReason: final?.reason, exitCode: final?.exitCode,
             consoleLines: final?.consoleLines ?? machine?.console.lineCount ?? 0,
             lastConsoleLine: final?.lastConsoleLine ?? lines?.last)

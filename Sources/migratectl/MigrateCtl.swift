@@ -44,7 +44,7 @@ func describe(_ vm: VMInfo) -> String {
         "id:           \(vm.id)",
         "state:        \(vm.state.rawValue)\(vm.stopReason.map { " (\($0))" } ?? "")",
         "image:        \(vm.image)",
-        "memory:       \(vm.memoryMib) MiB",
+        "memory:       \(vm.memoryMib) MiB, \(vm.memoryBacking)",
         "vcpus:        \(vm.vcpus)",
         "cmdline:      \(vm.cmdline)",
         "started:      \(vm.startedAt)",

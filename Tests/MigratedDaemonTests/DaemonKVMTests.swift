@@ -30,6 +30,7 @@ final class DaemonKVMTests: KVMTestCase {
             XCTAssertEqual(created.id, "stress-1")
             XCTAssertEqual(created.state, .running)
             XCTAssertEqual(created.memoryMib, 128)
+            XCTAssertEqual(created.memoryBacking, "shared-memory", "the daemon's default")
 
             let listed = try await daemon.client.listVMs()
             XCTAssertEqual(listed.map(\.id), ["stress-1"])

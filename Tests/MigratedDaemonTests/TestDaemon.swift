@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MigratedAPI
+import MicroVM
 import MigratedDaemon
 import TestSupport
 import XCTest
@@ -13,14 +14,14 @@ final class TestDaemon {
     let client: ControlClient
     private var task: Task<Void, any Error>?
 
-    init(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: (any MigrationService)? = nil,
-         incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil) {
+    init(memoryBudgetMiB: UInt64 = 1024, memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
+         migrations: (any MigrationService)? = nil, incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil) {
         directory = NSTemporaryDirectory() + "migrated-test-" + String(UUID().uuidString.prefix(8))
         socketPath = directory + "/control.sock"
         var logger = Logger(label: "migrated-test")
         logger.logLevel = .error
-        daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20, tls: tls,
-                                                              incoming: incoming?.0),
+        daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20,
+                                                              memoryBacking: memoryBacking, tls: tls, incoming: incoming?.0),
                         logger: logger, migrations: migrations, incoming: incoming?.1)
         client = ControlClient(socketPath: socketPath)
     }

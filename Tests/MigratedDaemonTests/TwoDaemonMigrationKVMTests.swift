@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import MigratedAPI
+import MicroVM
 import MigratedDaemon
 import TestSupport
 import XCTest
@@ -12,25 +13,27 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     static let guest = "workload=memstress size_mib=256 rate_mib=100 pattern=mixed"
 
     /// A daemon that listens for migrations on 127.0.0.1 with `certificate`, accepting peers named `allowed`.
-    func makeDaemon(certificate: String, allowed: [String]) async throws -> (TestDaemon, EngineIncomingListener) {
+    func makeDaemon(certificate: String, allowed: [String],
+                    memoryBacking: GuestMemory.Backing = .sharedMemory) async throws -> (TestDaemon, EngineIncomingListener) {
         let tls = TLSFiles(certificate: "\(TestCertificates.directory)/\(certificate).pem",
                            key: "\(TestCertificates.directory)/\(certificate).key",
                            ca: "\(TestCertificates.directory)/ca.pem", allowedPeers: allowed)
         var logger = Logger(label: "incoming")
         logger.logLevel = .error
         let listener = EngineIncomingListener(logger: logger)
-        let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls))
-        let daemon = TestDaemon(memoryBudgetMiB: 4096, tls: tls, incoming: (settings, listener))
+        let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls), memoryBacking: memoryBacking)
+        let daemon = TestDaemon(memoryBudgetMiB: 4096, memoryBacking: memoryBacking, tls: tls, incoming: (settings, listener))
         try await daemon.start()
         return (daemon, listener)
     }
 
     /// Runs `body` with host A and host B, and shuts both down whatever happens. Host A presents the client
     /// certificate and accepts the server's name; host B the other way round.
-    func withTwoDaemons(_ body: (_ a: TestDaemon, _ aListener: EngineIncomingListener,
+    func withTwoDaemons(bMemory: GuestMemory.Backing = .sharedMemory,
+                        _ body: (_ a: TestDaemon, _ aListener: EngineIncomingListener,
                                  _ b: TestDaemon, _ bListener: EngineIncomingListener) async throws -> Void) async throws {
         let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames)
-        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames)
+        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames, memoryBacking: bMemory)
         do {
             try await body(a, aListener, b, bListener)
         } catch {
@@ -74,6 +77,30 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertEqual(returned.count, 1)
             let home = try XCTUnwrapAsync(await a.memstressStatus(after: onB.ticks, of: returned[0].id), "the guest carries on at A")
             XCTAssertGreaterThanOrEqual(home.generation, onB.generation)
+        }
+    }
+
+    /// Host B keeps guest RAM on huge pages (`guest_memory`): a guest from A arrives there on huge pages and carries
+    /// on, and each daemon reports the memory its VM has.
+    func testAGuestArrivesOnHugePagesWhereTheDaemonKeepsThem() async throws {
+        guard GuestMemory.freeHugePages() >= 128 else {
+            throw XCTSkip("needs 128 free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
+        }
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        try await withTwoDaemons(bMemory: .hugePages) { a, _, b, bListener in
+            _ = try await a.client.createVM(VMCreateRequest(id: "onto-huge", image: image, memoryMib: 256,
+                                                            cmdline: "workload=memstress size_mib=64 rate_mib=100 pattern=mixed"))
+            let before = try XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "onto-huge"), "the guest runs on A")
+            let onA = try await a.client.vm("onto-huge")
+            XCTAssertEqual(onA.memoryBacking, "shared-memory")
+            _ = try await a.client.migrate("onto-huge", MigrationRequest(peer: try XCTUnwrap(bListener.address).description,
+                                                                        channels: 2, compression: .lz4))
+            let status = try await finalStatus(of: "onto-huge", on: a)
+            XCTAssertEqual(status.phase, .completed, status.report?.error ?? "")
+            let onB = try await b.client.vm("onto-huge")
+            XCTAssertEqual(onB.memoryBacking, "huge-pages")
+            let after = try XCTUnwrapAsync(await b.memstressStatus(after: before.ticks, of: "onto-huge"), "the guest carries on at B")
+            XCTAssertGreaterThanOrEqual(after.generation, before.generation)
         }
     }
 

@@ -2,7 +2,8 @@
 // The decoder
 //  - never traps on input: every length, count and index is checked before use;
 //  - never allocates on the say-so of the stream: its buffer grows only with the bytes fed,
-//    and a record longer than the limits is refused as soon as its header is seen;
+//    and a record longer than the limits is refused as soon as its header is seen; besides the
+//    buffer it reads into, it keeps at most four it moved away from, for reuse;
 //  - refuses pages outside the declared layout, and records out of order;
 //  - reports each rejection as a WireError with the stream offset and a typed reason, after
 //    which it stays failed.
@@ -87,7 +88,6 @@ public final class StreamDecoder {
     /// Lets the caller put up to `maximum` bytes straight into the decoder's buffer, e.g. with
     /// read(2) or a TLS decrypt, saving the copy that `feed` makes. `body` returns how many bytes
     /// it wrote (0 at end of input); that is what `receive` returns.
-    ///
     ///
     /// Near the end of its buffer the decoder asks for a record's header on its own, then for the rest of the
     /// record when that fits, so that it moves to its next buffer at a record boundary and need not carry a

@@ -65,7 +65,7 @@ public final class MigrationSender: @unchecked Sendable {
             report(.completed, pass: history.count, total: 0)
             return makeReport(error: nil, setup: phase.setupSeconds, downtime: downtime)
         } catch {
-            let failure = error as? MigrationError ?? .guestFailed("\(error)")
+            let failure = reasonFromPeer(for: error as? MigrationError ?? .guestFailed("\(error)"), reply: phase.reply)
             rollBack(phase, failure)
             report(failure == .cancelled ? .cancelled : .failed, pass: history.count, total: 0)
             return makeReport(error: failure, setup: phase.setupSeconds, downtime: nil)
@@ -338,6 +338,28 @@ public final class MigrationSender: @unchecked Sendable {
             elapsed: monotonicSeconds() - started, passSecondsLeft: secondsLeft))
     }
 
+    /// A channel that fails under the sender is often the consequence of the receiver giving up, which says why on
+    /// its reply stream before it closes (an abort record): that reason, when it comes within a second, is the
+    /// failure to report. The reply is read on a thread of its own, so that a receiver that is alive but silent
+    /// costs the second and no more; closing the channels in `rollBack` ends that read.
+    private func reasonFromPeer(for failure: MigrationError, reply: RecordReader?) -> MigrationError {
+        guard case .channel = failure, let reply else { return failure }
+        let found = PeerAbort()
+        let thread = Thread {
+            while let event = try? reply.next() {
+                if case .abort(let abort) = event {
+                    found.set(.peerAborted(reason: abort.reason.rawValue, message: abort.message))
+                    break
+                }
+            }
+            found.done.signal()
+        }
+        thread.name = "migrate-abort-reason"
+        thread.start()
+        _ = found.done.wait(timeout: .now() + 1)
+        return found.value ?? failure
+    }
+
     /// Before commit: tell the receiver why (if the channel still works), lift the throttle, stop tracking,
     /// and let the guest run again.
     private func rollBack(_ phase: Phase, _ failure: MigrationError) {
@@ -399,6 +421,16 @@ public final class MigrationSender: @unchecked Sendable {
 }
 
 func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+
+/// The receiver's abort, if `reasonFromPeer` finds one.
+private final class PeerAbort: @unchecked Sendable {
+    private let lock = NSLock()
+    private var found: MigrationError?
+    let done = DispatchSemaphore(value: 0)
+
+    func set(_ error: MigrationError) { lock.withLock { found = error } }
+    var value: MigrationError? { lock.withLock { found } }
+}
 
 /// What each channel's thread of a pass ended with.
 private final class PassResults: @unchecked Sendable {

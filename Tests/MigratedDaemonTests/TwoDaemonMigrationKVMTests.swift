@@ -104,6 +104,30 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         }
     }
 
+    /// Host B keeps RAM on huge pages and its pool cannot hold the guest: the migration fails before switchover
+    /// with B's reason, the source runs on at A, and nothing runs at B.
+    func testAGuestBiggerThanTheDestinationsHugePagePoolStaysAtTheSource() async throws {
+        let memoryMib = max(256, (GuestMemory.freeHugePages() + 1) * 2)
+        guard memoryMib <= 2048 else { throw XCTSkip("the huge-page pool is too large to overflow with a test guest") }
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        try await withTwoDaemons(bMemory: .hugePages) { a, _, b, bListener in
+            _ = try await a.client.createVM(VMCreateRequest(id: "too-big", image: image, memoryMib: memoryMib,
+                                                            cmdline: "workload=memstress size_mib=64 rate_mib=50 pattern=mixed"))
+            let before = try XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "too-big"), "the guest runs on A")
+            _ = try await a.client.migrate("too-big", MigrationRequest(peer: try XCTUnwrap(bListener.address).description))
+            let last = try await finalStatus(of: "too-big", on: a)
+            XCTAssertEqual(last.phase, .failed)
+            let reason = last.report?.error ?? ""
+            XCTAssertTrue(reason.contains("huge pages") && reason.contains("nr_hugepages"), reason)
+            let source = try await a.client.vm("too-big")
+            XCTAssertEqual(source.state, .running)
+            let later = await (try? a.memstressStatus(after: before.ticks + 100, of: "too-big")) ?? nil
+            XCTAssertNotNil(later, "the source carries on")
+            let atB = try await b.client.listVMs()
+            XCTAssertEqual(atB, [], "nothing was started at B")
+        }
+    }
+
     /// A migration the guest outpaces (a tiny bandwidth cap), cancelled from migratectl: the source keeps
     /// running at A, throttle lifted, and nothing runs at B.
     func testCancelledMigrationLeavesTheSourceRunning() async throws {

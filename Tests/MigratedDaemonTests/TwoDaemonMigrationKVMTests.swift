@@ -119,12 +119,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertEqual(last.phase, .failed)
             let reason = last.report?.error ?? ""
             XCTAssertTrue(reason.contains("huge pages") && reason.contains("nr_hugepages"), reason)
-            let source = try await a.client.vm("too-big")
-            XCTAssertEqual(source.state, .running)
-            let later = await (try? a.memstressStatus(after: before.ticks + 100, of: "too-big")) ?? nil
-            XCTAssertNotNil(later, "the source carries on")
-            let atB = try await b.client.listVMs()
-            XCTAssertEqual(atB, [], "nothing was started at B")
+            try await assertSourceCarriesOn("too-big", at: a, after: before.ticks, nothingAt: b)
         }
     }
 
@@ -153,12 +148,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
             XCTAssertEqual(output.status, 0, output.text)
             let last = try await finalStatus(of: "stay", on: a)
             XCTAssertEqual(last.phase, .cancelled)
-            let source = try await a.client.vm("stay")
-            XCTAssertEqual(source.state, .running)
-            let later = await (try? a.memstressStatus(after: before.ticks + 100, of: "stay")) ?? nil
-            XCTAssertNotNil(later, "the source carries on")
-            let atB = try await b.client.listVMs()
-            XCTAssertEqual(atB, [], "nothing was started at B")
+            try await assertSourceCarriesOn("stay", at: a, after: before.ticks, nothingAt: b)
         }
     }
 
@@ -213,6 +203,18 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     }
 
     /// Polls a migration until it has ended, for at most a minute.
+    /// After a migration that failed or was cancelled: the VM still runs at the source, its guest writing and
+    /// verifying, and the destination started nothing.
+    func assertSourceCarriesOn(_ id: String, at source: TestDaemon, after ticks: UInt64, nothingAt destination: TestDaemon,
+                               file: StaticString = #filePath, line: UInt = #line) async throws {
+        let vm = try await source.client.vm(id)
+        XCTAssertEqual(vm.state, .running, file: file, line: line)
+        let later = await (try? source.memstressStatus(after: ticks + 100, of: id)) ?? nil
+        XCTAssertNotNil(later, "the source carries on", file: file, line: line)
+        let there = try await destination.client.listVMs()
+        XCTAssertEqual(there, [], "nothing was started at the destination", file: file, line: line)
+    }
+
     func finalStatus(of id: String, on daemon: TestDaemon) async throws -> MigrationStatus {
         let deadline = Date(timeIntervalSinceNow: 60)
         var status = try await daemon.client.migration(id)

@@ -48,7 +48,8 @@ final class LiveMigrationKVMTests: MigrationTestCase {
     }
 
     /// A guest on 2 MiB pages moves, while writing, to a destination on 2 MiB pages, and from there to one on
-    /// shared memory: each end's memory is its own choice, and the guest verifies after both moves.
+    /// shared memory: each end's memory is its own choice, and the guest verifies after both moves. The first
+    /// move tracks dirty pages with the bitmap, the second (from the middle VM) with the dirty ring.
     func testGuestMovesOntoHugePagesAndOffThemAgain() throws {
         let size: UInt64 = 256 << 20
         let pages = size / GuestMemory.hugePageSize
@@ -61,8 +62,10 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         var options = MigrationOptions()
         options.channels = 2
         options.compression = .lz4
-        let (there, middle) = try migrateSuccessfully(source, options: options, destinationBacking: .hugePages, lines: 2)
+        let (there, middle) = try migrateSuccessfully(source, options: options, destinationBacking: .hugePages,
+                                                      destinationTracking: .defaultRing, lines: 2)
         XCTAssertEqual(middle.memory.backing, .hugePages)
+        XCTAssertEqual(middle.dirtyTracker.method, .defaultRing)
         let atMiddle = statuses(there.destinationConsole, after: 0, count: 1)
         XCTAssertGreaterThan(atMiddle.last?.ticks ?? 0, before.ticks, "ticks carry on on huge pages")
         // Only the pages written hold memory: the guest's 64 MiB working set and its boot pages, not all 256 MiB.

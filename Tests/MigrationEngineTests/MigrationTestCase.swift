@@ -27,11 +27,11 @@ class MigrationTestCase: KVMTestCase {
     }
 
     func migrate(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
-                 destinationBacking: GuestMemory.Backing = .sharedMemory,
+                 destinationBacking: GuestMemory.Backing = .sharedMemory, destinationTracking: DirtyTrackingMethod = .bitmap,
                  prepare: (MigrationSender, [SocketPairChannel]) -> Void = { _, _ in }) -> Outcome {
         let pairs = (0 ..< options.channels).map { _ in SocketPairChannel.pair() }
         let console = SerialConsole(output: nil)
-        let sink = MicroVMGuestSink(console: console, memoryBacking: destinationBacking)
+        let sink = MicroVMGuestSink(console: console, dirtyTracking: destinationTracking, memoryBacking: destinationBacking)
         let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1), capabilities: receiverCapabilities)
         let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: options)
         prepare(sender, pairs.map(\.0))
@@ -48,9 +48,11 @@ class MigrationTestCase: KVMTestCase {
     /// Migrates `source`, which must succeed; stops the source and waits for `lines` verified status lines at the
     /// destination, which is returned running.
     func migrateSuccessfully(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
-                             destinationBacking: GuestMemory.Backing = .sharedMemory, lines: Int = 1,
+                             destinationBacking: GuestMemory.Backing = .sharedMemory,
+                             destinationTracking: DirtyTrackingMethod = .bitmap, lines: Int = 1,
                              file: StaticString = #filePath, line: UInt = #line) throws -> (Outcome, MicroVM) {
-        let outcome = migrate(source, options: options, receiverCapabilities: receiverCapabilities, destinationBacking: destinationBacking)
+        let outcome = migrate(source, options: options, receiverCapabilities: receiverCapabilities,
+                              destinationBacking: destinationBacking, destinationTracking: destinationTracking)
         XCTAssertTrue(outcome.report.succeeded, outcome.report.error ?? "", file: file, line: line)
         source.stop()
         let destination = try XCTUnwrap(outcome.destination, file: file, line: line)

@@ -221,6 +221,8 @@ class Run:
                "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
                "-kernel", ELF, "-append", append,
                "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
+        if self.args.mem_path:
+            cmd += ["-mem-path", self.args.mem_path]
         err = open(os.path.join(self.dir, f"{role}.stderr"), "wb")
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                              preexec_fn=set_pdeathsig)
@@ -481,6 +483,9 @@ def main():
     ap.add_argument("--poll", type=float, default=0.05, help="query-migrate interval, s")
     ap.add_argument("--compression", default="zstd",
                     help="multifd-compression for the tls configuration (default zstd)")
+    ap.add_argument("--mem-path", metavar="DIR",
+                    help="back guest RAM with files in DIR (-mem-path), e.g. a hugetlbfs mount, to compare with "
+                         "migrated --guest-memory huge-pages; default: QEMU's anonymous memory")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, certs)")
     args = ap.parse_args()
@@ -509,7 +514,8 @@ def main():
     meta = {"qemu": version, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "loadavg_start": open("/proc/loadavg").read().split()[:3],
             "netns": os.environ.get(NETNS_ENV) == "1", "max_bandwidth": MAX_BANDWIDTH,
-            "compression": args.compression, "timeout_s": args.timeout, "repeat": args.repeat, "notes": []}
+            "compression": args.compression, "timeout_s": args.timeout, "repeat": args.repeat,
+            "mem_path": args.mem_path, "notes": []}
     results = []
     t_all = time.monotonic()
     try:

@@ -132,7 +132,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     private func residentHugePages() throws -> [Range<Int64>] {
-        let hugePage = Int(Self.hugePageSize), step = 1 << 30 // one mincore call per GiB
+        let hugePage = Int(Self.hugePageSize), step = min(1 << 30, Int(size)) // one mincore call per GiB
         var present = [UInt8](repeating: 0, count: step / pageSize)
         var ranges: [Range<Int64>] = []
         for start in stride(from: 0, to: Int(size), by: step) {

@@ -3,6 +3,7 @@ import Glibc
 import KVMBackend
 import LinuxSystem
 import MicroVM
+import TestSupport
 import XCTest
 
 /// Guest RAM's sizes and slots, and writing it through its memfd as a migration's receiver does. Needs no KVM:
@@ -69,9 +70,7 @@ final class GuestMemoryTests: XCTestCase {
     /// and the pages holding data are the huge pages touched (hugetlbfs reports no holes of its own).
     func testHugePageMemoryTakesWritesAndZeroesAndReportsThePagesItHolds() throws {
         let size: UInt64 = 16 << 20
-        guard GuestMemory.freeHugePages() >= size / GuestMemory.hugePageSize else {
-            throw XCTSkip("needs 8 free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
-        }
+        try requireFreeHugePages(size / GuestMemory.hugePageSize)
         let memory = try GuestMemory(size: size, backing: .hugePages)
         XCTAssertEqual(try memory.dataRanges(), [], "nothing touched yet")
         let huge = Int64(GuestMemory.hugePageSize)

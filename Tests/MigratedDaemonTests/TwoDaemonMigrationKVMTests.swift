@@ -83,9 +83,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     /// Host B keeps guest RAM on huge pages (`guest_memory`): a guest from A arrives there on huge pages and carries
     /// on, and each daemon reports the memory its VM has.
     func testAGuestArrivesOnHugePagesWhereTheDaemonKeepsThem() async throws {
-        guard GuestMemory.freeHugePages() >= 128 else {
-            throw XCTSkip("needs 128 free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
-        }
+        try requireFreeHugePages(128)
         let image = try { _ = try TestGuest.image(); return TestGuest.path }()
         try await withTwoDaemons(bMemory: .hugePages) { a, _, b, bListener in
             _ = try await a.client.createVM(VMCreateRequest(id: "onto-huge", image: image, memoryMib: 256,

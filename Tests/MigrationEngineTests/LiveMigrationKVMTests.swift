@@ -53,9 +53,7 @@ final class LiveMigrationKVMTests: MigrationTestCase {
     func testGuestMovesOntoHugePagesAndOffThemAgain() throws {
         let size: UInt64 = 256 << 20
         let pages = size / GuestMemory.hugePageSize
-        guard GuestMemory.freeHugePages() >= 2 * pages else {
-            throw XCTSkip("needs \(2 * pages) free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
-        }
+        try requireFreeHugePages(2 * pages)
         let (source, sourceConsole) = try bootSource("workload=memstress size_mib=64 rate_mib=100 pattern=mixed",
                                                      memory: size, backing: .hugePages)
         let before = MemstressStatus(sourceConsole.receivedLines.last { $0.contains("verify=ok") }!)!

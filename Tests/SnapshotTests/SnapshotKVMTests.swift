@@ -91,9 +91,7 @@ final class SnapshotKVMTests: KVMTestCase {
 
     /// A guest on huge pages is saved live (its pages found with mincore) and restored eagerly onto huge pages.
     func testLiveSnapshotOfAHugePageGuestRestoresOntoHugePages() throws {
-        guard GuestMemory.freeHugePages() >= 2 * (256 << 20) / GuestMemory.hugePageSize else {
-            throw XCTSkip("needs 256 free 2 MiB pages (/proc/sys/vm/nr_hugepages); \(GuestMemory.freeHugePages()) are free")
-        }
+        try requireFreeHugePages(2 * (256 << 20) / GuestMemory.hugePageSize)
         let (machine, _) = try boot("workload=memstress size_mib=64 rate_mib=100 pattern=mixed", backing: .hugePages)
         let saved = try SnapshotSaver(source: MicroVMGuestSource(machine: machine), path: path("huge"),
                                       options: SnapshotSaveOptions(keepTracking: false)).run()

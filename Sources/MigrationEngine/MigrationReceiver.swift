@@ -24,7 +24,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         self.sink = sink
         self.channels = channels
         self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count),
-                                                         flags: [.wholeBatchCompression, .passAcknowledgement])
+                                                         flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum])
     }
 
     public struct Report: Sendable, Equatable {

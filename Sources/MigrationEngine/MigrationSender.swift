@@ -85,7 +85,7 @@ public final class MigrationSender: @unchecked Sendable {
     private func migrate(_ phase: inout Phase) throws -> Double {
         let layout = source.layout
         let count = options.channels
-        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: [.wholeBatchCompression, .passAcknowledgement])
+        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum])
         let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
             let channel: MigrationChannel
@@ -108,6 +108,9 @@ public final class MigrationSender: @unchecked Sendable {
         try checkAgreement(agreed)
         let wholeBatches = agreed.flags.contains(.wholeBatchCompression)
         let acknowledged = agreed.flags.contains(.passAcknowledgement)
+        if agreed.flags.contains(.descriptorChecksum) {
+            for writer in writers { writer.encoder.checksumsPayload = false }
+        }
         let streamers = try writers.map {
             try PageStreamer(writer: $0, source: source, layout: layout, options: options, compressWholeBatches: wholeBatches)
         }

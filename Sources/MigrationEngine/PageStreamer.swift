@@ -9,10 +9,12 @@ import Synchronization
 /// neither stage waits for the other unless it is the slower one. The streamer keeps this channel's share of
 /// the memory digest and honours a bandwidth cap.
 ///
-/// Each page is first copied once out of guest memory: the guest keeps running during pre-copy, and the
-/// batch checksum, the digest and the bytes on the wire must all describe the same version of the page.
-/// (A page that changes after its copy is dirty again, and the next pass sends it.) The batch then leaves in
-/// one vectored send from these copies and the compressed blocks, with no further copy.
+/// Uncompressed pages go to the wire straight from guest memory when the batch checksum leaves the payload
+/// out (`descriptorChecksum`, stream.md §6.4): a page the guest changes between its digest hash and its send
+/// may arrive torn, but it is dirty again, and a later pass sends it whole. Otherwise, and whenever pages are
+/// compressed, each page is first copied once out of guest memory, so that the batch checksum, the digest and
+/// the bytes on the wire describe the same version of it (and the codec reads a page that stands still). The
+/// batch then leaves in one vectored send, with no further copy.
 ///
 /// With a receiver that agreed to it, a compressed batch is compressed as a whole (stream.md §6.4): the
 /// non-zero pages lie back to back in the batch's copies and make one block, so the codec finds what pages
@@ -34,6 +36,8 @@ final class PageStreamer {
     private let source: GuestSource
     private let batchPages: Int
     private let compressWholeBatches: Bool
+    /// Whether uncompressed pages may be sent from guest memory rather than from copies.
+    private let sendsFromGuestMemory: Bool
     private let encoder: PageEncoder
     private let adaptive: AdaptiveSelector?
     private var probeCompressors: [CompressionCodec: BlockCompressor] = [:]
@@ -83,6 +87,7 @@ final class PageStreamer {
         digest = DigestTracker(regions: layout.digestRegions)
         batchPages = options.batchPages
         self.compressWholeBatches = compressWholeBatches
+        sendsFromGuestMemory = !writer.encoder.checksumsPayload
         switch options.compression {
         case .none: encoder = try PageEncoder(codec: .none); adaptive = nil
         case .lz4: encoder = try PageEncoder(codec: .lz4(acceleration: 1)); adaptive = nil
@@ -185,14 +190,21 @@ final class PageStreamer {
         batch.compression = .none
         let (codec, probe) = chooseCodec()
         let compressPages = codec != .none && !compressWholeBatches
+        // A probe samples the batch's copies.
+        let inPlace = sendsFromGuestMemory && codec == .none && probe == nil
         let compressStart = monotonicSeconds()
         var compressedInput = 0, compressedOutput = 0
         var copied = 0 // bytes of `copies` holding raw pages
         var scratchUsed = 0
         for frame in frames {
-            let copy = UnsafeMutableRawBufferPointer(rebasing: batch.copies[copied ..< copied + 4096])
-            copy.copyMemory(from: UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096))
-            let page = UnsafeRawBufferPointer(copy)
+            let page: UnsafeRawBufferPointer
+            if inPlace {
+                page = UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096)
+            } else {
+                let copy = UnsafeMutableRawBufferPointer(rebasing: batch.copies[copied ..< copied + 4096])
+                copy.copyMemory(from: UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096))
+                page = UnsafeRawBufferPointer(copy)
+            }
             let output = UnsafeMutableRawBufferPointer(rebasing: batch.scratch[scratchUsed ..< scratchUsed + 4096])
             let (kind, length) = compressPages ? encoder.encode(page, scratch: output)
                                                : (ZeroPage.isZero(page) ? .zero : .raw, 4096)
@@ -217,7 +229,7 @@ final class PageStreamer {
             }
             counts.raw += 1
             batch.pages.append(PageSource(frame: frame, encoding: .raw, bytes: page))
-            copied += 4096
+            if !inPlace { copied += 4096 }
         }
         if let probe, let adaptive {
             measure(probe, sample: UnsafeRawBufferPointer(rebasing: batch.copies[0 ..< min(copied, adaptive.probeBytes)]))
@@ -242,14 +254,22 @@ final class PageStreamer {
         counts.pages += frames.count
     }
 
-    /// The batch's record prefix, then each page's bytes, then padding, in one vectored send.
+    /// The batch's record prefix, then each page's bytes, then padding, in one vectored send. Pages that lie
+    /// back to back (in the copies, or in guest memory) go as one buffer: fewer pieces for the kernel, and TLS
+    /// encrypts whole records from them rather than gathering pages into a staging buffer first.
     private func sendBatch(_ batch: Batch) throws -> Int {
         var buffers = [UnsafeRawBufferPointer(rebasing: batch.prefix[0 ..< batch.prefixLength])]
         if batch.compression != .none {
             buffers.append(batch.compressedPayload)
         } else {
             buffers.reserveCapacity(batch.pages.count + 2)
-            for page in batch.pages where page.bytes.count > 0 { buffers.append(page.bytes) }
+            for page in batch.pages where page.bytes.count > 0 {
+                if buffers.count > 1, let last = buffers.last, last.baseAddress! + last.count == page.bytes.baseAddress {
+                    buffers[buffers.count - 1] = UnsafeRawBufferPointer(start: last.baseAddress, count: last.count + page.bytes.count)
+                } else {
+                    buffers.append(page.bytes)
+                }
+            }
         }
         let payload = buffers.dropFirst().reduce(0) { $0 + $1.count }
         let paddingLength = WireFormat.padding(forBodyLength: batch.prefixLength - WireFormat.recordHeaderLength + payload)

@@ -53,6 +53,9 @@ public struct CapabilityFlags: OptionSet, Hashable, Sendable {
     public static let wholeBatchCompression = CapabilityFlags(rawValue: 1 << 2)
     /// The receiver says on its reply stream when each pre-copy pass is wholly in guest memory (PASS_APPLIED).
     public static let passAcknowledgement = CapabilityFlags(rawValue: 1 << 3)
+    /// Page batch checksums cover the batch header and descriptors, not the payload, which the memory digest
+    /// covers end to end; so a sender can send pages straight from the memory of a running guest.
+    public static let descriptorChecksum = CapabilityFlags(rawValue: 1 << 4)
 }
 
 /// A side's offer, or the agreed set (stream.md §6.1).

@@ -398,9 +398,11 @@ public final class StreamDecoder {
         }
     }
 
-    private func verify(stored: UInt32, _ body: UnsafeRawBufferPointer, at: UInt64) throws {
+    /// Checks the checksum stored in a body's first four bytes against bytes 4 ..< `end` (the whole body unless
+    /// a batch's checksum covers its descriptors only).
+    private func verify(stored: UInt32, _ body: UnsafeRawBufferPointer, through end: Int? = nil, at: UInt64) throws {
         guard options.verifyChecksums else { return }
-        let computed = checksum(0, UnsafeRawBufferPointer(rebasing: body[4...]))
+        let computed = checksum(0, UnsafeRawBufferPointer(rebasing: body[4 ..< (end ?? body.count)]))
         if computed != stored { throw fail(at, .checksumMismatch(stored: stored, computed: computed)) }
     }
 
@@ -474,7 +476,8 @@ public final class StreamDecoder {
         if payloadOffset != expectedUncompressed || Int(uncompressedLength) != payloadOffset {
             throw fail(at + 28, .payloadLengthMismatch(declared: uncompressedLength, actual: UInt32(payloadOffset)))
         }
-        try verify(stored: body.le32(0), body, at: at)
+        let descriptorsOnly = rules?.flags.contains(.descriptorChecksum) == true
+        try verify(stored: body.le32(0), body, through: descriptorsOnly ? descriptorsEnd : nil, at: at)
 
         nextSequence += 1
         lastBatchPass = pass

@@ -26,6 +26,9 @@ public struct StreamEncoder {
     public let checksum: ChecksumFunction
     /// Sequence number the next page batch will carry.
     public private(set) var nextSequence: UInt64 = 0
+    /// Whether page batch checksums cover the payload (stream.md §6.4); false once both ends agreed on
+    /// `descriptorChecksum`.
+    public var checksumsPayload = true
 
     public init(header: StreamHeader, checksum: @escaping ChecksumFunction = CRC32C.software) {
         self.header = header
@@ -176,7 +179,8 @@ public struct StreamEncoder {
     }
 
     /// Writes only the prefix of an uncompressed batch (record header, batch header, descriptors,
-    /// checksum over all of it and the page bytes). The caller then sends the page bytes in order,
+    /// checksum over all of it and, unless `checksumsPayload` is off, the page bytes). The caller then sends
+    /// the page bytes in order,
     /// followed by `WireFormat.padding(forBodyLength:)` zero bytes, e.g. with writev straight
     /// from guest memory. Returns the prefix length.
     @discardableResult
@@ -214,7 +218,7 @@ public struct StreamEncoder {
     }
 
     /// Writes only the prefix of a batch whose payload area was compressed as a whole (record header, batch
-    /// header, descriptors, checksum over all of it and `compressedPayload`). `pages` describe the uncompressed
+    /// header, descriptors, checksum over all of it and, unless `checksumsPayload` is off, `compressedPayload`). `pages` describe the uncompressed
     /// payload: each is zero or raw. The caller then sends `compressedPayload` and
     /// `WireFormat.padding(forBodyLength:)` zero bytes. Returns the prefix length.
     @discardableResult
@@ -268,7 +272,7 @@ public struct StreamEncoder {
         w.u32(UInt32(uncompressedLength))
         descriptors(&w)
         let covered = UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(out)[(bodyStart + 4) ..< w.position])
-        let crc = continueChecksum(checksum(0, covered))
+        let crc = checksumsPayload ? continueChecksum(checksum(0, covered)) : checksum(0, covered)
         out.storeBytes(of: crc.littleEndian, toByteOffset: bodyStart, as: UInt32.self)
         nextSequence += 1
         return w.position

@@ -29,6 +29,19 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         destination.stop()
     }
 
+    /// Uncompressed pages leave straight from the memory of a guest that rewrites them all the time: a page the
+    /// guest changes while it is sent arrives torn and goes again in a later pass, and the digests agree, and the
+    /// destination starts, only if every page's last version arrived whole.
+    func testUncompressedPagesLeaveFromTheMemoryOfAWritingGuest() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=32 rate_mib=400 pattern=random")
+        var options = MigrationOptions()
+        options.channels = 2
+        options.compression = .none
+        let (outcome, destination) = try migrateSuccessfully(source, options: options, lines: 2)
+        XCTAssertGreaterThan(outcome.report.passes.count, 1, "the guest dirtied pages during pass 0")
+        destination.stop()
+    }
+
     /// The destination holds memory for the non-zero pages only: pass 0 leaves out the populated pages of zeros it
     /// finds (the destination's memory starts as holes), and the receiver writes through the memfd, which touches
     /// nothing else. (Pages that become zero in a later pass are punched out: PageWriterTests.)

@@ -81,6 +81,25 @@ final class MigrationFaultKVMTests: MigrationTestCase {
         assertSourceIntact(source, console, outcome)
     }
 
+    /// A page corrupted on the wire: with checksums over descriptors only (the default, so that pages leave from
+    /// guest memory), its batch passes and the memory digest refuses the switchover; with checksums over whole
+    /// batches (a receiver that does not take the option), its batch is refused. Either way the source runs on.
+    /// The guest's working set stands still, so no later pass sends the page again and heals it.
+    func testPageCorruptedInTransitIsCaughtByTheDigestOrByItsBatch() throws {
+        let checksumOverWholeBatches = Capabilities(codecs: .all, maxChannels: 2, flags: [.wholeBatchCompression, .passAcknowledgement])
+        for (capabilities, expected) in [(nil, "digest mismatch"), (checksumOverWholeBatches, "checksumMismatch")] {
+            let (source, console) = try bootSource("workload=memstress size_mib=64 rate_mib=0 pattern=random")
+            // 16 MiB into channel 0: in the payload of a batch of pass 0 (1 MiB of pages after 4 KiB of descriptors).
+            let outcome = migrate(source, options: plainOptions, receiverCapabilities: capabilities) { _, channels in
+                channels[0].corruptByteAt = 16 << 20
+            }
+            let receiverError = outcome.receiverError.map { "\($0)" } ?? ""
+            XCTAssertTrue(receiverError.contains(expected), "expected \(expected): \(receiverError)")
+            XCTAssertTrue(outcome.report.error?.contains(expected) ?? false, outcome.report.error ?? "")
+            assertSourceIntact(source, console, outcome)
+        }
+    }
+
     func testCancelDuringPreCopy() throws {
         let (source, console) = try bootSource(guest)
         let outcome = migrate(source, options: plainOptions) { sender, channels in

@@ -2,11 +2,13 @@ import Glibc
 import MigrationEngine
 
 /// A real Unix stream socket pair, for engine tests that need no TLS; `cutAfter` closes the sending side
-/// after that many bytes, as a failing network would.
+/// after that many bytes, as a failing network would, and `corruptByteAt` flips the bits of the byte sent at
+/// that offset of the stream, as a faulty one would.
 final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
     private let fd: Int32
     private var closed = false
     var cutAfter: Int?
+    var corruptByteAt: Int?
     /// Runs once, on the sending thread, when this many bytes have been sent.
     var whenSent: (bytes: Int, action: () -> Void)?
     /// Fails receiving once this many bytes came in, as a crashed receiver would.
@@ -34,7 +36,22 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
                         throw ChannelError("connection cut after \(sent) bytes")
                     }
                 }
-                let n = Glibc.send(fd, buffer.baseAddress! + done, length, Int32(MSG_NOSIGNAL))
+                let bytes = buffer.baseAddress! + done
+                var flipped: UInt8?
+                if let corruptByteAt, corruptByteAt >= sent {
+                    if corruptByteAt == sent {
+                        // That byte alone, from a copy: the sender's buffer may be guest memory.
+                        flipped = ~bytes.load(as: UInt8.self)
+                        self.corruptByteAt = nil
+                    } else {
+                        length = min(length, corruptByteAt - sent)
+                    }
+                }
+                let n = if var flipped {
+                    withUnsafeBytes(of: &flipped) { Glibc.send(fd, $0.baseAddress, 1, Int32(MSG_NOSIGNAL)) }
+                } else {
+                    Glibc.send(fd, bytes, length, Int32(MSG_NOSIGNAL))
+                }
                 if n < 0 {
                     if errno == EINTR { continue }
                     throw ChannelError("send: \(String(cString: strerror(errno)))")

@@ -93,6 +93,17 @@ func allVectors() -> [Vector] {
             enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
         }))
 
+    v.append(Vector(name: "valid-descriptor-checksum", description:
+        "descriptor_checksum agreed: the batch checksum covers the batch header and descriptors, not the raw page",
+        bytes: stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0002) { enc, out in
+            enc.encodeCapabilities(Capabilities(codecs: [.zero, .raw], maxChannels: 1, flags: [.descriptorChecksum]),
+                                   agreed: true, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            enc.checksumsPayload = false
+            batch(&enc, &out, pass: 0, pages: [(0, patternPage(4)), (1, nil)])
+            enc.encodeEnd(endRecord, into: &out)
+        }))
+
     v.append(Vector(name: "valid-optional-records", description:
         "a note and an unknown optional record (type 0x80000042), both skipped or reported, then end",
         bytes: stream { enc, out in

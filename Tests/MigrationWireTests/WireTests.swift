@@ -92,6 +92,39 @@ final class WireTests: XCTestCase {
         XCTAssertEqual(error(make(agreedFlags: []))?.reason, .codecNotAgreed(2))
     }
 
+    /// With `descriptorChecksum` agreed, a batch's checksum covers its header and descriptors: a flipped payload
+    /// byte passes (the memory digest is what catches it), a flipped descriptor byte does not. A reader that did
+    /// not agree checks whole batches, and refuses such a batch.
+    func testDescriptorChecksumLeavesThePayloadOut() {
+        func make(agreedFlags: CapabilityFlags, patch: Int? = nil) -> (bytes: [UInt8], batchAt: Int) {
+            var batchAt = 0
+            var bytes = stream(features: .liveMigration, layout: nil) { enc, out in
+                enc.encodeCapabilities(Capabilities(codecs: .all, maxChannels: 1, flags: agreedFlags), agreed: true, into: &out)
+                enc.encodeLayout(vectorLayout, into: &out)
+                enc.checksumsPayload = false
+                batchAt = out.count
+                batch(&enc, &out, pass: 0, pages: [(1, patternPage(1)), (2, nil)])
+                enc.encodeEnd(endRecord, into: &out)
+            }
+            if let patch { bytes[batchAt + 8 + patch] ^= 0x01 }
+            return (bytes, batchAt)
+        }
+        let payloadByte = 32 + 2 * 16 + 100
+        let (patched, batchAt) = make(agreedFlags: .descriptorChecksum, patch: payloadByte)
+        guard case .pageBatch(let decoded) = events(patched)[3] else { return XCTFail("no batch") }
+        var expected = patternPage(1)
+        expected[100] ^= 0x01
+        XCTAssertEqual(decoded.payload.bytes, expected, "the flipped payload byte is delivered as sent")
+
+        XCTAssertEqual(error(make(agreedFlags: .descriptorChecksum, patch: 32 + 16 + 1).bytes)?.reason.name, "checksumMismatch",
+                       "a descriptor's frame is covered")
+        XCTAssertEqual(error(make(agreedFlags: .descriptorChecksum, patch: 8).bytes)?.reason.name, "sequenceGap",
+                       "and the batch header is checked as before")
+        let unagreed = error(make(agreedFlags: []).bytes)
+        XCTAssertEqual(unagreed?.reason.name, "checksumMismatch", "without the agreement the checksum must cover the payload")
+        XCTAssertEqual(unagreed?.offset, UInt64(batchAt + 8))
+    }
+
     /// Patches one byte of the first page batch and returns the decoder's verdict. The checksum
     /// is checked after the structure, so structural errors surface with a stale checksum.
     func patchedBatch(at fieldOffset: Int, _ value: UInt8, channel: UInt16 = 0, channels: UInt16 = 1) -> WireError? {

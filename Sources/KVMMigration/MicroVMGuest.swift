@@ -92,6 +92,11 @@ public final class MicroVMGuestSink: GuestSink {
         try memory!.zero(at: first << 12, length: count * pageSize)
     }
 
+    /// Huge pages take writes only through the mapping, which faults in 2 MiB at a time, so pages are best
+    /// received straight into it. Shared memory takes them more cheaply through the memfd (`write`) than by
+    /// faulting in 4 KiB pages one by one.
+    public var takesPagesInPlace: Bool { memoryBacking == .hugePages }
+
     public func restore(deviceState: [DeviceState]) throws {
         guard let memory else { throw MicroVMError.invalidConfiguration("device state before memory") }
         let machines = deviceState.filter { $0.componentID == DeviceComponent.kvmVM }

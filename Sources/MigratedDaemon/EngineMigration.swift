@@ -214,6 +214,7 @@ final class ConfiguredGuestSink: GuestSink {
     func page(frame: UInt64) -> UnsafeMutableRawPointer { base.page(frame: frame) }
     func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws { try base.write(frames: first, pages: pages) }
     func zero(frames first: UInt64, count: Int) throws { try base.zero(frames: first, count: count) }
+    var takesPagesInPlace: Bool { base.takesPagesInPlace }
     func start() throws { try base.start() }
     func discard() { base.discard() }
 

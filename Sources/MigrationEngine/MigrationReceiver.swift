@@ -30,13 +30,15 @@ public final class MigrationReceiver: @unchecked Sendable {
     public struct Report: Sendable, Equatable {
         public var passes: Int
         public var pagesWritten: Int
+        /// Of those, pages received straight into guest memory (`GuestSink.takesPagesInPlace`).
+        public var pagesReceivedInPlace: Int
         public var deviceComponents: Int
         public var digest: String
     }
 
     /// Runs until the guest is started (returns) or the migration fails (throws, with the sink discarded).
     public func run() throws -> Report {
-        let main = RecordReader(channel: channels[0])
+        let main = RecordReader(channel: channels[0], payloadsInPlace: sink.takesPagesInPlace)
         var reply: RecordWriter?
         do {
             let report = try receive(main, reply: &reply)
@@ -110,6 +112,8 @@ public final class MigrationReceiver: @unchecked Sendable {
             switch try main.next() {
             case .pageBatch(let batch):
                 try appliers[0].submit(batch)
+            case .pageBatchAwaitingPayload(let batch):
+                try appliers[0].receiveInPlace(batch, from: main)
             case .passBoundary(let boundary):
                 passes += 1
                 try appliers[0].passEnded(boundary.pass)
@@ -138,6 +142,7 @@ public final class MigrationReceiver: @unchecked Sendable {
             case .end:
                 guard verified else { throw MigrationError.protocolViolation("stream ended before the switchover") }
                 return Report(passes: passes, pagesWritten: writers.reduce(0) { $0 + $1.pagesWritten },
+                              pagesReceivedInPlace: writers.reduce(0) { $0 + $1.pagesReceivedInPlace },
                               deviceComponents: deviceState.count,
                               digest: hex(writers.reduce(into: MemoryDigest()) { $0.add(PageHash(low: $1.digest.digest.low, high: $1.digest.digest.high)) }.bytes))
             case .abort(let abort):
@@ -155,12 +160,12 @@ public final class MigrationReceiver: @unchecked Sendable {
         let threads = ChannelThreads()
         for index in channels.indices.dropFirst() {
             threads.start(name: "migrate-receive-\(index)") { [self] in
-                let reader = RecordReader(channel: channels[index])
+                let reader = RecordReader(channel: channels[index], payloadsInPlace: sink.takesPagesInPlace)
                 reader.decoder.hold(to: agreed)
                 do {
                     guard case .header(let header) = try reader.next(), Int(header.channel) == index,
-                          Int(header.channelCount) == channels.count else {
-                        throw MigrationError.protocolViolation("channel \(index) does not open as channel \(index) of \(channels.count)")
+                          Int(header.channelCount) == channels.count, header.pageSize == 4096 else {
+                        throw MigrationError.protocolViolation("channel \(index) does not open as channel \(index) of \(channels.count) with 4096-byte pages")
                     }
                     guard case .layout(let theirs) = try reader.next(), theirs == layout else {
                         throw MigrationError.protocolViolation("channel \(index) declares another memory layout")
@@ -168,6 +173,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                     while true {
                         switch try reader.next() {
                         case .pageBatch(let batch): try appliers[index].submit(batch)
+                        case .pageBatchAwaitingPayload(let batch): try appliers[index].receiveInPlace(batch, from: reader)
                         case .passBoundary(let boundary): try appliers[index].passEnded(boundary.pass)
                         case .note, .skippedOptional: continue
                         case .end: return try appliers[index].drain()
@@ -191,7 +197,9 @@ public final class MigrationReceiver: @unchecked Sendable {
 /// the two; their bytes stay in the decoder's buffers, which are not reused while a batch holds them.
 final class PageApplier: @unchecked Sendable {
     let writer: PageWriter
-    private enum Work { case batch(PageBatch), passEnded(UInt32), flush(DispatchSemaphore) }
+    private enum Work { case batch(PageBatch), hashInPlace(PageBatch), passEnded(UInt32), flush(DispatchSemaphore) }
+    /// Whether batches were queued that this thread will write into guest memory; the channel's thread only.
+    private var queuedWrites = false
     private let queue = HandOff<Work>([], capacity: 4)
     private let lock = NSLock()
     private var failure: Error?
@@ -209,6 +217,7 @@ final class PageApplier: @unchecked Sendable {
                 do {
                     switch work {
                     case .batch(let batch): try writer.apply(batch)
+                    case .hashInPlace(let batch): writer.hashInPlace(batch)
                     case .passEnded(let pass): try written(pass)
                     case .flush(let done): done.signal()
                     }
@@ -225,7 +234,21 @@ final class PageApplier: @unchecked Sendable {
     /// Queues a batch; throws with the error of an earlier batch, if one failed.
     func submit(_ batch: PageBatch) throws {
         try rethrowFailure()
+        queuedWrites = true
         queue.put(.batch(batch))
+    }
+
+    /// Receives a batch's payload straight into guest memory on the calling channel's thread, zeroes its zero
+    /// pages there too, and queues the batch for hashing. Memory writes stay in stream order: batches queued
+    /// before, which this thread would write later, are written first.
+    func receiveInPlace(_ batch: PageBatch, from reader: RecordReader) throws {
+        if queuedWrites {
+            try drain()
+            queuedWrites = false
+        }
+        try writer.receiveInPlace(batch, from: reader)
+        try rethrowFailure()
+        queue.put(.hashInPlace(batch))
     }
 
     /// Marks the end of a pass on this channel: reported once the batches before it are written.
@@ -272,9 +295,13 @@ final class PageWriter {
     private var pageScratch: UnsafeMutableRawBufferPointer?
     /// A batch goes to the sink in one run per stretch of consecutive frames, never split further.
     private var runs: SinkRuns
+    /// For batches received in place, which bypass `runs`.
+    private let sink: GuestSink
     private(set) var pagesWritten = 0
+    private(set) var pagesReceivedInPlace = 0
 
     init(sink: GuestSink, layout: GuestMemoryLayout) {
+        self.sink = sink
         runs = SinkRuns(sink: sink, maximumRun: WireLimits.v1.maxPagesPerBatch)
         digest = DigestTracker(regions: layout.digestRegions)
         lz4 = try! BlockCompressor(.lz4(acceleration: 1))
@@ -284,6 +311,30 @@ final class PageWriter {
     deinit {
         batchPayload?.deallocate()
         pageScratch?.deallocate()
+    }
+
+    /// On the channel's thread: receives an uncompressed batch's raw pages into guest memory and zeroes its zero
+    /// pages (the decoder has checked the frames against the layout). `hashInPlace` then does the rest.
+    func receiveInPlace(_ batch: PageBatch, from reader: RecordReader) throws {
+        for page in batch.pages where page.encoding == .raw && page.length != 4096 {
+            throw MigrationError.malformedStream("raw page \(page.frame) of \(page.length) bytes")
+        }
+        try reader.receivePayload { sink.page(frame: $0.frame) }
+        for page in batch.pages where page.encoding == .zero { try sink.zero(frames: page.frame, count: 1) }
+    }
+
+    /// On the applier's thread: adds a batch received in place to the digest, from guest memory. A later batch
+    /// may have changed a page since; that batch's hash, taken after, is the one that stays.
+    func hashInPlace(_ batch: PageBatch) {
+        for page in batch.pages {
+            if page.encoding == .zero {
+                digest.updateZero(frame: page.frame)
+            } else {
+                digest.update(frame: page.frame, page: UnsafeRawBufferPointer(start: sink.page(frame: page.frame), count: 4096))
+            }
+        }
+        pagesWritten += batch.pages.count
+        pagesReceivedInPlace += batch.pages.count { $0.encoding == .raw }
     }
 
     func apply(_ batch: PageBatch) throws {

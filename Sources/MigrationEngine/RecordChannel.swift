@@ -51,9 +51,9 @@ final class RecordReader {
     /// Bytes asked of the channel per receive.
     private static let chunk = 1 << 20
 
-    init(channel: MigrationChannel, checksum: @escaping ChecksumFunction = FastCRC32C.function) {
+    init(channel: MigrationChannel, payloadsInPlace: Bool = false, checksum: @escaping ChecksumFunction = FastCRC32C.function) {
         self.channel = channel
-        decoder = StreamDecoder(checksum: checksum)
+        decoder = StreamDecoder(options: StreamDecoder.Options(payloadsInPlace: payloadsInPlace), checksum: checksum)
     }
 
     /// The next event; throws when the channel closes or fails first, or the bytes are malformed.
@@ -65,15 +65,32 @@ final class RecordReader {
                 throw MigrationError.malformedStream("\(error)")
             }
             if decoder.isComplete { throw MigrationError.protocolViolation("read past the end of the stream") }
-            let count: Int
-            do {
-                count = try decoder.receive(maximum: Self.chunk) { try channel.receive(into: $0) }
-            } catch {
-                throw MigrationError.channel("\(error)")
-            }
+            let count = try decoder.receive(maximum: Self.chunk) { try receive(into: $0) }
             guard count > 0 else {
                 throw MigrationError.channel("peer closed the connection at stream offset \(decoder.offset + UInt64(decoder.bufferedByteCount))")
             }
+        }
+    }
+
+    /// Receives the payload of the batch `next()` returned as `.pageBatchAwaitingPayload`, each page's bytes to
+    /// `destination(page)`.
+    func receivePayload(into destination: (PageDescriptor) -> UnsafeMutableRawPointer) throws {
+        do {
+            try decoder.receivePayload(into: destination) { buffer in
+                let count = try receive(into: buffer)
+                guard count > 0 else { throw MigrationError.channel("peer closed the connection at stream offset \(decoder.offset) inside a page batch") }
+                return count
+            }
+        } catch let error as WireError {
+            throw MigrationError.malformedStream("\(error)")
+        }
+    }
+
+    private func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        do {
+            return try channel.receive(into: buffer)
+        } catch {
+            throw MigrationError.channel("\(error)")
         }
     }
 }

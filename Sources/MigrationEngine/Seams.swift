@@ -41,6 +41,10 @@ public protocol GuestSink: AnyObject {
     func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws
     /// Makes `count` consecutive frames from `first` read as zero; the default clears them through `page(frame:)`.
     func zero(frames first: UInt64, count: Int) throws
+    /// Whether raw pages should be received straight into `page(frame:)` memory, rather than into a buffer and
+    /// then through `write`: for memory that takes writes through its mapping as cheaply as any other way. The
+    /// default is false.
+    var takesPagesInPlace: Bool { get }
     /// Rebuilds the guest from its device state, without starting it.
     func restore(deviceState: [DeviceState]) throws
     /// Starts the rebuilt guest.
@@ -57,6 +61,8 @@ extension GuestSink {
     public func zero(frames first: UInt64, count: Int) throws {
         for i in 0 ..< count { page(frame: first + UInt64(i)).initializeMemory(as: UInt8.self, repeating: 0, count: 4096) }
     }
+
+    public var takesPagesInPlace: Bool { false }
 }
 
 /// A bidirectional byte stream between sender and receiver: a TCP or Unix socket, with or without TLS.

@@ -293,6 +293,10 @@ public enum StreamEvent: Sendable {
     case capabilitiesAgreed(Capabilities)
     case layout(GuestMemoryLayout)
     case pageBatch(PageBatch)
+    /// An uncompressed page batch, checked, whose payload is still to come: the caller receives it into place
+    /// with `StreamDecoder.receivePayload` before anything else (`StreamDecoder.Options.payloadsInPlace`).
+    /// Its `payload` is empty.
+    case pageBatchAwaitingPayload(PageBatch)
     case deviceState(DeviceState)
     case passBoundary(PassBoundary)
     case switchover(Switchover)

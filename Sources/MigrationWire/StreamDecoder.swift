@@ -7,7 +7,9 @@
 //  - refuses pages outside the declared layout, and records out of order;
 //  - reports each rejection as a WireError with the stream offset and a typed reason, after
 //    which it stays failed.
-// Page payloads and device-state blobs are yielded as slices of its buffer, not copied.
+// Page payloads and device-state blobs are yielded as slices of its buffer, not copied. With
+// `payloadsInPlace`, the payload of an uncompressed batch whose checksum covers its descriptors only is not
+// buffered at all: the caller receives it straight into guest memory (`receivePayload`).
 
 public final class StreamDecoder {
     public struct Options: Sendable {
@@ -15,9 +17,14 @@ public final class StreamDecoder {
         /// Verify batch and device-state checksums. Only fuzzing turns this off, to reach
         /// the checks that lie behind a valid checksum.
         public var verifyChecksums: Bool
-        public init(limits: WireLimits = .v1, verifyChecksums: Bool = true) {
+        /// Yield an uncompressed page batch as `.pageBatchAwaitingPayload` once its descriptors are in and
+        /// checked, when its checksum covers them alone (`descriptorChecksum` agreed), and leave its payload
+        /// to `receivePayload`; reads through `receive(maximum:)` then stop at each batch's descriptors.
+        public var payloadsInPlace: Bool
+        public init(limits: WireLimits = .v1, verifyChecksums: Bool = true, payloadsInPlace: Bool = false) {
             self.limits = limits
             self.verifyChecksums = verifyChecksums
+            self.payloadsInPlace = payloadsInPlace
         }
     }
 
@@ -50,6 +57,10 @@ public final class StreamDecoder {
     private var readIndex = 0
     private var writeIndex = 0
     private var failure: WireError?
+    /// The batch yielded as `.pageBatchAwaitingPayload`, whose payload and padding are still to come.
+    private var awaitingPayload: (pages: [PageDescriptor], padding: Int)?
+    /// Payload bytes `receivePayload` found already buffered and copied: for tests.
+    private(set) var payloadBytesCopied = 0
 
     private var pageShift = 12
     private var sawOffer = false
@@ -95,9 +106,14 @@ public final class StreamDecoder {
     @discardableResult
     public func receive(maximum: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> Int) rethrows -> Int {
         precondition(maximum >= 0)
+        precondition(awaitingPayload == nil, "a batch's payload is awaited: receivePayload")
         var wanted = maximum
         let room = storage.capacity - writeIndex
-        if room < maximum, let rest = bytesToRecordBoundary(), rest > 0, rest <= room { wanted = rest }
+        if options.payloadsInPlace, let rest = bytesToInPlaceStop(), rest > 0 {
+            wanted = min(maximum, rest)
+        } else if room < maximum, let rest = bytesToRecordBoundary(), rest > 0, rest <= room {
+            wanted = rest
+        }
         reserve(wanted)
         let n = try body(UnsafeMutableRawBufferPointer(start: storage.base + writeIndex, count: wanted))
         precondition(n >= 0 && n <= wanted, "receive: body reported \(n) bytes of \(wanted)")
@@ -115,6 +131,38 @@ public final class StreamDecoder {
         let length = Int(UnsafeRawBufferPointer(start: storage.base + readIndex, count: available).le32(4))
         guard length <= options.limits.maxRecordBody else { return nil }
         return WireFormat.recordHeaderLength + length + WireFormat.padding(forBodyLength: length) - available
+    }
+
+    /// In-place mode: bytes still to come before the decoder can take the stream header, or the record at the
+    /// read position: its header; for a page batch its batch header, then its descriptors if its payload goes in
+    /// place; otherwise the whole record. Reads stop there, so that a payload meant for guest memory is not read
+    /// into the buffer.
+    private func bytesToInPlaceStop() -> Int? {
+        let available = writeIndex - readIndex
+        guard header != nil else { return WireFormat.headerLength - available }
+        guard !isComplete else { return nil }
+        if available < WireFormat.recordHeaderLength { return WireFormat.recordHeaderLength - available }
+        let view = UnsafeRawBufferPointer(start: storage.base + readIndex, count: available)
+        let length = Int(view.le32(4))
+        guard length <= options.limits.maxRecordBody else { return nil }
+        let whole = WireFormat.recordHeaderLength + length + WireFormat.padding(forBodyLength: length)
+        guard RecordType(rawValue: view.le32(0)) == .pageBatch, length >= 32 else { return whole - available }
+        let batchHeaderEnd = WireFormat.recordHeaderLength + 32
+        if available < batchHeaderEnd { return batchHeaderEnd - available }
+        return (inPlacePrefixLength(view, bodyLength: length) ?? whole) - available
+    }
+
+    /// The length of record header, batch header and descriptors of the page batch at the start of `view`, if
+    /// its payload is to be received in place: in-place mode, descriptor checksums agreed, uncompressed, a page
+    /// count within the limits and a body that holds the descriptors and some payload. Anything else (including
+    /// every malformed batch) takes the buffered path, which reports what is wrong.
+    private func inPlacePrefixLength(_ view: UnsafeRawBufferPointer, bodyLength: Int) -> Int? {
+        let batchHeaderEnd = WireFormat.recordHeaderLength + 32
+        guard options.payloadsInPlace, layout != nil, rules?.flags.contains(.descriptorChecksum) == true,
+              view.count >= batchHeaderEnd, view[WireFormat.recordHeaderLength + 22] == BatchCompression.none.rawValue else { return nil }
+        let count = Int(view.le32(WireFormat.recordHeaderLength + 4))
+        guard count <= options.limits.maxPagesPerBatch, 32 + 16 * count < bodyLength else { return nil }
+        return batchHeaderEnd + 16 * count
     }
 
     /// Makes room for `n` more bytes after `writeIndex`.
@@ -181,6 +229,7 @@ public final class StreamDecoder {
     /// The next event, or nil when more bytes are needed.
     public func next() throws -> StreamEvent? {
         if let failure { throw failure }
+        precondition(awaitingPayload == nil, "a batch's payload is awaited: receivePayload")
         let available = writeIndex - readIndex
         guard header != nil else {
             return available >= WireFormat.magic.count ? try parseHeader(available) : nil
@@ -197,6 +246,17 @@ public final class StreamDecoder {
         if !type.isOptional && !Self.knownTypes.contains(type) { throw fail(offset, .unknownMandatoryRecord(type.rawValue)) }
         let bodyLength = Int(length)
         let total = WireFormat.recordHeaderLength + bodyLength + WireFormat.padding(forBodyLength: bodyLength)
+        if type == .pageBatch, let prefix = inPlacePrefixLength(view, bodyLength: bodyLength) {
+            guard available >= prefix else { return nil }
+            let body = UnsafeRawBufferPointer(rebasing: view[WireFormat.recordHeaderLength ..< prefix])
+            let at = offset + UInt64(WireFormat.recordHeaderLength)
+            guard case .pageBatch(let batch) = try parseBatch(body, bodyLength: bodyLength, bodyIndex: readIndex + WireFormat.recordHeaderLength,
+                                                              at: at) else { preconditionFailure("parseBatch yields batches") }
+            readIndex += prefix
+            offset += UInt64(prefix)
+            awaitingPayload = (batch.pages, WireFormat.padding(forBodyLength: bodyLength))
+            return .pageBatchAwaitingPayload(batch)
+        }
         guard available >= total else { return nil }
         for i in (WireFormat.recordHeaderLength + bodyLength) ..< total where view[i] != 0 {
             throw fail(offset + UInt64(i), .nonZeroPadding)
@@ -206,6 +266,55 @@ public final class StreamDecoder {
         readIndex += total
         offset += UInt64(total)
         return event
+    }
+
+    /// Receives the payload of the batch just yielded as `.pageBatchAwaitingPayload` into place: each page's
+    /// bytes to `destination(page)` (which must hold a page; zero pages have no bytes and are not asked for),
+    /// pages whose destinations lie back to back in one piece. Bytes the decoder already holds are copied, the
+    /// rest come from `receive` (as in `receive(maximum:)`: it returns how many bytes it wrote, 0 at the end of
+    /// input). Then the padding is checked. A short stream fails as `truncated`.
+    public func receivePayload(into destination: (PageDescriptor) -> UnsafeMutableRawPointer,
+                               _ receive: (UnsafeMutableRawBufferPointer) throws -> Int) throws {
+        if let failure { throw failure }
+        guard let (pages, padding) = awaitingPayload else { preconditionFailure("no batch awaits its payload") }
+        awaitingPayload = nil
+        var run: (start: UnsafeMutableRawPointer, length: Int)?
+        for page in pages where page.length > 0 {
+            let target = destination(page)
+            if let current = run, current.start + current.length == target {
+                run!.length += page.length
+                continue
+            }
+            if let current = run { try fill(current.start, current.length, receive) }
+            run = (target, page.length)
+        }
+        if let current = run { try fill(current.start, current.length, receive) }
+        var zeros: UInt64 = 0
+        try withUnsafeMutableBytes(of: &zeros) { padBytes in
+            let expected = UnsafeMutableRawBufferPointer(rebasing: padBytes[0 ..< padding])
+            let start = offset
+            try fill(expected.baseAddress!, padding, receive)
+            if let i = expected.firstIndex(where: { $0 != 0 }) { throw fail(start + UInt64(i), .nonZeroPadding) }
+        }
+    }
+
+    /// Puts the next `count` bytes of the stream at `target`: first those already buffered, then from `receive`.
+    private func fill(_ target: UnsafeMutableRawPointer, _ count: Int, _ receive: (UnsafeMutableRawBufferPointer) throws -> Int) throws {
+        let buffered = min(writeIndex - readIndex, count)
+        if buffered > 0 {
+            target.copyMemory(from: storage.base + readIndex, byteCount: buffered)
+            readIndex += buffered
+            payloadBytesCopied += buffered
+        }
+        offset += UInt64(buffered)
+        var done = buffered
+        while done < count {
+            let n = try receive(UnsafeMutableRawBufferPointer(start: target + done, count: count - done))
+            precondition(n >= 0 && n <= count - done, "receive: body reported \(n) bytes of \(count - done)")
+            if n == 0 { throw fail(offset, .truncated) }
+            done += n
+            offset += UInt64(n)
+        }
     }
 
     private static let knownTypes: Set<RecordType> = [
@@ -306,7 +415,7 @@ public final class StreamDecoder {
             return .layout(l)
 
         case .pageBatch:
-            return try parseBatch(body, bodyIndex: bodyIndex, at: at)
+            return try parseBatch(body, bodyLength: body.count, bodyIndex: bodyIndex, at: at)
 
         case .deviceState:
             try need(body.count >= 24)
@@ -406,10 +515,12 @@ public final class StreamDecoder {
         if computed != stored { throw fail(at, .checksumMismatch(stored: stored, computed: computed)) }
     }
 
-    private func parseBatch(_ body: UnsafeRawBufferPointer, bodyIndex: Int, at: UInt64) throws -> StreamEvent {
+    /// Parses a page batch of `bodyLength` bytes; `body` holds all of it, or, for a payload to be received in
+    /// place, its batch header and descriptors only.
+    private func parseBatch(_ body: UnsafeRawBufferPointer, bodyLength: Int, bodyIndex: Int, at: UInt64) throws -> StreamEvent {
         guard let layout else { throw fail(offset, .unexpectedRecord(RecordType.pageBatch.rawValue)) }
         let header = self.header!
-        if body.count < 32 { throw fail(offset + 4, .badRecordLength(type: RecordType.pageBatch.rawValue, length: UInt32(body.count))) }
+        if bodyLength < 32 { throw fail(offset + 4, .badRecordLength(type: RecordType.pageBatch.rawValue, length: UInt32(bodyLength))) }
         let count = body.le32(4)
         if Int(count) > options.limits.maxPagesPerBatch { throw fail(at + 4, .tooManyPages(count)) }
         let sequence = body.le64(8)
@@ -420,10 +531,10 @@ public final class StreamDecoder {
         let payloadLength = body.le32(24)
         let uncompressedLength = body.le32(28)
         let descriptorsEnd = 32 + 16 * Int(count)
-        if descriptorsEnd > body.count {
-            throw fail(offset + 4, .badRecordLength(type: RecordType.pageBatch.rawValue, length: UInt32(body.count)))
+        if descriptorsEnd > bodyLength {
+            throw fail(offset + 4, .badRecordLength(type: RecordType.pageBatch.rawValue, length: UInt32(bodyLength)))
         }
-        let actualPayload = body.count - descriptorsEnd
+        let actualPayload = bodyLength - descriptorsEnd
         if Int(payloadLength) != actualPayload {
             throw fail(at + 24, .payloadLengthMismatch(declared: payloadLength, actual: UInt32(actualPayload)))
         }
@@ -478,13 +589,13 @@ public final class StreamDecoder {
         }
         let descriptorsOnly = rules?.flags.contains(.descriptorChecksum) == true
         try verify(stored: body.le32(0), body, through: descriptorsOnly ? descriptorsEnd : nil, at: at)
+        let buffered = body.count - descriptorsEnd // the payload, unless it is received in place
 
         nextSequence += 1
         lastBatchPass = pass
         return .pageBatch(PageBatch(pass: pass, channel: channel, sequence: sequence, compression: compression,
                                     pages: pages,
-                                    payload: ByteSlice(storage: storage, start: bodyIndex + descriptorsEnd,
-                                                       count: Int(payloadLength)),
+                                    payload: ByteSlice(storage: storage, start: bodyIndex + descriptorsEnd, count: buffered),
                                     uncompressedPayloadLength: Int(uncompressedLength), checksum: body.le32(0)))
     }
 }

@@ -42,6 +42,31 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         destination.stop()
     }
 
+    /// Onto huge pages, uncompressed pages are received straight into guest memory, and batches compressed by
+    /// adaptive compression, written by the channel's writer thread, mix with them; the guest writes throughout
+    /// and verifies after two moves. Onto shared memory pages go through the memfd instead.
+    func testPagesArriveInPlaceOnHugePages() throws {
+        let size: UInt64 = 256 << 20
+        try requireFreeHugePages(2 * (size / GuestMemory.hugePageSize))
+        let (source, _) = try bootSource("workload=memstress size_mib=64 rate_mib=100 pattern=mixed", memory: size)
+        var options = MigrationOptions()
+        options.channels = 2
+        options.compression = .none
+        let (plain, middle) = try migrateSuccessfully(source, options: options, destinationBacking: .hugePages, lines: 2)
+        let written = try XCTUnwrap(plain.receiverReport)
+        XCTAssertGreaterThan(written.pagesReceivedInPlace, 16384, "64 MiB of raw pages in place")
+
+        options.compression = .adaptive
+        let (adaptive, second) = try migrateSuccessfully(middle, options: options, destinationBacking: .hugePages, lines: 2)
+        XCTAssertGreaterThan(adaptive.receiverReport?.pagesWritten ?? 0, 16384)
+
+        options.compression = .none
+        let (toShared, home) = try migrateSuccessfully(second, options: options, lines: 2)
+        XCTAssertEqual(home.memory.backing, .sharedMemory)
+        XCTAssertEqual(toShared.receiverReport?.pagesReceivedInPlace, 0, "shared memory takes pages through the memfd")
+        home.stop()
+    }
+
     /// The destination holds memory for the non-zero pages only: pass 0 leaves out the populated pages of zeros it
     /// finds (the destination's memory starts as holes), and the receiver writes through the memfd, which touches
     /// nothing else. (Pages that become zero in a later pass are punched out: PageWriterTests.)

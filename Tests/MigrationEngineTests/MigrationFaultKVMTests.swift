@@ -9,8 +9,10 @@ import XCTest
 /// Every way a migration can fail before the switchover must leave the source running, intact, untrottled,
 /// and no destination guest running.
 final class MigrationFaultKVMTests: MigrationTestCase {
-    /// 64 MiB of incompressible pages, sent raw on two channels: pass 0 carries about 32 MiB per channel.
+    /// 64 MiB of incompressible pages, sent raw on two channels: pass 0 carries about 32 MiB per channel once the
+    /// guest has written all of them (it fills them at 50 MiB/s, then rewrites them at that rate).
     let guest = "workload=memstress size_mib=64 rate_mib=50 pattern=random"
+    let workingSetPages = 16384
     let passZeroBytesPerChannel = 32 << 20
 
     var plainOptions: MigrationOptions {
@@ -34,11 +36,12 @@ final class MigrationFaultKVMTests: MigrationTestCase {
 
     func testConnectionCutAt10_50_90PercentOfPassZero() throws {
         for fraction in [0.1, 0.5, 0.9] {
-            let (source, console) = try bootSource(guest)
+            let (source, console) = try bootSource(guest, writtenPages: workingSetPages)
             let outcome = migrate(source, options: plainOptions) { _, channels in
                 channels[0].cutAfter = Int(Double(self.passZeroBytesPerChannel) * fraction)
             }
             XCTAssertTrue(outcome.report.error?.contains("channel failed") ?? false, "\(fraction): \(outcome.report.error ?? "")")
+            XCTAssertEqual(outcome.report.passes.count, 0, "\(fraction): the cut falls inside pass 0")
             XCTAssertNotNil(outcome.receiverError)
             assertSourceIntact(source, console, outcome)
         }
@@ -96,6 +99,22 @@ final class MigrationFaultKVMTests: MigrationTestCase {
             let receiverError = outcome.receiverError.map { "\($0)" } ?? ""
             XCTAssertTrue(receiverError.contains(expected), "expected \(expected): \(receiverError)")
             XCTAssertTrue(outcome.report.error?.contains(expected) ?? false, outcome.report.error ?? "")
+            assertSourceIntact(source, console, outcome)
+        }
+    }
+
+    /// Pages received straight into the memory of a huge-page destination: a page corrupted in transit is caught
+    /// by the digest, a connection cut inside a batch's payload fails the channel; the destination is discarded
+    /// and the source runs on.
+    func testFaultsWhilePagesArriveInPlace() throws {
+        try requireFreeHugePages(128)
+        for fault in ["corrupt", "cut"] {
+            let (source, console) = try bootSource(guest)
+            let outcome = migrate(source, options: plainOptions, destinationBacking: .hugePages) { _, channels in
+                if fault == "corrupt" { channels[0].corruptByteAt = 16 << 20 } else { channels[1].cutAfter = (16 << 20) + 1000 }
+            }
+            let expected = fault == "corrupt" ? "digest mismatch" : "channel failed"
+            XCTAssertTrue(outcome.report.error?.contains(expected) ?? false, "\(fault): \(outcome.report.error ?? "")")
             assertSourceIntact(source, console, outcome)
         }
     }

@@ -12,17 +12,22 @@ class MigrationTestCase: KVMTestCase {
     struct Outcome {
         var report: MigrationReport
         var receiverError: Error?
+        var receiverReport: MigrationReceiver.Report? = nil
         var destination: MicroVM?
         var destinationConsole: SerialConsole
     }
 
-    func bootSource(_ commandLine: String, memory: UInt64 = 256 << 20,
-                    backing: GuestMemory.Backing = .sharedMemory) throws -> (MicroVM, SerialConsole) {
+    /// Boots memstress and waits until it has written some of its working set, or, with `writtenPages`, that many
+    /// pages of it (a guest writing at `rate_mib` fills its working set at that rate).
+    func bootSource(_ commandLine: String, memory: UInt64 = 256 << 20, backing: GuestMemory.Backing = .sharedMemory,
+                    writtenPages: Int? = nil) throws -> (MicroVM, SerialConsole) {
         let console = SerialConsole(output: nil)
         let machine = try MicroVM(booting: try TestGuest.image(), commandLine: commandLine,
                                   configuration: MicroVMConfiguration(memorySize: memory, console: console, memoryBacking: backing))
         machine.start()
-        XCTAssertNotNil(console.waitForLine(timeout: 10) { $0.contains("verify=ok") && !$0.contains("pages=0 ") })
+        XCTAssertNotNil(console.waitForLine(timeout: 10) { line in
+            line.contains("verify=ok") && (writtenPages.map { line.contains("pages=\($0) ") } ?? !line.contains("pages=0 "))
+        })
         return (machine, console)
     }
 
@@ -37,12 +42,13 @@ class MigrationTestCase: KVMTestCase {
         prepare(sender, pairs.map(\.0))
         let receiverResult = ReceiverResult()
         Thread {
-            do { _ = try receiver.run() } catch { receiverResult.error = error }
+            do { receiverResult.report = try receiver.run() } catch { receiverResult.error = error }
             receiverResult.done.signal()
         }.start()
         let report = sender.run()
         receiverResult.done.wait()
-        return Outcome(report: report, receiverError: receiverResult.error, destination: sink.machine, destinationConsole: console)
+        return Outcome(report: report, receiverError: receiverResult.error, receiverReport: receiverResult.report,
+                       destination: sink.machine, destinationConsole: console)
     }
 
     /// Migrates `source`, which must succeed; stops the source and waits for `lines` verified status lines at the
@@ -76,6 +82,7 @@ class MigrationTestCase: KVMTestCase {
 
 /// How the receiver's thread ended; read only after `done` is signalled.
 final class ReceiverResult: @unchecked Sendable {
+    var report: MigrationReceiver.Report?
     var error: Error?
     let done = DispatchSemaphore(value: 0)
 }

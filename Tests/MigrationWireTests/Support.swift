@@ -57,6 +57,8 @@ func json(_ event: StreamEvent) -> [String: Any] {
                     }
                     return page
                 }]
+    case .pageBatchAwaitingPayload:
+        preconditionFailure("the vectors are decoded with payloads buffered")
     case .deviceState(let d):
         return ["record": "device_state", "component": Int(d.componentID), "instance": Int(d.instance),
                 "component_version": Int(d.componentVersion), "blob_hex": hex(d.blob.bytes)]

@@ -142,7 +142,9 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
 extension MigrationStatus {
     /// Takes in the engine's progress report.
     mutating func apply(_ progress: MigrationProgress) {
-        phase = MigrationPhase(rawValue: progress.phase.rawValue) ?? phase
+        // A final phase comes with the report (`finish`): a client that sees the migration completed, failed or
+        // cancelled must find its report too.
+        if let next = MigrationPhase(rawValue: progress.phase.rawValue), !next.isFinal { phase = next }
         pass = progress.pass
         percent = progress.pagesTotal > 0 ? 100 * Double(progress.pagesDone) / Double(progress.pagesTotal) : percent
         bytesOnWire = UInt64(progress.bytesOnWire)

@@ -8,7 +8,8 @@ import MigrationWire
 public protocol GuestSource: AnyObject {
     /// The guest-physical RAM regions, page aligned, sorted and disjoint.
     var layout: GuestMemoryLayout { get }
-    /// The host address of guest frame `frame` (guest-physical address / page size), which lies in `layout`.
+    /// The host address of guest frame `frame` (guest-physical address / page size), which lies in `layout`. It
+    /// stays valid as long as the source: the engine may hand it to the kernel to send a batch later.
     func page(frame: UInt64) -> UnsafeRawPointer
     /// Calls `visit` with every frame that may hold data, in order. Frames left out are known to be zero
     /// (never written), so pass 0 skips them without reading them. Sources that cannot tell visit them all.

@@ -289,10 +289,9 @@ final class PageApplier: @unchecked Sendable {
 /// format and agreement both.
 final class PageWriter {
     let digest: DigestTracker
-    private let lz4: BlockCompressor
-    private let zstd: BlockCompressor
+    /// One per thread that expands pages: the applier's (`apply`) and the channel's (`receiveInPlace`).
+    private let applierExpander = PageExpander(), channelExpander = PageExpander()
     private var batchPayload: UnsafeMutableRawBufferPointer?
-    private var pageScratch: UnsafeMutableRawBufferPointer?
     /// A batch goes to the sink in one run per stretch of consecutive frames, never split further.
     private var runs: SinkRuns
     /// For batches received in place, which bypass `runs`.
@@ -304,23 +303,35 @@ final class PageWriter {
         self.sink = sink
         runs = SinkRuns(sink: sink, maximumRun: WireLimits.v1.maxPagesPerBatch)
         digest = DigestTracker(regions: layout.digestRegions)
-        lz4 = try! BlockCompressor(.lz4(acceleration: 1))
-        zstd = try! BlockCompressor(.zstd(level: 1))
     }
 
-    deinit {
-        batchPayload?.deallocate()
-        pageScratch?.deallocate()
-    }
+    deinit { batchPayload?.deallocate() }
 
-    /// On the channel's thread: receives an uncompressed batch's raw pages into guest memory and zeroes its zero
-    /// pages (the decoder has checked the frames against the layout). `hashInPlace` then does the rest.
+    /// On the channel's thread: receives an uncompressed batch into guest memory (the decoder has checked the
+    /// frames against the layout): raw pages straight to their place, pages compressed one by one into scratch
+    /// and then expanded into their place; zero pages are zeroed there. `hashInPlace` then does the rest.
     func receiveInPlace(_ batch: PageBatch, from reader: RecordReader) throws {
         for page in batch.pages where page.encoding == .raw && page.length != 4096 {
             throw MigrationError.malformedStream("raw page \(page.frame) of \(page.length) bytes")
         }
-        try reader.receivePayload { sink.page(frame: $0.frame) }
-        for page in batch.pages where page.encoding == .zero { try sink.zero(frames: page.frame, count: 1) }
+        let compressed = channelExpander.scratch(for: batch.pages)
+        var slot = 0
+        try reader.receivePayload { page in
+            guard page.encoding != .raw else { return sink.page(frame: page.frame) }
+            defer { slot += 1 }
+            return compressed.baseAddress! + slot * 4096
+        }
+        slot = 0
+        for page in batch.pages {
+            switch page.encoding {
+            case .raw: continue
+            case .zero: try sink.zero(frames: page.frame, count: 1)
+            case .lz4, .zstd:
+                try channelExpander.expand(page, UnsafeRawBufferPointer(start: compressed.baseAddress! + slot * 4096, count: page.length),
+                                           into: UnsafeMutableRawBufferPointer(start: sink.page(frame: page.frame), count: 4096))
+                slot += 1
+            }
+        }
     }
 
     /// On the applier's thread: adds a batch received in place to the digest, from guest memory. A later batch
@@ -334,7 +345,7 @@ final class PageWriter {
             }
         }
         pagesWritten += batch.pages.count
-        pagesReceivedInPlace += batch.pages.count { $0.encoding == .raw }
+        pagesReceivedInPlace += batch.pages.count { $0.encoding != .zero }
     }
 
     func apply(_ batch: PageBatch) throws {
@@ -349,7 +360,7 @@ final class PageWriter {
         }
         let expanded = UnsafeMutableRawBufferPointer(rebasing: batchPayload![0 ..< batch.uncompressedPayloadLength])
         do {
-            try batch.payload.withUnsafeBytes { try (batch.compression == .lz4 ? lz4 : zstd).decompress($0, into: expanded) }
+            try batch.payload.withUnsafeBytes { try applierExpander.codec(batch.compression == .lz4 ? .lz4 : .zstd).decompress($0, into: expanded) }
         } catch {
             throw MigrationError.malformedStream("batch \(batch.sequence) of channel \(batch.channel): payload does not decompress (\(error))")
         }
@@ -357,9 +368,9 @@ final class PageWriter {
     }
 
     /// Hands the batch's pages to the sink in runs of consecutive frames (`SinkRuns`). Pages compressed one by
-    /// one are expanded into `expandedPages` first.
+    /// one are expanded into scratch first.
     private func write(_ pages: [PageDescriptor], payload: UnsafeRawBufferPointer) throws {
-        let expanded = expandedPages(for: pages)
+        let expanded = applierExpander.scratch(for: pages)
         var expandedCount = 0
         for page in pages {
             let bytes = UnsafeRawBufferPointer(rebasing: payload[page.offset ..< page.offset + page.length])
@@ -374,11 +385,7 @@ final class PageWriter {
                 contents = bytes.baseAddress!
             case .lz4, .zstd:
                 let target = UnsafeMutableRawBufferPointer(rebasing: expanded[expandedCount * 4096 ..< (expandedCount + 1) * 4096])
-                do {
-                    try (page.encoding == .lz4 ? lz4 : zstd).decompress(bytes, into: target)
-                } catch {
-                    throw MigrationError.malformedStream("page \(page.frame) does not decompress to 4096 bytes (\(page.encoding))")
-                }
+                try applierExpander.expand(page, bytes, into: target)
                 expandedCount += 1
                 contents = UnsafeRawPointer(target.baseAddress!)
             }
@@ -390,14 +397,35 @@ final class PageWriter {
         pagesWritten += pages.count
     }
 
-    /// Room for the batch's pages that are compressed one by one, once expanded.
-    private func expandedPages(for pages: [PageDescriptor]) -> UnsafeMutableRawBufferPointer {
+}
+
+/// Decompresses pages compressed one by one, with its own codecs and scratch: one per thread.
+final class PageExpander {
+    private let lz4 = try! BlockCompressor(.lz4(acceleration: 1))
+    private let zstd = try! BlockCompressor(.zstd(level: 1))
+    private var pageScratch: UnsafeMutableRawBufferPointer?
+
+    deinit { pageScratch?.deallocate() }
+
+    func codec(_ encoding: PageEncoding) -> BlockCompressor { encoding == .lz4 ? lz4 : zstd }
+
+    /// A page of room for each of `pages` that is compressed one by one, in order.
+    func scratch(for pages: [PageDescriptor]) -> UnsafeMutableRawBufferPointer {
         let needed = pages.count { $0.encoding == .lz4 || $0.encoding == .zstd } * 4096
         if (pageScratch?.count ?? 0) < needed {
             pageScratch?.deallocate()
             pageScratch = .allocate(byteCount: needed, alignment: 4096)
         }
         return pageScratch.map { UnsafeMutableRawBufferPointer(rebasing: $0[0 ..< needed]) } ?? UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    }
+
+    /// Expands `bytes`, page `page` compressed on its own, into the page at `target`.
+    func expand(_ page: PageDescriptor, _ bytes: UnsafeRawBufferPointer, into target: UnsafeMutableRawBufferPointer) throws {
+        do {
+            try codec(page.encoding).decompress(bytes, into: target)
+        } catch {
+            throw MigrationError.malformedStream("page \(page.frame) does not decompress to 4096 bytes (\(page.encoding))")
+        }
     }
 }
 

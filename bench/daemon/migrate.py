@@ -15,6 +15,7 @@ Configurations (--configs, comma-separated):
   tls-zstd-2ch      mutual TLS 1.3, zstd, 2 channels
   tcp-lz4-2ch       plaintext (asked for by name), lz4, 2 channels
   tcp-none-1ch      plaintext, uncompressed, 1 channel: QEMU default's shape
+  tls-none-2ch      mutual TLS 1.3, uncompressed, 2 channels
 
 Usage: bench/daemon/migrate.py [--repeat N] [--configs a,b] [--json out.json] [--perf DIR] [scenario ...]
        bench/daemon/migrate.py --table daemon.json [qemu.json]   (markdown tables only)
@@ -66,6 +67,7 @@ CONFIGS = {
     "tls-zstd-2ch": ("tls", "zstd", 2),
     "tcp-lz4-2ch": ("plaintext", "lz4", 2),
     "tcp-none-1ch": ("plaintext", "none", 1),
+    "tls-none-2ch": ("tls", "none", 2),
 }
 DEFAULT_CONFIGS = ["tls-lz4-2ch", "tls-adaptive-2ch"]
 

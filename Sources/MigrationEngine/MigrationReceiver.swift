@@ -396,7 +396,6 @@ final class PageWriter {
         try runs.flush()
         pagesWritten += pages.count
     }
-
 }
 
 /// Decompresses pages compressed one by one, with its own codecs and scratch: one per thread.

@@ -14,4 +14,3 @@ public func memoryInfo(_ field: String) -> UInt64? {
     }
     return nil
 }
-

@@ -140,29 +140,28 @@ public final class StreamDecoder {
     private func bytesToInPlaceStop() -> Int? {
         let available = writeIndex - readIndex
         guard header != nil else { return WireFormat.headerLength - available }
-        guard !isComplete else { return nil }
-        if available < WireFormat.recordHeaderLength { return WireFormat.recordHeaderLength - available }
+        guard let rest = bytesToRecordBoundary() else { return nil }
+        guard available >= WireFormat.recordHeaderLength else { return rest } // the record's header comes first
         let view = UnsafeRawBufferPointer(start: storage.base + readIndex, count: available)
         let length = Int(view.le32(4))
-        guard length <= options.limits.maxRecordBody else { return nil }
-        let whole = WireFormat.recordHeaderLength + length + WireFormat.padding(forBodyLength: length)
-        guard RecordType(rawValue: view.le32(0)) == .pageBatch, length >= 32 else { return whole - available }
-        let batchHeaderEnd = WireFormat.recordHeaderLength + 32
-        if available < batchHeaderEnd { return batchHeaderEnd - available }
-        return (inPlacePrefixLength(view, bodyLength: length) ?? whole) - available
+        guard RecordType(rawValue: view.le32(0)) == .pageBatch, length >= 32 else { return rest }
+        if available < Self.batchHeaderEnd { return Self.batchHeaderEnd - available }
+        return inPlacePrefixLength(view, bodyLength: length).map { $0 - available } ?? rest
     }
+
+    /// Where a page batch's fixed header ends, counted from the start of its record.
+    private static let batchHeaderEnd = WireFormat.recordHeaderLength + 32
 
     /// The length of record header, batch header and descriptors of the page batch at the start of `view`, if
     /// its payload is to be received in place: in-place mode, descriptor checksums agreed, uncompressed, a page
     /// count within the limits and a body that holds the descriptors and some payload. Anything else (including
     /// every malformed batch) takes the buffered path, which reports what is wrong.
     private func inPlacePrefixLength(_ view: UnsafeRawBufferPointer, bodyLength: Int) -> Int? {
-        let batchHeaderEnd = WireFormat.recordHeaderLength + 32
         guard options.payloadsInPlace, layout != nil, rules?.flags.contains(.descriptorChecksum) == true,
-              view.count >= batchHeaderEnd, view[WireFormat.recordHeaderLength + 22] == BatchCompression.none.rawValue else { return nil }
+              view.count >= Self.batchHeaderEnd, view[WireFormat.recordHeaderLength + 22] == BatchCompression.none.rawValue else { return nil }
         let count = Int(view.le32(WireFormat.recordHeaderLength + 4))
         guard count <= options.limits.maxPagesPerBatch, 32 + 16 * count < bodyLength else { return nil }
-        return batchHeaderEnd + 16 * count
+        return Self.batchHeaderEnd + 16 * count
     }
 
     /// Makes room for `n` more bytes after `writeIndex`.

@@ -16,7 +16,7 @@ final class DecoderBufferTests: XCTestCase {
             enc.encodeEnd(endRecord, into: &out)
         }
         let d = StreamDecoder()
-        var position = 0
+        let source = ChunkedSource(bytes, sizes: [readSize])
         var window: [(index: Int, batch: PageBatch)] = []
         var decoded = 0
         func release(_ entry: (index: Int, batch: PageBatch)) {
@@ -28,12 +28,7 @@ final class DecoderBufferTests: XCTestCase {
             }
         }
         while true {
-            let n = d.receive(maximum: maximum) { buffer in
-                let n = min(buffer.count, readSize, bytes.count - position)
-                bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[position ..< position + n])) }
-                position += n
-                return n
-            }
+            let n = d.receive(maximum: maximum, source.read)
             while let e = try d.next() {
                 guard case .pageBatch(let b) = e else { continue }
                 window.append((decoded, b))

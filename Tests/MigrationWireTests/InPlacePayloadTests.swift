@@ -19,21 +19,6 @@ final class InPlacePayloadTests: XCTestCase {
         func contents(_ frame: UInt64) -> [UInt8] { Array(bytes[Int(frame) * 4096 ..< Int(frame + 1) * 4096]) }
     }
 
-    /// A socket that hands out at most `sizes[i % sizes.count]` bytes on its i-th read.
-    private final class Source {
-        let bytes: [UInt8]
-        let sizes: [Int]
-        var position = 0, reads = 0
-        init(_ bytes: [UInt8], sizes: [Int]) { self.bytes = bytes; self.sizes = sizes }
-        func read(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-            let n = min(buffer.count, sizes[reads % sizes.count], bytes.count - position)
-            reads += 1
-            bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[position ..< position + n])) }
-            position += n
-            return n
-        }
-    }
-
     private let agreement = Capabilities(codecs: .all, maxChannels: 1, flags: [.wholeBatchCompression, .descriptorChecksum])
 
     /// Raw pages 0-2 and 7 with a zero page between, a batch compressed as a whole (buffered as before), a pass
@@ -65,7 +50,7 @@ final class InPlacePayloadTests: XCTestCase {
     /// Decodes `bytes` in place from a socket with read sizes `sizes`, or, with `sizes` nil, fed whole.
     private func decode(_ bytes: [UInt8], sizes: [Int]?, into memory: Memory) throws -> (seen: [Seen], decoder: StreamDecoder) {
         let decoder = StreamDecoder(options: StreamDecoder.Options(payloadsInPlace: true))
-        let source = Source(bytes, sizes: sizes ?? [bytes.count])
+        let source = ChunkedSource(bytes, sizes: sizes ?? [bytes.count])
         if sizes == nil { decoder.feed(bytes); source.position = bytes.count }
         var seen: [Seen] = []
         while !decoder.isComplete {

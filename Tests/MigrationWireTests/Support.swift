@@ -26,6 +26,21 @@ func decodeAll(_ bytes: [UInt8], chunks: [Int] = [Int.max], options: StreamDecod
     return (events, nil)
 }
 
+/// A socket that hands out at most `sizes[i % sizes.count]` bytes on its i-th read, 0 at the end.
+final class ChunkedSource {
+    let bytes: [UInt8]
+    let sizes: [Int]
+    var position = 0, reads = 0
+    init(_ bytes: [UInt8], sizes: [Int]) { self.bytes = bytes; self.sizes = sizes }
+    func read(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+        let n = min(buffer.count, sizes[reads % sizes.count], bytes.count - position)
+        reads += 1
+        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[position ..< position + n])) }
+        position += n
+        return n
+    }
+}
+
 /// The JSON form of events used by protocol/vectors (documented in protocol/vectors/README.md).
 func json(_ event: StreamEvent) -> [String: Any] {
     func caps(_ c: Capabilities) -> [String: Any] {

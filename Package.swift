@@ -74,13 +74,14 @@ let package = Package(
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshots", "KVMMigration", "MicroVM", "MigrationWire", "PageCodec", "TestSupport"]),
         .testTarget(name: "XenAdapterTests", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots", "TestSupport", "vmsnap"]),
-        .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem"]),
+        .target(name: "NetworkAddress"),
+        .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem", "NetworkAddress"]),
         .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport"]),
         .executableTarget(name: "TransportBench", dependencies: ["Transport"], path: "bench/transport"),
 
         // The daemon and its client. MigratedAPI holds the control API's JSON types and the Unix-socket client,
         // so migratectl links neither KVM nor the engine.
-        .target(name: "MigratedAPI", dependencies: [.product(name: "FlyingFox", package: "FlyingFox")]),
+        .target(name: "MigratedAPI", dependencies: ["NetworkAddress", .product(name: "FlyingFox", package: "FlyingFox")]),
         .target(name: "MigratedDaemon", dependencies: [
             "MigratedAPI", "MicroVM", "KVMBackend", "KVMMigration", "MigrationEngine", "MigrationNetwork", "MigrationWire", "Snapshots",
             "Transport", .product(name: "FlyingFox", package: "FlyingFox"),
@@ -93,6 +94,7 @@ let package = Package(
         .executableTarget(name: "migratectl", dependencies: [
             "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+
         .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl", "vmsnap"]),
     ],
     swiftLanguageModes: [.v5]

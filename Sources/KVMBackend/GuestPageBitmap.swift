@@ -84,7 +84,7 @@ public struct GuestPageBitmap: Equatable {
     }
 
     /// Gives `body` the words of the slot at `slotIndex`, to be filled by KVM or read in bulk.
-    mutating func withSlotWords<R>(_ slotIndex: Int, _ body: (UnsafeMutableBufferPointer<UInt64>) throws -> R) rethrows -> R {
+    public mutating func withSlotWords<R>(_ slotIndex: Int, _ body: (UnsafeMutableBufferPointer<UInt64>) throws -> R) rethrows -> R {
         let slot = slots[slotIndex]
         return try words.withUnsafeMutableBufferPointer { all in
             try body(UnsafeMutableBufferPointer(rebasing: all[slot.firstWord ..< slot.firstWord + slot.wordCount]))

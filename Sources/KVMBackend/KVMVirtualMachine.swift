@@ -155,3 +155,32 @@ public struct MemorySlot: @unchecked Sendable, Equatable {
 
 /// x86 base page size: the unit of dirty tracking and migration.
 public let pageSize = 4096
+
+extension KVMSystem {
+    /// Works on a VM that another program made and keeps (a VMM that links the engine): `fd` must be a KVM VM
+    /// descriptor; this object uses a duplicate of it, so the caller may close its own. The VM's capabilities,
+    /// devices and slots stay as they were.
+    public func adoptVM(duplicating fd: Int32) throws -> KVMVirtualMachine {
+        KVMVirtualMachine(system: self, fd: try duplicateKVMDescriptor(fd, named: "kvm-vm"))
+    }
+}
+
+extension KVMVirtualMachine {
+    /// Works on vCPU `id` of this VM, made by another program: `fd` must be that vCPU's descriptor; this object
+    /// uses a duplicate of it, and maps its `kvm_run` page again.
+    public func adoptVCPU(id: UInt32, duplicating fd: Int32) throws -> KVMVCPU {
+        try KVMVCPU(vm: self, id: id, fd: try duplicateKVMDescriptor(fd, named: "kvm-vcpu:\(id)"))
+    }
+}
+
+/// KVM's descriptors are anonymous inodes whose link in /proc names the object ("anon_inode:kvm-vm",
+/// "anon_inode:kvm-vcpu:3"): checking it turns a wrong descriptor into a clear error before any ioctl.
+private func duplicateKVMDescriptor(_ fd: Int32, named name: String) throws -> OwnedFileDescriptor {
+    var target = [CChar](repeating: 0, count: 64)
+    let length = fd >= 0 ? readlink("/proc/self/fd/\(fd)", &target, target.count - 1) : -1
+    let found = length > 0 ? String(decoding: target[0 ..< length].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "not open"
+    guard found == "anon_inode:\(name)" else {
+        throw SystemError("descriptor \(fd) is \(found), not a KVM \(name)", errno: EBADF)
+    }
+    return OwnedFileDescriptor(taking: try systemCall("fcntl F_DUPFD_CLOEXEC") { fcntl(fd, F_DUPFD_CLOEXEC, 0) })
+}

@@ -143,3 +143,22 @@ extension KVMVCPU {
         return UInt64(difference) * 1000 <= UInt64(max(a, b))
     }
 }
+
+extension MachineState {
+    /// Captures the complete in-kernel state of `vm` and its `vcpus`, none of which may be running.
+    public static func capture(vm: KVMVirtualMachine, vcpus: [KVMVCPU]) throws -> MachineState {
+        guard let first = vcpus.first else { throw SystemError("capturing a VM without vCPUs", errno: EINVAL) }
+        let msrs = try vm.savedMSRIndices(probingWith: first)
+        let vcpuStates = try vcpus.map { try $0.captureState(msrIndices: msrs) }
+        return MachineState(devices: try vm.captureDevices(), vcpus: vcpuStates)
+    }
+
+    /// Restores this state into a fresh VM whose vCPUs have not run yet, one for each saved vCPU.
+    public func restore(vm: KVMVirtualMachine, vcpus: [KVMVCPU]) throws {
+        guard vcpus.count == self.vcpus.count else {
+            throw SystemError("restoring \(self.vcpus.count) saved vCPUs into a VM with \(vcpus.count)", errno: EINVAL)
+        }
+        for (vcpu, saved) in zip(vcpus, self.vcpus) { try vcpu.restoreState(saved) }
+        try vm.restoreDevices(devices)
+    }
+}

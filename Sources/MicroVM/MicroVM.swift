@@ -131,8 +131,7 @@ public final class MicroVM: @unchecked Sendable {
         configuration.memorySize = memory.size
         configuration.memoryBacking = memory.backing
         try self.init(configuration: configuration, memory: memory, settingCPUID: false)
-        for (vcpu, saved) in zip(vcpus, state.vcpus) { try vcpu.restoreState(saved) }
-        try vm.restoreDevices(state.devices)
+        try state.restore(vm: vm, vcpus: vcpus)
     }
 
     /// The host's CPUID with this vCPU's APIC ID in the leaves that carry one.
@@ -207,9 +206,7 @@ public final class MicroVM: @unchecked Sendable {
     /// Captures the complete in-kernel state. The VM must be paused.
     public func captureState() throws -> MachineState {
         guard controller.isPaused || stopped != nil || !started else { throw MicroVMError.notPaused("capturing state") }
-        let msrs = try vm.savedMSRIndices(probingWith: vcpus[0])
-        let vcpuStates = try vcpus.map { try $0.captureState(msrIndices: msrs) }
-        return MachineState(devices: try vm.captureDevices(), vcpus: vcpuStates)
+        return try MachineState.capture(vm: vm, vcpus: vcpus)
     }
 
     // MARK: exits

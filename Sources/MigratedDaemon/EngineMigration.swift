@@ -45,10 +45,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
 
     public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
         guard let peer = PeerAddress(request.peer) else { throw .badRequest("peer '\(request.peer)' is not an address") }
-        let endpoint: Endpoint = switch peer {
-        case .tcp(let host, let port): .tcp(host: host, port: port)
-        case .unix(let path): .unix(path: path)
-        }
+        let endpoint = Endpoint(peer)
         let security: Security
         switch request.security {
         case .plaintext: security = .plaintext
@@ -241,21 +238,12 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
 
     /// Where the listener listens, with the port the kernel chose when port 0 was asked for.
     public var address: PeerAddress? {
-        lock.withLock {
-            switch listener?.endpoint {
-            case .tcp(let host, let port)?: .tcp(host: host, port: port)
-            case .unix(let path)?: .unix(path: path)
-            case nil: nil
-            }
-        }
+        lock.withLock { listener?.endpoint.address }
     }
 
     public func start(_ settings: IncomingMigrationSettings,
                       adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws {
-        let endpoint: Endpoint = switch settings.address {
-        case .tcp(let host, let port): .tcp(host: host, port: port)
-        case .unix(let path): .unix(path: path)
-        }
+        let endpoint = Endpoint(settings.address)
         let security: Security = switch settings.security {
         case .plaintext: .plaintext
         case .tls(let tls): .tls(TLSConfiguration(caFile: tls.ca, certificateFile: tls.certificate, keyFile: tls.key, allowedPeerNames: tls.allowedPeers))

@@ -26,6 +26,9 @@ public final class MigrationSender: @unchecked Sendable {
     public let options: MigrationOptions
     /// Called from the migration's thread, several times a second while pages flow.
     public var onProgress: ((MigrationProgress) -> Void)?
+    /// Why the last `run` failed, as the error the report words; nil after a success. For callers that act on
+    /// the kind of failure (the C library's error codes) rather than on its words.
+    public private(set) var failure: MigrationError?
     /// For tests: flips a bit of the digest sent at switchover, so that the receiver must refuse it.
     public var corruptDigestForTesting = false
 
@@ -59,6 +62,7 @@ public final class MigrationSender: @unchecked Sendable {
     /// paused, for the caller to shut down. On failure before commit, the source runs as before.
     public func run() -> MigrationReport {
         started = monotonicSeconds()
+        failure = nil
         var phase = Phase()
         do {
             let downtime = try migrate(&phase)
@@ -66,6 +70,7 @@ public final class MigrationSender: @unchecked Sendable {
             return makeReport(error: nil, setup: phase.setupSeconds, downtime: downtime)
         } catch {
             let failure = reasonFromPeer(for: error as? MigrationError ?? .guestFailed("\(error)"), reply: phase.reply)
+            self.failure = failure
             rollBack(phase, failure)
             report(failure == .cancelled ? .cancelled : .failed, pass: history.count, total: 0)
             return makeReport(error: failure, setup: phase.setupSeconds, downtime: nil)
@@ -423,7 +428,8 @@ public final class MigrationSender: @unchecked Sendable {
     }
 }
 
-func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+/// Bytes as lowercase hexadecimal, as reports and logs show digests.
+public func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
 
 /// The receiver's abort, if `reasonFromPeer` finds one.
 private final class PeerAbort: @unchecked Sendable {

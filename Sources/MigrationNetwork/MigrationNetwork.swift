@@ -52,3 +52,13 @@ final class TransportMigrationChannel: MigrationChannel {
     func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { try channel.receive(into: buffer) }
     func close() { channel.close() }
 }
+
+extension MigrationNetwork {
+    /// Makes a channel of a socket the caller has already connected (a VMM's own), using a duplicate of it; for
+    /// TLS, `server` says which side of the handshake this end takes.
+    public static func adopt(socket fd: Int32, security: Security, server: Bool,
+                             options: ChannelOptions = ChannelOptions()) throws -> (channel: MigrationChannel, peer: String) {
+        let channel = TransportMigrationChannel(try Transport.adopt(socket: fd, security: security, server: server, options: options))
+        return (channel, channel.peer)
+    }
+}

@@ -1,4 +1,5 @@
 import Foundation
+import MigrationEngine
 
 /// A full snapshot and the diffs on top of it, opened and checked link by link: each diff's parent must have
 /// the id and the memory digest the diff records, and the same memory layout.
@@ -77,7 +78,7 @@ public final class SnapshotChain: @unchecked Sendable {
             throw .chain("\(child.path) was taken on top of snapshot \(child.header.parentID), but \(parent.path) is snapshot \(parent.header.id)")
         }
         guard parent.header.memoryDigest == child.header.parentDigest else {
-            throw .chain("\(parent.path) has id \(parent.header.id) but memory digest \(hexString(parent.header.memoryDigest)), not the \(hexString(child.header.parentDigest)) that \(child.path) was taken on")
+            throw .chain("\(parent.path) has id \(parent.header.id) but memory digest \(hex(parent.header.memoryDigest)), not the \(hex(child.header.parentDigest)) that \(child.path) was taken on")
         }
         guard parent.layout == child.layout else { throw .chain("\(parent.path) and \(child.path) have different memory layouts") }
     }

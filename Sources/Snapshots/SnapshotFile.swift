@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import LinuxSystem
+import MigrationEngine
 import MigrationWire
 import PageCodec
 
@@ -28,7 +29,7 @@ public final class SnapshotFile: @unchecked Sendable {
         let fileSize = UInt64(try fileOperation("reading \(path)") { try file.size() })
         guard fileSize >= UInt64(SnapshotFormat.headerLength) else {
             if fileSize >= 8, let magic = try? Self.read(file, at: 0, count: 8, path: path), magic != SnapshotFormat.magic {
-                throw .notASnapshot("bad magic \(hexString(magic))")
+                throw .notASnapshot("bad magic \(hex(magic))")
             }
             throw .truncated("\(fileSize) bytes, shorter than the \(SnapshotFormat.headerLength)-byte header")
         }

@@ -1,4 +1,5 @@
 import Foundation
+import MigrationEngine
 import MigrationWire
 import PageCodec
 
@@ -105,7 +106,7 @@ public struct SnapshotID: Hashable, Sendable, CustomStringConvertible, Codable {
     }
 
     public static let none = SnapshotID(bytes: [UInt8](repeating: 0, count: 16))
-    public var description: String { hexString(bytes) }
+    public var description: String { hex(bytes) }
 }
 
 /// The header: everything but the parts.
@@ -167,7 +168,7 @@ public struct SnapshotHeader: Sendable, Equatable {
     /// Decodes and checks a header; `fileSize` bounds the parts.
     static func decode(_ bytes: [UInt8], fileSize: UInt64) throws(SnapshotError) -> SnapshotHeader {
         guard bytes.count == SnapshotFormat.headerLength else { throw .truncated("the header needs \(SnapshotFormat.headerLength) bytes, the file has \(bytes.count)") }
-        guard Array(bytes[0 ..< 8]) == SnapshotFormat.magic else { throw .notASnapshot("bad magic \(hexString(Array(bytes[0 ..< 8])))") }
+        guard Array(bytes[0 ..< 8]) == SnapshotFormat.magic else { throw .notASnapshot("bad magic \(hex(Array(bytes[0 ..< 8])))") }
         var field = FieldReader(bytes, part: "header")
         field.skip(8)
         let version = try field.u32()
@@ -406,4 +407,3 @@ func crc32c<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {
     return Array(bytes).withUnsafeBytes { FastCRC32C.update(0, $0) }
 }
 
-func hexString(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }

@@ -1,4 +1,5 @@
 import Foundation
+import MigrationEngine
 import MigrationWire
 import PageCodec
 
@@ -68,7 +69,7 @@ public enum SnapshotConvert {
             while let zero = nextZero { try writer.writeZero(at: zero); nextZero = zeros.next() }
             let written = try writer.finish(deviceState: file.deviceState, memoryDigest: header.memoryDigest)
             guard written.memoryDigest == header.memoryDigest else {
-                throw SnapshotError.digestMismatch(expected: hexString(header.memoryDigest), actual: hexString(written.memoryDigest))
+                throw SnapshotError.digestMismatch(expected: hex(header.memoryDigest), actual: hex(written.memoryDigest))
             }
             return written
         } catch {
@@ -100,7 +101,7 @@ public enum SnapshotConvert {
             }
             let written = try writer.finish(deviceState: top.deviceState)
             guard written.memoryDigest == top.header.memoryDigest else {
-                throw SnapshotError.digestMismatch(expected: hexString(top.header.memoryDigest), actual: hexString(written.memoryDigest))
+                throw SnapshotError.digestMismatch(expected: hex(top.header.memoryDigest), actual: hex(written.memoryDigest))
             }
             return written
         } catch {

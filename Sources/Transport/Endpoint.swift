@@ -1,5 +1,6 @@
 import Glibc
 import LinuxSystem
+import NetworkAddress
 
 /// Where a listener listens and a connection goes.
 public enum Endpoint: Sendable, Hashable, CustomStringConvertible {
@@ -8,12 +9,7 @@ public enum Endpoint: Sendable, Hashable, CustomStringConvertible {
     /// A Unix domain stream socket at a file-system path.
     case unix(path: String)
 
-    public var description: String {
-        switch self {
-        case .tcp(let host, let port): host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
-        case .unix(let path): "unix:\(path)"
-        }
-    }
+    public var description: String { address.description }
 }
 
 /// Whether a connection is encrypted. There is no default: plaintext must be chosen by name.
@@ -215,5 +211,23 @@ enum Socket {
             if status != 0 { throw TransportError(SystemError("connect to \(address.text)", errno: status)) }
         }
         return socket
+    }
+}
+
+extension Endpoint {
+    /// The endpoint an address names.
+    public init(_ address: PeerAddress) {
+        switch address {
+        case .tcp(let host, let port): self = .tcp(host: host, port: port)
+        case .unix(let path): self = .unix(path: path)
+        }
+    }
+
+    /// The address that names this endpoint, in the syntax `PeerAddress` reads.
+    public var address: PeerAddress {
+        switch self {
+        case .tcp(let host, let port): .tcp(host: host, port: port)
+        case .unix(let path): .unix(path: path)
+        }
     }
 }

@@ -24,6 +24,24 @@ public func connect(to endpoint: Endpoint, security: Security, options: ChannelO
     throw lastError
 }
 
+/// Makes a channel of a stream socket that is already connected (a VMM's own connection, say), using a duplicate
+/// of `fd` so that the caller keeps its own. For TLS, `server` says which side of the handshake this end takes;
+/// the handshake is done before this returns.
+public func adopt(socket fd: Int32, security: Security, server: Bool, options: ChannelOptions = ChannelOptions()) throws(TransportError) -> any Channel {
+    var type: Int32 = 0
+    var length = socklen_t(MemoryLayout<Int32>.size)
+    guard fd >= 0, getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) == 0, type == Int32(SOCK_STREAM.rawValue) else {
+        throw .configuration("descriptor \(fd) is not a stream socket")
+    }
+    var address = SocketAddress()
+    address.length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+    _ = try transportCall("getsockname") {
+        withUnsafeMutablePointer(to: &address.storage) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &address.length) } }
+    }
+    let socket = OwnedFileDescriptor(taking: try transportCall("fcntl F_DUPFD_CLOEXEC") { fcntl(fd, F_DUPFD_CLOEXEC, 0) })
+    return try makeChannel(socket: socket, family: address.family, security: security, server: server, context: nil, options: options)
+}
+
 /// Wraps a connected socket in the channel its security asks for. `context` is the listener's, built once;
 /// a client builds its own.
 private func makeChannel(socket: OwnedFileDescriptor, family: Int32, security: Security, server: Bool,

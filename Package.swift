@@ -24,6 +24,10 @@ let package = Package(
         .executable(name: "xen-bench", targets: ["XenBench"]),
         .executable(name: "migrated", targets: ["migrated"]),
         .executable(name: "migratectl", targets: ["migratectl"]),
+        // The engine for VMMs written in C, C++ or Rust, through include/migrated.h: built as libmigrated-c.so (the
+        // name libmigrated is the daemon's executable's here), installed as libmigrated.so.1 (its soname) by
+        // scripts/install.
+        .library(name: "migrated-c", type: .dynamic, targets: ["MigratedCABI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -95,6 +99,17 @@ let package = Package(
             "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
+        // The C ABI: include/migrated.h (imported through CMigratedABI's module map) implemented over the seams.
+        .systemLibrary(name: "CMigratedABI"),
+        .target(name: "MigratedCABI", dependencies: [
+            "CMigratedABI", "MigrationEngine", "MigrationNetwork", "MigrationWire", "Snapshots", "KVMBackend", "LinuxSystem",
+            "Transport", "NetworkAddress",
+        ], exclude: ["exports.map"], linkerSettings: [.unsafeFlags([
+            "-Xlinker", "-soname=libmigrated.so.1", "-Xlinker", "--version-script=Sources/MigratedCABI/exports.map", "-static-stdlib",
+            // Foundation's own static dependencies, which -static-stdlib names for executables only.
+            "-Xlinker", "--start-group", "-lFoundationInternationalization", "-lFoundationEssentials", "-lCoreFoundation",
+            "-l_FoundationICU", "-l_FoundationCollections", "-l_FoundationCShims", "-Xlinker", "--end-group",
+        ])]),
         .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl", "vmsnap"]),
     ],
     swiftLanguageModes: [.v5]

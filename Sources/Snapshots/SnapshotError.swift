@@ -19,6 +19,8 @@ public enum SnapshotError: Error, Equatable, Sendable, CustomStringConvertible {
     case io(String)
     /// Taking the snapshot failed in the guest (pause, dirty log, device state) or was refused.
     case guest(String)
+    /// A live save gave up: the guest dirtied memory faster than it could be written.
+    case didNotConverge(String)
 
     public var description: String {
         switch self {
@@ -31,6 +33,7 @@ public enum SnapshotError: Error, Equatable, Sendable, CustomStringConvertible {
         case .digestMismatch(let expected, let actual): "restored memory has digest \(actual), the snapshot records \(expected)"
         case .io(let why): why
         case .guest(let why): "snapshot of the guest failed: \(why)"
+        case .didNotConverge(let why): "the guest dirties memory faster than it can be saved: \(why)"
         }
     }
 }

@@ -204,7 +204,7 @@ public final class SnapshotSaver {
             case .throttle(let fraction):
                 throttle = fraction
                 source.setThrottle(fraction)
-            case .giveUp(let why): throw .guest("the guest dirties memory faster than it can be saved: \(why)")
+            case .giveUp(let why): throw .didNotConverge(why)
             }
         }
     }

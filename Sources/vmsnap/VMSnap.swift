@@ -52,7 +52,7 @@ private func fail(_ error: Any, status: Int32) -> Never {
 func isDamage(_ error: SnapshotError) -> Bool {
     switch error {
     case .notASnapshot, .truncated, .checksumMismatch, .corrupt, .chain, .digestMismatch, .unsupported: true
-    case .io, .guest: false
+    case .io, .guest, .didNotConverge: false
     }
 }
 

@@ -110,6 +110,9 @@ let package = Package(
             "-Xlinker", "--start-group", "-lFoundationInternationalization", "-lFoundationEssentials", "-lCoreFoundation",
             "-l_FoundationICU", "-l_FoundationCollections", "-l_FoundationCShims", "-Xlinker", "--end-group",
         ])]),
+        // C programs built against the installed library (scripts/install), as a VMM builds: no Swift module of the
+        // library is linked into these tests.
+        .testTarget(name: "CABITests", dependencies: ["TestSupport", "MigratedDaemon", "MigratedAPI"]),
         .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl", "vmsnap"]),
     ],
     swiftLanguageModes: [.v5]

@@ -324,7 +324,10 @@ struct migrated_report {
     uint64_t pages;             /* outgoing: pages sent; incoming: pages written */
     uint32_t passes;
     uint32_t channels;
-    char memory_digest[65];     /* incoming: the verified digest, hex; "" otherwise */
+    uint32_t harvests;          /* outgoing: dirty-log harvests of the source during pre-copy (about two per pass) */
+    uint32_t reserved;
+    double harvest_seconds;     /* outgoing: the time those harvests took in all (KVM's log or dirty_harvest) */
+    char memory_digest[65];     /* incoming and snapshots: the verified memory digest, hex; "" otherwise */
 };
 
 /* Waits until the migration has ended and returns its result (also in `report`, which may be NULL). The

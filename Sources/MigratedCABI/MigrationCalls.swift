@@ -185,7 +185,8 @@ final class EmbeddedMigration: @unchecked Sendable {
             let error = sender.failure.map { CABIError(classifying: $0, callbackFailed: vm.callbacks.failureCount > failuresBefore) }
             return migrated_report(
                 error: error, total: report.totalSeconds, setup: report.setupSeconds, downtime: report.downtimeSeconds,
-                wireBytes: report.wireBytes, pages: report.pagesSent, passes: report.passes.count, channels: report.channels, digest: "")
+                wireBytes: report.wireBytes, pages: report.pagesSent, passes: report.passes.count, channels: report.channels,
+                harvests: report.harvests, harvestSeconds: report.harvestSeconds, digest: "")
         }
     }
 
@@ -287,7 +288,8 @@ struct ProgressReporter: @unchecked Sendable {
 
 extension migrated_report {
     /// A report as the C structure holds it; `error` nil for a success.
-    init(error: CABIError?, total: Double, setup: Double, downtime: Double?, wireBytes: Int, pages: Int, passes: Int, channels: Int, digest: String) {
+    init(error: CABIError?, total: Double, setup: Double, downtime: Double?, wireBytes: Int, pages: Int, passes: Int, channels: Int,
+         harvests: Int = 0, harvestSeconds: Double = 0, digest: String) {
         self.init()
         abi_version = MIGRATED_ABI_VERSION
         self.error = Int32(error?.code.rawValue ?? MIGRATED_OK.rawValue)
@@ -298,6 +300,8 @@ extension migrated_report {
         self.pages = UInt64(pages)
         self.passes = UInt32(passes)
         self.channels = UInt32(channels)
+        self.harvests = UInt32(clamping: harvests)
+        harvest_seconds = harvestSeconds
         withUnsafeMutableBytes(of: &message) { copyCString(error?.description ?? "", into: $0) }
         withUnsafeMutableBytes(of: &memory_digest) { copyCString(digest, into: $0) }
     }

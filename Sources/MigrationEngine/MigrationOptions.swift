@@ -109,4 +109,7 @@ public struct MigrationReport: Sendable, Codable, Equatable {
     public var pagesSent: Int
     public var compression: String
     public var channels: Int
+    /// Dirty-log harvests of the source during pre-copy, and the seconds they took in all.
+    public var harvests: Int
+    public var harvestSeconds: Double
 }

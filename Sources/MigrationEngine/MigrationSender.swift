@@ -39,6 +39,9 @@ public final class MigrationSender: @unchecked Sendable {
     private var history: [PassStatistics] = []
     private var started = monotonicSeconds()
     private var wireBytes = 0
+    /// Dirty-log harvests so far and the time they took: what tracking costs the source per pass.
+    private var harvests = 0
+    private var harvestSeconds = 0.0
 
     public init(source: GuestSource, options: MigrationOptions, openChannel: @escaping (Int) throws -> MigrationChannel) {
         precondition(options.channels >= 1, "at least one channel")
@@ -235,7 +238,10 @@ public final class MigrationSender: @unchecked Sendable {
     /// The frames written since the last harvest, per channel, in ascending order.
     private func harvest(channels count: Int) throws -> [[UInt64]] {
         var dirty = [[UInt64]](repeating: [], count: count)
+        let start = monotonicSeconds()
         try guest { try source.harvestDirtyFrames { dirty[channelIndex(of: $0, channels: count)].append($0) } }
+        harvests += 1
+        harvestSeconds += monotonicSeconds() - start
         return dirty
     }
 
@@ -387,7 +393,7 @@ public final class MigrationSender: @unchecked Sendable {
             succeeded: error == nil, error: error.map { "\($0)" }, totalSeconds: monotonicSeconds() - started,
             setupSeconds: setup, downtimeSeconds: downtime, passes: history, wireBytes: wireBytes,
             pagesSent: history.reduce(0) { $0 + $1.pagesSent - ($1.pass == 0 ? $1.zeroPages : 0) },
-            compression: options.compression.rawValue, channels: channels.count)
+            compression: options.compression.rawValue, channels: channels.count, harvests: harvests, harvestSeconds: harvestSeconds)
     }
 
     // MARK: handshake

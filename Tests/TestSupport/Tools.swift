@@ -5,6 +5,11 @@ import XCTest
 public struct ToolOutput: Sendable {
     public var status: Int32
     public var text: String
+
+    public init(status: Int32, text: String) {
+        self.status = status
+        self.text = text
+    }
 }
 
 /// Runs a tool built beside the tests (migratectl, vmsnap) to completion.

@@ -1,0 +1,109 @@
+import Foundation
+import Glibc
+
+/// A TCP proxy on loopback between a migration's source and its destination, which can break what it carries:
+/// cut every connection once `cutAfter` bytes have gone from source to destination in all, or flip one bit of the
+/// byte at offset `corruptAt` of that direction. For the fault tests of processes the test cannot reach into.
+final class TCPProxy: @unchecked Sendable {
+    let port: UInt16
+    private let listener: Int32
+    private let target: UInt16
+    private let lock = NSLock()
+    private var forwarded = 0
+    private var sockets: [Int32] = []
+    private let cutAfter: Int?
+    private let corruptAt: Int?
+
+    init(to target: UInt16, cutAfter: Int? = nil, corruptAt: Int? = nil) throws {
+        self.target = target
+        self.cutAfter = cutAfter
+        self.corruptAt = corruptAt
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var address = Self.loopback(port: 0)
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer in
+                bind(fd, pointer, length) == 0 && listen(fd, 64) == 0 && getsockname(fd, pointer, &length) == 0
+            }
+        }
+        guard fd >= 0, bound else { throw POSIXError(.EADDRNOTAVAIL) }
+        listener = fd
+        port = UInt16(bigEndian: address.sin_port)
+        Thread.detachNewThread { [self] in acceptLoop() }
+    }
+
+    /// Bytes carried from source to destination so far.
+    var bytesForwarded: Int { lock.withLock { forwarded } }
+
+    func close() {
+        shutdown(listener, Int32(SHUT_RDWR))
+        Glibc.close(listener)
+        for fd in lock.withLock({ sockets }) { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    private static func loopback(port: UInt16) -> sockaddr_in {
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        address.sin_addr.s_addr = UInt32(0x7F00_0001).bigEndian
+        return address
+    }
+
+    private func acceptLoop() {
+        while true {
+            let client = accept(listener, nil, nil)
+            guard client >= 0 else { return }
+            let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var address = Self.loopback(port: target)
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+            }
+            guard connected else {
+                Glibc.close(client)
+                Glibc.close(server)
+                continue
+            }
+            lock.withLock { sockets += [client, server] }
+            Thread.detachNewThread { [self] in pump(from: client, to: server, downstream: true) }
+            Thread.detachNewThread { [self] in pump(from: server, to: client, downstream: false) }
+        }
+    }
+
+    /// Copies one direction until either side closes; source-to-destination bytes are counted, cut and corrupted.
+    private func pump(from input: Int32, to output: Int32, downstream: Bool) {
+        var buffer = [UInt8](repeating: 0, count: 64 << 10)
+        defer {
+            shutdown(input, Int32(SHUT_RDWR))
+            shutdown(output, Int32(SHUT_RDWR))
+        }
+        while true {
+            let count = read(input, &buffer, buffer.count)
+            guard count > 0 else { return }
+            var length = count
+            if downstream {
+                let (start, cut): (Int, Bool) = lock.withLock {
+                    let start = forwarded
+                    if let cutAfter, start + count >= cutAfter {
+                        length = max(0, cutAfter - start)
+                        forwarded = cutAfter
+                        return (start, true)
+                    }
+                    forwarded += count
+                    return (start, false)
+                }
+                if let corruptAt, corruptAt >= start, corruptAt < start + length { buffer[corruptAt - start] ^= 0x10 }
+                if cut {
+                    _ = write(output, buffer, length)
+                    for fd in lock.withLock({ sockets }) { shutdown(fd, Int32(SHUT_RDWR)) }
+                    return
+                }
+            }
+            var done = 0
+            while done < length {
+                let written = buffer.withUnsafeBytes { write(output, $0.baseAddress! + done, length - done) }
+                guard written > 0 else { return }
+                done += written
+            }
+        }
+    }
+}

@@ -42,16 +42,7 @@ final class DaemonProcess {
 
     /// Runs migratectl (or another installed tool) against this daemon.
     func ctl(_ arguments: [String], tool: String = "migratectl") throws -> ToolOutput {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "\(bin)/\(tool)")
-        process.arguments = arguments + ["--socket", socket]
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return ToolOutput(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
+        try runProgram("\(bin)/\(tool)", arguments + ["--socket", socket])
     }
 
     /// A VM's status document.

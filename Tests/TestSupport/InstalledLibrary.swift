@@ -25,22 +25,12 @@ public enum InstalledLibrary {
     /// Runs a shell command line in that environment; fails with what it printed if it fails.
     @discardableResult
     public static func shell(_ command: String, in directory: String? = nil, file: StaticString = #filePath, line: UInt = #line) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/bin/sh")
-        process.arguments = ["-c", command]
-        process.environment = try environment()
-        if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
-        let pipe = Pipe()
-        process.standardOutput = pipe
-        process.standardError = pipe
-        try process.run()
-        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        if process.terminationStatus != 0 {
-            XCTFail("`\(command)` exited with \(process.terminationStatus):\n\(output)", file: file, line: line)
-            throw NSError(domain: "InstalledLibrary", code: Int(process.terminationStatus))
+        let output = try runProgram("/bin/sh", ["-c", command], environment: try environment(), directory: directory)
+        if output.status != 0 {
+            XCTFail("`\(command)` exited with \(output.status):\n\(output.text)", file: file, line: line)
+            throw NSError(domain: "InstalledLibrary", code: Int(output.status))
         }
-        return output
+        return output.text
     }
 
     /// The compiler flags every C test and the C VMM are built with.

@@ -32,6 +32,23 @@ public func runTool(_ tool: String, _ arguments: [String]) async throws -> ToolO
     return ToolOutput(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
 }
 
+/// Runs a program to completion, its standard output and error read together.
+public func runProgram(_ path: String, _ arguments: [String], environment: [String: String]? = nil,
+                       directory: String? = nil) throws -> ToolOutput {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: path)
+    process.arguments = arguments
+    if let environment { process.environment = environment }
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try process.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return ToolOutput(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
+}
+
 /// Runs a system command quietly to completion; its exit status, or -1 when it cannot be started.
 public func runCommand(_ command: [String]) -> Int32 {
     let process = Process()

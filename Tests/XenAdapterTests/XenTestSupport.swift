@@ -9,19 +9,11 @@ import XCTest
 /// Runs Xen 4.17's verify-stream-v2 through scripts/xen-verifier.sh; skips the test when the package
 /// cannot be fetched.
 func xenVerifier(_ path: String, file: StaticString = #filePath, line: UInt = #line) throws -> (ok: Bool, output: String) {
-    let process = Process()
-    process.executableURL = TestGuest.repositoryRoot.appendingPathComponent("scripts/xen-verifier.sh")
-    process.arguments = [path]
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try process.run()
-    let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-    if process.terminationStatus == 77 {
-        throw XCTSkip("Xen 4.17's verifier is unavailable (apt-get download xen-utils-4.17 failed): \(output)")
+    let result = try runProgram(TestGuest.repositoryRoot.appendingPathComponent("scripts/xen-verifier.sh").path, [path])
+    if result.status == 77 {
+        throw XCTSkip("Xen 4.17's verifier is unavailable (apt-get download xen-utils-4.17 failed): \(result.text)")
     }
-    return (process.terminationStatus == 0, output)
+    return (result.status == 0, result.text)
 }
 
 /// A machine state with recognisable values in every mapped field, built without KVM.

@@ -65,20 +65,23 @@ struct guest {
 
 static uint64_t pages_of(int region) { return region_size[region] / PAGE; }
 
+/* The writer checks `paused` under the lock before each write, so once this returns no write happens. */
+static void set_paused(struct guest *g, int paused) {
+    pthread_mutex_lock(&g->lock);
+    g->paused = paused;
+    pthread_mutex_unlock(&g->lock);
+}
+
 static int on_pause(void *opaque) {
     struct guest *g = opaque;
-    pthread_mutex_lock(&g->lock);
-    g->paused = 1;
-    pthread_mutex_unlock(&g->lock);
+    set_paused(g, 1);
     g->pauses++;
     return 0;
 }
 
 static int on_resume(void *opaque) {
     struct guest *g = opaque;
-    pthread_mutex_lock(&g->lock);
-    g->paused = 0;
-    pthread_mutex_unlock(&g->lock);
+    set_paused(g, 0);
     g->resumes++;
     return 0;
 }

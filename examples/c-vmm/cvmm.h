@@ -4,6 +4,8 @@
 #ifndef CVMM_H
 #define CVMM_H
 
+#include <stdint.h>
+
 /* Exit statuses of the process (besides the guest's own exit code). */
 #define CVMM_EXIT_OK 0
 #define CVMM_EXIT_ERROR 2
@@ -13,6 +15,8 @@
 void cvmm_reply(const char *format, ...) __attribute__((format(printf, 1, 2)));
 /* One line on stderr, prefixed with "c-vmm: ". Thread safe. */
 void cvmm_log(const char *format, ...) __attribute__((format(printf, 1, 2)));
+/* A byte count with an optional K, M, G or T suffix (powers of 1024) into *out: 0, or -1 if it is not one. */
+int cvmm_parse_size(const char *text, uint64_t *out);
 /* Whether --verbose was given. */
 extern int cvmm_verbose;
 

@@ -89,8 +89,7 @@ static void usage(FILE *to)
           to);
 }
 
-/* A byte count with an optional K, M, G or T suffix (powers of 1024). */
-static int parse_size(const char *text, uint64_t *out)
+int cvmm_parse_size(const char *text, uint64_t *out)
 {
     if (text == NULL || *text < '0' || *text > '9')
         return -1;
@@ -375,7 +374,7 @@ static int parse_settings(int argc, char **argv, struct settings *s)
                 s->kernel = optarg;
             else if (option == OPT_CMDLINE)
                 s->cmdline = optarg;
-            else if (parse_size(optarg, &s->memory) < 0)
+            else if (cvmm_parse_size(optarg, &s->memory) < 0)
                 return bad_usage("--memory %s is not a size (e.g. 512M or 4G)", optarg);
             break;
         case OPT_LISTEN:
@@ -405,7 +404,7 @@ static int parse_settings(int argc, char **argv, struct settings *s)
                 return bad_usage("--dirty is bitmap, ring or callback, not %s", optarg);
             break;
         case OPT_RING_BYTES:
-            if (parse_size(optarg, &number) < 0 || number < 4096 || number > (1u << 30) || (number & (number - 1)))
+            if (cvmm_parse_size(optarg, &number) < 0 || number < 4096 || number > (1u << 30) || (number & (number - 1)))
                 return bad_usage("--dirty-ring-bytes %s is not a power of two between 4K and 1G", optarg);
             s->ring_bytes = (uint32_t)number;
             break;

@@ -68,14 +68,20 @@ int migrator_check_abi(void)
  * Callbacks
  * ------------------------------------------------------------------------------------------------------------ */
 
-static int cb_pause(void *opaque)
+/* A vm_* call's result as a callback returns it: 0, or -1 after saying which callback failed and why. */
+static int callback_result(const struct migrator *m, const char *callback, int result)
 {
-    struct migrator *m = opaque;
-    if (vm_pause(m->vm, false) < 0) {
-        cvmm_log("pause: %s", m->vm->error);
+    if (result < 0) {
+        cvmm_log("%s: %s", callback, m->vm->error);
         return -1;
     }
     return 0;
+}
+
+static int cb_pause(void *opaque)
+{
+    struct migrator *m = opaque;
+    return callback_result(m, "pause", vm_pause(m->vm, false));
 }
 
 static int cb_resume(void *opaque)
@@ -89,11 +95,7 @@ static int cb_set_throttle(void *opaque, double fraction)
     struct migrator *m = opaque;
     if (cvmm_verbose)
         cvmm_log("throttle %.0f%%", fraction * 100);
-    if (vm_set_throttle(m->vm, fraction) < 0) {
-        cvmm_log("set_throttle: %s", m->vm->error);
-        return -1;
-    }
-    return 0;
+    return callback_result(m, "set_throttle", vm_set_throttle(m->vm, fraction));
 }
 
 static int cb_save_devices(void *opaque, migrated_device_list *list)
@@ -130,31 +132,19 @@ static int cb_save_devices(void *opaque, migrated_device_list *list)
 static int cb_dirty_start(void *opaque)
 {
     struct migrator *m = opaque;
-    if (vm_set_dirty_logging(m->vm, true) < 0) {
-        cvmm_log("dirty_start: %s", m->vm->error);
-        return -1;
-    }
-    return 0;
+    return callback_result(m, "dirty_start", vm_set_dirty_logging(m->vm, true));
 }
 
 static int cb_dirty_harvest(void *opaque, uint32_t region, uint64_t *bitmap, size_t words)
 {
     struct migrator *m = opaque;
-    if (vm_get_dirty_log(m->vm, region, bitmap, words) < 0) {
-        cvmm_log("dirty_harvest: %s", m->vm->error);
-        return -1;
-    }
-    return 0;
+    return callback_result(m, "dirty_harvest", vm_get_dirty_log(m->vm, region, bitmap, words));
 }
 
 static int cb_dirty_stop(void *opaque)
 {
     struct migrator *m = opaque;
-    if (vm_set_dirty_logging(m->vm, false) < 0) {
-        cvmm_log("dirty_stop: %s", m->vm->error);
-        return -1;
-    }
-    return 0;
+    return callback_result(m, "dirty_stop", vm_set_dirty_logging(m->vm, false));
 }
 
 static int cb_prepare_memory(void *opaque, struct migrated_region *regions, uint32_t count)
@@ -229,11 +219,7 @@ static int cb_restore_devices(void *opaque, const struct migrated_device_blob *b
 static int cb_start(void *opaque)
 {
     struct migrator *m = opaque;
-    if (vm_start(m->vm) < 0) {
-        cvmm_log("start: %s", m->vm->error);
-        return -1;
-    }
-    return 0;
+    return callback_result(m, "start", vm_start(m->vm));
 }
 
 static void cb_discard(void *opaque)
@@ -402,32 +388,6 @@ static bool parse_u64(const char *text, uint64_t *out)
     return true;
 }
 
-/* A byte count with an optional K, M, G or T suffix (powers of 1024). */
-static bool parse_bytes(const char *text, uint64_t *out)
-{
-    if (text == NULL || *text < '0' || *text > '9')
-        return false;
-    errno = 0;
-    char *end = NULL;
-    unsigned long long value = strtoull(text, &end, 10);
-    if (errno != 0 || end == text)
-        return false;
-    unsigned shift = 0;
-    switch (*end) {
-    case '\0': break;
-    case 'k': case 'K': shift = 10; break;
-    case 'm': case 'M': shift = 20; break;
-    case 'g': case 'G': shift = 30; break;
-    case 't': case 'T': shift = 40; break;
-    default: return false;
-    }
-    if (*end != '\0' && end[1] != '\0')
-        return false;
-    if (shift && value > (UINT64_MAX >> shift))
-        return false;
-    *out = (uint64_t)value << shift;
-    return true;
-}
 
 struct tls_words {
     char *copy;
@@ -692,7 +652,7 @@ int migrator_migrate(struct migrator *m, int argc, char **argv, bool over_fds)
             ok = parse_u64(value, &number) && number >= 1 && number <= 86400;
             options.time_limit_seconds = (double)number;
         } else if (KEY("bandwidth")) {
-            ok = parse_bytes(value, &number) && number > 0;
+            ok = cvmm_parse_size(value, &number) == 0 && number > 0;
             options.bandwidth_limit = (double)number;
         } else if (KEY("config")) {
             config_path = value;

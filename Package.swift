@@ -34,6 +34,8 @@ let package = Package(
         // The daemon's control API: HTTP/1.1 over a Unix socket, server and client, with no further dependencies.
         .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        // `swift package generate-documentation` (scripts/docs): API documentation of the library modules.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
     targets: [
         // System libraries, from Debian's -dev packages.

@@ -20,8 +20,9 @@
  *   - A structure the VMM fills in starts with `abi_version`, which must be MIGRATED_ABI_VERSION; zero-filled
  *     fields mean the documented default.
  *   - Threads: the library starts threads only inside migrated_migration_start_*, migrated_snapshot_save and
- *     migrated_snapshot_restore (page streaming, compression, channels: at most 2 + 2 per channel), and they
- *     have ended when the migration has been waited for or the snapshot call returns. Callbacks may run on
+ *     migrated_snapshot_restore (the migration itself, and a few per channel for streaming, compression and
+ *     writing pages), and they have ended when the migration has been waited for or the snapshot call returns;
+ *     but an eager restore reads pages on libdispatch's worker threads, which stay idle in the process afterwards. Callbacks may run on
  *     those threads, never on two threads at once for the same handle, and never after the call that caused
  *     them has returned (or, for a migration, after migrated_migration_wait has returned).
  *   - The library keeps no global state but the thread-local error message.

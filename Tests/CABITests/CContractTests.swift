@@ -57,4 +57,21 @@ final class CContractTests: XCTestCase {
     }
 
     func testContractUnderAddressSanitizer() throws { try buildAndRun(sanitized: true) }
+
+    /// The header from C++ (compiled pedantically) and its functions from Rust (declared in an extern "C" block),
+    /// linked against the installed library. Rust is skipped where no rustc is installed.
+    func testTheHeaderServesCPlusPlusAndRust() throws {
+        let prefix = try InstalledLibrary.prefix()
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("c-languages-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let sources = TestGuest.repositoryRoot.appendingPathComponent("Tests/c").path
+        try InstalledLibrary.shell("c++ -std=c++17 -Wall -Wextra -Werror -pedantic '\(sources)/abi.cpp' -o abi-cpp $(pkg-config --cflags --libs migrated)",
+                                   in: directory)
+        XCTAssertEqual(try InstalledLibrary.shell("./abi-cpp", in: directory), "abi 1 MIGRATED_OK MIGRATED_ERR_ABI_MISMATCH\n")
+        guard runCommand(["/bin/sh", "-c", "command -v rustc"]) == 0 else { throw XCTSkip("no rustc on this host") }
+        try InstalledLibrary.shell("rustc -O '\(sources)/abi.rs' -o abi-rs -L '\(prefix)/lib' -l migrated -C link-arg=-Wl,-rpath,'\(prefix)/lib'",
+                                   in: directory)
+        XCTAssertEqual(try InstalledLibrary.shell("./abi-rs", in: directory), "abi 1 MIGRATED_ERR_ABI_MISMATCH true\n")
+    }
 }

@@ -231,6 +231,7 @@ final class ConfiguredGuestSink: GuestSink {
 /// its own and the VM adopted by the daemon once it runs.
 public final class EngineIncomingListener: IncomingMigrationListener, @unchecked Sendable {
     private let logger: Logger
+    private let refusals = RefusalLog()
     private let lock = NSLock()
     private var listener: Listener?
 
@@ -272,17 +273,22 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
             let thread = Thread { [self] in receive(channels, from: peer, memoryBacking: memoryBacking, adopt: adopt) }
             thread.name = "migrate-receive"
             thread.start()
-        }, refused: { [logger] peer, reason in
-            logger.warning("incoming migration refused", metadata: ["peer": "\(peer)", "error": "\(reason)"])
+        }, refused: { [logger, refusals] peer, reason in
+            guard case .log(let suppressed) = refusals.verdict(for: peer) else { return }
+            logger.warning("incoming migration refused; more refusals of this peer in the next \(Int(refusals.window)) s are not logged",
+                           metadata: ["peer": "\(peer)", "error": "\(reason)", "refused_unlogged_before": "\(suppressed)"])
         })
         while lock.withLock({ self.listener === listener }) {
             do {
                 let connection = try listener.acceptConnection()
-                gatherer.add(from: connection.peerAddress) { try MigrationNetwork.establish(connection) }
+                gatherer.add(from: connection.peerHost) { try MigrationNetwork.establish(connection) }
             } catch {
-                if lock.withLock({ self.listener === listener }) {
-                    logger.warning("incoming connection refused", metadata: ["error": "\(error)"])
+                guard lock.withLock({ self.listener === listener }) else { continue }
+                if case .log(let suppressed) = refusals.verdict(for: "accept") {
+                    logger.warning("accepting an incoming connection failed", metadata: ["error": "\(error)", "failed_unlogged_before": "\(suppressed)"])
                 }
+                // Out of descriptors, say: the failure repeats until connections close, so do not spin on it.
+                Thread.sleep(forTimeInterval: 0.01)
             }
         }
     }

@@ -98,6 +98,7 @@ public final class ChannelGatherer: @unchecked Sendable {
 
     private let maximumChannels: Int
     private let maximumOpening: Int
+    private let maximumOpeningPerSource: Int
     private let headerTimeout: Double
     private let gatherTimeout: Double
     private let ready: Ready
@@ -106,15 +107,19 @@ public final class ChannelGatherer: @unchecked Sendable {
     /// Incomplete migrations; the serial tells a migration from a later one that happens to reuse its key.
     private var pending: [Key: (serial: Int, migration: PartialMigration)] = [:]
     private var serials = 0
-    /// Connections not yet past their header: each holds a thread until it is, or until it times out.
+    /// Connections not yet past their header: each holds a thread until it is, or until it times out; in all,
+    /// and per source address.
     private var opening = 0
+    private var openingBySource: [String: Int] = [:]
 
-    /// At most `maximumOpening` connections may be in their handshake or header at once; more are closed at once,
-    /// so that a flood of connections costs a bounded number of threads.
-    public init(maximumChannels: Int = 64, maximumOpening: Int = 256, headerTimeout: Double = 10, gatherTimeout: Double = 30,
-                ready: @escaping Ready, refused: @escaping Refused) {
+    /// At most `maximumOpening` connections may be in their handshake or header at once, and at most
+    /// `maximumOpeningPerSource` from one source address; more are closed at once, so that a flood of connections
+    /// costs a bounded number of threads, and one flooding host cannot take the slots of the peers that migrate.
+    public init(maximumChannels: Int = 64, maximumOpening: Int = 256, maximumOpeningPerSource: Int = 32, headerTimeout: Double = 10,
+                gatherTimeout: Double = 30, ready: @escaping Ready, refused: @escaping Refused) {
         self.maximumChannels = maximumChannels
         self.maximumOpening = maximumOpening
+        self.maximumOpeningPerSource = maximumOpeningPerSource
         self.headerTimeout = headerTimeout
         self.gatherTimeout = gatherTimeout
         self.ready = ready
@@ -123,27 +128,32 @@ public final class ChannelGatherer: @unchecked Sendable {
 
     /// Takes a new connection and returns at once. `open` runs on the connection's thread: it completes the
     /// connection (a TLS handshake, bounded by its own timeout) and names the peer (with TLS, its verified
-    /// name); `address` names the connection if it fails.
+    /// name); `address` is where the connection comes from (a host, which the per-source limit counts by), and
+    /// names it if it fails.
     /// When too many connections are opening, `open` is not called and `abandon` closes the connection (the
     /// default does nothing, for connections that close when `open` is dropped, as an `AcceptedConnection` does).
     public func add(from address: String, open: @escaping @Sendable () throws -> (channel: MigrationChannel, peer: String),
                     abandon: () -> Void = {}) {
-        let admitted = lock.withLock { () -> Bool in
-            guard opening < maximumOpening else { return false }
+        let refusal = lock.withLock { () -> String? in
+            if opening >= maximumOpening { return "\(maximumOpening) connections are already opening" }
+            if openingBySource[address, default: 0] >= maximumOpeningPerSource {
+                return "\(maximumOpeningPerSource) connections from \(address) are already opening"
+            }
             opening += 1
-            return true
+            openingBySource[address, default: 0] += 1
+            return nil
         }
-        guard admitted else {
+        if let refusal {
             abandon()
-            refused(address, .channel("\(maximumOpening) connections are already opening; this one is closed"))
+            refused(address, .channel("\(refusal); this one is closed"))
             return
         }
         let thread = Thread { [self] in
             do {
                 let (channel, peer) = try open()
-                gather(channel, peer: peer)
+                gather(channel, peer: peer, source: address)
             } catch {
-                lock.withLock { opening -= 1 }
+                finishedOpening(address)
                 refused(address, error as? MigrationError ?? .channel("\(error)"))
             }
         }
@@ -159,7 +169,16 @@ public final class ChannelGatherer: @unchecked Sendable {
     /// Migrations with some but not all channels in.
     public var pendingCount: Int { lock.withLock { pending.count } }
 
-    private func gather(_ channel: MigrationChannel, peer: String) {
+    /// A connection from `source` is past its handshake and header, or failed in them.
+    private func finishedOpening(_ source: String) {
+        lock.withLock {
+            opening -= 1
+            openingBySource[source, default: 1] -= 1
+            if openingBySource[source] == 0 { openingBySource[source] = nil }
+        }
+    }
+
+    private func gather(_ channel: MigrationChannel, peer: String, source: String) {
         let wait = HeaderWait()
         DispatchQueue.global().asyncAfter(deadline: .now() + headerTimeout) {
             // Closing the channel makes the header read below fail: a silent peer costs a thread for this long.
@@ -169,7 +188,7 @@ public final class ChannelGatherer: @unchecked Sendable {
         do {
             defer {
                 wait.finish()
-                lock.withLock { opening -= 1 }
+                finishedOpening(source)
             }
             header = try IncomingChannels.readHeader(channel)
         } catch {

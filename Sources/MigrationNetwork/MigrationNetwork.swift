@@ -41,12 +41,7 @@ final class TransportMigrationChannel: MigrationChannel {
     init(_ channel: any Channel) { self.channel = channel }
 
     /// The verified certificate name for TLS; for plaintext the peer's host (its port differs per connection).
-    var peer: String {
-        if let name = channel.peerName { return name }
-        let address = channel.peerAddress
-        guard !address.hasPrefix("unix:"), let colon = address.lastIndex(of: ":") else { return address }
-        return String(address[..<colon])
-    }
+    var peer: String { channel.peerName ?? host(ofPeerAddress: channel.peerAddress) }
 
     func send(_ buffers: [UnsafeRawBufferPointer]) throws { try channel.send(buffers) }
     func receive(into buffer: UnsafeMutableRawBufferPointer) throws -> Int { try channel.receive(into: buffer) }

@@ -57,6 +57,14 @@ private func makeChannel(socket: OwnedFileDescriptor, family: Int32, security: S
     }
 }
 
+/// The host part of a peer address as `Channel.peerAddress` writes it ("10.0.0.2:51234", "[fe80::1]:51234"), or
+/// "unix" for a Unix socket's peer.
+public func host(ofPeerAddress address: String) -> String {
+    if address.hasPrefix("unix:") { return "unix" }
+    guard let colon = address.lastIndex(of: ":") else { return address }
+    return String(address[..<colon].filter { $0 != "[" && $0 != "]" })
+}
+
 /// A listening socket that hands out channels, one per accepted connection.
 public final class Listener: @unchecked Sendable {
     private let socket: OwnedFileDescriptor
@@ -150,6 +158,10 @@ public final class AcceptedConnection: @unchecked Sendable {
 
     /// The peer's address, as the socket reports it.
     public var peerAddress: String { Socket.peerAddress(socket.rawValue) }
+
+    /// The host the connection comes from, without its port (which changes with every connection): what limits
+    /// and logs count connections by. "unix" for a Unix socket.
+    public var peerHost: String { host(ofPeerAddress: peerAddress) }
 
     /// Runs the handshake the listener's security asks for (TLS: bounded by `handshakeTimeout`), once. When it
     /// fails, the connection closes as soon as this object goes away.

@@ -13,8 +13,10 @@ final class ChannelGathererTests: XCTestCase {
         private(set) var ready: [(peer: String, headers: [StreamHeader])] = []
         private(set) var refused: [(peer: String, reason: String)] = []
 
-        func gatherer(maximumOpening: Int = 256, headerTimeout: Double = 10, gatherTimeout: Double = 30) -> ChannelGatherer {
-            ChannelGatherer(maximumOpening: maximumOpening, headerTimeout: headerTimeout, gatherTimeout: gatherTimeout,
+        func gatherer(maximumOpening: Int = 256, maximumOpeningPerSource: Int = 32, headerTimeout: Double = 10,
+                      gatherTimeout: Double = 30) -> ChannelGatherer {
+            ChannelGatherer(maximumOpening: maximumOpening, maximumOpeningPerSource: maximumOpeningPerSource,
+                            headerTimeout: headerTimeout, gatherTimeout: gatherTimeout,
                             ready: { [self] channels, peer in
                 let headers = channels.map { channel in
                     let decoder = StreamDecoder()
@@ -111,6 +113,20 @@ final class ChannelGathererTests: XCTestCase {
         gatherer.add(late.ours, peer: "host-a")
         XCTAssertTrue(events.wait(for: 1))
         XCTAssertEqual(events.ready.map(\.headers.first?.migrationID), [4])
+    }
+
+    /// A host that floods the port with silent connections uses up its own share of opening slots, not everyone's.
+    func testOneSourceCannotTakeTheSlotsOfAnother() throws {
+        let events = Events()
+        let gatherer = events.gatherer(maximumOpening: 8, maximumOpeningPerSource: 2, headerTimeout: 0.5)
+        let silent = try (0 ..< 3).map { _ in try connection(nil) }
+        for (ours, _) in silent { gatherer.add(ours, peer: "flooder") }
+        XCTAssertTrue(events.wait(for: 1))
+        XCTAssertTrue(events.refused.first?.reason.contains("2 connections from flooder are already opening") ?? false, "\(events.refused)")
+        let migration = try connection(header(0, of: 1, id: 5))
+        gatherer.add(migration.ours, peer: "host-a")
+        XCTAssertTrue(events.wait(for: 1))
+        XCTAssertEqual(events.ready.map(\.headers.first?.migrationID), [5], "another host's migration gets in meanwhile")
     }
 
     func testAHalfOpenMigrationExpiresAndARepeatedChannelIsRefusedAlone() throws {

@@ -44,7 +44,7 @@ public final class SnapshotService: @unchecked Sendable {
         lock.unlock()
         if running { throw .conflict("snapshot_running", "VM '\(vm.id)' is already being saved") }
         if request.kind == .diff, base == nil {
-            throw .conflict("no_parent", "VM '\(vm.id)' has no snapshot taken through this daemon since it started or last migrated; take a full one first")
+            throw .conflict("no_parent", "VM '\(vm.id)' has no snapshot to build a diff on: none taken since it started or last migrated, nor (yet) the one it was restored from; take a full one first")
         }
         let options = SnapshotSaveOptions(live: request.live && !paused, resumeGuest: !paused,
                                           memoryFormat: request.format == .plain ? .plain : .compressed,
@@ -131,6 +131,9 @@ public final class SnapshotService: @unchecked Sendable {
             } else {
                 _ = try SnapshotRestore.restore(chain, into: sink)
             }
+            // Every write from the guest's first instruction on is in the dirty log, so that the next snapshot of this
+            // VM may be a diff on top of the chain it came from.
+            try sink.base.machine?.dirtyTracker.start()
             try sink.start()
         } catch {
             sink.discard()
@@ -143,11 +146,28 @@ public final class SnapshotService: @unchecked Sendable {
         if let id = request.id { configuration.id = id }
         let vm = try vms.adopt(machine, as: configuration)
         if let lazy { watch(lazy, vm: vm.id, vms: vms) }
+        rememberBase(of: vm.id, restoredFrom: chain)
         lock.withLock { restored += 1 }
         logger.info("VM restored from a snapshot", metadata: ["vm": "\(vm.id)", "path": "\(request.path)", "lazy": "\(request.lazy)",
                                                             "ms_to_first_instruction": "\(String(format: "%.1f", ready * 1000))"])
         return RestoreResult(vm: vms.info(vm), lazy: request.lazy, dataPages: chain.dataPages, secondsToFirstInstruction: ready,
                              secondsToResident: request.lazy ? nil : ready)
+    }
+
+    /// Makes the chain a restored VM came from the base of its next diff: found from the files, so it holds after a
+    /// daemon restart too. The chain is read on a thread of its own, while the guest runs; a diff asked for before
+    /// it is done is refused (409 no_parent), and a full snapshot taken meanwhile takes precedence.
+    private func rememberBase(of id: String, restoredFrom chain: SnapshotChain) {
+        let thread = Thread { [self] in
+            do {
+                let base = try SnapshotBase(restoredFrom: chain)
+                lock.withLock { if bases[id] == nil { bases[id] = base } }
+            } catch {
+                logger.warning("the restored VM's next snapshot cannot be a diff of its chain", metadata: ["vm": "\(id)", "error": "\(error)"])
+            }
+        }
+        thread.name = "snapshot-base"
+        thread.start()
     }
 
     /// Keeps a lazy restore alive until all memory is in; a page that cannot be served stops the VM.

@@ -149,7 +149,8 @@ func channelIndex(of frame: UInt64, channels: Int) -> Int {
 }
 
 extension GuestMemoryLayout {
-    var digestRegions: [DigestTracker.Region] {
+    /// The layout's regions in frames, as the memory digest tracks them.
+    public var digestRegions: [DigestTracker.Region] {
         regions.map { DigestTracker.Region(firstFrame: $0.guestPhysicalAddress >> 12, frameCount: Int($0.size >> 12)) }
     }
 

@@ -26,6 +26,32 @@ public final class SnapshotBase: @unchecked Sendable {
     }
 }
 
+extension SnapshotBase {
+    /// The base of the next diff of a guest restored from `chain`, whose dirty tracking started before it ran:
+    /// the chain's newest file, found from the files rather than remembered by whoever saved them (a daemon
+    /// restarted since, another host). Reads and hashes every data page of the chain once, and checks the result
+    /// against the digest the file records.
+    public convenience init(restoredFrom chain: SnapshotChain) throws(SnapshotError) {
+        let top = chain.top
+        let pageHashes = DigestTracker(regions: top.layout.digestRegions)
+        let reader = ChainReader(chain)
+        let runPages = 256
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: runPages * SnapshotFormat.pageSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        try chain.forEachDataRun(maximumPages: runPages) { (file, first, count) throws(SnapshotError) in
+            try reader.read(file: file, firstIndex: first, count: count, into: buffer.baseAddress!)
+            for k in 0 ..< count {
+                let page = UnsafeRawBufferPointer(rebasing: buffer[k * SnapshotFormat.pageSize ..< (k + 1) * SnapshotFormat.pageSize])
+                pageHashes.update(frame: top.frames.frame(at: first + k), page: page)
+            }
+        }
+        guard pageHashes.digest == top.memoryDigest else {
+            throw .digestMismatch(expected: "\(top.memoryDigest)", actual: "\(pageHashes.digest)")
+        }
+        self.init(id: top.header.id, memoryDigest: top.header.memoryDigest, path: top.path, layout: top.layout, pageHashes: pageHashes)
+    }
+}
+
 /// Writes one snapshot file. Pages go to a temporary file beside the destination; `finish` adds the
 /// metadata parts and the header, syncs, and renames the file into place, so the destination either does not
 /// exist or holds a complete snapshot. `discard` (or a failure in `finish`) removes the temporary file.
@@ -80,9 +106,7 @@ public final class SnapshotWriter {
             pageHashes = DigestTracker(copying: base.pageHashes)
         } else {
             self.parent = parent
-            pageHashes = parent == nil ? DigestTracker(regions: layout.regions.map {
-                DigestTracker.Region(firstFrame: $0.guestPhysicalAddress >> 12, frameCount: Int($0.size >> 12))
-            }) : nil
+            pageHashes = parent == nil ? DigestTracker(regions: layout.digestRegions) : nil
         }
         guard (kind == .diff) == (self.parent != nil) else {
             throw .chain(kind == .diff ? "a diff snapshot needs a parent" : "a full snapshot has no parent")

@@ -56,7 +56,8 @@ public final class MigrationSender: @unchecked Sendable {
         self.init(source: source, options: options) { channels[$0] }
     }
 
-    /// Asks the migration to stop; it does so at the next batch. Has no effect once the switchover is committed.
+    /// Asks the migration to stop: at the next batch, or at once when a thread waits on the peer (the watchdog
+    /// closes the channels). Has no effect once the switchover is committed.
     public func cancel() { cancelled.store(true, ordering: .relaxed) }
     private var isCancelled: Bool { cancelled.load(ordering: .relaxed) }
     private var timeBudgetSpent: Bool { monotonicSeconds() - started > options.timeLimit }
@@ -67,17 +68,57 @@ public final class MigrationSender: @unchecked Sendable {
         started = monotonicSeconds()
         failure = nil
         var phase = Phase()
+        gate.withLock { $0 = Gate() }
+        startWatchdog()
+        defer { watching.store(false, ordering: .relaxed) }
         do {
             let downtime = try migrate(&phase)
             report(.completed, pass: history.count, total: 0)
             return makeReport(error: nil, setup: phase.setupSeconds, downtime: downtime)
         } catch {
-            let failure = reasonFromPeer(for: error as? MigrationError ?? .guestFailed("\(error)"), reply: phase.reply)
+            // A channel the watchdog closed fails whatever waited on it; the reason is the watchdog's.
+            let stopped: MigrationError? = gate.withLock { $0.closedByWatchdog } ? (isCancelled ? .cancelled
+                : .didNotConverge("the time budget of \(options.timeLimit) s ran out")) : nil
+            let failure = stopped ?? reasonFromPeer(for: error as? MigrationError ?? .guestFailed("\(error)"), reply: phase.reply)
             self.failure = failure
             rollBack(phase, failure)
             report(failure == .cancelled ? .cancelled : .failed, pass: history.count, total: 0)
             return makeReport(error: failure, setup: phase.setupSeconds, downtime: nil)
         }
+    }
+
+    /// Whether the switchover is committed, and whether the watchdog closed the channels before it was; the two
+    /// exclude each other.
+    private struct Gate {
+        var committed = false
+        var closedByWatchdog = false
+    }
+    private let gate = Mutex(Gate())
+
+    /// Whether the watchdog of the running migration should go on watching.
+    private let watching = Atomic<Bool>(false)
+
+    /// Watches the migration until `watching` turns false: when it is cancelled or its time budget runs out before
+    /// the commit, closes the channels, so that a thread blocked on the peer returns: a peer that accepted and never
+    /// answers, one that stopped reading, a pass not yet applied.
+    private func startWatchdog() {
+        watching.store(true, ordering: .relaxed)
+        let thread = Thread { [self] in
+            while watching.load(ordering: .relaxed) {
+                if isCancelled || timeBudgetSpent {
+                    let close = gate.withLock { gate in
+                        guard !gate.committed else { return false }
+                        gate.closedByWatchdog = true
+                        return true
+                    }
+                    if close { for channel in channels { channel.close() } }
+                    return
+                }
+                Thread.sleep(forTimeInterval: 0.02)
+            }
+        }
+        thread.name = "migrate-watchdog"
+        thread.start()
     }
 
     /// How far the migration got, for rolling back.
@@ -211,6 +252,12 @@ public final class MigrationSender: @unchecked Sendable {
         }
         if isCancelled { throw MigrationError.cancelled }
 
+        // From here a cancel has no effect: the watchdog leaves the channels alone, unless it closed them already.
+        let committing = gate.withLock { gate in
+            if !gate.closedByWatchdog { gate.committed = true }
+            return gate.committed
+        }
+        guard committing else { throw MigrationError.cancelled }
         try writers[0].send { encoder, out in encoder.encodeCommit(into: &out) }
         phase.committed = true
         switch try reply.nextSkippingAcknowledgements() {
@@ -246,31 +293,9 @@ public final class MigrationSender: @unchecked Sendable {
     }
 
     /// Waits for the receiver's word that pass `pass` is wholly in its memory. A cancel, or the time budget
-    /// running out, ends the wait: a watchdog closes the channels, which fails the blocked read.
+    /// running out, ends the wait: the watchdog closes the channels, which fails the blocked read.
     private func awaitApplied(pass: UInt32, on reply: RecordReader) throws {
-        let waiting = Atomic<Bool>(true)
-        let watchdog = Thread { [self] in
-            while waiting.load(ordering: .relaxed) {
-                if isCancelled || timeBudgetSpent {
-                    for channel in channels { channel.close() }
-                    return
-                }
-                Thread.sleep(forTimeInterval: 0.02)
-            }
-        }
-        watchdog.start()
-        defer { waiting.store(false, ordering: .relaxed) }
-        let event: StreamEvent
-        do {
-            event = try reply.next()
-        } catch {
-            if isCancelled { throw MigrationError.cancelled }
-            if timeBudgetSpent {
-                throw MigrationError.didNotConverge("the time budget of \(options.timeLimit) s ran out while the receiver was writing pass \(pass)")
-            }
-            throw error
-        }
-        switch event {
+        switch try reply.next() {
         case .passApplied(let applied) where applied == pass: return
         case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
         case let other: throw MigrationError.protocolViolation("expected pass \(pass) applied, got \(other)")

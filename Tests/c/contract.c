@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -508,6 +509,47 @@ static void check_migrations(void) {
     migrated_vm_free(vm);
 }
 
+/* A peer that accepts the connection and never answers: a cancel, or the time limit, still ends the migration
+ * at once, and the source runs on. */
+static void check_silent_peer(void) {
+    int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in address = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t length = sizeof address;
+    CHECK(bind(listener, (struct sockaddr *)&address, length) == 0 && listen(listener, 8) == 0);
+    CHECK(getsockname(listener, (struct sockaddr *)&address, &length) == 0);
+    char text[64];
+    snprintf(text, sizeof text, "127.0.0.1:%u", ntohs(address.sin_port));
+
+    struct guest source;
+    make_source(&source);
+    struct migrated_vm_config config = config_for(&source, 1);
+    migrated_vm *vm;
+    EXPECT(migrated_vm_create(&config, &vm), MIGRATED_OK);
+    for (int round = 0; round < 2; round++) {
+        struct migrated_migration_options options = options_with(text, NULL, 0);
+        if (round == 1) options.time_limit_seconds = 0.5;
+        migrated_migration *migration;
+        struct timespec start, end;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        EXPECT(migrated_migration_start_outgoing(vm, &options, &migration), MIGRATED_OK);
+        if (round == 0) {
+            usleep(300 * 1000);
+            EXPECT(migrated_migration_cancel(migration), MIGRATED_OK);
+        }
+        struct migrated_report report;
+        EXPECT(migrated_migration_wait(migration, &report), round == 0 ? MIGRATED_ERR_CANCELLED : MIGRATED_ERR_NOT_CONVERGED);
+        clock_gettime(CLOCK_MONOTONIC, &end);
+        double seconds = (double)(end.tv_sec - start.tv_sec) + (double)(end.tv_nsec - start.tv_nsec) / 1e9;
+        CHECK(seconds < 3);
+        CHECK(!source.paused && source.pauses == source.resumes);
+        migrated_migration_free(migration);
+    }
+    migrated_vm_free(vm);
+    destroy_source(&source);
+    close(listener);
+    printf("ok silent peer: a cancel and the time limit end a migration whose peer never answers\n");
+}
+
 static void check_snapshots(const char *directory) {
     struct guest source;
     make_source(&source);
@@ -581,6 +623,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     check_versions_and_arguments();
     check_migrations();
+    check_silent_peer();
     check_snapshots(argv[1]);
     printf("ok all\n");
     return 0;

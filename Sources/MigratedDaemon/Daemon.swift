@@ -34,7 +34,7 @@ public final class Daemon: Sendable {
         if let settings = configuration.incoming {
             let vms = api.vms
             do {
-                try incoming.start(settings) { arrived throws(ControlError) in try vms.adopt(arrived.machine, as: arrived.configuration).id }
+                try incoming.start(settings, desk: vms)
                 logger.info("listening for incoming migrations", metadata: ["address": "\(settings.address)"])
             } catch {
                 // The control API is useful without it: say loudly that the address is not served, and go on.

@@ -202,20 +202,55 @@ final class ConfiguredGuestSource: GuestSource {
     }
 }
 
-/// A MicroVM sink that also reads the daemon's configuration of the VM from its device state.
+/// A MicroVM sink that also reads the daemon's configuration of the VM from its device state. With a desk (an
+/// incoming migration), room for the guest is reserved in the daemon's memory budget before its memory is made,
+/// and given back if it does not arrive.
 final class ConfiguredGuestSink: GuestSink {
     let base: MicroVMGuestSink
+    private let desk: (any ArrivalDesk)?
+    private var reservedBytes: UInt64 = 0
     private(set) var configuration: VMCreateRequest?
 
-    init(_ base: MicroVMGuestSink) { self.base = base }
+    init(_ base: MicroVMGuestSink, desk: (any ArrivalDesk)? = nil) {
+        self.base = base
+        self.desk = desk
+    }
 
-    func prepare(layout: GuestMemoryLayout) throws { try base.prepare(layout: layout) }
+    func prepare(layout: GuestMemoryLayout) throws {
+        if let desk {
+            try desk.reserveArrival(memory: layout.totalBytes)
+            reservedBytes = layout.totalBytes
+        }
+        do { try base.prepare(layout: layout) } catch {
+            cancelReservation()
+            throw error
+        }
+    }
+
+    /// Gives the reservation back; the guest did not arrive.
+    func cancelReservation() {
+        if reservedBytes > 0 { desk?.cancelArrival(memory: reservedBytes) }
+        reservedBytes = 0
+    }
+
+    /// Registers the arrived guest with the desk under its reservation.
+    func adopt(peer: String) throws(ControlError) -> String {
+        guard let desk, let machine = base.machine, let configuration else {
+            throw ControlError(500, "internal", "the received guest has no machine or configuration")
+        }
+        reservedBytes = 0
+        return try desk.adoptArrival(IncomingVM(machine: machine, configuration: configuration, peer: peer))
+    }
     func page(frame: UInt64) -> UnsafeMutableRawPointer { base.page(frame: frame) }
     func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws { try base.write(frames: first, pages: pages) }
     func zero(frames first: UInt64, count: Int) throws { try base.zero(frames: first, count: count) }
     var takesPagesInPlace: Bool { base.takesPagesInPlace }
     func start() throws { try base.start() }
-    func discard() { base.discard() }
+
+    func discard() {
+        base.discard()
+        cancelReservation()
+    }
 
     func restore(deviceState: [DeviceState]) throws {
         let configurations = deviceState.filter { $0.componentID == DaemonComponent.vmConfiguration }
@@ -242,8 +277,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         lock.withLock { listener?.endpoint.address }
     }
 
-    public func start(_ settings: IncomingMigrationSettings,
-                      adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws {
+    public func start(_ settings: IncomingMigrationSettings, desk: any ArrivalDesk) throws {
         let endpoint = Endpoint(settings.address)
         let security: Security = switch settings.security {
         case .plaintext: .plaintext
@@ -252,7 +286,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         let listener = try Listener(endpoint: endpoint, security: security)
         lock.withLock { self.listener = listener }
         logger.info("listening for migrations", metadata: ["address": "\(listener.endpoint)"])
-        let thread = Thread { [self] in acceptLoop(listener, memoryBacking: settings.memoryBacking, adopt: adopt) }
+        let thread = Thread { [self] in acceptLoop(listener, memoryBacking: settings.memoryBacking, desk: desk) }
         thread.name = "migrate-listen"
         thread.start()
     }
@@ -267,10 +301,9 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     /// Accepts connections and hands them to a gatherer, which runs their TLS handshakes and reads their headers
     /// on threads of their own and groups them into migrations (stream.md §10.5): a peer that stalls holds up
     /// nobody else, and concurrent migrations are received side by side, each on a thread of its own.
-    private func acceptLoop(_ listener: Listener, memoryBacking: GuestMemory.Backing,
-                            adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
+    private func acceptLoop(_ listener: Listener, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
         let gatherer = ChannelGatherer(ready: { [self] channels, peer in
-            let thread = Thread { [self] in receive(channels, from: peer, memoryBacking: memoryBacking, adopt: adopt) }
+            let thread = Thread { [self] in receive(channels, from: peer, memoryBacking: memoryBacking, desk: desk) }
             thread.name = "migrate-receive"
             thread.start()
         }, refused: { [logger, refusals] peer, reason in
@@ -293,21 +326,20 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         }
     }
 
-    private func receive(_ channels: [MigrationChannel], from peer: String, memoryBacking: GuestMemory.Backing,
-                         adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) {
+    private func receive(_ channels: [MigrationChannel], from peer: String, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
-        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking))
+        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking), desk: desk)
         do {
             let report = try MigrationReceiver(sink: sink, channels: channels).run()
-            guard let machine = sink.base.machine, let configuration = sink.configuration else { return }
             do {
-                let id = try adopt(IncomingVM(machine: machine, configuration: configuration, peer: peer))
+                let id = try sink.adopt(peer: peer)
                 logger.info("migration received; VM runs here", metadata: ["vm": "\(id)", "peer": "\(peer)", "pages": "\(report.pagesWritten)"])
             } catch {
                 // The guest runs and its source is gone: stopping it would lose it, so keep it and say so loudly.
                 logger.error("received VM runs but could not be registered", metadata: ["peer": "\(peer)", "error": "\(error)"])
             }
         } catch {
+            sink.cancelReservation()
             logger.warning("incoming migration failed; nothing was started here", metadata: ["peer": "\(peer)", "error": "\(error)"])
         }
     }

@@ -63,13 +63,24 @@ public struct IncomingVM: Sendable {
     }
 }
 
-/// The incoming side of live migration: listens for peers, rebuilds each VM it receives, starts it after the
-/// digest check, then hands it to `adopt`, which registers it with the daemon and returns its id there.
+/// What the incoming side needs from the daemon's VMs: room in the memory budget for a guest before its memory
+/// is built, and the guest once it runs. VMManager is it.
+public protocol ArrivalDesk: Sendable {
+    /// Sets `memory` bytes aside for an arriving guest, or refuses (409 `memory_does_not_fit`): a migration into
+    /// a daemon whose budget cannot hold it is refused before any memory is received, and its source runs on.
+    func reserveArrival(memory: UInt64) throws(ControlError)
+    /// Gives back a reservation whose guest did not arrive.
+    func cancelArrival(memory: UInt64)
+    /// Registers an arrived, running guest under its reservation; returns its id here.
+    func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String
+}
+
+/// The incoming side of live migration: listens for peers, reserves room for each VM before building it, rebuilds
+/// it, starts it after the digest check, then hands it to the desk, which registers it with the daemon.
 public protocol IncomingMigrationListener: Sendable {
     /// Starts listening; returns once the listener is bound (so that an error such as an address in use reaches
     /// the daemon's start-up), and accepts migrations in the background until `stop`.
-    func start(_ settings: IncomingMigrationSettings,
-               adopt: @escaping @Sendable (IncomingVM) throws(ControlError) -> String) throws
+    func start(_ settings: IncomingMigrationSettings, desk: any ArrivalDesk) throws
 
     /// Stops listening and cancels migrations still arriving (their sources resume).
     func stop()

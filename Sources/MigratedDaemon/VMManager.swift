@@ -126,23 +126,39 @@ public final class VMManager: @unchecked Sendable {
         }
     }
 
-    /// Takes in a VM that was built elsewhere and is already running: one that arrived by migration.
-    /// The incoming-migration listener calls this after the digest check, once the destination VM has started.
+    /// Takes in a VM that was built elsewhere and is already running: one restored from a snapshot, or one that
+    /// arrived by migration into memory reserved for it (`reserved`, see `reserveArrival`).
     /// It keeps the id it had at the source when that id is valid and free here, and gets a new one otherwise.
-    public func adopt(_ machine: MicroVM, as request: VMCreateRequest) throws(ControlError) -> ManagedVM {
+    public func adopt(_ machine: MicroVM, as request: VMCreateRequest, reserved: Bool = false) throws(ControlError) -> ManagedVM {
         var id = request.id ?? Self.makeID()
         if !Self.isValidID(id) || (try? vm(id)) != nil {
             let fresh = Self.makeID()
             logger.notice("arriving VM renamed", metadata: ["vm": "\(fresh)", "source_id": "\(id)"])
             id = fresh
         }
-        try reserve(id: id, memory: machine.memory.size, overcommitAllowed: true)
+        if !reserved { try reserve(id: id, memory: machine.memory.size, overcommitAllowed: true) }
         var request = request
         request.id = id
         let vm = ManagedVM(id: id, request: request, machine: machine, consoleFD: nil)
         register(vm, reservedMemory: machine.memory.size)
         logger.info("adopted VM", metadata: ["vm": "\(id)", "memory_mib": "\(request.memoryMib)"])
         return vm
+    }
+
+    // MARK: arrivals
+
+    public func reserveArrival(memory: UInt64) throws(ControlError) {
+        reapStopped()
+        lock.lock()
+        defer { lock.unlock() }
+        if let message = budgetProblemLocked(memory) { throw .conflict("memory_does_not_fit", "an arriving VM of \(message)") }
+        reserved += memory
+    }
+
+    public func cancelArrival(memory: UInt64) { release(reservation: memory, failed: false) }
+
+    public func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String {
+        try adopt(vm.machine, as: vm.configuration, reserved: true).id
     }
 
     /// The checks that need no KVM; returns the VM's id.
@@ -396,3 +412,5 @@ public final class VMManager: @unchecked Sendable {
 private extension String {
     func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
 }
+
+extension VMManager: ArrivalDesk {}

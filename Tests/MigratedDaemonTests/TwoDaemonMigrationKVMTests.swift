@@ -13,8 +13,8 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     static let guest = "workload=memstress size_mib=256 rate_mib=100 pattern=mixed"
 
     /// A daemon that listens for migrations on 127.0.0.1 with `certificate`, accepting peers named `allowed`.
-    func makeDaemon(certificate: String, allowed: [String],
-                    memoryBacking: GuestMemory.Backing = .sharedMemory) async throws -> (TestDaemon, EngineIncomingListener) {
+    func makeDaemon(certificate: String, allowed: [String], memoryBacking: GuestMemory.Backing = .sharedMemory,
+                    budgetMiB: UInt64 = 4096) async throws -> (TestDaemon, EngineIncomingListener) {
         let tls = TLSFiles(certificate: "\(TestCertificates.directory)/\(certificate).pem",
                            key: "\(TestCertificates.directory)/\(certificate).key",
                            ca: "\(TestCertificates.directory)/ca.pem", allowedPeers: allowed)
@@ -22,18 +22,19 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         logger.logLevel = .error
         let listener = EngineIncomingListener(logger: logger)
         let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls), memoryBacking: memoryBacking)
-        let daemon = TestDaemon(memoryBudgetMiB: 4096, memoryBacking: memoryBacking, tls: tls, incoming: (settings, listener))
+        let daemon = TestDaemon(memoryBudgetMiB: budgetMiB, memoryBacking: memoryBacking, tls: tls, incoming: (settings, listener))
         try await daemon.start()
         return (daemon, listener)
     }
 
     /// Runs `body` with host A and host B, and shuts both down whatever happens. Host A presents the client
     /// certificate and accepts the server's name; host B the other way round.
-    func withTwoDaemons(bMemory: GuestMemory.Backing = .sharedMemory,
+    func withTwoDaemons(bMemory: GuestMemory.Backing = .sharedMemory, budgetMiB: UInt64 = 4096,
                         _ body: (_ a: TestDaemon, _ aListener: EngineIncomingListener,
                                  _ b: TestDaemon, _ bListener: EngineIncomingListener) async throws -> Void) async throws {
-        let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames)
-        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames, memoryBacking: bMemory)
+        let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames, budgetMiB: budgetMiB)
+        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames, memoryBacking: bMemory,
+                                                  budgetMiB: budgetMiB)
         do {
             try await body(a, aListener, b, bListener)
         } catch {

@@ -360,7 +360,7 @@ static int parse_settings(int argc, char **argv, struct settings *s)
     int option;
     opterr = 0;
     optind = 1;
-    while ((option = getopt_long(argc, argv, "+:k:m:c:vh", long_options, NULL)) != -1) {
+    while ((option = getopt_long(argc, argv, ":k:m:c:vh", long_options, NULL)) != -1) {
         bool for_run = s->mode == MODE_RUN, for_receive = s->mode == MODE_RECEIVE;
         uint64_t number;
         switch (option) {

@@ -108,7 +108,10 @@ enum migrated_dirty_mode {
     /* KVM's per-vCPU dirty ring. The VMM calls migrated_kvm_enable_dirty_ring before it creates any vCPU, and
      * migrated_vm_dirty_ring_full from a vCPU thread that stops with KVM_EXIT_DIRTY_RING_FULL. */
     MIGRATED_DIRTY_KVM_RING = 2,
-    /* The VMM tracks writes itself and reports them through the dirty_* callbacks. */
+    /* The VMM tracks writes itself and reports them through the dirty_* callbacks. The library then holds no KVM
+     * descriptors and saves no machine state: the VMM saves its vCPUs and devices as blobs. A KVM VMM that wants
+     * its guests to move to and from the KVM modes and the daemon adds MIGRATED_COMPONENT_KVM_VM itself, in the
+     * format of protocol/kvm-state.md (examples/c-vmm/kvmstate.c does). */
     MIGRATED_DIRTY_CALLBACK = 3
 };
 
@@ -164,8 +167,9 @@ struct migrated_vm_callbacks {
     int (*dirty_stop)(void *opaque);
 
     /* Destination. prepare_memory: create zero-filled RAM for the incoming guest, `count` regions as the source
-     * laid them out (guest_phys_addr and size set, slot = index), fill in each one's host_addr (and slot), and in
-     * KVM modes register them with KVM. restore_devices: rebuild the VMM's devices from the blobs, which are valid
+     * laid them out (guest_phys_addr and size set, slot = index), fill in each one's host_addr (and slot; and
+     * flags = MIGRATED_REGION_FD with fd and fd_offset when a file backs it), and in KVM modes register them with
+     * KVM. restore_devices: rebuild the VMM's devices from the blobs, which are valid
      * during the call (in KVM modes the library has restored MIGRATED_COMPONENT_KVM_VM into the vCPUs first and
      * passes the others). start: run the guest; it is called only after the memory digest was verified.
      * discard: the migration or restore failed after prepare_memory; free what it created. May be NULL. */
@@ -266,8 +270,9 @@ typedef void (*migrated_progress_fn)(void *opaque, const struct migrated_progres
 struct migrated_migration_options {
     uint32_t abi_version;       /* MIGRATED_ABI_VERSION */
     uint32_t flags;             /* MIGRATED_MIGRATE_* */
-    /* Where to: "tcp:HOST:PORT" or "unix:PATH" (outgoing: connect; incoming: listen, PORT may be 0, see
-     * migrated_migration_address). NULL when `fds` are given. */
+    /* Where to: "HOST:PORT", "[V6-ADDRESS]:PORT" or "unix:/PATH", as the migrated daemon writes addresses
+     * (outgoing: connect; incoming: listen, PORT may be 0, see migrated_migration_address). NULL when `fds` are
+     * given. */
     const char *address;
     /* Or connected sockets the VMM owns, one per channel, in channel order; the library duplicates them and the
      * VMM may close its copies once the call returns. Outgoing: they are the channels. Incoming: likewise. */
@@ -304,8 +309,8 @@ int migrated_migration_start_outgoing(migrated_vm *vm, const struct migrated_mig
 int migrated_migration_start_incoming(migrated_vm *vm, const struct migrated_migration_options *options,
                                       migrated_migration **out);
 
-/* Incoming, with an address: where it listens, as "tcp:HOST:PORT" (with the port the kernel chose for 0) or
- * "unix:PATH", copied into `buffer` of `size` bytes with its NUL. MIGRATED_ERR_INVALID_ARGUMENT if it does
+/* Incoming, with an address: where it listens, as "HOST:PORT" (with the port the kernel chose for 0) or
+ * "unix:/PATH", copied into `buffer` of `size` bytes with its NUL. MIGRATED_ERR_INVALID_ARGUMENT if it does
  * not fit. Any thread. */
 int migrated_migration_address(const migrated_migration *migration, char *buffer, size_t size);
 
@@ -328,7 +333,7 @@ struct migrated_report {
     uint32_t harvests;          /* outgoing: dirty-log harvests of the source during pre-copy (about two per pass) */
     uint32_t reserved;
     double harvest_seconds;     /* outgoing: the time those harvests took in all (KVM's log or dirty_harvest) */
-    char memory_digest[65];     /* incoming and snapshots: the verified memory digest, hex; "" otherwise */
+    char memory_digest[65];     /* incoming and snapshots: the verified memory digest (32 hex digits); "" otherwise */
 };
 
 /* Waits until the migration has ended and returns its result (also in `report`, which may be NULL). The
@@ -346,7 +351,8 @@ void migrated_migration_free(migrated_migration *migration);
 #define MIGRATED_SNAPSHOT_COMPRESSED 0x2u /* the compressed layout (zstd) rather than plain, mappable pages */
 #define MIGRATED_SNAPSHOT_DIFF 0x4u       /* only what changed since this handle's last save, which is the base */
 #define MIGRATED_SNAPSHOT_OVERWRITE 0x8u  /* replace an existing file */
-#define MIGRATED_SNAPSHOT_LEAVE_PAUSED 0x10u /* do not resume the guest after the save */
+#define MIGRATED_SNAPSHOT_LEAVE_PAUSED 0x10u /* do not resume the guest after the save: the pause callback's pause
+                                                stays in force until the VMM lifts it */
 
 struct migrated_snapshot_options {
     uint32_t abi_version;       /* MIGRATED_ABI_VERSION */

@@ -67,9 +67,9 @@ func pattern(frame: UInt64, pass: Int) -> [UInt8] {
 }
 
 /// Writes an image of a 64 MiB guest: pass 0 sends `frames`, each later pass resends `resent` with new
-/// contents; `invalid` frames end as XTAB.
+/// contents; `invalid` frames end as XTAB, `allocateOnly` ones are XALLOC.
 func writeImage(to path: String, frames: [UInt64], passes: Int = 1, resent: [UInt64] = [], invalid: [UInt64] = [],
-                carried: Bool = true, machine: MachineState = syntheticMachine()) throws {
+                allocateOnly: [UInt64] = [], carried: Bool = true, machine: MachineState = syntheticMachine()) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
     precondition(fd >= 0)
     defer { close(fd) }
@@ -88,6 +88,7 @@ func writeImage(to path: String, frames: [UInt64], passes: Int = 1, resent: [UIn
         }
     }
     if !invalid.isEmpty { try writer.writeFrames(invalid, type: .invalid) }
+    if !allocateOnly.isEmpty { try writer.writeFrames(allocateOnly, type: .allocateOnly) }
     try writer.writeDomainState(domain)
     try writer.finish()
 }

@@ -63,11 +63,7 @@ final class XenImageFormatTests: XCTestCase {
         XCTAssertEqual(context.end, params.offset)
         // swap the two records, and add an optional libxc record and a special page before END
         let contextBytes = Array(bytes[context.offset ..< context.end]), paramsBytes = Array(bytes[params.offset ..< params.end])
-        var special = [UInt8]()
-        withUnsafeBytes(of: UInt32(1)) { special += $0 }
-        special += [0, 0, 0, 0]
-        withUnsafeBytes(of: UInt64(0xFEFFC)) { special += $0 }
-        special += [UInt8](repeating: 0xAB, count: 4096)
+        let special = pageDataBody(frame: 0xFEFFC, contents: [UInt8](repeating: 0xAB, count: 4096))
         let inserted = paramsBytes + contextBytes + record(type: 0x8000_0042, body: [1, 2, 3]) + record(type: 1, body: special)
         bytes.replaceSubrange(context.offset ..< params.end, with: inserted)
         // an emulator context and an optional libxl record before the libxl END

@@ -144,3 +144,12 @@ func record(type: UInt32, body: [UInt8]) -> [UInt8] {
     withUnsafeBytes(of: UInt32(body.count).littleEndian) { b += $0 }
     return b + body + [UInt8](repeating: 0, count: (8 - body.count & 7) & 7)
 }
+
+/// The body of a PAGE_DATA record of one normal page: how a test adds a Xen special page to an image.
+func pageDataBody(frame: UInt64, contents: [UInt8]) -> [UInt8] {
+    var body = [UInt8]()
+    withUnsafeBytes(of: UInt32(1).littleEndian) { body += $0 }
+    body += [0, 0, 0, 0]
+    withUnsafeBytes(of: frame.littleEndian) { body += $0 }
+    return body + contents
+}

@@ -401,7 +401,9 @@ struct Convert: AsyncParsableCommand {
             --to plain or compressed rewrites a snapshot in that layout; it stays the same snapshot (id, parent, \
             digest). --to xen writes an xl save image of a snapshot (with its chain); --to native (or plain, or \
             compressed) turns an xl save image into a full snapshot. An image carries the guest's memory and vCPU and \
-            platform state, not a device model's state or xenstore (see vmsnap inspect).
+            platform state, not a device model's state or xenstore (see vmsnap inspect). Xen's special pages \
+            (outside RAM) become a device state of the snapshot and page data again on the way back; both ways \
+            list them, and --json prints what was written as JSON.
             """)
 
     @Argument(help: "The snapshot or xl save image to read.") var path: String

@@ -6,18 +6,7 @@ import XCTest
 
 /// Images from the writer pass Xen's own verifier and read back; every way an image can be bad is refused
 /// with its byte offset.
-final class XenImageFormatTests: XCTestCase {
-    var directory: URL!
-
-    override func setUpWithError() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("xen-format-\(getpid())-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: directory) }
-
-    func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-
+final class XenImageFormatTests: XenFileTestCase {
     func testPlainSavePassesXenVerifierAndReadsBack() throws {
         let file = path("plain.xl")
         let frames: [UInt64] = Array(0 ..< 300) + [4000, 16383]

@@ -8,18 +8,7 @@ import XCTest
 /// Xen's special pages (xenstore, console and ioreq rings near 0xFEFF_F000, outside RAM) survive
 /// `vmsnap convert` to a native snapshot and back, byte for byte, and the conversion names every one of
 /// them. No KVM needed.
-final class XenSpecialPagesTests: XCTestCase {
-    var directory: URL!
-
-    override func setUpWithError() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("xen-special-\(getpid())-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: directory) }
-
-    func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-
+final class XenSpecialPagesTests: XenFileTestCase {
     func page(_ image: XenImage, _ frame: UInt64) -> [UInt8]? {
         image.special(frame) ?? image.page(frame: frame).map { Array(UnsafeRawBufferPointer(start: $0, count: 4096)) }
     }

@@ -153,3 +153,17 @@ func pageDataBody(frame: UInt64, contents: [UInt8]) -> [UInt8] {
     withUnsafeBytes(of: frame.littleEndian) { body += $0 }
     return body + contents
 }
+
+/// A test case with a fresh directory of its own for the images it writes, removed afterwards.
+class XenFileTestCase: XCTestCase {
+    var directory: URL!
+
+    override func setUpWithError() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("xen-\(Self.self)-\(getpid())-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: directory) }
+
+    func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+}

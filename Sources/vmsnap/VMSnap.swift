@@ -421,9 +421,10 @@ struct Convert: AsyncParsableCommand {
     func run() async throws {
         try await reporting {
             let format: SnapshotMemoryFormat = to == "compressed" ? .compressed : .plain
-            if isXenImage(path) || to == "xen" {
-                guard !(isXenImage(path) && to == "xen") else { throw ValidationError("\(path) is already an xl save image") }
-                let report = isXenImage(path)
+            let fromXen = isXenImage(path)
+            if fromXen || to == "xen" {
+                guard !(fromXen && to == "xen") else { throw ValidationError("\(path) is already an xl save image") }
+                let report = fromXen
                     ? try XenConversion.xenToSnapshot(path, to: output, memoryFormat: format, compression: compression.writer, overwrite: overwrite)
                     : try XenConversion.snapshotToXen(path, parents: parents, to: output, overwrite: overwrite, quiet: json)
                 return json ? try printJSON(report) : print(report.text)

@@ -41,6 +41,8 @@ public final class XenImage {
     public let optionalRecords: [XenOptionalRecord]
     /// Pages of the toolstack's special frames (xenstore, console, ...), outside RAM.
     public let specialPages: [UInt64: UnsafeRawPointer]
+    /// Special frames the image only allocates (XALLOC, no copy with data), ascending.
+    public let specialAllocateOnlyFrames: [UInt64]
     /// PAGE_DATA entries read, data pages among them, and frames marked XALLOC.
     public let pageEntries: Int, dataPages: Int, allocateOnlyFrames: Int
     public let fileSize: UInt64
@@ -125,6 +127,7 @@ public final class XenImage {
         emulatorRecords = parser.emulatorRecords
         optionalRecords = parser.optionalRecords
         specialPages = parser.specialPages.mapValues { bytes.baseAddress! + $0 }
+        specialAllocateOnlyFrames = parser.specialAllocated.subtracting(parser.specialPages.keys).sorted()
         pageEntries = parser.pageEntries
         dataPages = parser.dataPages
         allocateOnlyFrames = parser.allocateOnlyFrames
@@ -205,6 +208,8 @@ private struct Parser {
     var emulatorRecords: [XenEmulatorRecord] = []
     var optionalRecords: [XenOptionalRecord] = []
     var specialPages: [UInt64: Int] = [:]
+    /// Special frames named by XALLOC, whether or not they also have data (`specialPages` wins).
+    var specialAllocated: Set<UInt64> = []
     var pageEntries = 0, dataPages = 0, allocateOnlyFrames = 0
 
     init(bytes: UnsafeRawBufferPointer, limits: XenReaderLimits) {
@@ -509,11 +514,12 @@ private struct Parser {
                         throw fail("XALLOC pfn 0x\(String(pfn, radix: 16)) outside the guest's RAM", at: at + 8 + 8 * i)
                     }
                     allocateOnlyFrames += 1
+                    if !inRAM { specialAllocated.insert(pfn) }
                 }
                 // XALLOC only allocates: an earlier copy stays. XTAB and BROKEN take the frame away, so it
                 // reads as zero.
                 if type != .allocateOnly {
-                    if inRAM { frameTable[Int(pfn)] = 0 } else { specialPages[pfn] = nil }
+                    if inRAM { frameTable[Int(pfn)] = 0 } else { specialPages[pfn] = nil; specialAllocated.remove(pfn) }
                 }
             }
         }

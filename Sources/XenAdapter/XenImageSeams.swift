@@ -115,6 +115,12 @@ enum XenImageFile {
         guard machines.count == 1 else { throw XenConversionError("expected one KVM machine state, got \(machines.count)") }
         let machine = try machines[0].blob.withUnsafeBytes { try MachineStateEncoding.decode($0) }
         let configuration = XenDomainConfiguration(layout: layout, name: name, vcpus: machine.vcpus.count)!
+        // Special pages go back into the page data they came from, not into the carried chunk: the pages
+        // are then where Xen looks for them, and the chunk holds nothing twice.
+        let specials = deviceState.filter { $0.componentID == XenDeviceComponent.specialPages }
+        guard specials.count <= 1 else { throw XenConversionError("expected at most one Xen special pages state, got \(specials.count)") }
+        let special = try specials.first.map(XenSpecialPages.init(deviceState:))
+        let carried = deviceState.filter { $0.componentID != XenDeviceComponent.specialPages }
         let directory = (path as NSString).deletingLastPathComponent
         var template = Array(((directory.isEmpty ? "." : directory) + "/.xen-image-XXXXXX").utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
@@ -123,7 +129,7 @@ enum XenImageFile {
         let size: UInt64
         do {
             defer { close(fd) }
-            let writer = try XenImageWriter(fileDescriptor: fd, configuration: configuration, carriedState: carriesDeviceState ? deviceState : [])
+            let writer = try XenImageWriter(fileDescriptor: fd, configuration: configuration, carriedState: carriesDeviceState ? carried : [])
             let domain = XenStateMapping.domainState(from: machine)
             try writer.writeStaticData(cpuid: domain.cpuidPolicy, msrs: domain.msrPolicy)
             var populated: [UInt64] = [], unpopulated: [UInt64] = []
@@ -135,6 +141,7 @@ enum XenImageFile {
             try writer.writePages(populated, contents: contents)
             // RAM never written is zero, but a Xen host must still allocate it.
             try writer.writeFrames(unpopulated, type: LibxcStream.PageType.allocateOnly)
+            try special?.write(to: writer, layout: layout)
             try writer.writeDomainState(domain)
             try writer.finish()
             guard fsync(fd) == 0 else { throw XenFileError(operation: "fsync", errno: errno) }
@@ -191,11 +198,18 @@ public final class XenImageSource: GuestSource {
         return XenStateMapping.domainState(from: state) == image.domainState ? carried : nil
     }()
 
+    /// The image's special frames (outside RAM, so not among the pages): they travel as a device state.
+    public var specialPages: XenSpecialPages { XenSpecialPages(image: image) }
+
+    /// The KVM machine state (carried or rebuilt), and the special pages when the image has any. The image's
+    /// own page data decides the special pages, not a carried copy: a Xen tool may have changed them.
     public func captureDeviceState() throws -> [DeviceState] {
-        if let carried = carriedMachine { return carried }
+        let special = specialPages
+        let extra = special.isEmpty ? [] : [special.deviceState]
+        if let carried = carriedMachine { return carried.filter { $0.componentID != XenDeviceComponent.specialPages } + extra }
         let machine = try XenStateMapping.machineState(from: image.domainState)
         return [DeviceState(componentID: DeviceComponent.kvmVM, instance: 0, componentVersion: MachineStateEncoding.currentVersion,
-                            blob: ByteSlice(MachineStateEncoding.encode(machine)))]
+                            blob: ByteSlice(MachineStateEncoding.encode(machine)))] + extra
     }
 }
 

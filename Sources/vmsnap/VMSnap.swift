@@ -386,6 +386,14 @@ struct Merge: AsyncParsableCommand {
     }
 }
 
+/// `vmsnap convert --json` of a snapshot rewritten in another layout.
+struct ConvertedSnapshot: Codable {
+    var output: String
+    var to: String
+    var snapshotId: String
+    var dataPages: UInt64
+}
+
 struct Convert: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Rewrite a snapshot in another layout, or convert between snapshots and Xen xl save images.",
@@ -393,7 +401,9 @@ struct Convert: AsyncParsableCommand {
             --to plain or compressed rewrites a snapshot in that layout; it stays the same snapshot (id, parent, \
             digest). --to xen writes an xl save image of a snapshot (with its chain); --to native (or plain, or \
             compressed) turns an xl save image into a full snapshot. An image carries the guest's memory and vCPU and \
-            platform state, not a device model's state or xenstore (see vmsnap inspect).
+            platform state, not a device model's state or xenstore (see vmsnap inspect). Xen's special pages \
+            (outside RAM) become a device state of the snapshot and page data again on the way back; both ways \
+            list them, and --json prints what was written as JSON.
             """)
 
     @Argument(help: "The snapshot or xl save image to read.") var path: String
@@ -402,6 +412,7 @@ struct Convert: AsyncParsableCommand {
     @Option(name: .customLong("parent"), help: "With --to xen: a parent of the snapshot, nearest first; repeat for each.") var parents: [String] = []
     @Option(help: "Compression for the compressed layout: lz4 or zstd.") var compression: CompressionChoice = .zstd
     @Flag(help: "Replace an existing file.") var overwrite = false
+    @Flag(help: "Print what was written as JSON (for an xl image: every Xen special frame and what became of it).") var json = false
 
     func validate() throws {
         guard ["plain", "compressed", "xen", "native"].contains(to) else { throw ValidationError("--to must be plain, compressed, xen or native, not '\(to)'") }
@@ -410,16 +421,23 @@ struct Convert: AsyncParsableCommand {
     func run() async throws {
         try await reporting {
             let format: SnapshotMemoryFormat = to == "compressed" ? .compressed : .plain
-            if isXenImage(path) {
-                guard to != "xen" else { throw ValidationError("\(path) is already an xl save image") }
-                return try XenConversion.xenToSnapshot(path, to: output, memoryFormat: format, compression: compression.writer, overwrite: overwrite)
+            let fromXen = isXenImage(path)
+            if fromXen || to == "xen" {
+                guard !(fromXen && to == "xen") else { throw ValidationError("\(path) is already an xl save image") }
+                let report = fromXen
+                    ? try XenConversion.xenToSnapshot(path, to: output, memoryFormat: format, compression: compression.writer, overwrite: overwrite)
+                    : try XenConversion.snapshotToXen(path, parents: parents, to: output, overwrite: overwrite, quiet: json)
+                return json ? try printJSON(report) : print(report.text)
             }
-            if to == "xen" { return try XenConversion.snapshotToXen(path, parents: parents, to: output, overwrite: overwrite) }
-            let bar = ProgressBar("converting")
+            let bar = ProgressBar("converting", quiet: json)
             let header = try SnapshotConvert.convert(path, to: output, memoryFormat: format,
                                                      compression: compression.writer, overwrite: overwrite) { bar.update(done: $0, total: $1) }
             bar.finish()
-            print("wrote \(output): \(header.memoryFormat) \(header.kind) snapshot \(header.id), \(header.dataPages) data pages")
+            if json {
+                try printJSON(ConvertedSnapshot(output: output, to: "\(header.memoryFormat)", snapshotId: "\(header.id)", dataPages: header.dataPages))
+            } else {
+                print("wrote \(output): \(header.memoryFormat) \(header.kind) snapshot \(header.id), \(header.dataPages) data pages")
+            }
         }
     }
 }

@@ -17,27 +17,36 @@ func isXenImage(_ path: String) -> Bool {
 
 enum XenConversion {
     /// A native snapshot (with its chain) into an `xl save` image of the same memory and vCPU state.
-    static func snapshotToXen(_ path: String, parents: [String], to output: String, overwrite: Bool) throws {
+    static func snapshotToXen(_ path: String, parents: [String], to output: String, overwrite: Bool, quiet: Bool) throws -> XenConversionReport {
         try refuseExisting(output, overwrite: overwrite)
         let chain = try SnapshotChain.open(path, parents: parents)
+        // Read before writing: a blob this build cannot turn back into page data fails here, with its reason.
+        let special: XenSpecialPages?
+        do {
+            special = try chain.top.deviceState.first { $0.componentID == XenDeviceComponent.specialPages }.map(XenSpecialPages.init(deviceState:))
+        } catch { throw SnapshotError.corrupt(part: "device state of \(path)", "\(error)") }
         let sink = XenImageSink(path: output)
-        let bar = ProgressBar("converting")
+        let bar = ProgressBar("converting", quiet: quiet)
         // One thread: the image sink records which frames it was handed in a plain array.
         _ = try SnapshotRestore.restore(chain, into: sink, threads: 1) { bar.update(done: $0, total: $1) }
         bar.finish()
         do { try sink.start() } catch { throw SnapshotError.io("writing \(output): \(error)") }
-        print("wrote \(output): xl save image of snapshot \(chain.top.header.id), \(chain.dataPages) data pages, \(Formatting.bytes(Double(sink.bytesWritten)))")
+        return XenConversionReport(input: path, output: output, to: "xen", snapshotID: "\(chain.top.header.id)", dataPages: UInt64(chain.dataPages),
+                                   bytes: sink.bytesWritten, exactKVMState: nil, special: special,
+                                   specialFramesAre: "written back as page data of the image")
     }
 
     /// An `xl save` image into a full native snapshot.
     static func xenToSnapshot(_ path: String, to output: String, memoryFormat: SnapshotMemoryFormat,
-                              compression: SnapshotWriter.Compression, overwrite: Bool) throws {
+                              compression: SnapshotWriter.Compression, overwrite: Bool) throws -> XenConversionReport {
         let source: XenImageSource
         do { source = try XenImageSource(path: path) } catch { throw SnapshotError.corrupt(part: "xl image \(path)", "\(error)") }
         let options = SnapshotSaveOptions(live: false, keepTracking: false, memoryFormat: memoryFormat, compression: compression, overwrite: overwrite)
         let report = try SnapshotSaver(source: source, path: output, options: options).run()
-        print("wrote \(output): \(report.header.memoryFormat) full snapshot \(report.header.id) of \(path), \(report.header.dataPages) data pages"
-            + (source.usedCarriedState ? " (exact KVM state, carried in the image)" : " (KVM state rebuilt from Xen's records)"))
+        return XenConversionReport(input: path, output: output, to: "\(report.header.memoryFormat)", snapshotID: "\(report.header.id)",
+                                   dataPages: report.header.dataPages, bytes: nil, exactKVMState: source.usedCarriedState,
+                                   special: source.specialPages,
+                                   specialFramesAre: String(format: "kept as device state 0x%08x (Xen special pages)", XenDeviceComponent.specialPages))
     }
 
     private static func refuseExisting(_ path: String, overwrite: Bool) throws {
@@ -47,6 +56,55 @@ enum XenConversion {
         }
     }
 }
+
+/// What a conversion between an `xl save` image and a snapshot did, for the operator (`--json` prints it).
+/// The special frames are listed one by one: they lie outside the guest's RAM, and an operator should see
+/// that none was lost on the way (protocol/xen.md §2.1).
+struct XenConversionReport: Codable {
+    struct SpecialFrame: Codable, Equatable {
+        var pfn: String
+        /// "page" (4096 bytes of contents) or "allocate-only" (XALLOC: Xen allocates it, zero).
+        var contents: String
+    }
+    var input: String
+    var output: String
+    var to: String
+    var snapshotId: String
+    var dataPages: UInt64
+    var bytes: UInt64?
+    /// Xen to native: whether the KVM state is the exact one carried in the image, or rebuilt from Xen's records.
+    var exactKVMState: Bool?
+    /// Every Xen special frame of the input; none is dropped (the reader refuses any other frame outside RAM).
+    var specialFrames: [SpecialFrame]
+    var specialFramesAre: String
+    /// Always empty, and there for scripts to check: a frame that cannot be kept is refused, never dropped.
+    var droppedFrames: [SpecialFrame] = []
+
+    init(input: String, output: String, to: String, snapshotID: String, dataPages: UInt64, bytes: UInt64?, exactKVMState: Bool?,
+         special: XenSpecialPages?, specialFramesAre: String) {
+        (self.input, self.output, self.to, snapshotId, self.dataPages, self.bytes, self.exactKVMState) =
+            (input, output, to, snapshotID, dataPages, bytes, exactKVMState)
+        let pages = special?.pages.map { SpecialFrame(pfn: hex($0.frame), contents: "page") } ?? []
+        let allocated = special?.allocateOnly.map { SpecialFrame(pfn: hex($0), contents: "allocate-only") } ?? []
+        specialFrames = pages + allocated
+        self.specialFramesAre = specialFrames.isEmpty ? "none in the input" : specialFramesAre
+    }
+
+    var text: String {
+        var line = "wrote \(output): "
+        if to == "xen" {
+            line += "xl save image of snapshot \(snapshotId), \(dataPages) data pages, \(Formatting.bytes(Double(bytes ?? 0)))"
+        } else {
+            line += "\(to) full snapshot \(snapshotId) of \(input), \(dataPages) data pages"
+                + (exactKVMState == true ? " (exact KVM state, carried in the image)" : " (KVM state rebuilt from Xen's records)")
+        }
+        guard !specialFrames.isEmpty else { return line }
+        let frames = specialFrames.map { "\($0.pfn)\($0.contents == "page" ? "" : " (allocate-only)")" }.joined(separator: ", ")
+        return line + "\nXen special frames outside RAM: \(specialFrames.count), \(specialFramesAre): \(frames); dropped: none"
+    }
+}
+
+private func hex(_ frame: UInt64) -> String { "0x" + String(frame, radix: 16) }
 
 /// What `vmsnap inspect` shows of an `xl save` image, and says about what it carries.
 struct XenInspectDocument: Codable {

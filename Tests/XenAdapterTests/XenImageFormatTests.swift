@@ -6,18 +6,7 @@ import XCTest
 
 /// Images from the writer pass Xen's own verifier and read back; every way an image can be bad is refused
 /// with its byte offset.
-final class XenImageFormatTests: XCTestCase {
-    var directory: URL!
-
-    override func setUpWithError() throws {
-        directory = FileManager.default.temporaryDirectory.appendingPathComponent("xen-format-\(getpid())-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: directory) }
-
-    func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
-
+final class XenImageFormatTests: XenFileTestCase {
     func testPlainSavePassesXenVerifierAndReadsBack() throws {
         let file = path("plain.xl")
         let frames: [UInt64] = Array(0 ..< 300) + [4000, 16383]
@@ -63,11 +52,7 @@ final class XenImageFormatTests: XCTestCase {
         XCTAssertEqual(context.end, params.offset)
         // swap the two records, and add an optional libxc record and a special page before END
         let contextBytes = Array(bytes[context.offset ..< context.end]), paramsBytes = Array(bytes[params.offset ..< params.end])
-        var special = [UInt8]()
-        withUnsafeBytes(of: UInt32(1)) { special += $0 }
-        special += [0, 0, 0, 0]
-        withUnsafeBytes(of: UInt64(0xFEFFC)) { special += $0 }
-        special += [UInt8](repeating: 0xAB, count: 4096)
+        let special = pageDataBody(frame: 0xFEFFC, contents: [UInt8](repeating: 0xAB, count: 4096))
         let inserted = paramsBytes + contextBytes + record(type: 0x8000_0042, body: [1, 2, 3]) + record(type: 1, body: special)
         bytes.replaceSubrange(context.offset ..< params.end, with: inserted)
         // an emulator context and an optional libxl record before the libxl END

@@ -67,9 +67,9 @@ func pattern(frame: UInt64, pass: Int) -> [UInt8] {
 }
 
 /// Writes an image of a 64 MiB guest: pass 0 sends `frames`, each later pass resends `resent` with new
-/// contents; `invalid` frames end as XTAB.
+/// contents; `invalid` frames end as XTAB, `allocateOnly` ones are XALLOC.
 func writeImage(to path: String, frames: [UInt64], passes: Int = 1, resent: [UInt64] = [], invalid: [UInt64] = [],
-                carried: Bool = true, machine: MachineState = syntheticMachine()) throws {
+                allocateOnly: [UInt64] = [], carried: Bool = true, machine: MachineState = syntheticMachine()) throws {
     let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
     precondition(fd >= 0)
     defer { close(fd) }
@@ -88,6 +88,7 @@ func writeImage(to path: String, frames: [UInt64], passes: Int = 1, resent: [UIn
         }
     }
     if !invalid.isEmpty { try writer.writeFrames(invalid, type: .invalid) }
+    if !allocateOnly.isEmpty { try writer.writeFrames(allocateOnly, type: .allocateOnly) }
     try writer.writeDomainState(domain)
     try writer.finish()
 }
@@ -142,4 +143,27 @@ func record(type: UInt32, body: [UInt8]) -> [UInt8] {
     withUnsafeBytes(of: type.littleEndian) { b += $0 }
     withUnsafeBytes(of: UInt32(body.count).littleEndian) { b += $0 }
     return b + body + [UInt8](repeating: 0, count: (8 - body.count & 7) & 7)
+}
+
+/// The body of a PAGE_DATA record of one normal page: how a test adds a Xen special page to an image.
+func pageDataBody(frame: UInt64, contents: [UInt8]) -> [UInt8] {
+    var body = [UInt8]()
+    withUnsafeBytes(of: UInt32(1).littleEndian) { body += $0 }
+    body += [0, 0, 0, 0]
+    withUnsafeBytes(of: frame.littleEndian) { body += $0 }
+    return body + contents
+}
+
+/// A test case with a fresh directory of its own for the images it writes, removed afterwards.
+class XenFileTestCase: XCTestCase {
+    var directory: URL!
+
+    override func setUpWithError() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("xen-\(Self.self)-\(getpid())-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: directory) }
+
+    func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
 }

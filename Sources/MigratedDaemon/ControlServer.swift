@@ -77,9 +77,9 @@ final class ControlServer: @unchecked Sendable {
             }
             guard connections.admit(channel, deadline: .now + limits.idleTimeout) else {
                 logger.warning("control socket: \(limits.connections) connections are open; refusing one more")
-                send(ControlAPI.error(ControlError(503, "too_many_connections",
-                                                   "\(limits.connections) connections are open; try again later")),
-                     keepAlive: false, on: channel)
+                let refusal = ControlError(503, "too_many_connections", "\(limits.connections) connections are open; try again later")
+                api.countRefusal(refusal)
+                send(ControlAPI.error(refusal), keepAlive: false, on: channel)
                 channel.close()
                 continue
             }
@@ -104,6 +104,7 @@ final class ControlServer: @unchecked Sendable {
                 request = try reader.next()
             } catch .refused(let error) {
                 logger.debug("control socket: refused a request: \(error)")
+                api.countRefusal(error)
                 send(ControlAPI.error(error), keepAlive: false, on: channel)
                 return
             } catch {

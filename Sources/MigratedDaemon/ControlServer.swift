@@ -187,26 +187,33 @@ struct RequestReader {
 
     /// The next request, or nil when the client closed the connection between requests.
     mutating func next() throws(Failure) -> (head: HTTPRequestHead, body: Data)? {
+        var changed = true // what is left of the previous read may be a whole pipelined request
         while true {
-            let parse: HTTPRequestHead.Parse
-            do { parse = try HTTPRequestHead.parse(buffer, limits: limits) } catch { throw .refused(error) }
-            if case .complete(let head, let headBytes) = parse {
-                while buffer.count < headBytes + head.contentLength {
-                    guard try receive() else { throw .transport(.connectionClosed(expectedBytes: nil, receivedBytes: buffer.count)) }
+            if changed {
+                let parse: HTTPRequestHead.Parse
+                do { parse = try HTTPRequestHead.parse(buffer, limits: limits) } catch { throw .refused(error) }
+                if case .complete(let head, let headBytes) = parse {
+                    while buffer.count < headBytes + head.contentLength {
+                        guard try receive() > 0 else { throw .transport(.connectionClosed(expectedBytes: nil, receivedBytes: buffer.count)) }
+                    }
+                    let body = Data(buffer[headBytes..<headBytes + head.contentLength])
+                    buffer.removeFirst(headBytes + head.contentLength)
+                    return (head, body)
                 }
-                let body = Data(buffer[headBytes..<headBytes + head.contentLength])
-                buffer.removeFirst(headBytes + head.contentLength)
-                return (head, body)
             }
-            guard try receive() else {
+            let received = try receive()
+            guard received > 0 else {
                 if buffer.isEmpty { return nil }
                 throw .transport(.connectionClosed(expectedBytes: nil, receivedBytes: buffer.count))
             }
+            // Parsing again only when a line may have ended (or the limits are passed) keeps a client that sends
+            // its head a byte at a time from making each byte cost a scan of everything before it.
+            changed = buffer.suffix(received).contains(0x0A) || buffer.count > limits.requestLineBytes + limits.headerSectionBytes
         }
     }
 
-    /// Appends what the socket has; false when the client ended the stream.
-    private mutating func receive() throws(Failure) -> Bool {
+    /// Appends what the socket has; returns how much, 0 when the client ended the stream.
+    private mutating func receive() throws(Failure) -> Int {
         var chunk = [UInt8](repeating: 0, count: 16 << 10)
         let received: Result<Int, TransportError> = chunk.withUnsafeMutableBytes { bytes in
             do throws(TransportError) { return .success(try channel.receive(into: bytes)) } catch { return .failure(error) }
@@ -217,7 +224,7 @@ struct RequestReader {
         case .failure(let error): throw .transport(error)
         }
         buffer.append(contentsOf: chunk[..<count])
-        return count > 0
+        return count
     }
 }
 

@@ -103,12 +103,3 @@ func residentBytes() -> Int {
           let pages = statm.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return 0 }
     return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
 }
-
-/// Raises this process's descriptor limit to at least `count` (up to the hard limit), for tests that hold
-/// hundreds of connections with both ends in this process.
-func raiseDescriptorLimit(to count: Int) {
-    var limit = rlimit()
-    guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < rlim_t(count) else { return }
-    limit.rlim_cur = min(limit.rlim_max, rlim_t(count))
-    setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
-}

@@ -208,7 +208,9 @@ struct RequestReader {
             }
             // Parsing again only when a line may have ended (or the limits are passed) keeps a client that sends
             // its head a byte at a time from making each byte cost a scan of everything before it.
+            // A request line past its limit with no end in sight is refused at once, not when the head's are passed.
             changed = buffer.suffix(received).contains(0x0A) || buffer.count > limits.requestLineBytes + limits.headerSectionBytes
+                || (buffer.count > limits.requestLineBytes && !buffer.contains(0x0A))
         }
     }
 

@@ -43,6 +43,7 @@ final class HostileControlTests: XCTestCase {
         Case("space before colon", "GET /vms HTTP/1.1\r\nHost : x\r\n\r\n", 400, "bad_http"),
         Case("request line over 8 KiB", "GET /" + String(repeating: "a", count: 9000) + " HTTP/1.1\r\n\r\n", 414, "uri_too_long"),
         Case("endless request line", "GET /" + String(repeating: "a", count: 40000), 414, "uri_too_long"),
+        Case("request line just over 8 KiB, and a wait", "GET /" + String(repeating: "a", count: 8200), 414, "uri_too_long"),
         Case("header section over 16 KiB", "GET /vms HTTP/1.1\r\n" + (0..<20).map { "X-Pad-\($0): \(String(repeating: "p", count: 1000))\r\n" }.joined() + "\r\n",
              431, "headers_too_large"),
         Case("endless header line", "GET /vms HTTP/1.1\r\nX-Pad: " + String(repeating: "p", count: 40000), 431, "headers_too_large"),

@@ -90,7 +90,7 @@ let package = Package(
         .target(name: "MigratedAPI", dependencies: ["NetworkAddress", .product(name: "FlyingFox", package: "FlyingFox")]),
         .target(name: "MigratedDaemon", dependencies: [
             "MigratedAPI", "MicroVM", "KVMBackend", "KVMMigration", "MigrationEngine", "MigrationNetwork", "MigrationWire", "Snapshots",
-            "Transport", .product(name: "FlyingFox", package: "FlyingFox"),
+            "Transport",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "migrated", dependencies: [

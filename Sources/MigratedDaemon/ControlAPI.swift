@@ -42,6 +42,12 @@ public final class ControlAPI: Sendable {
         return response
     }
 
+    /// Counts an answer the HTTP server gave without reaching the routes (a malformed request, §1.1), so that
+    /// `migrated_http_requests_total` shows hostile or broken clients too.
+    func countRefusal(_ error: ControlError) {
+        requestCounts.count(error.status)
+    }
+
     private func route(method: String, path: String, body: Data) async throws(ControlError) -> Response {
         let parts = path.split(separator: "/", omittingEmptySubsequences: true).map { String($0).removingPercentEncoding ?? String($0) }
         switch (method, parts.count) {

@@ -1,6 +1,4 @@
 import Dispatch
-import FlyingFox
-import FlyingSocks
 import Foundation
 import Glibc
 import Logging
@@ -10,7 +8,7 @@ import MigratedAPI
 public final class Daemon: Sendable {
     public let configuration: ValidatedConfiguration
     public let api: ControlAPI
-    private let server: HTTPServer
+    private let server: ControlServer
     private let incoming: any IncomingMigrationListener
     private let logger: Logger
 
@@ -23,9 +21,7 @@ public final class Daemon: Sendable {
         let migrations = migrations ?? EngineMigrationService(logger: logger)
         let vms = VMManager(memoryBudget: configuration.memoryBudget, memoryBacking: configuration.memoryBacking, logger: logger)
         api = ControlAPI(vms: vms, migrations: migrations, snapshots: SnapshotService(logger: logger), tls: configuration.tls, logger: logger)
-        server = HTTPServer(config: HTTPServer.Configuration(address: sockaddr_un.unix(path: configuration.socketPath),
-                                                             logger: FlyingFoxLogger(logger: logger)),
-                            handler: ControlHTTPHandler(api: api))
+        server = ControlServer(socketPath: configuration.socketPath, limits: configuration.controlLimits, api: api, logger: logger)
     }
 
     /// Serves the control API until the task is cancelled or `shutdown` is called.
@@ -51,13 +47,27 @@ public final class Daemon: Sendable {
             try await waitUntilListening()
             logger.info("control API listening", metadata: ["socket": "\(configuration.socketPath)"])
         }
+        Self.raiseDescriptorLimit()
         try await server.run()
+    }
+
+    /// Each control connection takes a descriptor, and so does each VM and migration channel: the usual soft
+    /// limit of 1024 would make `ControlLimits.connections` unreachable. The hard limit is the administrator's.
+    private static func raiseDescriptorLimit() {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < 8192 else { return }
+        limit.rlim_cur = min(limit.rlim_max, 8192)
+        setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
     }
 
     /// Returns once the control socket accepts connections, and is its owner's only.
     public func waitUntilListening(timeout: TimeInterval = 10) async throws {
-        try await server.waitUntilListening(timeout: timeout)
-        // The control API can start and stop VMs: it is for the daemon's user (root) only. FlyingFox binds with
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        while !server.isListening {
+            guard Date() < deadline else { throw ConfigurationError("the control socket did not start listening in \(timeout) s") }
+            try await Task.sleep(nanoseconds: 10_000_000)
+        }
+        // The control API can start and stop VMs: it is for the daemon's user (root) only. The socket is bound with
         // the umask's mode, so this narrows it as soon as the socket exists; every waiter does it, and it is
         // idempotent, so no caller sees the socket before it is narrowed.
         chmod(configuration.socketPath, 0o600)
@@ -66,7 +76,7 @@ public final class Daemon: Sendable {
     /// Stops accepting requests and migrations, stops every VM, and removes the socket.
     public func shutdown() async {
         logger.info("shutting down")
-        await server.stop(timeout: 2)
+        server.stop()
         incoming.stop()
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             DispatchQueue.global().async { [api] in
@@ -104,50 +114,4 @@ public final class Daemon: Sendable {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }
     }
-}
-
-/// Hands every request to the ControlAPI; FlyingFox does the HTTP/1.1 framing and the connections.
-struct ControlHTTPHandler: HTTPHandler {
-    let api: ControlAPI
-
-    func handleRequest(_ request: HTTPRequest) async throws -> HTTPResponse {
-        let body: Data
-        do { body = try await request.bodyData } catch {
-            let failure = ControlAPI.error(ControlError.badRequest("cannot read the request body: \(error)"))
-            return HTTPResponse(statusCode: HTTPStatusCode(failure.status, phrase: "Bad Request"), body: failure.body)
-        }
-        let response = await api.handle(method: request.method.rawValue, path: request.path, body: body)
-        var headers: HTTPHeaders = [.contentType: response.contentType]
-        for (name, value) in response.headers { headers[HTTPHeader(name)] = value }
-        return HTTPResponse(statusCode: HTTPStatusCode(response.status, phrase: Self.phrase(response.status)),
-                            headers: headers, body: response.body)
-    }
-
-    static func phrase(_ status: Int) -> String {
-        switch status {
-        case 200: "OK"
-        case 201: "Created"
-        case 202: "Accepted"
-        case 400: "Bad Request"
-        case 404: "Not Found"
-        case 405: "Method Not Allowed"
-        case 409: "Conflict"
-        case 422: "Unprocessable Content"
-        case 501: "Not Implemented"
-        default: status < 500 ? "Client Error" : "Server Error"
-        }
-    }
-}
-
-/// FlyingFox's own log lines (listening, connection errors) go through swift-log with the daemon's.
-struct FlyingFoxLogger: FlyingSocks.Logging {
-    let logger: Logger
-
-    func logDebug(_ debug: @autoclosure () -> String) { logger.trace("\(debug())") }
-    func logInfo(_ info: @autoclosure () -> String) { logger.debug("\(info())") }
-    func logWarning(_ warning: @autoclosure () -> String) { logger.warning("\(warning())") }
-    func logError(_ error: @autoclosure () -> String) { logger.warning("\(error())") }
-    // FlyingFox's critical lines repeat the error that HTTPServer.run() throws (a cancellation at shutdown,
-    // too), which the daemon's caller reports with its own words.
-    func logCritical(_ critical: @autoclosure () -> String) { logger.debug("\(critical())") }
 }

@@ -207,16 +207,19 @@ public struct ValidatedConfiguration: Sendable, Equatable {
     public var memoryBacking: GuestMemory.Backing
     public var tls: TLSFiles?
     public var incoming: IncomingMigrationSettings?
+    /// Not in the file: the stated limits of control-api.md §1.1; tests shorten the timeout.
+    public var controlLimits: ControlLimits
 
     public init(socketPath: String, logLevel: Logger.Level = .info, memoryBudget: UInt64,
                 memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
-                incoming: IncomingMigrationSettings? = nil) {
+                incoming: IncomingMigrationSettings? = nil, controlLimits: ControlLimits = ControlLimits()) {
         self.socketPath = socketPath
         self.logLevel = logLevel
         self.memoryBudget = memoryBudget
         self.memoryBacking = memoryBacking
         self.tls = tls
         self.incoming = incoming
+        self.controlLimits = controlLimits
     }
 }
 

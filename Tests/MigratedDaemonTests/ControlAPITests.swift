@@ -120,14 +120,7 @@ final class ControlAPITests: XCTestCase {
         let stale = TestDaemon()
         try FileManager.default.createDirectory(atPath: stale.directory, withIntermediateDirectories: true)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (index, byte) in stale.socketPath.utf8.enumerated() { raw[index] = byte }
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let bound = withUnixAddress(stale.socketPath) { bind(fd, $0, $1) }
         XCTAssertEqual(bound, 0)
         close(fd)
         try await stale.start()

@@ -15,13 +15,15 @@ final class TestDaemon {
     private var task: Task<Void, any Error>?
 
     init(memoryBudgetMiB: UInt64 = 1024, memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
-         migrations: (any MigrationService)? = nil, incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil) {
+         migrations: (any MigrationService)? = nil, incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil,
+         controlLimits: ControlLimits = ControlLimits()) {
         directory = NSTemporaryDirectory() + "migrated-test-" + String(UUID().uuidString.prefix(8))
         socketPath = directory + "/control.sock"
         var logger = Logger(label: "migrated-test")
         logger.logLevel = .error
         daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20,
-                                                              memoryBacking: memoryBacking, tls: tls, incoming: incoming?.0),
+                                                              memoryBacking: memoryBacking, tls: tls, incoming: incoming?.0,
+                                                              controlLimits: controlLimits),
                         logger: logger, migrations: migrations, incoming: incoming?.1)
         client = ControlClient(socketPath: socketPath)
     }
@@ -54,8 +56,10 @@ final class TestDaemon {
 /// Runs `body` against a fresh daemon, and shuts the daemon down whatever happens.
 func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations: (any MigrationService)? = nil,
                 incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil,
+                controlLimits: ControlLimits = ControlLimits(),
                 _ body: (TestDaemon) async throws -> Void) async throws {
-    let daemon = TestDaemon(memoryBudgetMiB: memoryBudgetMiB, tls: tls, migrations: migrations, incoming: incoming)
+    let daemon = TestDaemon(memoryBudgetMiB: memoryBudgetMiB, tls: tls, migrations: migrations, incoming: incoming,
+                            controlLimits: controlLimits)
     try await daemon.start()
     do {
         try await body(daemon)

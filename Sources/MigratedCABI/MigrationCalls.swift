@@ -322,22 +322,22 @@ func copyCString(_ text: String, into buffer: UnsafeMutableRawBufferPointer) {
 @_cdecl("migrated_migration_start_outgoing")
 public func migrated_migration_start_outgoing(_ vm: OpaquePointer?, _ options: UnsafePointer<migrated_migration_options>?,
                                               _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
-    boundary {
-        let out = try required(out, "out")
-        out.pointee = nil
-        let migration = try EmbeddedMigration.outgoing(try object(vm, as: EmbeddedVM.self, "vm"), try required(options, "options").pointee)
-        out.pointee = handle(of: migration)
-    }
+    startMigration(vm, options, out, EmbeddedMigration.outgoing)
 }
 
 @_cdecl("migrated_migration_start_incoming")
 public func migrated_migration_start_incoming(_ vm: OpaquePointer?, _ options: UnsafePointer<migrated_migration_options>?,
                                               _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    startMigration(vm, options, out, EmbeddedMigration.incoming)
+}
+
+/// Starts a migration of either direction and hands its handle out through `out` (NULL on failure).
+private func startMigration(_ vm: OpaquePointer?, _ options: UnsafePointer<migrated_migration_options>?, _ out: UnsafeMutablePointer<OpaquePointer?>?,
+                            _ start: (EmbeddedVM, migrated_migration_options) throws -> EmbeddedMigration) -> Int32 {
     boundary {
         let out = try required(out, "out")
         out.pointee = nil
-        let migration = try EmbeddedMigration.incoming(try object(vm, as: EmbeddedVM.self, "vm"), try required(options, "options").pointee)
-        out.pointee = handle(of: migration)
+        out.pointee = handle(of: try start(try object(vm, as: EmbeddedVM.self, "vm"), try required(options, "options").pointee))
     }
 }
 

@@ -136,7 +136,7 @@ final class CVMMInteropKVMTests: KVMTestCase {
             let proxy = try TCPProxy(to: port, cutAfter: fault == "cut" ? 24 << 20 : nil, corruptAt: fault == "corrupt" ? 20 << 20 : nil)
             let extra = fault == "cancel" ? " bandwidth=20000000 cancel_after_ms=500" : ""
             let before = source.memstress()?.ticks ?? 0
-            let reply = source.command("migrate 127.0.0.1:\(proxy.port) compression=none\(extra)") ?? "no reply"
+            let reply = source.command("migrate 127.0.0.1:\(proxy.port) compression=none time_limit_s=30\(extra)") ?? "no reply"
             // A flipped payload byte fails the digest; the rare flip inside a batch's descriptors fails its checksum.
             let expected = ["cut": ["error MIGRATED_ERR_TRANSPORT"], "corrupt": ["error MIGRATED_ERR_VERIFY", "error MIGRATED_ERR_PROTOCOL"],
                             "cancel": ["error MIGRATED_ERR_CANCELLED"]][fault]!

@@ -63,9 +63,19 @@ final class TCPProxy: @unchecked Sendable {
                 Glibc.close(server)
                 continue
             }
+            // A cut resets both connections (no lingering data), as a dead link or peer does, so the source sees it.
+            var reset = linger(l_onoff: 1, l_linger: 0)
+            for fd in [client, server] { setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, socklen_t(MemoryLayout<linger>.size)) }
             lock.withLock { sockets += [client, server] }
-            Thread.detachNewThread { [self] in pump(from: client, to: server, downstream: true) }
-            Thread.detachNewThread { [self] in pump(from: server, to: client, downstream: false) }
+            let pair = PumpPair(client, server) { [self] in lock.withLock { sockets.removeAll { $0 == client || $0 == server } } }
+            Thread.detachNewThread { [self] in
+                pump(from: client, to: server, downstream: true)
+                pair.finished()
+            }
+            Thread.detachNewThread { [self] in
+                pump(from: server, to: client, downstream: false)
+                pair.finished()
+            }
         }
     }
 
@@ -105,5 +115,26 @@ final class TCPProxy: @unchecked Sendable {
                 done += written
             }
         }
+    }
+}
+
+/// The two sockets of one proxied connection, closed once both directions have stopped.
+private final class PumpPair: @unchecked Sendable {
+    private let lock = NSLock()
+    private var running = 2
+    private let sockets: [Int32]
+    /// Forgets the sockets in the proxy's list before they close, so that nothing touches their numbers again.
+    private let forget: () -> Void
+
+    init(_ a: Int32, _ b: Int32, forget: @escaping () -> Void) {
+        sockets = [a, b]
+        self.forget = forget
+    }
+
+    func finished() {
+        let last = lock.withLock { running -= 1; return running == 0 }
+        guard last else { return }
+        forget()
+        for fd in sockets { close(fd) }
     }
 }

@@ -18,14 +18,20 @@ public func migrated_last_error() -> UnsafePointer<CChar> { LastError.current }
 
 @_cdecl("migrated_error_name")
 public func migrated_error_name(_ code: Int32) -> UnsafePointer<CChar> {
-    let names: [migrated_error: StaticString] = [
-        MIGRATED_OK: "MIGRATED_OK", MIGRATED_ERR_INVALID_ARGUMENT: "MIGRATED_ERR_INVALID_ARGUMENT",
-        MIGRATED_ERR_ABI_MISMATCH: "MIGRATED_ERR_ABI_MISMATCH", MIGRATED_ERR_SYSTEM: "MIGRATED_ERR_SYSTEM",
-        MIGRATED_ERR_CALLBACK: "MIGRATED_ERR_CALLBACK", MIGRATED_ERR_TRANSPORT: "MIGRATED_ERR_TRANSPORT",
-        MIGRATED_ERR_PROTOCOL: "MIGRATED_ERR_PROTOCOL", MIGRATED_ERR_VERIFY: "MIGRATED_ERR_VERIFY",
-        MIGRATED_ERR_CANCELLED: "MIGRATED_ERR_CANCELLED", MIGRATED_ERR_NOT_CONVERGED: "MIGRATED_ERR_NOT_CONVERGED",
-        MIGRATED_ERR_SNAPSHOT: "MIGRATED_ERR_SNAPSHOT", MIGRATED_ERR_STATE: "MIGRATED_ERR_STATE",
-    ]
-    let name: StaticString = code >= 0 ? names[migrated_error(rawValue: UInt32(code))] ?? "unknown" : "unknown"
+    let name: StaticString = switch code {
+    case Int32(MIGRATED_OK.rawValue): "MIGRATED_OK"
+    case Int32(MIGRATED_ERR_INVALID_ARGUMENT.rawValue): "MIGRATED_ERR_INVALID_ARGUMENT"
+    case Int32(MIGRATED_ERR_ABI_MISMATCH.rawValue): "MIGRATED_ERR_ABI_MISMATCH"
+    case Int32(MIGRATED_ERR_SYSTEM.rawValue): "MIGRATED_ERR_SYSTEM"
+    case Int32(MIGRATED_ERR_CALLBACK.rawValue): "MIGRATED_ERR_CALLBACK"
+    case Int32(MIGRATED_ERR_TRANSPORT.rawValue): "MIGRATED_ERR_TRANSPORT"
+    case Int32(MIGRATED_ERR_PROTOCOL.rawValue): "MIGRATED_ERR_PROTOCOL"
+    case Int32(MIGRATED_ERR_VERIFY.rawValue): "MIGRATED_ERR_VERIFY"
+    case Int32(MIGRATED_ERR_CANCELLED.rawValue): "MIGRATED_ERR_CANCELLED"
+    case Int32(MIGRATED_ERR_NOT_CONVERGED.rawValue): "MIGRATED_ERR_NOT_CONVERGED"
+    case Int32(MIGRATED_ERR_SNAPSHOT.rawValue): "MIGRATED_ERR_SNAPSHOT"
+    case Int32(MIGRATED_ERR_STATE.rawValue): "MIGRATED_ERR_STATE"
+    default: "unknown"
+    }
     return UnsafeRawPointer(name.utf8Start).assumingMemoryBound(to: CChar.self)
 }

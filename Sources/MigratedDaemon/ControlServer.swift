@@ -16,6 +16,7 @@ final class ControlServer: @unchecked Sendable {
     private var listener: Listener?
     private var stopped = false
     private let connections: ConnectionDeadlines
+    private let acceptFailures = RefusalLog()
 
     init(socketPath: String, limits: ControlLimits, api: ControlAPI, logger: Logger) {
         self.socketPath = socketPath
@@ -70,8 +71,11 @@ final class ControlServer: @unchecked Sendable {
                 channel = try listener.acceptConnection().establish()
             } catch {
                 if lock.withLock({ stopped }) { break }
-                // Out of descriptors (EMFILE) or a connection reset before accept: wait a little, carry on.
-                logger.warning("control socket: accept failed: \(error)")
+                // Out of descriptors (EMFILE) or a connection reset before accept: wait a little, carry on, and say
+                // so once a window rather than on every try.
+                if case .log(let suppressed) = acceptFailures.verdict(for: "accept") {
+                    logger.warning("control socket: accept failed", metadata: ["error": "\(error)", "failed_unlogged_before": "\(suppressed)"])
+                }
                 usleep(50_000)
                 continue
             }

@@ -407,13 +407,19 @@ static void migrate(migrated_vm *source_vm, struct guest *destination,
     migrated_vm_free(destination_vm);
 }
 
-static void check_migrations(void) {
-    struct guest source;
-    make_source(&source);
-    struct migrated_vm_config config = config_for(&source, 1);
+/* A source guest as make_source makes it, with its handle, once the writer has been at it for a moment. */
+static migrated_vm *running_source(struct guest *g) {
+    make_source(g);
+    struct migrated_vm_config config = config_for(g, 1);
     migrated_vm *vm;
     EXPECT(migrated_vm_create(&config, &vm), MIGRATED_OK);
     usleep(100 * 1000);
+    return vm;
+}
+
+static void check_migrations(void) {
+    struct guest source;
+    migrated_vm *vm = running_source(&source);
 
     /* Over a socket pair the VMM made, plaintext. */
     int pair[2];
@@ -521,10 +527,7 @@ static void check_silent_peer(void) {
     snprintf(text, sizeof text, "127.0.0.1:%u", ntohs(address.sin_port));
 
     struct guest source;
-    make_source(&source);
-    struct migrated_vm_config config = config_for(&source, 1);
-    migrated_vm *vm;
-    EXPECT(migrated_vm_create(&config, &vm), MIGRATED_OK);
+    migrated_vm *vm = running_source(&source);
     for (int round = 0; round < 2; round++) {
         struct migrated_migration_options options = options_with(text, NULL, 0);
         if (round == 1) options.time_limit_seconds = 0.5;
@@ -552,11 +555,7 @@ static void check_silent_peer(void) {
 
 static void check_snapshots(const char *directory) {
     struct guest source;
-    make_source(&source);
-    struct migrated_vm_config config = config_for(&source, 1);
-    migrated_vm *vm;
-    EXPECT(migrated_vm_create(&config, &vm), MIGRATED_OK);
-    usleep(100 * 1000);
+    migrated_vm *vm = running_source(&source);
     char full[512], diff[512];
     snprintf(full, sizeof full, "%s/full.snap", directory);
     snprintf(diff, sizeof diff, "%s/diff.snap", directory);

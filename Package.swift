@@ -53,6 +53,7 @@ let package = Package(
         ]),
 
         .target(name: "MigrationWire"),
+        .target(name: "Threads"),
         .target(name: "CPageCodec"),
         .target(name: "PageCodec", dependencies: ["CZstd", "CLZ4", "CPageCodec"]),
         .executableTarget(name: "CodecBench", dependencies: ["PageCodec", "MigrationWire"], path: "bench/codec"),
@@ -60,7 +61,7 @@ let package = Package(
         .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
         .executableTarget(name: "MigrationBench", dependencies: ["KVMMigration", "MigrationNetwork", "Transport"], path: "bench/migration"),
 
-        .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec"]),
+        .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec", "Threads"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
         .target(name: "Snapshots", dependencies: ["MigrationEngine", "MigrationWire", "PageCodec", "LinuxSystem"]),
         .executableTarget(name: "vmsnap", dependencies: [
@@ -82,7 +83,7 @@ let package = Package(
         .testTarget(name: "XenAdapterTests", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots", "TestSupport", "vmsnap"]),
         .target(name: "NetworkAddress"),
         .target(name: "Transport", dependencies: ["COpenSSL", "LinuxSystem", "NetworkAddress"]),
-        .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport"]),
+        .testTarget(name: "TransportTests", dependencies: ["Transport", "LinuxSystem", "TestSupport", "Threads"]),
         .executableTarget(name: "TransportBench", dependencies: ["Transport"], path: "bench/transport"),
 
         // The daemon and its client. MigratedAPI holds the control API's JSON types and the Unix-socket client,
@@ -90,7 +91,7 @@ let package = Package(
         .target(name: "MigratedAPI", dependencies: ["NetworkAddress", .product(name: "FlyingFox", package: "FlyingFox")]),
         .target(name: "MigratedDaemon", dependencies: [
             "MigratedAPI", "MicroVM", "KVMBackend", "KVMMigration", "MigrationEngine", "MigrationNetwork", "MigrationWire", "Snapshots",
-            "Transport",
+            "Threads", "Transport",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "migrated", dependencies: [
@@ -105,7 +106,7 @@ let package = Package(
         .systemLibrary(name: "CMigratedABI"),
         .target(name: "MigratedCABI", dependencies: [
             "CMigratedABI", "MigrationEngine", "MigrationNetwork", "MigrationWire", "Snapshots", "KVMBackend", "LinuxSystem",
-            "Transport", "NetworkAddress",
+            "Transport", "NetworkAddress", "Threads",
         ], exclude: ["exports.map"], linkerSettings: [.unsafeFlags([
             "-Xlinker", "-soname=libmigrated.so.1", "-Xlinker", "--version-script=Sources/MigratedCABI/exports.map", "-static-stdlib",
             // Foundation's own static dependencies, which -static-stdlib names for executables only.
@@ -117,5 +118,5 @@ let package = Package(
         .testTarget(name: "CABITests", dependencies: ["TestSupport", "MigratedDaemon", "MigratedAPI"]),
         .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl", "vmsnap"]),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )

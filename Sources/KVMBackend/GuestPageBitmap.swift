@@ -1,6 +1,6 @@
 /// A set of guest pages, one bit per 4 KiB page of each memory slot, laid out as KVM's dirty bitmaps are
 /// (64-bit words, bit n of word w is page 64w+n of the slot), so that a slot's part can be handed to KVM as is.
-public struct GuestPageBitmap: Equatable {
+public struct GuestPageBitmap: Equatable, Sendable {
     public struct Slot: Equatable, Sendable {
         public let id: UInt32
         public let guestPhysicalAddress: UInt64

@@ -5,7 +5,9 @@ import MigrationEngine
 import MigrationWire
 
 /// A running MicroVM as the source of a migration.
-public final class MicroVMGuestSource: GuestSource {
+///
+/// Sendable under the `GuestSource` thread contract: `dirty` is used by the harvest, a control call, alone.
+public final class MicroVMGuestSource: GuestSource, @unchecked Sendable {
     public let machine: MicroVM
     public let layout: GuestMemoryLayout
     private var dirty: GuestPageBitmap
@@ -55,7 +57,10 @@ public final class MicroVMGuestSource: GuestSource {
 
 /// A new MicroVM built from a migration stream. Memory comes first (the layout must be the one MicroVM gives
 /// a guest of that size), the VM itself when the device state arrives, and it runs on `start`.
-public final class MicroVMGuestSink: GuestSink {
+///
+/// Sendable under the `GuestSink` thread contract: `memory` and `machine` are set by the control calls, and the
+/// channels' threads only read `memory` in between.
+public final class MicroVMGuestSink: GuestSink, @unchecked Sendable {
     public private(set) var machine: MicroVM?
     public private(set) var memory: GuestMemory?
     private let console: SerialConsole

@@ -34,7 +34,7 @@ final class VCPUController: @unchecked Sendable {
     }
 
     /// Starts one thread per vCPU; each calls `step` after every exit, and stops when it returns false.
-    func start(step: @escaping (KVMVCPU) -> Bool) {
+    func start(step: @escaping @Sendable (KVMVCPU) -> Bool) {
         condition.lock()
         alive = vcpus.count
         condition.unlock()

@@ -88,7 +88,8 @@ enum LastError {
         return emptyMessage
     }
 
-    private static let emptyMessage: UnsafePointer<CChar> = UnsafePointer(strdup("")!)
+    /// Never written through nor freed: the same empty C string for every thread.
+    nonisolated(unsafe) private static let emptyMessage: UnsafePointer<CChar> = UnsafePointer(strdup("")!)
 }
 
 /// Runs an exported function's body: MIGRATED_OK and an empty message when it returns, the error's code and

@@ -5,6 +5,7 @@ import MigrationEngine
 import MigrationNetwork
 import NetworkAddress
 import Transport
+import Threads
 
 /// Where a migration's channels go, as `migrated_migration_options` says: an address to connect to or listen on,
 /// or sockets the VMM has connected itself; in plaintext or mutual TLS.
@@ -120,10 +121,10 @@ final class EmbeddedMigration: @unchecked Sendable {
 
     /// Starts `body` on a new thread; what it returns is the migration's result. `cancel` stops it.
     private static func start(address: String? = nil, name: String, cancel: @escaping () -> Void,
-                              _ body: @escaping (EmbeddedMigration) -> migrated_report) -> EmbeddedMigration {
+                              _ body: sending @escaping (EmbeddedMigration) -> migrated_report) -> EmbeddedMigration {
         let migration = EmbeddedMigration(address: address)
         migration.cancelAction = cancel
-        let thread = Thread {
+        startThread(named: name) {
             let report = body(migration)
             migration.lock.withLock {
                 migration.result = report
@@ -131,8 +132,6 @@ final class EmbeddedMigration: @unchecked Sendable {
             }
             migration.done.signal()
         }
-        thread.name = name
-        thread.start()
         return migration
     }
 
@@ -198,8 +197,11 @@ final class EmbeddedMigration: @unchecked Sendable {
         let sink = try VMMGuestSink(vm)
         if (try? vm.memory()) != nil { throw CABIError.state("the handle holds a guest already; receive into a handle made without regions") }
         // Bound here, so that an address in use is the caller's error, and the chosen port is known at once.
-        var listener: Listener?
-        if case .address(let endpoint) = plan.route { listener = try Listener(endpoint: endpoint, security: plan.security) }
+        let listener: Listener? = if case .address(let endpoint) = plan.route {
+            try Listener(endpoint: endpoint, security: plan.security)
+        } else {
+            nil
+        }
         try vm.claim("an incoming migration")
         let channels = ChannelSet()
         let started = monotonicSeconds()

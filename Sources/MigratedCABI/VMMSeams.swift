@@ -5,7 +5,9 @@ import MigrationWire
 
 /// A VMM's running guest as the source of a migration or snapshot: memory read in place through the VMM's
 /// mapping, dirty pages from KVM's log (KVM modes) or the VMM's harvest callback, and the rest through callbacks.
-final class VMMGuestSource: GuestSource {
+///
+/// Sendable under the `GuestSource` thread contract: `dirty` is used by the harvest, a control call, alone.
+final class VMMGuestSource: GuestSource, @unchecked Sendable {
     let vm: EmbeddedVM
     let memory: VMMMemory
     private var dirty: GuestPageBitmap
@@ -58,7 +60,10 @@ final class VMMGuestSource: GuestSource {
 
 /// Where an incoming guest is rebuilt for a VMM: memory from its prepare_memory callback, the machine state
 /// restored by the library (KVM modes), the VMM's own devices and the start through callbacks.
-final class VMMGuestSink: GuestSink {
+///
+/// Sendable under the `GuestSink` thread contract: `memory` is set by `prepare` and cleared by `discard`, and the
+/// channels' threads only read it in between.
+final class VMMGuestSink: GuestSink, @unchecked Sendable {
     let vm: EmbeddedVM
     private var memory: VMMMemory?
 

@@ -205,7 +205,10 @@ final class ConfiguredGuestSource: GuestSource {
 /// A MicroVM sink that also reads the daemon's configuration of the VM from its device state. With a desk (an
 /// incoming migration), room for the guest is reserved in the daemon's memory budget before its memory is made,
 /// and given back if it does not arrive.
-final class ConfiguredGuestSink: GuestSink {
+///
+/// Sendable under the `GuestSink` thread contract: `reservedBytes` and `configuration` change in the control
+/// calls alone.
+final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     let base: MicroVMGuestSink
     private let desk: (any ArrivalDesk)?
     private var reservedBytes: UInt64 = 0

@@ -5,6 +5,7 @@ import MicroVM
 import MigratedAPI
 import MigrationEngine
 import Snapshots
+import Threads
 
 /// Snapshots of the daemon's VMs: saves run on a thread of their own, one per VM at a time; restores start a
 /// new VM. For each VM the service keeps what a diff needs (the last snapshot's base, with dirty tracking
@@ -61,9 +62,7 @@ public final class SnapshotService: @unchecked Sendable {
             }
         }
         let id = vm.id
-        let thread = Thread { [self] in run(saver, job: job, vm: id) }
-        thread.name = "snapshot-save"
-        thread.start()
+        startThread(named: "snapshot-save") { [self] in run(saver, job: job, vm: id) }
         logger.info("snapshot started", metadata: ["vm": "\(id)", "path": "\(request.path)", "kind": "\(request.kind)", "live": "\(request.live)"])
         return job.status
     }

@@ -3,6 +3,10 @@ import Foundation
 /// Items passed from one thread to another in order. `put` waits while `capacity` items are waiting; `take`
 /// waits for an item, and returns nil once the hand-off is closed and empty. A closed hand-off drops what is
 /// put into it.
+///
+/// Sendable because `items` and `closed` are touched only under `condition`. The items themselves need not be
+/// Sendable: each is owned by one thread at a time, the putter giving it up when it puts it, and the condition's
+/// lock orders the putter's writes to it before the taker's reads.
 final class HandOff<Item>: @unchecked Sendable {
     private let condition = NSCondition()
     private var items: [Item]

@@ -1,5 +1,6 @@
 import Foundation
 import MigrationWire
+import Threads
 
 /// Gathers the channels of one incoming migration from a listener. Connections may arrive in any order:
 /// each opens with its stream header, which names its channel index and the channel count, so the first
@@ -148,7 +149,7 @@ public final class ChannelGatherer: @unchecked Sendable {
             refused(address, .channel("\(refusal); this one is closed"))
             return
         }
-        let thread = Thread { [self] in
+        startThread(named: "migrate-gather") { [self] in
             do {
                 let (channel, peer) = try open()
                 gather(channel, peer: peer, source: address)
@@ -157,8 +158,6 @@ public final class ChannelGatherer: @unchecked Sendable {
                 refused(address, error as? MigrationError ?? .channel("\(error)"))
             }
         }
-        thread.name = "migrate-gather"
-        thread.start()
     }
 
     /// Takes a connection that is already open, from `peer`.
@@ -244,7 +243,10 @@ private final class HeaderWait: @unchecked Sendable {
 }
 
 /// A channel that first hands back bytes already read from it.
-final class ReplayingChannel: MigrationChannel {
+///
+/// Sendable as its base is, given that only the one thread that reads the channel calls `receive`, the only user
+/// of `replay`; `send` and `close` just forward.
+final class ReplayingChannel: MigrationChannel, @unchecked Sendable {
     private let base: MigrationChannel
     private var replay: [UInt8]
 

@@ -1,6 +1,7 @@
 import Foundation
 import MigrationWire
 import PageCodec
+import Threads
 
 /// The receiving half of a live migration: rebuilds the guest in a `GuestSink` from the sender's channels, and
 /// starts it only after its memory digest equals the sender's and the sender commits.
@@ -206,9 +207,9 @@ final class PageApplier: @unchecked Sendable {
     private let finished = DispatchSemaphore(value: 0)
 
     /// `written` is called on this applier's thread once every batch of a pass that ended is in guest memory.
-    init(writer: PageWriter, name: String, written: @escaping (UInt32) throws -> Void) {
+    init(writer: PageWriter, name: String, written: @escaping @Sendable (UInt32) throws -> Void) {
         self.writer = writer
-        let thread = Thread { [self] in
+        startThread(named: name) { [self] in
             while let work = queue.take() {
                 guard lock.withLock({ failure == nil }) else {
                     if case .flush(let done) = work { done.signal() }
@@ -227,8 +228,6 @@ final class PageApplier: @unchecked Sendable {
             }
             finished.signal()
         }
-        thread.name = name
-        thread.start()
     }
 
     /// Queues a batch; throws with the error of an earlier batch, if one failed.
@@ -287,7 +286,12 @@ final class PageApplier: @unchecked Sendable {
 /// Writes the pages of one channel into guest memory and keeps that channel's share of the memory digest,
 /// hashing each page as it is handed to the sink, once decompressed. Batches reach it checked by the decoder,
 /// format and agreement both.
-final class PageWriter {
+///
+/// Sendable by thread discipline: the channel's thread alone calls `receiveInPlace` (with `channelExpander`), the
+/// applier's thread alone calls `apply` and `hashInPlace` (with `applierExpander`, `runs`, `batchPayload`, the
+/// digest and the counters). Others read the digest and counters only after `PageApplier.stop()` has joined the
+/// applier's thread.
+final class PageWriter: @unchecked Sendable {
     let digest: DigestTracker
     /// One per thread that expands pages: the applier's (`apply`) and the channel's (`receiveInPlace`).
     private let applierExpander = PageExpander(), channelExpander = PageExpander()
@@ -462,14 +466,12 @@ final class ChannelThreads: @unchecked Sendable {
     private let lock = NSLock()
     private var failure: Error?
 
-    func start(name: String, _ body: @escaping () throws -> Void) {
+    func start(name: String, _ body: sending @escaping () throws -> Void) {
         group.enter()
-        let thread = Thread { [self] in
+        startThread(named: name) { [self] in
             do { try body() } catch { lock.withLock { if failure == nil { failure = error } } }
             group.leave()
         }
-        thread.name = name
-        thread.start()
     }
 
     func wait() throws {

@@ -2,6 +2,7 @@ import Foundation
 import MigrationWire
 import PageCodec
 import Synchronization
+import Threads
 
 /// The sending half of a live migration: pre-copy passes over the dirty log, then a verified switchover.
 ///
@@ -103,7 +104,7 @@ public final class MigrationSender: @unchecked Sendable {
     /// answers, one that stopped reading, a pass not yet applied.
     private func startWatchdog() {
         watching.store(true, ordering: .relaxed)
-        let thread = Thread { [self] in
+        startThread(named: "migrate-watchdog") { [self] in
             while watching.load(ordering: .relaxed) {
                 if isCancelled || timeBudgetSpent {
                     let close = gate.withLock { gate in
@@ -117,8 +118,6 @@ public final class MigrationSender: @unchecked Sendable {
                 Thread.sleep(forTimeInterval: 0.02)
             }
         }
-        thread.name = "migrate-watchdog"
-        thread.start()
     }
 
     /// How far the migration got, for rolling back.
@@ -312,7 +311,7 @@ public final class MigrationSender: @unchecked Sendable {
         let group = DispatchGroup()
         for (index, streamer) in streamers.enumerated() {
             group.enter()
-            let thread = Thread { [self] in
+            startThread(named: "migrate-send-\(index)") { [self] in
                 let result = Result {
                     try streamer.send(frames: frames[index], pass: pass, skipZero: pass == 0, progress: pagesDone, wireProgress: bytesInPass) { self.isCancelled }
                 }
@@ -323,8 +322,6 @@ public final class MigrationSender: @unchecked Sendable {
                 results.set(index, result)
                 group.leave()
             }
-            thread.name = "migrate-send-\(index)"
-            thread.start()
         }
         while group.wait(timeout: .now() + 0.25) == .timedOut {
             report(.precopy, pass: Int(pass), total: total)
@@ -384,7 +381,7 @@ public final class MigrationSender: @unchecked Sendable {
     private func reasonFromPeer(for failure: MigrationError, reply: RecordReader?) -> MigrationError {
         guard case .channel = failure, let reply else { return failure }
         let found = PeerAbort()
-        let thread = Thread {
+        startThread(named: "migrate-abort-reason") {
             while let event = try? reply.next() {
                 if case .abort(let abort) = event {
                     found.set(.peerAborted(reason: abort.reason.rawValue, message: abort.message))
@@ -393,8 +390,6 @@ public final class MigrationSender: @unchecked Sendable {
             }
             found.done.signal()
         }
-        thread.name = "migrate-abort-reason"
-        thread.start()
         _ = found.done.wait(timeout: .now() + 1)
         return found.value ?? failure
     }

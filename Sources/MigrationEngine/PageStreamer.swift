@@ -2,6 +2,7 @@ import Foundation
 import MigrationWire
 import PageCodec
 import Synchronization
+import Threads
 
 /// Sends guest pages on one channel, as a two-stage pipeline: an encoder thread copies pages out of guest
 /// memory and encodes them in batches (zero, raw or compressed, page by page) while the channel's thread sends
@@ -20,7 +21,13 @@ import Synchronization
 /// non-zero pages lie back to back in the batch's copies and make one block, so the codec finds what pages
 /// share (text, code, repeated structures), which a 4 KiB page alone cannot show it, and is called once per
 /// batch rather than per page. Otherwise each page is compressed on its own.
-final class PageStreamer {
+///
+/// Sendable by thread discipline, not by a lock: one pass at a time runs `send`, on its channel's thread, and that
+/// thread and the encoder thread it starts split the state. The encoder alone uses `encoder`, `adaptive`, the
+/// probes and `digest` (read by others only after the pass); the sending thread alone uses the channel through
+/// `writer`, `padding`, `sentSince` and `recentSends`; `linkRate` is atomic; batches pass between the two through
+/// `HandOff` queues, whose lock orders each batch's writes before the other thread's reads.
+final class PageStreamer: @unchecked Sendable {
     struct Counts {
         var pages = 0, zero = 0, raw = 0, compressed = 0, payloadBytes = 0, wireBytes = 0
 
@@ -116,10 +123,10 @@ final class PageStreamer {
     /// 0 zero pages are skipped: the receiver's memory starts zeroed. Later passes send them (as zero pages),
     /// because they held data before.
     func send(frames: [UInt64], pass: UInt32, skipZero: Bool, progress: ProgressCounter, wireProgress: ProgressCounter,
-              isCancelled: @escaping () -> Bool) throws -> Counts {
+              isCancelled: @escaping @Sendable () -> Bool) throws -> Counts {
         let free = HandOff<Batch>(pool), ready = HandOff<Batch>([])
         let encoded = EncoderResult()
-        let thread = Thread { [self] in
+        startThread(named: "migrate-encode") { [self] in
             defer { encoded.done.signal() }
             do {
                 encoded.counts = try encode(frames, pass: pass, skipZero: skipZero, free: free, ready: ready, isCancelled: isCancelled)
@@ -128,8 +135,6 @@ final class PageStreamer {
             }
             ready.close()
         }
-        thread.name = "migrate-encode"
-        thread.start()
         var wireBytes = 0
         var sendError: Error?
         while let batch = ready.take() {
@@ -326,7 +331,8 @@ final class PageStreamer {
     }
 }
 
-/// What the encoder thread of a pass ended with; read after `done` is signalled.
+/// What the encoder thread of a pass ended with. Sendable because the encoder thread writes it only before it
+/// signals `done`, and the sending thread reads it only after waiting for `done`.
 private final class EncoderResult: @unchecked Sendable {
     var counts = PageStreamer.Counts()
     var error: Error?

@@ -45,7 +45,10 @@ public enum MigrationError: Error, CustomStringConvertible, Equatable {
 /// Reads the records of one stream from a channel: bytes in bounded chunks straight into the streaming
 /// decoder's buffer (no copy in between), which checks every length and index before anything is allocated
 /// or written.
-final class RecordReader {
+///
+/// Sendable by thread discipline: one thread reads at a time. The sender reads its reply stream on its own thread
+/// and, once it has failed, hands the reader to a thread that looks for the peer's reason and never reads it again.
+final class RecordReader: @unchecked Sendable {
     let channel: MigrationChannel
     let decoder: StreamDecoder
     /// Bytes asked of the channel per receive.
@@ -108,10 +111,12 @@ extension RecordReader {
 
 /// Writes the records of one stream to a channel. Sends from several threads are serialized (the receiver's
 /// reply stream carries acknowledgements from the channels' writer threads and the handshake from the main one).
-final class RecordWriter {
+///
+/// Sendable because sends hold `lock`; `encoder` is adjusted to the agreed capabilities before the writer is
+/// shared with other threads, and only read after.
+final class RecordWriter: @unchecked Sendable {
     let channel: MigrationChannel
     var encoder: StreamEncoder
-    private(set) var bytesWritten = 0
     private let lock = NSLock()
 
     init(channel: MigrationChannel, header: StreamHeader) {
@@ -138,7 +143,6 @@ final class RecordWriter {
         } catch {
             throw MigrationError.channel("\(error)")
         }
-        bytesWritten += buffers.reduce(0) { $0 + $1.count }
     }
 }
 

@@ -5,7 +5,11 @@ import MigrationWire
 ///
 /// Memory is read in place: `page(frame:)` returns a pointer into the guest's RAM, so pages are never copied
 /// except into compression or transport buffers.
-public protocol GuestSource: AnyObject {
+///
+/// Threads: the engine makes every call but `page(frame:)` from the migration's one control thread, one at a
+/// time; `page(frame:)` comes from the channels' threads at once, alongside those calls. A source that keeps its
+/// own state only in what the control calls touch needs no lock, and says so where it declares itself Sendable.
+public protocol GuestSource: AnyObject, Sendable {
     /// The guest-physical RAM regions, page aligned, sorted and disjoint.
     var layout: GuestMemoryLayout { get }
     /// The host address of guest frame `frame` (guest-physical address / page size), which lies in `layout`. It
@@ -31,7 +35,13 @@ public protocol GuestSource: AnyObject {
 }
 
 /// The hypervisor seam, destination side: where the engine rebuilds a guest.
-public protocol GuestSink: AnyObject {
+///
+/// Threads: `prepare`, `restore`, `start` and `discard` come from the receiver's control thread, one at a time,
+/// `prepare` before any channel's thread starts and the others after every one has been joined. `page`, `write`
+/// and `zero` come from the channels' threads at once, never for the same frame at a time (every version of a
+/// frame travels on the same channel). A sink whose mutable state only the control calls touch needs no lock, and
+/// says so where it declares itself Sendable.
+public protocol GuestSink: AnyObject, Sendable {
     /// Creates guest memory for `layout`, zero filled. Throws if this sink cannot hold it.
     func prepare(layout: GuestMemoryLayout) throws
     /// The host address of guest frame `frame`, for writing; the decoder has checked it lies in the layout.
@@ -67,8 +77,8 @@ extension GuestSink {
 }
 
 /// A bidirectional byte stream between sender and receiver: a TCP or Unix socket, with or without TLS.
-/// Several may be used at once, one thread each.
-public protocol MigrationChannel: AnyObject {
+/// Several may be used at once, one thread each; `close` may come from any thread, to end a blocked call.
+public protocol MigrationChannel: AnyObject, Sendable {
     /// Sends all bytes of every buffer, in order.
     func send(_ buffers: [UnsafeRawBufferPointer]) throws
     /// Receives some bytes; 0 means the peer closed its side.

@@ -4,7 +4,10 @@ import PageCodec
 /// Data pages on their way into a compressed snapshot: gathered into blocks of `SnapshotFormat.blockPages`
 /// pages, and compressed a batch of blocks at a time on all cores. Each block has its own compressor and
 /// output buffer, so the blocks of a batch share nothing while they are compressed.
-final class BlockBatch {
+///
+/// Sendable only for `flush`'s parallel loop, whose iterations each use one block's compressor, output buffer
+/// and result slot and only read `input`; everything else runs on the one thread that owns the batch.
+final class BlockBatch: @unchecked Sendable {
     /// Blocks compressed together: enough for every core to have work, little enough memory (2 MiB of pages).
     static let blocks = 8
     static let blockBytes = SnapshotFormat.blockPages * SnapshotFormat.pageSize
@@ -43,7 +46,8 @@ final class BlockBatch {
     func flush(_ write: (Output) throws(SnapshotError) -> Void) throws(SnapshotError) {
         let count = (pages + SnapshotFormat.blockPages - 1) / SnapshotFormat.blockPages
         guard count > 0 else { return }
-        let results = UnsafeMutableBufferPointer<Output>.allocate(capacity: count)
+        // Each iteration writes only its own slot, and the loop returns after the last write.
+        nonisolated(unsafe) let results = UnsafeMutableBufferPointer<Output>.allocate(capacity: count)
         defer { results.deallocate() }
         let pages = self.pages
         DispatchQueue.concurrentPerform(iterations: count) { block in

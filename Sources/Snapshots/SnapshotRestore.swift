@@ -41,8 +41,9 @@ public enum SnapshotRestore {
         let started = monotonicSeconds()
         do throws(SnapshotError) {
             let total = try prepare(chain, sink)
-            var runs: [(file: Int, first: Int, count: Int)] = []
-            try chain.forEachDataRun(maximumPages: runPages) { (file, first, count) throws(SnapshotError) in runs.append((file, first, count)) }
+            var found: [(file: Int, first: Int, count: Int)] = []
+            try chain.forEachDataRun(maximumPages: runPages) { (file, first, count) throws(SnapshotError) in found.append((file, first, count)) }
+            let runs = found
             let shared = RestoreProgress(total: total, report: progress)
             let workers = max(1, min(threads, runs.count))
             DispatchQueue.concurrentPerform(iterations: workers) { worker in

@@ -112,8 +112,8 @@ struct SocketAddress {
                 getnameinfo($0, length, &host, socklen_t(host.count), &service, socklen_t(service.count), NI_NUMERICHOST | NI_NUMERICSERV)
             }
         }
-        guard status == 0, let port = UInt16(String(cString: service)) else { return nil }
-        return (String(cString: host), port)
+        guard status == 0, let port = UInt16(service.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }) else { return nil }
+        return (host.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }, port)
     }
 }
 

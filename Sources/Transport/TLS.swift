@@ -83,7 +83,7 @@ func openSSLErrors() -> String {
     while case let code = ERR_get_error(), code != 0 {
         var text = [CChar](repeating: 0, count: 256)
         ERR_error_string_n(code, &text, text.count)
-        reasons.append(String(cString: text))
+        reasons.append(text.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })
     }
     return reasons.isEmpty ? "no OpenSSL error recorded" : reasons.joined(separator: "; ")
 }

@@ -231,7 +231,10 @@ public enum XenDeviceComponent {
 
 /// A running HVM domain on this Xen host as the source of a migration. Its RAM layout comes from the
 /// caller (the domain's xl configuration: `XenDomainConfiguration.layout`).
-public final class XenDomainSource: GuestSource {
+///
+/// Sendable under the `GuestSource` thread contract: `mappings` is set in `init`, and `page(frame:)` only reads
+/// it; the host's handles and `bitmap` are used by the control calls alone.
+public final class XenDomainSource: GuestSource, @unchecked Sendable {
     public let host: XenHost
     public let domain: UInt32
     public let layout: GuestMemoryLayout
@@ -307,7 +310,10 @@ public final class XenDomainSource: GuestSource {
 /// An HVM domain on this Xen host, created paused and empty by the toolstack, rebuilt from a migration:
 /// RAM is populated and mapped on `prepare`, the HVM context set on `restore` (from a Xen blob, or mapped
 /// from a KVM machine state), and the domain unpaused on `start`.
-public final class XenDomainSink: GuestSink {
+///
+/// Sendable under the `GuestSink` thread contract: `mappings` changes only in the control calls, and the
+/// channels' threads only read it; the host's handles are used by the control calls alone.
+public final class XenDomainSink: GuestSink, @unchecked Sendable {
     public let host: XenHost
     public let domain: UInt32
     private var mappings: [(firstFrame: UInt64, base: UnsafeMutableRawPointer, pages: Int)] = []

@@ -7,7 +7,10 @@ import MigrationWire
 /// A guest becoming an `xl save` image file. Pages are collected in memory (the engine writes them through
 /// pointers, in any order and more than once); `start` writes the image to a temporary file next to `path`,
 /// fsyncs it and renames it into place, so `path` is either absent or complete.
-public final class XenImageSink: GuestSink {
+///
+/// Sendable under the `GuestSink` thread contract: only the control calls change its properties; the channels'
+/// threads write guest memory and their frames' bytes of `touched`, never the same frame at once.
+public final class XenImageSink: GuestSink, @unchecked Sendable {
     public let path: String
     public let name: String
     /// Whether the xl header carries the guest's own device state, for an exact way back to KVM. Without it
@@ -17,7 +20,7 @@ public final class XenImageSink: GuestSink {
     private var memory: UnsafeMutableRawPointer?
     private var memoryBytes = 0
     /// One byte per frame: whether the engine asked for a pointer to it (the frames that may hold data).
-    private var touched: [UInt8] = []
+    private var touched = UnsafeMutableBufferPointer<UInt8>(start: nil, count: 0)
     private var deviceState: [DeviceState]?
     /// Set by `start`: the image's size in bytes.
     public private(set) var bytesWritten: UInt64 = 0
@@ -39,7 +42,8 @@ public final class XenImageSink: GuestSink {
         madvise(base, end, MADV_HUGEPAGE)
         memory = base
         memoryBytes = end
-        touched = [UInt8](repeating: 0, count: end >> 12)
+        touched = .allocate(capacity: end >> 12)
+        touched.initialize(repeating: 0)
         self.layout = layout
     }
 
@@ -96,7 +100,8 @@ public final class XenImageSink: GuestSink {
     private func release() {
         if let memory { munmap(memory, memoryBytes) }
         memory = nil
-        touched = []
+        touched.deallocate()
+        touched = UnsafeMutableBufferPointer(start: nil, count: 0)
     }
 }
 
@@ -125,7 +130,7 @@ enum XenImageFile {
         var template = Array(((directory.isEmpty ? "." : directory) + "/.xen-image-XXXXXX").utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
         guard fd >= 0 else { throw XenFileError(operation: "create a temporary file in \(directory)", errno: errno) }
-        let temporary = String(cString: template)
+        let temporary = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         let size: UInt64
         do {
             defer { close(fd) }
@@ -160,7 +165,10 @@ enum XenImageFile {
 /// An `xl save` image as a paused guest. The device state is the KVM state our writer carried in the xl
 /// header when it still describes this image's HVM context (nobody changed the Xen side); otherwise it is
 /// built from the HVM records (XenStateMapping), and `usedCarriedState` is false.
-public final class XenImageSource: GuestSource {
+///
+/// Sendable under the `GuestSource` thread contract: the image is read only, and `carriedMachine` is computed
+/// on the control thread.
+public final class XenImageSource: GuestSource, @unchecked Sendable {
     public let image: XenImage
     public var layout: GuestMemoryLayout { image.layout }
     private let zeroPage: UnsafeMutableRawPointer

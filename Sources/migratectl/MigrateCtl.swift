@@ -187,7 +187,7 @@ struct Migrate: AsyncParsableCommand {
                 if !options.json {
                     // On a terminal, the line is rewritten in place (\r, then clear to its end).
                     if terminal { print("\r\(Formatting.progressLine(status))\u{1B}[K", terminator: "") } else { print(Formatting.progressLine(status)) }
-                    fflush(stdout)
+                    fflush(nil) // every output stream: Swift 6 does not let this code name the C global `stdout`
                 }
                 try await Task.sleep(nanoseconds: UInt64(interval * 1e9))
                 status = try await options.client.migration(vm)

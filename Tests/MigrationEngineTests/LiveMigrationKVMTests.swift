@@ -231,7 +231,7 @@ final class ReceiverBacklogKVMTests: MigrationTestCase {
     /// Migrates a static text guest with zstd to a receiver that takes `microsecondsPerPage` per page;
     /// `whileRunning` gets the sender once the migration has started.
     func migrateToSlowReceiver(mebibytes: Int, acknowledged: Bool, microsecondsPerPage: useconds_t,
-                               whileRunning: @escaping (MigrationSender) -> Void = { _ in }) throws -> (MigrationReport, MicroVM, SerialConsole) {
+                               whileRunning: @escaping @Sendable (MigrationSender) -> Void = { _ in }) throws -> (MigrationReport, MicroVM, SerialConsole) {
         let (source, console) = try bootSource("workload=memstress size_mib=\(mebibytes) rate_mib=0 pattern=text")
         var options = MigrationOptions()
         options.compression = .zstd

@@ -1,18 +1,21 @@
 import Foundation
 import Glibc
 import TestSupport
+import Threads
 import Transport
 import XCTest
 
 /// Runs `body` on its own thread, as the engine's receive side would, and hands back its outcome.
+///
+/// Sendable because `outcome` is written by the thread before it signals `done` and read only after `done`.
 final class Background<T>: @unchecked Sendable {
     private var outcome: Result<T, any Error>?
     private let done = DispatchSemaphore(value: 0)
 
-    init(_ body: @escaping () throws -> T) {
-        Thread.detachNewThread {
-            do { self.outcome = .success(try body()) } catch { self.outcome = .failure(error) }
-            self.done.signal()
+    init(_ body: sending @escaping () throws -> T) {
+        startThread(named: "test-background") { [self] in
+            do { outcome = .success(try body()) } catch { outcome = .failure(error) }
+            done.signal()
         }
     }
 

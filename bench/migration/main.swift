@@ -2,8 +2,10 @@
 // downtime, bytes on the wire and page throughput, for the scenarios of issue 4.
 //
 //   swift build -c release --product migration-bench && .build/release/migration-bench [guest.elf] [scenario...]
-import Foundation
-import Glibc
+// `stdout`, a C global that Swift 6 cannot prove safe and that Foundation re-exports, is touched from the main
+// thread only.
+@preconcurrency import Foundation
+@preconcurrency import Glibc
 import KVMMigration
 import MicroVM
 import MigrationEngine

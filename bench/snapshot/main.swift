@@ -6,8 +6,10 @@
 //   swift build -c release --scratch-path .build-bench --product snapshot-bench
 //   .build-bench/release/snapshot-bench [--repeat N] [--quick] [--dir PATH] [--json PATH] [--pattern text|random]
 //                                       [--skip-diff] [--guest guest/build/guest.elf]
-import Foundation
-import Glibc
+// `stdout`, a C global that Swift 6 cannot prove safe and that Foundation re-exports, is touched from the main
+// thread only.
+@preconcurrency import Foundation
+@preconcurrency import Glibc
 import KVMMigration
 import MicroVM
 import MigrationEngine
@@ -82,7 +84,8 @@ let directory: String = {
 }()
 let ownDirectory = options.directory == nil
 func path(_ name: String) -> String { directory + "/" + name }
-var createdFiles: Set<String> = []
+// Used from the main thread only, where the whole benchmark runs.
+nonisolated(unsafe) var createdFiles: Set<String> = []
 
 // MARK: measuring
 
@@ -167,7 +170,8 @@ final class Row {
     }
 }
 
-var rows: [Row] = []
+// Used from the main thread only, where the whole benchmark runs.
+nonisolated(unsafe) var rows: [Row] = []
 func row(_ group: String, _ name: String) -> Row {
     if let found = rows.first(where: { $0.group == group && $0.name == name }) { return found }
     let made = Row(group: group, name: name)

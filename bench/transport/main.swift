@@ -5,21 +5,30 @@ import Foundation
 import Glibc
 import Transport
 
-var gib = 2.0, runs = 5, streams = 1, bufferSize = 1 << 20, socketBuffer: Int? = nil, only: String? = nil
-var arguments = CommandLine.arguments.dropFirst().makeIterator()
-while let flag = arguments.next() {
-    guard let value = arguments.next() else { fatalError("\(flag) needs a value") }
-    if flag == "--only" { only = value; continue } // runs the cases whose name contains the text
-    guard let number = Double(value) else { fatalError("\(flag) needs a number") }
-    switch flag {
-    case "--gib": gib = number
-    case "--runs": runs = Int(number)
-    case "--streams": streams = Int(number)
-    case "--buffer-kib": bufferSize = Int(number) * 1024
-    case "--socket-buffer-kib": socketBuffer = Int(number) * 1024
-    default: fatalError("unknown flag \(flag)")
+/// The command line; parsed once, before any thread starts.
+struct Settings {
+    var gib = 2.0, runs = 5, streams = 1, bufferSize = 1 << 20, socketBuffer: Int? = nil, only: String? = nil
+
+    init(_ arguments: ArraySlice<String>) {
+        var arguments = arguments.makeIterator()
+        while let flag = arguments.next() {
+            guard let value = arguments.next() else { fatalError("\(flag) needs a value") }
+            if flag == "--only" { only = value; continue } // runs the cases whose name contains the text
+            guard let number = Double(value) else { fatalError("\(flag) needs a number") }
+            switch flag {
+            case "--gib": gib = number
+            case "--runs": runs = Int(number)
+            case "--streams": streams = Int(number)
+            case "--buffer-kib": bufferSize = Int(number) * 1024
+            case "--socket-buffer-kib": socketBuffer = Int(number) * 1024
+            default: fatalError("unknown flag \(flag)")
+            }
+        }
     }
 }
+let settings = Settings(CommandLine.arguments.dropFirst())
+let (gib, runs, streams, bufferSize, socketBuffer, only) =
+    (settings.gib, settings.runs, settings.streams, settings.bufferSize, settings.socketBuffer, settings.only)
 let totalBytes = Int(gib * Double(1 << 30)) / bufferSize * bufferSize
 
 /// A CA and two leaf certificates, made with the openssl CLI as an operator would.

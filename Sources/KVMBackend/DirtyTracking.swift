@@ -86,7 +86,7 @@ private func setDirtyLogging(_ enabled: Bool, vm: KVMVirtualMachine, slots: [Mem
     for slot in slots { try vm.setMemorySlot(slot, flags: enabled ? .logDirtyPages : []) }
 }
 
-final class BitmapDirtyTracker: DirtyPageTracker, @unchecked Sendable {
+final class BitmapDirtyTracker: DirtyPageTracker, Sendable {
     let method = DirtyTrackingMethod.bitmap
     private let vm: KVMVirtualMachine
     private let slots: [MemorySlot]
@@ -138,7 +138,7 @@ final class BitmapDirtyTracker: DirtyPageTracker, @unchecked Sendable {
     }
 }
 
-final class RingDirtyTracker: DirtyPageTracker, @unchecked Sendable {
+final class RingDirtyTracker: DirtyPageTracker, Sendable {
     let method: DirtyTrackingMethod
     private let vm: KVMVirtualMachine
     private let slots: [MemorySlot]

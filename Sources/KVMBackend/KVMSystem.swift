@@ -46,7 +46,7 @@ public enum KVMCapability: UInt, CustomStringConvertible, CaseIterable, Sendable
 }
 
 /// `/dev/kvm`: the hypervisor as a whole. Creates VMs and answers questions about what the host supports.
-public final class KVMSystem: @unchecked Sendable {
+public final class KVMSystem: Sendable {
     public static let devicePath = "/dev/kvm"
     let handle: KVMHandle
 

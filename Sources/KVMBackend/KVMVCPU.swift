@@ -5,6 +5,9 @@ import LinuxSystem
 /// A virtual CPU: its `kvm_run` page, its run ioctl and the ioctls that read and write its state.
 /// Apart from `requestImmediateExit`, a vCPU is used by one thread at a time (its own, or a controller
 /// while it is paused).
+///
+/// Sendable: `vm` is unowned but outlives its vCPUs (the VM holds them); the run page is written by the vCPU's own
+/// thread, except `immediate_exit`, which KVM's API lets other threads set.
 public final class KVMVCPU: @unchecked Sendable {
     public let id: UInt32
     public unowned let vm: KVMVirtualMachine

@@ -4,7 +4,7 @@ import LinuxSystem
 import Synchronization
 
 /// A KVM virtual machine: memory slots, in-kernel interrupt controllers and timer, dirty logging, vCPUs.
-public final class KVMVirtualMachine: @unchecked Sendable {
+public final class KVMVirtualMachine: Sendable {
     public let system: KVMSystem
     let handle: KVMHandle
     let savedMSRIndexCache = Mutex<[UInt32]?>(nil)
@@ -136,6 +136,8 @@ public final class KVMVirtualMachine: @unchecked Sendable {
 }
 
 /// One KVM memory slot: a range of guest-physical addresses backed by host memory.
+///
+/// Sendable: plain values; `hostAddress` names guest RAM whose bytes are synchronized by their users.
 public struct MemorySlot: @unchecked Sendable, Equatable {
     public let id: UInt32
     public let guestPhysicalAddress: UInt64

@@ -2,6 +2,8 @@ import CKVM
 import Glibc
 
 /// A region mapped with mmap, unmapped when this object goes away.
+///
+/// Sendable: the address and size never change; the bytes behind them are synchronized by their users.
 public final class MemoryMapping: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
     public let size: Int

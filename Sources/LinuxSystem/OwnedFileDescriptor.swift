@@ -2,7 +2,7 @@ import CKVM
 import Glibc
 
 /// A file descriptor that this object owns and closes when it goes away.
-public final class OwnedFileDescriptor: @unchecked Sendable {
+public final class OwnedFileDescriptor: Sendable {
     public let rawValue: Int32
 
     public init(taking rawValue: Int32) {

@@ -11,6 +11,9 @@ import Synchronization
 ///
 /// Pages are supplied by `fill` and `fillZero`, from any thread, ahead of faults (prefetch) or in answer to them
 /// (`serve`'s resolver). `close()` ends it all. The resolver usually captures the region, keeping it alive until then.
+///
+/// Sendable: `base` and `length` describe the mapping and never change; handler state is in `state` (a Mutex) and
+/// `shared`.
 public final class UserFaultRegion: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
     public let length: Int
@@ -183,7 +186,7 @@ public final class UserFaultRegion: @unchecked Sendable {
 
     /// What the handler thread uses, retained by it, so that nothing it touches goes away before it returns
     /// even when close() could not wait for it.
-    private final class FaultHandler: @unchecked Sendable {
+    private final class FaultHandler: Sendable {
         let uffd: OwnedFileDescriptor, stop: OwnedFileDescriptor
         let base: UInt64
         let shared: HandlerShared

@@ -7,7 +7,7 @@ import LinuxSystem
 /// RAM starts at guest-physical 0. The 1 GiB below 4 GiB is left for devices (LAPIC, IOAPIC and their
 /// kind live there), so RAM beyond 3 GiB continues at 4 GiB in a second slot. A shared-memory memfd is
 /// sparse: a VM of tens of GiB costs nothing until the guest writes to it.
-public final class GuestMemory: @unchecked Sendable {
+public final class GuestMemory: Sendable {
     /// What holds guest RAM.
     public enum Backing: String, Sendable, Equatable, CaseIterable {
         /// 4 KiB shared-memory pages, allocated as the guest (or a migration) first writes them.

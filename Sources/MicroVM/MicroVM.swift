@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import KVMBackend
 import LinuxSystem
+import Synchronization
 
 /// How to build a MicroVM.
 public struct MicroVMConfiguration {
@@ -58,6 +59,9 @@ public enum MicroVMError: Error, CustomStringConvertible {
 
 /// The project's small VMM: guest RAM in a memfd, in-kernel interrupt controllers and timer, vCPUs on threads
 /// of their own, a serial console, a debug-exit port, dirty tracking, and complete state capture and restore.
+///
+/// Sendable: `serial` is a Mutex (any vCPU may use the port); `stopReason` and `started` are guarded by
+/// `stopState`; `onSync` is set before the vCPUs start.
 public final class MicroVM: @unchecked Sendable {
     public let system: KVMSystem
     public let vm: KVMVirtualMachine
@@ -69,7 +73,7 @@ public final class MicroVM: @unchecked Sendable {
     public var onSync: ((UInt32) -> Void)?
 
     private let controller: VCPUController
-    private var serial = SerialPort()
+    private let serial = Mutex(SerialPort())
     private let stopState = NSCondition()
     private var stopReason: MicroVMStop?
     private var started = false
@@ -205,7 +209,7 @@ public final class MicroVM: @unchecked Sendable {
 
     /// Captures the complete in-kernel state. The VM must be paused.
     public func captureState() throws -> MachineState {
-        guard controller.isPaused || stopped != nil || !started else { throw MicroVMError.notPaused("capturing state") }
+        guard controller.isPaused || stopped != nil || !stopState.withLock({ started }) else { throw MicroVMError.notPaused("capturing state") }
         return try MachineState.capture(vm: vm, vcpus: vcpus)
     }
 
@@ -278,9 +282,9 @@ public final class MicroVM: @unchecked Sendable {
             case Ports.serial:
                 let offset = io.port - Ports.serial.lowerBound
                 if isOut {
-                    if let byte = serial.write(offset: offset, value: UInt8(truncatingIfNeeded: value())) { console.transmit(byte) }
+                    if let byte = serial.withLock({ $0.write(offset: offset, value: UInt8(truncatingIfNeeded: value())) }) { console.transmit(byte) }
                 } else {
-                    item.storeBytes(of: serial.read(offset: offset), as: UInt8.self)
+                    item.storeBytes(of: serial.withLock { $0.read(offset: offset) }, as: UInt8.self)
                 }
             case Ports.debugExit where isOut:
                 finish(.guestExit(UInt8(truncatingIfNeeded: value())))

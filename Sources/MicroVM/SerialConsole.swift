@@ -3,6 +3,8 @@ import Glibc
 
 /// The guest's serial console (transmit side of an 8250 UART at 0x3f8). Each complete line goes to an output
 /// file descriptor (stdout, a log file, or nowhere) and is kept in memory so a controller can wait for it.
+///
+/// Sendable: `partial`, `lines` and `droppedLines` are guarded by `condition`.
 public final class SerialConsole: @unchecked Sendable {
     private let output: Int32?
     private let condition = NSCondition()

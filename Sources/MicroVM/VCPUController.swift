@@ -7,6 +7,8 @@ import KVMBackend
 /// stop. A vCPU deep inside KVM_RUN is taken back by setting `immediate_exit` in its run page and sending its
 /// thread a signal: the signal interrupts a running KVM_RUN, and `immediate_exit` catches the thread that was
 /// just about to enter it.
+///
+/// Sendable: every mutable field is guarded by `condition`.
 final class VCPUController: @unchecked Sendable {
     enum Phase { case running, paused, stopping }
 

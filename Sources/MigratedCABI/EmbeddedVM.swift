@@ -10,6 +10,9 @@ import Snapshots
 /// the VMM has prepared it for an incoming guest (a destination, which may later be a source in turn). In the
 /// KVM modes the handle works on duplicates of the VMM's VM and vCPU descriptors: it runs the dirty log and
 /// captures and restores the in-kernel machine state itself.
+///
+/// Sendable: `knownMemory`, `tracker`, `base` and `operation` are guarded by `lock`; `operation` lets one migration or
+/// snapshot use the handle at a time.
 final class EmbeddedVM: @unchecked Sendable {
     enum DirtyMode {
         case kvm(DirtyTrackingMethod)

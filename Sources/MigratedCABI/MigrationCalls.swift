@@ -106,6 +106,9 @@ func migrationOptions(_ options: migrated_migration_options, plan: ChannelPlan) 
 }
 
 /// A `migrated_migration`: one migration on a thread of its own, with its result once it has ended.
+///
+/// Sendable: `result`, `waited`, `cancelled` and `cancelAction` are guarded by `lock`; `done` orders the result's write
+/// before `wait` reads it.
 final class EmbeddedMigration: @unchecked Sendable {
     /// Incoming with an address: where it listens.
     let address: String?
@@ -248,6 +251,7 @@ final class EmbeddedMigration: @unchecked Sendable {
         }
     }
 }
+/// Sendable: `channels` is guarded by `lock`.
 
 /// The channels of an incoming migration once accepted, so that a cancel can close them from another thread.
 private final class ChannelSet: @unchecked Sendable {
@@ -256,6 +260,8 @@ private final class ChannelSet: @unchecked Sendable {
 
     func set(_ accepted: [MigrationChannel]) { lock.withLock { channels = accepted } }
     func closeAll() { for channel in lock.withLock({ channels }) { channel.close() } }
+/// Sendable: the VMM's progress function and opaque pointer, which migrated.h says may be called from the library's
+/// threads.
 }
 
 /// Calls the VMM's progress function with the engine's progress.

@@ -7,6 +7,9 @@ import MigrationWire
 /// A VMM's guest RAM, as its `migrated_region`s describe it, checked once so that the hot paths need not: regions
 /// are page aligned, sorted and disjoint in guest-physical and host addresses, and frames found in them are
 /// inside them.
+///
+/// Sendable: immutable after init; the host addresses in it point at the VMM's guest RAM, whose bytes the engine's
+/// callers order (GuestSource and GuestSink contracts).
 final class VMMMemory: @unchecked Sendable {
     struct Region {
         let slot: UInt32

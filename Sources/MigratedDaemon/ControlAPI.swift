@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import Logging
 import MigratedAPI
+import Synchronization
 
 /// The control API's routes, independent of the HTTP server: a request's method, path and body in, a status,
 /// content type and body out. protocol/control-api.md is its specification.
@@ -215,21 +216,12 @@ public final class ControlAPI: Sendable {
 }
 
 /// Answers counted by status code, for the metrics.
-private final class RequestCounter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var byStatus: [Int: Int] = [:]
+private final class RequestCounter: Sendable {
+    private let byStatus = Mutex<[Int: Int]>([:])
 
-    func count(_ status: Int) {
-        lock.lock()
-        byStatus[status, default: 0] += 1
-        lock.unlock()
-    }
+    func count(_ status: Int) { byStatus.withLock { $0[status, default: 0] += 1 } }
 
-    func counts() -> [(Int, Int)] {
-        lock.lock()
-        defer { lock.unlock() }
-        return byStatus.sorted { $0.key < $1.key }
-    }
+    func counts() -> [(Int, Int)] { byStatus.withLock { $0.sorted { $0.key < $1.key } } }
 }
 
 /// Writes the Prometheus text format: a # HELP and # TYPE line per family, then its samples.

@@ -7,6 +7,8 @@ import Transport
 /// The control socket's HTTP/1.1 server: one thread per connection, each reading requests under `ControlLimits`
 /// and handing them to the ControlAPI. Every request it cannot take is answered with the API's error document
 /// and the connection closed, so a client always learns why.
+///
+/// Sendable: `listener` and `stopped` are guarded by `lock`; the other properties are immutable or Sendable.
 final class ControlServer: @unchecked Sendable {
     private let socketPath: String
     private let limits: ControlLimits
@@ -167,6 +169,8 @@ final class ControlServer: @unchecked Sendable {
     }
 }
 
+/// The API's answer, from the task that made it to the connection's thread. Sendable because the task writes it
+/// before it signals the semaphore the thread waits for, and the thread reads it only after.
 private final class ResponseBox: @unchecked Sendable {
     var response: ControlAPI.Response?
 }
@@ -235,6 +239,9 @@ struct RequestReader {
 }
 
 /// The open connections, each with the time by which its current request (or answer) must be through. A timer
+///
+/// Sendable: `open` is guarded by `lock`; the channels in it are closed, from the timer, only through their own thread-
+/// safe `close`.
 /// closes the late ones, which wakes their threads: a client that sends half a request and waits, or a byte
 /// every few seconds, holds a thread for `idleTimeout` at most.
 final class ConnectionDeadlines: @unchecked Sendable {

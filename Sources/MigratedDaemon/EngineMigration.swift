@@ -6,6 +6,7 @@ import MigratedAPI
 import MigrationEngine
 import MigrationNetwork
 import MigrationWire
+import Synchronization
 import Transport
 
 // The migration engine behind the daemon's seam (MigrationSeam.swift): outgoing migrations through
@@ -19,6 +20,8 @@ enum DaemonComponent {
 }
 
 /// Outgoing live migrations, one per VM at a time, each on a thread of its own.
+///
+/// Sendable: `migrations` and the counters are guarded by `lock`.
 public final class EngineMigrationService: MigrationService, @unchecked Sendable {
     private let logger: Logger
     private let lock = NSLock()
@@ -29,18 +32,17 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     public init(logger: Logger) { self.logger = logger }
 
     /// One migration's sender and where it stands.
-    final class Migration: @unchecked Sendable {
+    final class Migration: Sendable {
         let sender: MigrationSender
-        private let lock = NSLock()
-        private var current: MigrationStatus
+        private let current: Mutex<MigrationStatus>
 
         init(sender: MigrationSender, status: MigrationStatus) {
             self.sender = sender
-            current = status
+            current = Mutex(status)
         }
 
-        var status: MigrationStatus { lock.withLock { current } }
-        func update(_ change: (inout MigrationStatus) -> Void) { lock.withLock { change(&current) } }
+        var status: MigrationStatus { current.withLock { $0 } }
+        func update(_ change: (inout MigrationStatus) -> Void) { current.withLock { change(&$0) } }
     }
 
     public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
@@ -265,6 +267,7 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     }
 }
 
+/// Sendable: `listener` is guarded by `lock`; `refusals` is Sendable.
 /// Incoming live migrations: a listener on the configured address; each migration is received on a thread of
 /// its own and the VM adopted by the daemon once it runs.
 public final class EngineIncomingListener: IncomingMigrationListener, @unchecked Sendable {

@@ -3,6 +3,8 @@ import Foundation
 /// Which refused incoming connections to log: the first from each source in a window, then a count. A host that
 /// floods the migration port with bad connections costs the log one line per window, not one line each, and the
 /// refusals of other hosts still show.
+///
+/// Sendable: `sources` is guarded by `lock`, and `now` is called only under it.
 final class RefusalLog: @unchecked Sendable {
     /// What to say about one refusal.
     enum Verdict: Equatable {

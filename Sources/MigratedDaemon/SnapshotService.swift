@@ -5,11 +5,14 @@ import MicroVM
 import MigratedAPI
 import MigrationEngine
 import Snapshots
+import Synchronization
 import Threads
 
 /// Snapshots of the daemon's VMs: saves run on a thread of their own, one per VM at a time; restores start a
 /// new VM. For each VM the service keeps what a diff needs (the last snapshot's base, with dirty tracking
 /// left on) until the VM goes away or a migration takes over its dirty log.
+///
+/// Sendable: `jobs`, `bases`, `lazyRestores` and the counters are guarded by `lock`.
 public final class SnapshotService: @unchecked Sendable {
     private let logger: Logger
     private let lock = NSLock()
@@ -21,12 +24,11 @@ public final class SnapshotService: @unchecked Sendable {
 
     public init(logger: Logger) { self.logger = logger }
 
-    final class Job: @unchecked Sendable {
-        private let lock = NSLock()
-        private var current: SnapshotStatus
-        init(_ status: SnapshotStatus) { current = status }
-        var status: SnapshotStatus { lock.withLock { current } }
-        func update(_ change: (inout SnapshotStatus) -> Void) { lock.withLock { change(&current) } }
+    final class Job: Sendable {
+        private let current: Mutex<SnapshotStatus>
+        init(_ status: SnapshotStatus) { current = Mutex(status) }
+        var status: SnapshotStatus { current.withLock { $0 } }
+        func update(_ change: (inout SnapshotStatus) -> Void) { current.withLock { change(&$0) } }
     }
 
     public func isSaving(vm id: String) -> Bool { lock.withLock { jobs[id]?.status.state == .running } }

@@ -7,6 +7,9 @@ import MigratedAPI
 
 /// One VM the daemon knows about. While it runs it holds its MicroVM; once it has stopped, the MicroVM (and with
 /// it the guest's RAM) is released and only its final account is kept, until the VM is deleted.
+///
+/// Sendable: the mutable fields (`consoleFD`, `final`, `paused`) are read and written only under the owning
+/// `VMManager`'s lock (hence fileprivate).
 public final class ManagedVM: @unchecked Sendable {
     public let id: String
     /// What it was started with; a migration sends this as the VM's static configuration.
@@ -52,6 +55,8 @@ public final class ManagedVM: @unchecked Sendable {
 }
 
 /// The daemon's VMs: starting, listing, stopping and deleting them, and the memory budget they share.
+///
+/// Sendable: `vms`, `order`, `reserved` and the counters, and every ManagedVM's mutable fields, are guarded by `lock`.
 /// Every method is safe to call from any thread; the ones that wait for KVM (boot, stop) block their caller,
 /// so async callers run them on a Dispatch queue (see ControlAPI).
 public final class VMManager: @unchecked Sendable {

@@ -91,6 +91,9 @@ struct PartialMigration {
 /// complete migration is handed to `ready`; a connection whose header does not come within `headerTimeout`, or
 /// a migration not complete within `gatherTimeout` of its first channel, is closed and reported to `refused`,
 /// as is a connection that fails to open.
+///
+/// Sendable: `pending`, `serials`, `opening` and `openingBySource` are guarded by `lock`; `ready` and `refused` are
+/// @Sendable.
 public final class ChannelGatherer: @unchecked Sendable {
     public typealias Ready = @Sendable (_ channels: [MigrationChannel], _ peer: String) -> Void
     public typealias Refused = @Sendable (_ peer: String, _ reason: MigrationError) -> Void
@@ -229,6 +232,7 @@ public final class ChannelGatherer: @unchecked Sendable {
         }
     }
 }
+/// Sendable: `decided` is guarded by `lock`.
 
 /// Whether a connection's header came before its deadline; whichever of the two comes first wins.
 private final class HeaderWait: @unchecked Sendable {

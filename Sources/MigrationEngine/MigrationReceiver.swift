@@ -9,6 +9,9 @@ import Threads
 /// Every byte from the peer passes the streaming decoder, which checks every length, count and page frame
 /// against the declared layout before anything is written; pages then go straight into guest memory. On any
 /// failure the sink is discarded: no half-built guest ever runs.
+///
+/// Sendable: `run` is called once, and `otherChannels` and `appliers` are set and read on its thread only; other
+/// threads use only the Sendable `sink` and `channels`.
 public final class MigrationReceiver: @unchecked Sendable {
     public let sink: GuestSink
     public let channels: [MigrationChannel]
@@ -194,6 +197,9 @@ public final class MigrationReceiver: @unchecked Sendable {
 }
 
 /// Writes one channel's page batches on a thread of its own, so that receiving and checking the next batches
+///
+/// Sendable: `failure` is guarded by `lock`; `queuedWrites` belongs to the channel's thread alone; work reaches the
+/// applier's thread through `queue`.
 /// (TLS, CRC, decoding) overlaps with decompressing and writing this one. At most a few batches wait between
 /// the two; their bytes stay in the decoder's buffers, which are not reused while a batch holds them.
 final class PageApplier: @unchecked Sendable {
@@ -432,6 +438,7 @@ final class PageExpander {
     }
 }
 
+/// Sendable: `written` is guarded by `lock`; `reply` serializes its own sends.
 /// Tells the sender, on the reply stream, when a pre-copy pass is wholly in guest memory: once every channel's
 /// writer thread has written all its batches up to that pass's boundary. The sender waits for this before it
 /// measures the dirty set, so that what the receiver still had queued is neither counted as sent nor left for the
@@ -456,6 +463,7 @@ final class PassAcknowledger: @unchecked Sendable {
             written[pass] = nil
             return true
         }
+        /// Sendable: `failure` is guarded by `lock`; `group` is thread-safe.
         if complete { try reply.send { encoder, out in encoder.encodePassApplied(pass: pass, into: &out) } }
     }
 }

@@ -16,6 +16,10 @@ import Threads
 ///
 /// Until `commit` is sent, any failure (channel, peer, guest, cancel) resumes the source as it was: the
 /// caller finds it running. After `commit` the destination may be running, so the source stays paused.
+///
+/// Sendable: `run` works on one thread; what others touch is atomic (`cancelled`, the progress counters, `watching`),
+/// locked (`gate`, `openedChannels` under `channelLock`) or set before `run` (`onProgress`, `corruptDigestForTesting`).
+/// `failure` and the report are read after `run` returns.
 public final class MigrationSender: @unchecked Sendable {
     public let source: GuestSource
     /// Opens channel `index`; channels are opened one at a time, each sending its stream header before the
@@ -456,6 +460,7 @@ public final class MigrationSender: @unchecked Sendable {
 
 /// Bytes as lowercase hexadecimal, as reports and logs show digests.
 public func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
+/// Sendable: `found` is guarded by `lock`.
 
 /// The receiver's abort, if `reasonFromPeer` finds one.
 private final class PeerAbort: @unchecked Sendable {
@@ -465,6 +470,7 @@ private final class PeerAbort: @unchecked Sendable {
 
     func set(_ error: MigrationError) { lock.withLock { found = error } }
     var value: MigrationError? { lock.withLock { found } }
+/// Sendable: `results` is guarded by `lock`.
 }
 
 /// What each channel's thread of a pass ended with.

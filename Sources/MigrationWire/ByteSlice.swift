@@ -3,6 +3,9 @@
 // into a storage that a yielded slice still references (it checks unique ownership first).
 
 /// A fixed-capacity heap buffer. Internal to the decoder; exposed read-only through `ByteSlice`.
+///
+/// Sendable: the decoder writes a storage only while it holds the only reference (it checks unique ownership first);
+/// once a slice of it is handed out, it is read only.
 public final class ByteStorage: @unchecked Sendable {
     @usableFromInline let base: UnsafeMutableRawPointer
     @usableFromInline let capacity: Int

@@ -3,7 +3,7 @@ import MigrationEngine
 
 /// A full snapshot and the diffs on top of it, opened and checked link by link: each diff's parent must have
 /// the id and the memory digest the diff records, and the same memory layout.
-public final class SnapshotChain: @unchecked Sendable {
+public final class SnapshotChain: Sendable {
     /// Base (full) first, the snapshot that was asked for last.
     public let files: [SnapshotFile]
     /// For each frame index, the position in `files` of the newest file that stores the page as data, or

@@ -8,7 +8,7 @@ import PageCodec
 /// An open snapshot file whose header and metadata parts have been read and checked: magic, version,
 /// header checksum, part bounds against the file's size, and the CRC32C of every part but MEMORY. Memory
 /// pages are checked as they are read (`PageReader`), or all at once by `SnapshotVerifier`.
-public final class SnapshotFile: @unchecked Sendable {
+public final class SnapshotFile: Sendable {
     public let path: String
     public let header: SnapshotHeader
     public let layout: GuestMemoryLayout

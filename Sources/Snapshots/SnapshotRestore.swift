@@ -114,6 +114,9 @@ public enum SnapshotRestore {
 /// The sink must keep each memory region contiguous in host memory (MicroVM does). Every page is checked
 /// against its CRC32C before the guest sees it; a bad page cannot be served, so `onFailure` is called (the
 /// caller stops the guest) and the registration is dropped so that no thread waits forever.
+///
+/// Sendable: `regions` and `readyAt` are set by `start` before the fault handler threads begin; the handler's reader
+/// and page belong to the one handler thread; `residentAt` and `failure` are Mutexes.
 public final class LazyRestore: @unchecked Sendable {
     public let chain: SnapshotChain
     private let sink: GuestSink
@@ -235,6 +238,7 @@ public final class LazyRestore: @unchecked Sendable {
     }
 }
 
+/// Sendable: `done`, `digest` and `error` are guarded by `lock`.
 
 /// What the threads of an eager restore share: pages done, the digest so far, and the first error.
 private final class RestoreProgress: @unchecked Sendable {

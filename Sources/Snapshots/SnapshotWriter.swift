@@ -7,6 +7,9 @@ import Synchronization
 
 /// What a diff snapshot is taken on top of: its parent's identity, and the hash of every page as the parent
 /// left it, so that the diff's memory digest follows from the pages it stores without reading the rest.
+///
+/// Sendable: `unsaved` is a Mutex, and `pageHashes` is updated only by the one save that owns the base at a time
+/// (SnapshotService runs one per VM).
 public final class SnapshotBase: @unchecked Sendable {
     public let id: SnapshotID
     public let memoryDigest: [UInt8]

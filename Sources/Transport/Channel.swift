@@ -29,7 +29,7 @@ public protocol Channel: AnyObject, Sendable {
 }
 
 /// A channel over a plain TCP or Unix socket.
-final class SocketChannel: Channel, @unchecked Sendable {
+final class SocketChannel: Channel, Sendable {
     let socket: OwnedFileDescriptor
     let peerAddress: String
     var peerName: String? { nil }

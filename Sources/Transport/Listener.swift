@@ -66,7 +66,7 @@ public func host(ofPeerAddress address: String) -> String {
 }
 
 /// A listening socket that hands out channels, one per accepted connection.
-public final class Listener: @unchecked Sendable {
+public final class Listener: Sendable {
     private let socket: OwnedFileDescriptor
     private let family: Int32
     private let security: Security
@@ -147,7 +147,7 @@ public final class Listener: @unchecked Sendable {
 }
 
 /// A connection a listener accepted, before its handshake.
-public final class AcceptedConnection: @unchecked Sendable {
+public final class AcceptedConnection: Sendable {
     private let socket: OwnedFileDescriptor
     private let listener: Listener
 

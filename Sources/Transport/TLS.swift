@@ -28,6 +28,9 @@ public struct TLSConfiguration: Sendable {
 let tlsRecordSize = 16384
 
 /// An SSL_CTX for one role, built once per listener or per connect from a `TLSConfiguration`.
+///
+/// Sendable: the SSL_CTX is configured in init and then only used to make SSL objects, which OpenSSL allows from any
+/// thread.
 final class TLSContext: @unchecked Sendable {
     let context: OpaquePointer
     let allowedPeerNames: [String]

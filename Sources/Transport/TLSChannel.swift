@@ -8,6 +8,12 @@ import LinuxSystem
 /// connect returns. TLS 1.3 lets a client finish its handshake before the server has judged the client's
 /// certificate; without this byte a refused client would learn of it only at its first receive, after it
 /// had started sending.
+///
+/// Sendable: at most one thread sends and one receives at a time (the engine's discipline; `staging` is the
+/// sender's), and `close` only shuts the socket down, which wakes both. `peerName` is set during the handshake,
+/// before the channel is shared. A channel that carries a reply stream is read and written at once, which
+/// OpenSSL does not promise for one SSL object; it works because TLS 1.3 reads and writes keep separate record
+/// state and the peers send no post-handshake messages (no key update, no tickets), but it is not proven.
 final class TLSChannel: Channel, @unchecked Sendable {
     static let accepted: UInt8 = 0x01
 

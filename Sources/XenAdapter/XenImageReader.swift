@@ -160,6 +160,8 @@ public final class XenImage {
 }
 
 /// Faults a file mapping in, front to back, 16 MiB at a time, on its own thread; stops early when asked.
+///
+/// Sendable: `stopped` is guarded by `lock`; the mapping it faults in is only read.
 private final class Prefetcher: @unchecked Sendable {
     private let base: UnsafeMutableRawPointer
     private let size: Int

@@ -34,6 +34,8 @@ let package = Package(
         // The daemon's control API: HTTP/1.1 over a Unix socket, server and client, with no further dependencies.
         .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        // The daemon's lifecycle: signals become a graceful shutdown of its services.
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         // `swift package generate-documentation` (scripts/docs): API documentation of the library modules.
         .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
     ],
@@ -45,9 +47,9 @@ let package = Package(
         // Thin C wrappers for <linux/kvm.h> ioctls, whose request numbers are macros Swift cannot import.
         .target(name: "CKVM"),
 
-        .target(name: "LinuxSystem", dependencies: ["CKVM"]),
-        .target(name: "KVMBackend", dependencies: ["CKVM", "LinuxSystem"]),
-        .target(name: "MicroVM", dependencies: ["KVMBackend", "LinuxSystem"]),
+        .target(name: "LinuxSystem", dependencies: ["CKVM", "Threads"]),
+        .target(name: "KVMBackend", dependencies: ["CKVM", "LinuxSystem", "Threads"]),
+        .target(name: "MicroVM", dependencies: ["KVMBackend", "LinuxSystem", "Threads"]),
         .executableTarget(name: "MicroVMCLI", dependencies: [
             "MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -63,7 +65,7 @@ let package = Package(
 
         .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec", "Threads"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
-        .target(name: "Snapshots", dependencies: ["MigrationEngine", "MigrationWire", "PageCodec", "LinuxSystem"]),
+        .target(name: "Snapshots", dependencies: ["MigrationEngine", "MigrationWire", "PageCodec", "LinuxSystem", "Threads"]),
         .executableTarget(name: "vmsnap", dependencies: [
             "Snapshots", "KVMMigration", "MicroVM", "MigratedAPI", "XenAdapter", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -97,6 +99,7 @@ let package = Package(
         .executableTarget(name: "migrated", dependencies: [
             "MigratedDaemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),
         .executableTarget(name: "migratectl", dependencies: [
             "MigratedAPI", .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -1,7 +1,7 @@
 import CKVM
 import Glibc
 import LinuxSystem
-import Synchronization
+import Threads
 
 /// How KVM reports the pages a guest writes. The choice is made when the VM is created, because the ring has
 /// to be enabled before any vCPU exists, and the two cannot be mixed.
@@ -65,9 +65,9 @@ public func makeDirtyPageTracker(method: DirtyTrackingMethod, vm: KVMVirtualMach
 
 /// Pages the VMM wrote on its own, waiting for the next harvest.
 final class HostWrites: Sendable {
-    private let pending: Mutex<GuestPageBitmap>
+    private let pending: Locked<GuestPageBitmap>
 
-    init(slots: [MemorySlot]) { pending = Mutex(GuestPageBitmap(slots: slots)) }
+    init(slots: [MemorySlot]) { pending = Locked(GuestPageBitmap(slots: slots)) }
 
     func mark(_ address: UInt64, _ length: Int) {
         pending.withLock { $0.insert(guestPhysicalAddress: address, length: length) }
@@ -160,7 +160,7 @@ final class RingDirtyTracker: DirtyPageTracker, Sendable {
         var rings: [Ring]
         var collected: GuestPageBitmap
     }
-    private let state: Mutex<Rings>
+    private let state: Locked<Rings>
 
     init(vm: KVMVirtualMachine, slots: [MemorySlot], vcpus: [KVMVCPU], bytesPerVCPU: Int) throws {
         self.method = .ring(bytesPerVCPU: bytesPerVCPU)
@@ -172,7 +172,7 @@ final class RingDirtyTracker: DirtyPageTracker, Sendable {
             Ring(vcpuID: vcpu.id, mapping: try vcpu.mapDirtyRing(byteCount: bytesPerVCPU),
                  entryCount: UInt32(bytesPerVCPU / MemoryLayout<kvm_dirty_gfn>.stride))
         }
-        state = Mutex(Rings(rings: rings, collected: GuestPageBitmap(slots: slots)))
+        state = Locked(Rings(rings: rings, collected: GuestPageBitmap(slots: slots)))
     }
 
     func start() throws { try setDirtyLogging(true, vm: vm, slots: slots) }

@@ -1,13 +1,13 @@
 import CKVM
 import Glibc
 import LinuxSystem
-import Synchronization
+import Threads
 
 /// A KVM virtual machine: memory slots, in-kernel interrupt controllers and timer, dirty logging, vCPUs.
 public final class KVMVirtualMachine: Sendable {
     public let system: KVMSystem
     let handle: KVMHandle
-    let savedMSRIndexCache = Mutex<[UInt32]?>(nil)
+    let savedMSRIndexCache = Locked<[UInt32]?>(nil)
 
     init(system: KVMSystem, fd: OwnedFileDescriptor) {
         self.system = system

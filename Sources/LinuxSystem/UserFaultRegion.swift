@@ -1,6 +1,7 @@
 import CKVM
 import Glibc
 import Synchronization
+import Threads
 
 /// A range of memory whose missing pages are supplied on demand through userfaultfd: lazy restore of guest memory,
 /// where the guest runs before its memory is back, and each page it touches first is fetched while it waits.
@@ -12,7 +13,7 @@ import Synchronization
 /// Pages are supplied by `fill` and `fillZero`, from any thread, ahead of faults (prefetch) or in answer to them
 /// (`serve`'s resolver). `close()` ends it all. The resolver usually captures the region, keeping it alive until then.
 ///
-/// Sendable: `base` and `length` describe the mapping and never change; handler state is in `state` (a Mutex) and
+/// Sendable: `base` and `length` describe the mapping and never change; handler state is in `state` (Locked) and
 /// `shared`.
 public final class UserFaultRegion: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
@@ -25,7 +26,7 @@ public final class UserFaultRegion: @unchecked Sendable {
     /// An eventfd that `close()` writes to wake the handler thread out of poll().
     private let stop: OwnedFileDescriptor
     private let shared = HandlerShared()
-    private let state = Mutex(HandlerState())
+    private let state = Locked(HandlerState())
 
     private struct HandlerState {
         var thread: pthread_t?

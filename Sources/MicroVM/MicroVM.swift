@@ -3,7 +3,7 @@ import Foundation
 import Glibc
 import KVMBackend
 import LinuxSystem
-import Synchronization
+import Threads
 
 /// How to build a MicroVM.
 public struct MicroVMConfiguration {
@@ -60,7 +60,7 @@ public enum MicroVMError: Error, CustomStringConvertible {
 /// The project's small VMM: guest RAM in a memfd, in-kernel interrupt controllers and timer, vCPUs on threads
 /// of their own, a serial console, a debug-exit port, dirty tracking, and complete state capture and restore.
 ///
-/// Sendable: `serial` is a Mutex (any vCPU may use the port); `stopReason` and `started` are guarded by
+/// Sendable: `serial` is Locked (any vCPU may use the port); `stopReason` and `started` are guarded by
 /// `stopState`; `onSync` is set before the vCPUs start.
 public final class MicroVM: @unchecked Sendable {
     public let system: KVMSystem
@@ -73,7 +73,7 @@ public final class MicroVM: @unchecked Sendable {
     public var onSync: ((UInt32) -> Void)?
 
     private let controller: VCPUController
-    private let serial = Mutex(SerialPort())
+    private let serial = Locked(SerialPort())
     private let stopState = NSCondition()
     private var stopReason: MicroVMStop?
     private var started = false

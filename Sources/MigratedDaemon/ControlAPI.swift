@@ -2,7 +2,7 @@ import Dispatch
 import Foundation
 import Logging
 import MigratedAPI
-import Synchronization
+import Threads
 
 /// The control API's routes, independent of the HTTP server: a request's method, path and body in, a status,
 /// content type and body out. protocol/control-api.md is its specification.
@@ -217,7 +217,7 @@ public final class ControlAPI: Sendable {
 
 /// Answers counted by status code, for the metrics.
 private final class RequestCounter: Sendable {
-    private let byStatus = Mutex<[Int: Int]>([:])
+    private let byStatus = Locked<[Int: Int]>([:])
 
     func count(_ status: Int) { byStatus.withLock { $0[status, default: 0] += 1 } }
 

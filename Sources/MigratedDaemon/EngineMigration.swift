@@ -6,7 +6,7 @@ import MigratedAPI
 import MigrationEngine
 import MigrationNetwork
 import MigrationWire
-import Synchronization
+import Threads
 import Transport
 
 // The migration engine behind the daemon's seam (MigrationSeam.swift): outgoing migrations through
@@ -34,11 +34,11 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     /// One migration's sender and where it stands.
     final class Migration: Sendable {
         let sender: MigrationSender
-        private let current: Mutex<MigrationStatus>
+        private let current: Locked<MigrationStatus>
 
         init(sender: MigrationSender, status: MigrationStatus) {
             self.sender = sender
-            current = Mutex(status)
+            current = Locked(status)
         }
 
         var status: MigrationStatus { current.withLock { $0 } }

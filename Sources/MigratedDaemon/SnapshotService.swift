@@ -5,7 +5,6 @@ import MicroVM
 import MigratedAPI
 import MigrationEngine
 import Snapshots
-import Synchronization
 import Threads
 
 /// Snapshots of the daemon's VMs: saves run on a thread of their own, one per VM at a time; restores start a
@@ -25,8 +24,8 @@ public final class SnapshotService: @unchecked Sendable {
     public init(logger: Logger) { self.logger = logger }
 
     final class Job: Sendable {
-        private let current: Mutex<SnapshotStatus>
-        init(_ status: SnapshotStatus) { current = Mutex(status) }
+        private let current: Locked<SnapshotStatus>
+        init(_ status: SnapshotStatus) { current = Locked(status) }
         var status: SnapshotStatus { current.withLock { $0 } }
         func update(_ change: (inout SnapshotStatus) -> Void) { current.withLock { change(&$0) } }
     }

@@ -98,7 +98,7 @@ public final class MigrationSender: @unchecked Sendable {
         var committed = false
         var closedByWatchdog = false
     }
-    private let gate = Mutex(Gate())
+    private let gate = Locked(Gate())
 
     /// Whether the watchdog of the running migration should go on watching.
     private let watching = Atomic<Bool>(false)

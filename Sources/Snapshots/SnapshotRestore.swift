@@ -3,7 +3,7 @@ import LinuxSystem
 import MigrationEngine
 import MigrationWire
 import PageCodec
-import Synchronization
+import Threads
 
 /// What a restore measured.
 public struct RestoreReport: Sendable, Codable, Equatable {
@@ -116,7 +116,7 @@ public enum SnapshotRestore {
 /// caller stops the guest) and the registration is dropped so that no thread waits forever.
 ///
 /// Sendable: `regions` and `readyAt` are set by `start` before the fault handler threads begin; the handler's reader
-/// and page belong to the one handler thread; `residentAt` and `failure` are Mutexes.
+/// and page belong to the one handler thread; `residentAt` and `failure` are Locked.
 public final class LazyRestore: @unchecked Sendable {
     public let chain: SnapshotChain
     private let sink: GuestSink
@@ -124,8 +124,8 @@ public final class LazyRestore: @unchecked Sendable {
     private let started = monotonicSeconds()
     private var readyAt: Double?
     private let resident = DispatchSemaphore(value: 0)
-    private let residentAt = Mutex<Double?>(nil)
-    private let failure = Mutex<SnapshotError?>(nil)
+    private let residentAt = Locked<Double?>(nil)
+    private let failure = Locked<SnapshotError?>(nil)
     /// Called once, from the handler or prefetch thread, when a page cannot be served.
     public var onFailure: (@Sendable (SnapshotError) -> Void)?
 

@@ -4,11 +4,12 @@ import LinuxSystem
 import MigrationWire
 import PageCodec
 import Synchronization
+import Threads
 
 /// What a diff snapshot is taken on top of: its parent's identity, and the hash of every page as the parent
 /// left it, so that the diff's memory digest follows from the pages it stores without reading the rest.
 ///
-/// Sendable: `unsaved` is a Mutex, and `pageHashes` is updated only by the one save that owns the base at a time
+/// Sendable: `unsaved` is Locked, and `pageHashes` is updated only by the one save that owns the base at a time
 /// (SnapshotService runs one per VM).
 public final class SnapshotBase: @unchecked Sendable {
     public let id: SnapshotID
@@ -18,7 +19,7 @@ public final class SnapshotBase: @unchecked Sendable {
     public let layout: GuestMemoryLayout
     let pageHashes: DigestTracker
     /// Frames a failed diff save took from the dirty log; the next diff saves them too.
-    let unsaved = Mutex<Set<UInt64>>([])
+    let unsaved = Locked<Set<UInt64>>([])
 
     init(id: SnapshotID, memoryDigest: [UInt8], path: String, layout: GuestMemoryLayout, pageHashes: DigestTracker) {
         self.id = id

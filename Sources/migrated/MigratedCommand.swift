@@ -1,9 +1,9 @@
 import ArgumentParser
-import Dispatch
 import Foundation
 import Glibc
 import Logging
 import MigratedDaemon
+import ServiceLifecycle
 
 /// `migrated`: the per-host daemon. Settings come from --config (JSON) and flags; a flag wins over the file.
 @main
@@ -70,22 +70,13 @@ struct MigratedCommand: AsyncParsableCommand {
         let logger = Logger(label: "migrated")
         let daemon = Daemon(configuration: settings, logger: logger)
 
-        // SIGINT and SIGTERM end the server; then the shutdown below stops the VMs and removes the socket.
-        let server = Task { try await daemon.run() }
-        let signals = [SIGINT, SIGTERM].map { number in
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .main)
-            source.setEventHandler {
-                logger.notice("signal \(number): shutting down")
-                server.cancel()
-            }
-            source.resume()
-            return source
-        }
-        defer { signals.forEach { $0.cancel() } }
+        // SIGINT and SIGTERM shut the service group down gracefully: the control server ends, then the shutdown
+        // below stops the VMs and removes the socket.
+        let group = ServiceGroup(configuration: ServiceGroupConfiguration(
+            services: [.init(service: DaemonService(daemon: daemon), serviceName: "migrated")],
+            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         var failure: (any Error)?
-        // A cancelled server ends with whatever its sockets said (CancellationError, disconnected): not a failure.
-        do { try await server.value } catch where !server.isCancelled { failure = error } catch {}
+        do { try await group.run() } catch { failure = error }
         await daemon.shutdown()
         if let failure {
             logger.critical("\(failure)")
@@ -99,4 +90,17 @@ func parseMiB(_ text: String) throws -> UInt64 {
     let upper = text.uppercased()
     if let unit = upper.last.flatMap({ units[$0] }), let value = UInt64(upper.dropLast()), value > 0 { return value * unit }
     throw ValidationError("not a memory size: \(text) (use e.g. 512M or 16G)")
+}
+
+/// The daemon as a service of swift-service-lifecycle, which turns the signals into a graceful shutdown.
+struct DaemonService: Service {
+    let daemon: Daemon
+
+    func run() async throws {
+        do {
+            try await cancelWhenGracefulShutdown { try await daemon.run() }
+        } catch where Task.isShuttingDownGracefully {
+            // A server stopped by a signal ends with whatever its sockets said (cancelled, disconnected): not a failure.
+        }
+    }
 }

@@ -41,7 +41,7 @@ extension TwoDaemonMigrationKVMTests {
             var buffer = [UInt8](repeating: 0, count: 64)
             let answer = try? buffer.withUnsafeMutableBytes { try garbage.receive(into: $0) }
             XCTAssertTrue(answer == nil || answer == 0, "the daemon closes a channel that sends no stream header")
-            XCTAssertLessThan(Date().timeIntervalSince(started), 2, "garbage: refused quickly")
+            XCTAssertLessThan(Date().timeIntervalSince(started), 2 * sanitizerSlowdown, "garbage: refused quickly")
             garbage.close()
 
             // Meanwhile, with the admitted part of the flood still holding its slots, a real migration lands.
@@ -49,7 +49,7 @@ extension TwoDaemonMigrationKVMTests {
             XCTAssertEqual(output.status, 0, output.text)
             let report = try await a.client.migration("mover").report
             XCTAssertEqual(report?.succeeded, true, report?.error ?? "")
-            XCTAssertLessThan(report?.totalSeconds ?? 99, 5, "the migration is not held up by the flood")
+            XCTAssertLessThan(report?.totalSeconds ?? 99, 5 * sanitizerSlowdown, "the migration is not held up by the flood")
             let arrived = try await b.memstressStatus(after: before.ticks, of: "mover")
             XCTAssertNotNil(arrived, "the guest carries on at B")
             for fd in flood { close(fd) }

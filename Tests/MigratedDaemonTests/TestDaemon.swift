@@ -73,7 +73,7 @@ func withDaemon(memoryBudgetMiB: UInt64 = 1024, tls: TLSFiles? = nil, migrations
 extension TestDaemon {
     /// Polls until VM `id` has printed a memstress status line after `ticks`, which must verify; returns it.
     func memstressStatus(after ticks: UInt64, of id: String, timeout: TimeInterval = 20) async throws -> MemstressStatus? {
-        let deadline = Date(timeIntervalSinceNow: timeout)
+        let deadline = Date(timeIntervalSinceNow: timeout * sanitizerSlowdown)
         while Date() < deadline {
             if let line = try? await client.vm(id).lastConsoleLine, let status = MemstressStatus(line), status.ticks > ticks {
                 XCTAssertTrue(status.verified, line)

@@ -216,7 +216,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     }
 
     func finalStatus(of id: String, on daemon: TestDaemon) async throws -> MigrationStatus {
-        let deadline = Date(timeIntervalSinceNow: 60)
+        let deadline = Date(timeIntervalSinceNow: 60 * sanitizerSlowdown)
         var status = try await daemon.client.migration(id)
         while !status.phase.isFinal, Date() < deadline {
             try await Task.sleep(nanoseconds: 100_000_000)

@@ -6,12 +6,15 @@ import XCTest
 /// Concurrent incoming migrations over real Unix sockets, without KVM: connections are grouped by peer and
 /// migration ID, and neither a silent connection nor a half-open migration holds the others up.
 final class ChannelGathererTests: XCTestCase {
-    /// What the gatherer reported, in order.
+    /// What the gatherer reported, in order. Sendable: the reports are guarded by `lock`, since the gatherer's
+    /// threads may add one while a test reads them.
     final class Events: @unchecked Sendable {
         private let lock = NSLock()
         private let arrived = DispatchSemaphore(value: 0)
-        private(set) var ready: [(peer: String, headers: [StreamHeader])] = []
-        private(set) var refused: [(peer: String, reason: String)] = []
+        private var readyReports: [(peer: String, headers: [StreamHeader])] = []
+        private var refusedReports: [(peer: String, reason: String)] = []
+        var ready: [(peer: String, headers: [StreamHeader])] { lock.withLock { readyReports } }
+        var refused: [(peer: String, reason: String)] { lock.withLock { refusedReports } }
 
         func gatherer(maximumOpening: Int = 256, maximumOpeningPerSource: Int = 32, headerTimeout: Double = 10,
                       gatherTimeout: Double = 30) -> ChannelGatherer {
@@ -26,10 +29,10 @@ final class ChannelGathererTests: XCTestCase {
                     guard case .header(let header)? = try? decoder.next() else { return StreamHeader(channel: 9999) }
                     return header
                 }
-                lock.withLock { ready.append((peer, headers)) }
+                lock.withLock { readyReports.append((peer, headers)) }
                 arrived.signal()
             }, refused: { [self] peer, reason in
-                lock.withLock { refused.append((peer, "\(reason)")) }
+                lock.withLock { refusedReports.append((peer, "\(reason)")) }
                 arrived.signal()
             })
         }

@@ -121,6 +121,9 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
     public var succeeded: Bool
     /// Why it failed or was cancelled.
     public var error: String?
+    /// The switchover was committed: the destination was told to start the guest. With `succeeded` false, the
+    /// outcome is in doubt and the source stays paused (`VMInfo.inDoubt`).
+    public var committed: Bool
     public var totalSeconds: Double
     public var setupSeconds: Double
     /// From the source's pause to the destination's start; nil when the switchover was not reached.
@@ -159,10 +162,11 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         }
     }
 
-    public init(succeeded: Bool, error: String?, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
+    public init(succeeded: Bool, error: String?, committed: Bool, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
                 wireBytes: UInt64, pagesSent: UInt64, compression: MigrationCompression, channels: Int, passes: [Pass]) {
         self.succeeded = succeeded
         self.error = error
+        self.committed = committed
         self.totalSeconds = totalSeconds
         self.setupSeconds = setupSeconds
         self.downtimeMs = downtimeMs

@@ -79,7 +79,9 @@ public final class ControlAPI: Sendable {
             if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved") }
             if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
             let pause = parts[2] == "pause"
-            return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.setPaused(id, pause) }))
+            // A resume may say {"force": true}, for a VM a migration left in doubt (§3.7); a pause takes no body.
+            let force = !pause && !body.isEmpty ? try decode(ResumeRequest.self, body).force : false
+            return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.setPaused(id, pause, force: force) }))
         case (_, 3) where parts[0] == "vms" && parts[2] == "snapshot":
             try allow(method, ["GET", "POST"])
             if method == "GET" {
@@ -127,9 +129,11 @@ public final class ControlAPI: Sendable {
         }
         let vm = try vms.vm(id)
         let manager = vms
-        let outgoing = OutgoingVM(id: id, machine: machine, configuration: vm.request, tls: tls) { peer in
+        let outgoing = OutgoingVM(id: id, machine: machine, configuration: vm.request, tls: tls, handOff: { peer in
             _ = try? manager.stop(id, reason: .migrated, because: "migrated to \(peer)")
-        }
+        }, leaveInDoubt: { inDoubt in
+            manager.markInDoubt(id, inDoubt)
+        })
         return try await migrations.startMigration(of: outgoing, request: request)
     }
 

@@ -86,6 +86,10 @@ public struct ControlClient: Sendable {
         try await call(.GET, "/vms/\(Self.escape(id))/migration")
     }
 
+    public func incomingMigrations() async throws -> [IncomingMigrationRecord] {
+        try await call(.GET, "/migrations/incoming", as: IncomingMigrationList.self).migrations
+    }
+
     public func cancelMigration(_ id: String) async throws -> MigrationStatus {
         try await call(.POST, "/vms/\(Self.escape(id))/migration/cancel")
     }

@@ -180,3 +180,41 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
 
 // Requests and the daemon's configuration name peers with `PeerAddress`.
 @_exported import NetworkAddress
+
+/// How a migration into this daemon ended.
+public enum IncomingOutcome: String, Codable, Sendable, CaseIterable {
+    /// The guest passed the digest check, started and runs here.
+    case received
+    /// Nothing was started: whatever had arrived was discarded and its memory reservation given back.
+    case failed
+}
+
+/// One migration into this daemon, once it has ended: an element of `GET /migrations/incoming`.
+public struct IncomingMigrationRecord: Codable, Sendable, Equatable {
+    /// The sending host, as its connection came from.
+    public var peer: String
+    /// The VM's id here once received; for a failure, its id at the source when its configuration had arrived.
+    public var vm: String?
+    public var outcome: IncomingOutcome
+    /// Why it failed; for a received guest, what broke after it started (the source may then show it in doubt).
+    public var error: String?
+    /// Guest memory the migration had reserved here, and gave back when it failed; 0 when it failed before that.
+    public var memoryBytes: UInt64
+    /// ISO 8601, UTC.
+    public var finishedAt: String
+
+    public init(peer: String, vm: String?, outcome: IncomingOutcome, error: String?, memoryBytes: UInt64, finishedAt: String) {
+        self.peer = peer
+        self.vm = vm
+        self.outcome = outcome
+        self.error = error
+        self.memoryBytes = memoryBytes
+        self.finishedAt = finishedAt
+    }
+}
+
+/// `GET /migrations/incoming`: the latest incoming migrations that ended, oldest first.
+public struct IncomingMigrationList: Codable, Sendable, Equatable {
+    public var migrations: [IncomingMigrationRecord]
+    public init(migrations: [IncomingMigrationRecord]) { self.migrations = migrations }
+}

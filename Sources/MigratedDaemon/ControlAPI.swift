@@ -54,6 +54,9 @@ public final class ControlAPI: Sendable {
         case (_, 1) where parts[0] == "metrics":
             try allow(method, ["GET"])
             return Response(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8", body: Data(await metrics().utf8))
+        case (_, 2) where parts[0] == "migrations" && parts[1] == "incoming":
+            try allow(method, ["GET"])
+            return try json(200, IncomingMigrationList(migrations: vms.arrivals.recent))
         case (_, 1) where parts[0] == "vms":
             try allow(method, ["GET", "POST"])
             if method == "GET" { return try json(200, VMList(vms: vms.list().map(vms.info))) }
@@ -209,6 +212,8 @@ public final class ControlAPI: Sendable {
         out.metric("migrated_vm_start_failures_total", "counter", "VM starts refused or failed after validation.", Double(snapshot.startFailuresTotal))
         out.family("migrated_http_requests_total", "counter", "Control API requests answered, by status code.")
         for (status, count) in requestCounts.counts() { out.sample("migrated_http_requests_total", ["code": String(status)], Double(count)) }
+        out.family("migrated_incoming_migrations_total", "counter", "Migrations into this daemon that ended, by outcome.")
+        for (outcome, count) in vms.arrivals.counts { out.sample("migrated_incoming_migrations_total", ["outcome": outcome.rawValue], Double(count)) }
         let snapshotCounts = snapshots.counters()
         out.metric("migrated_snapshots_saved_total", "counter", "Snapshots saved.", Double(snapshotCounts.saved))
         out.metric("migrated_snapshot_failures_total", "counter", "Snapshot saves that failed (the VM ran on).", Double(snapshotCounts.failed))

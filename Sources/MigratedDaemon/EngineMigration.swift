@@ -220,6 +220,8 @@ final class ConfiguredGuestSink: GuestSink {
     let base: MicroVMGuestSink
     private let desk: (any ArrivalDesk)?
     private var reservedBytes: UInt64 = 0
+    /// The most memory this arrival ever reserved, for its record.
+    private(set) var reservedAtMost: UInt64 = 0
     private(set) var configuration: VMCreateRequest?
     /// A test hook that ends the daemon at its point of the switchover, with the logger that says so.
     private let fault: (FaultInjection, Logger)?
@@ -234,6 +236,7 @@ final class ConfiguredGuestSink: GuestSink {
         if let desk {
             try desk.reserveArrival(memory: layout.totalBytes)
             reservedBytes = layout.totalBytes
+            reservedAtMost = layout.totalBytes
         }
         do { try base.prepare(layout: layout) } catch {
             cancelReservation()
@@ -356,6 +359,10 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
         let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking), desk: desk,
                                        fault: fault.map { ($0, logger) })
+        func record(_ outcome: IncomingOutcome, vm: String?, error: String?) {
+            desk.recordArrival(IncomingMigrationRecord(peer: peer, vm: vm, outcome: outcome, error: error, memoryBytes: sink.reservedAtMost,
+                                                       finishedAt: ISO8601DateFormatter().string(from: Date())))
+        }
         do {
             let report = try MigrationReceiver(sink: sink, channels: channels).run()
             do {
@@ -367,13 +374,18 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
                     logger.warning("the source may not know that the VM runs here: the stream broke after the start",
                                    metadata: ["vm": "\(id)", "peer": "\(peer)", "error": "\(afterStart)"])
                 }
+                record(.received, vm: id, error: report.afterStart)
             } catch {
                 // The guest runs and its source is gone: stopping it would lose it, so keep it and say so loudly.
                 logger.error("received VM runs but could not be registered", metadata: ["peer": "\(peer)", "error": "\(error)"])
+                record(.received, vm: nil, error: "runs but could not be registered: \(error)")
             }
         } catch {
+            // The receiver discarded the guest (its memory is unmapped); the budget gets its reservation back.
             sink.cancelReservation()
-            logger.warning("incoming migration failed; nothing was started here", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            logger.warning("incoming migration failed; nothing was started here, its memory is freed",
+                           metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "error": "\(error)"])
+            record(.failed, vm: sink.configuration?.id, error: "\(error)")
         }
     }
 }

@@ -77,6 +77,8 @@ public protocol ArrivalDesk: Sendable {
     func cancelArrival(memory: UInt64)
     /// Registers an arrived, running guest under its reservation; returns its id here.
     func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String
+    /// Records how an incoming migration ended, received or failed (with why), for the API and the metrics.
+    func recordArrival(_ record: IncomingMigrationRecord)
 }
 
 /// The incoming side of live migration: listens for peers, reserves room for each VM before building it, rebuilds

@@ -71,6 +71,8 @@ public final class VMManager: @unchecked Sendable {
     private var reserved: UInt64 = 0
     private(set) var startedTotal = 0
     private(set) var startFailuresTotal = 0
+    /// How incoming migrations ended.
+    let arrivals = ArrivalLog()
 
     public init(memoryBudget: UInt64, memoryBacking: GuestMemory.Backing = .sharedMemory, logger: Logger) {
         self.memoryBudget = memoryBudget
@@ -163,6 +165,8 @@ public final class VMManager: @unchecked Sendable {
     public func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String {
         try adopt(vm.machine, as: vm.configuration, reserved: true).id
     }
+
+    public func recordArrival(_ record: IncomingMigrationRecord) { arrivals.record(record) }
 
     /// The checks that need no KVM; returns the VM's id.
     private func validate(_ request: VMCreateRequest) throws(ControlError) -> String {

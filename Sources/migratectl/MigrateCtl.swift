@@ -218,7 +218,25 @@ struct Migrate: AsyncParsableCommand {
 }
 
 struct Migration: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "A VM's current or last migration.", subcommands: [Show.self, Cancel.self])
+    static let configuration = CommandConfiguration(abstract: "A VM's current or last migration; migrations into this daemon.",
+                                                    subcommands: [Show.self, Cancel.self, Incoming.self])
+
+    struct Incoming: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the latest migrations into this daemon that ended, and how.")
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            try await reportingErrors {
+                let records = try await options.client.incomingMigrations()
+                try options.print(IncomingMigrationList(migrations: records)) { list in
+                    list.migrations.map { record in
+                        "\(record.finishedAt)  \(record.outcome.rawValue.padding(toLength: 9, withPad: " ", startingAt: 0))"
+                            + "\(record.vm ?? "-")  from \(record.peer)\(record.error.map { ": \($0)" } ?? "")"
+                    }.joined(separator: "\n")
+                }
+            }
+        }
+    }
 
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Show a migration's progress, or its report once it has ended.")

@@ -232,7 +232,7 @@ public final class MigrationSender: @unchecked Sendable {
         var lastSets = frames.map { Set($0) }
         try guest { try source.harvestDirtyFrames { lastSets[channelIndex(of: $0, channels: channels.count)].insert($0) } }
         let last = lastSets.map { $0.sorted() }
-        let counts = try sendPass(last, pass: finalPass, streamers: streamers)
+        let counts = try sendPass(last, pass: finalPass, streamers: streamers, phase: .switchover)
         let final = measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle)
         history.append(final)
         try sendBoundary(final, counts: counts, on: writers)
@@ -316,8 +316,10 @@ public final class MigrationSender: @unchecked Sendable {
         }
     }
 
-    /// Sends one pass on every channel at once, one thread each, reporting progress meanwhile.
-    private func sendPass(_ frames: [[UInt64]], pass: UInt32, streamers: [PageStreamer]) throws -> PageStreamer.Counts {
+    /// Sends one pass on every channel at once, one thread each, reporting progress meanwhile: at once, so that the
+    /// phase a client reads is the one the migration is in, then every quarter second.
+    private func sendPass(_ frames: [[UInt64]], pass: UInt32, streamers: [PageStreamer],
+                          phase: MigrationProgress.Phase = .precopy) throws -> PageStreamer.Counts {
         let total = frames.reduce(0) { $0 + $1.count }
         pagesDone.reset()
         bytesInPass.reset()
@@ -340,8 +342,9 @@ public final class MigrationSender: @unchecked Sendable {
             thread.name = "migrate-send-\(index)"
             thread.start()
         }
+        report(phase, pass: Int(pass), total: total)
         while group.wait(timeout: .now() + 0.25) == .timedOut {
-            report(.precopy, pass: Int(pass), total: total)
+            report(phase, pass: Int(pass), total: total)
         }
         var counts = PageStreamer.Counts()
         // After a cancel, a channel may fail on one another closed: the cancel is the reason.

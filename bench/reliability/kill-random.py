@@ -5,7 +5,7 @@ hold afterwards (issue 17, item 3; bench/README.md "Killed daemons").
 Two real daemons on this machine, A and B, each with its own TLS identity (mutual TLS 1.3, certificates made
 here with openssl) and migration listener on loopback. Each run boots a memstress guest on A, which verifies its
 own memory every second (`verify=ok` on its console), starts migrating it to B, and after a random delay kills
-B (even runs) or A (odd runs). The delay is drawn from 0 to 1.2 times the length of a migration, measured once
+B (even runs) or A (odd runs). The delay is drawn from 0 to the length of a migration, measured once
 at the start, so that kills land in setup, pre-copy, switchover and after the end. The source's migration
 phase is read just before the kill. Then:
 
@@ -339,12 +339,12 @@ def main():
         b.api("DELETE", "/vms/calibrate", timeout=30)
         a.api("DELETE", "/vms/calibrate")
         print(f"seed {seed}; a migration takes {span:.2f} s (boot {booted - started:.2f} s); "
-              f"kills are drawn from 0 to {1.2 * span:.2f} s after its start; work in {work}", flush=True)
+              f"kills are drawn from 0 to {1.0 * span:.2f} s after its start; work in {work}", flush=True)
 
         for run in range(args.runs):
             victim = b if run % 2 == 0 else a
             vm = f"run{run}"
-            delay = rng.uniform(0, 1.2 * span)
+            delay = rng.uniform(0, 1.0 * span)
             phase = "-"
             try:
                 ticks = boot(a, vm, args)

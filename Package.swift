@@ -72,10 +72,10 @@ let package = Package(
         .executableTarget(name: "SnapshotBench", dependencies: ["Snapshots", "KVMMigration", "MicroVM"], path: "bench/snapshot",
                           exclude: ["results"]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
-        .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend"]),
+        .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend", "Threads"]),
         .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots"], path: "bench/xen"),
 
-        .target(name: "TestSupport", dependencies: ["KVMBackend", "MicroVM", "Transport"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["KVMBackend", "MicroVM", "Transport", "MigratedAPI"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),
         .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport"]),
         .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "MigrationNetwork", "TestSupport"]),
@@ -119,7 +119,8 @@ let package = Package(
         // C programs built against the installed library (scripts/install), as a VMM builds: no Swift module of the
         // library is linked into these tests.
         .testTarget(name: "CABITests", dependencies: ["TestSupport", "MigratedDaemon", "MigratedAPI"]),
-        .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migratectl", "vmsnap"]),
+        // `migrated` is built beside the tests, which run it as a process of its own where a daemon must be killed.
+        .testTarget(name: "MigratedDaemonTests", dependencies: ["MigratedDaemon", "MigratedAPI", "TestSupport", "migrated", "migratectl", "vmsnap"]),
     ],
     swiftLanguageModes: [.v6]
 )

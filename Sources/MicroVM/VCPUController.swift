@@ -2,6 +2,7 @@ import CKVM
 import Foundation
 import Glibc
 import KVMBackend
+import Threads
 
 /// Runs each vCPU on a thread of its own, and takes them back: pause and resume within a bounded time, throttle,
 /// stop. A vCPU deep inside KVM_RUN is taken back by setting `immediate_exit` in its run page and sending its
@@ -41,10 +42,7 @@ final class VCPUController: @unchecked Sendable {
         alive = vcpus.count
         condition.unlock()
         for (index, vcpu) in vcpus.enumerated() {
-            let thread = Thread { [self] in self.loop(index: index, vcpu: vcpu, step: step) }
-            thread.name = "vcpu\(vcpu.id)"
-            thread.stackSize = 1 << 20
-            thread.start()
+            startThread(named: "vcpu\(vcpu.id)", stackSize: 1 << 20) { [self] in loop(index: index, vcpu: vcpu, step: step) }
         }
     }
 
@@ -123,9 +121,7 @@ final class VCPUController: @unchecked Sendable {
         throttleFraction = fraction
         condition.unlock()
         guard fraction > 0, !wasRunning else { return }
-        let thread = Thread { [self] in self.throttleLoop() }
-        thread.name = "throttle"
-        thread.start()
+        startThread(named: "throttle") { [self] in self.throttleLoop() }
     }
 
     var throttle: Double {

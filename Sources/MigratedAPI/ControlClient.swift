@@ -68,8 +68,10 @@ public struct ControlClient: Sendable {
         try await call(.POST, "/vms/\(Self.escape(id))/pause")
     }
 
-    public func resumeVM(_ id: String) async throws -> VMInfo {
-        try await call(.POST, "/vms/\(Self.escape(id))/resume")
+    /// `force` resumes a VM left in doubt by a migration (control-api.md §3.7).
+    public func resumeVM(_ id: String, force: Bool = false) async throws -> VMInfo {
+        if force { return try await call(.POST, "/vms/\(Self.escape(id))/resume", body: ResumeRequest(force: true)) }
+        return try await call(.POST, "/vms/\(Self.escape(id))/resume")
     }
 
     public func deleteVM(_ id: String) async throws -> VMInfo {
@@ -82,6 +84,10 @@ public struct ControlClient: Sendable {
 
     public func migration(_ id: String) async throws -> MigrationStatus {
         try await call(.GET, "/vms/\(Self.escape(id))/migration")
+    }
+
+    public func incomingMigrations() async throws -> [IncomingMigrationRecord] {
+        try await call(.GET, "/migrations/incoming", as: IncomingMigrationList.self).migrations
     }
 
     public func cancelMigration(_ id: String) async throws -> MigrationStatus {

@@ -121,6 +121,9 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
     public var succeeded: Bool
     /// Why it failed or was cancelled.
     public var error: String?
+    /// The switchover was committed: the destination was told to start the guest. With `succeeded` false, the
+    /// outcome is in doubt and the source stays paused (`VMInfo.inDoubt`).
+    public var committed: Bool
     public var totalSeconds: Double
     public var setupSeconds: Double
     /// From the source's pause to the destination's start; nil when the switchover was not reached.
@@ -159,10 +162,11 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         }
     }
 
-    public init(succeeded: Bool, error: String?, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
+    public init(succeeded: Bool, error: String?, committed: Bool, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
                 wireBytes: UInt64, pagesSent: UInt64, compression: MigrationCompression, channels: Int, passes: [Pass]) {
         self.succeeded = succeeded
         self.error = error
+        self.committed = committed
         self.totalSeconds = totalSeconds
         self.setupSeconds = setupSeconds
         self.downtimeMs = downtimeMs
@@ -176,3 +180,41 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
 
 // Requests and the daemon's configuration name peers with `PeerAddress`.
 @_exported import NetworkAddress
+
+/// How a migration into this daemon ended.
+public enum IncomingOutcome: String, Codable, Sendable, CaseIterable {
+    /// The guest passed the digest check, started and runs here.
+    case received
+    /// Nothing was started: whatever had arrived was discarded and its memory reservation given back.
+    case failed
+}
+
+/// One migration into this daemon, once it has ended: an element of `GET /migrations/incoming`.
+public struct IncomingMigrationRecord: Codable, Sendable, Equatable {
+    /// The sending host, as its connection came from.
+    public var peer: String
+    /// The VM's id here once received; for a failure, its id at the source when its configuration had arrived.
+    public var vm: String?
+    public var outcome: IncomingOutcome
+    /// Why it failed; for a received guest, what broke after it started (the source may then show it in doubt).
+    public var error: String?
+    /// Guest memory the migration had reserved here, and gave back when it failed; 0 when it failed before that.
+    public var memoryBytes: UInt64
+    /// ISO 8601, UTC.
+    public var finishedAt: String
+
+    public init(peer: String, vm: String?, outcome: IncomingOutcome, error: String?, memoryBytes: UInt64, finishedAt: String) {
+        self.peer = peer
+        self.vm = vm
+        self.outcome = outcome
+        self.error = error
+        self.memoryBytes = memoryBytes
+        self.finishedAt = finishedAt
+    }
+}
+
+/// `GET /migrations/incoming`: the latest incoming migrations that ended, oldest first.
+public struct IncomingMigrationList: Codable, Sendable, Equatable {
+    public var migrations: [IncomingMigrationRecord]
+    public init(migrations: [IncomingMigrationRecord]) { self.migrations = migrations }
+}

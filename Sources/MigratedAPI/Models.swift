@@ -81,10 +81,14 @@ public struct VMInfo: Codable, Sendable, Equatable {
     public var exitCode: Int?
     public var consoleLines: Int
     public var lastConsoleLine: String?
+    /// Set while the VM is paused because a migration committed its switchover and the destination did not
+    /// confirm that it started: the guest may run there. A plain resume is refused (control-api.md §3.7).
+    public var inDoubt: MigrationInDoubt?
 
     public init(id: String, state: VMState, image: String, memoryMib: UInt64, vcpus: Int, cmdline: String,
                 consoleLog: String?, dirtyTracking: VMCreateRequest.DirtyTracking, memoryBacking: String, startedAt: String,
-                uptimeSeconds: Double, stopReason: String?, exitCode: Int?, consoleLines: Int, lastConsoleLine: String?) {
+                uptimeSeconds: Double, stopReason: String?, exitCode: Int?, consoleLines: Int, lastConsoleLine: String?,
+                inDoubt: MigrationInDoubt? = nil) {
         self.id = id
         self.state = state
         self.image = image
@@ -100,6 +104,38 @@ public struct VMInfo: Codable, Sendable, Equatable {
         self.exitCode = exitCode
         self.consoleLines = consoleLines
         self.lastConsoleLine = lastConsoleLine
+        self.inDoubt = inDoubt
+    }
+}
+
+/// A source VM left paused by a migration whose outcome this daemon cannot know: it sent COMMIT to `peer`, which
+/// may have started the guest, and heard no STARTED. Whoever can ask `peer` decides (control-api.md §3.7).
+public struct MigrationInDoubt: Codable, Sendable, Equatable {
+    /// The destination's migration listener, as the migration named it.
+    public var peer: String
+    /// The sentence for people, with what the migration failed on.
+    public var reason: String
+
+    public init(peer: String, failure: String) {
+        self.peer = peer
+        reason = "switchover committed to \(peer); the destination did not confirm that it started (\(failure)). "
+            + "The guest may run there: check the destination; if it runs there, delete this VM, otherwise resume it with force"
+    }
+}
+
+/// `POST /vms/{id}/resume`; the body may be omitted.
+public struct ResumeRequest: Codable, Sendable, Equatable, StrictlyDecodable {
+    /// Resume a VM left in doubt by a migration (`VMInfo.inDoubt`). Only after making sure the guest does not run
+    /// at the destination: two running copies of a guest corrupt whatever they share.
+    public var force: Bool
+
+    public static let fieldNames: Set<String> = ["force"]
+
+    public init(force: Bool = false) { self.force = force }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        force = try c.decodeIfPresent(Bool.self, forKey: .force) ?? false
     }
 }
 

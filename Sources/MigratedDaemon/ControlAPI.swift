@@ -55,6 +55,9 @@ public final class ControlAPI: Sendable {
         case (_, 1) where parts[0] == "metrics":
             try allow(method, ["GET"])
             return Response(status: 200, contentType: "text/plain; version=0.0.4; charset=utf-8", body: Data(await metrics().utf8))
+        case (_, 2) where parts[0] == "migrations" && parts[1] == "incoming":
+            try allow(method, ["GET"])
+            return try json(200, IncomingMigrationList(migrations: vms.arrivals.recent))
         case (_, 1) where parts[0] == "vms":
             try allow(method, ["GET", "POST"])
             if method == "GET" { return try json(200, VMList(vms: vms.list().map(vms.info))) }
@@ -80,7 +83,9 @@ public final class ControlAPI: Sendable {
             if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved") }
             if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
             let pause = parts[2] == "pause"
-            return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.setPaused(id, pause) }))
+            // A resume may say {"force": true}, for a VM a migration left in doubt (§3.7); a pause takes no body.
+            let force = !pause && !body.isEmpty ? try decode(ResumeRequest.self, body).force : false
+            return try json(200, vms.info(try await blocking { () throws(ControlError) in try self.vms.setPaused(id, pause, force: force) }))
         case (_, 3) where parts[0] == "vms" && parts[2] == "snapshot":
             try allow(method, ["GET", "POST"])
             if method == "GET" {
@@ -128,9 +133,11 @@ public final class ControlAPI: Sendable {
         }
         let vm = try vms.vm(id)
         let manager = vms
-        let outgoing = OutgoingVM(id: id, machine: machine, configuration: vm.request, tls: tls) { peer in
+        let outgoing = OutgoingVM(id: id, machine: machine, configuration: vm.request, tls: tls, handOff: { peer in
             _ = try? manager.stop(id, reason: .migrated, because: "migrated to \(peer)")
-        }
+        }, leaveInDoubt: { inDoubt in
+            manager.markInDoubt(id, inDoubt)
+        })
         return try await migrations.startMigration(of: outgoing, request: request)
     }
 
@@ -206,6 +213,8 @@ public final class ControlAPI: Sendable {
         out.metric("migrated_vm_start_failures_total", "counter", "VM starts refused or failed after validation.", Double(snapshot.startFailuresTotal))
         out.family("migrated_http_requests_total", "counter", "Control API requests answered, by status code.")
         for (status, count) in requestCounts.counts() { out.sample("migrated_http_requests_total", ["code": String(status)], Double(count)) }
+        out.family("migrated_incoming_migrations_total", "counter", "Migrations into this daemon that ended, by outcome.")
+        for (outcome, count) in vms.arrivals.counts { out.sample("migrated_incoming_migrations_total", ["outcome": outcome.rawValue], Double(count)) }
         let snapshotCounts = snapshots.counters()
         out.metric("migrated_snapshots_saved_total", "counter", "Snapshots saved.", Double(snapshotCounts.saved))
         out.metric("migrated_snapshot_failures_total", "counter", "Snapshot saves that failed (the VM ran on).", Double(snapshotCounts.failed))

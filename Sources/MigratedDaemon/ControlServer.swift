@@ -2,6 +2,7 @@ import Dispatch
 import Foundation
 import Glibc
 import Logging
+import Threads
 import Transport
 
 /// The control socket's HTTP/1.1 server: one thread per connection, each reading requests under `ControlLimits`
@@ -43,12 +44,10 @@ final class ControlServer: @unchecked Sendable {
         defer { watchdog.cancel() }
         await withTaskCancellationHandler {
             await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-                let thread = Thread { [self] in
+                startThread(named: "control-accept") { [self] in
                     acceptLoop(listener)
                     done.resume()
                 }
-                thread.name = "control-accept"
-                thread.start()
             }
         } onCancel: {
             stop()
@@ -89,14 +88,12 @@ final class ControlServer: @unchecked Sendable {
                 channel.close()
                 continue
             }
-            let thread = Thread { [self] in
+            // The connection's own frames are small; 500 of them must fit easily.
+            startThread(named: "control-connection", stackSize: 256 << 10) { [self] in
                 serve(channel)
                 connections.remove(channel)
                 channel.close()
             }
-            thread.stackSize = 256 << 10 // the connection's own frames are small; 500 of them must fit easily
-            thread.name = "control-connection"
-            thread.start()
         }
     }
 

@@ -26,7 +26,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     private let logger: Logger
     private let lock = NSLock()
     private var migrations: [String: Migration] = [:]
-    private var started = 0, succeeded = 0, failed = 0
+    private var started = 0, succeeded = 0, failed = 0, inDoubt = 0
     private var bytesSent: UInt64 = 0
 
     public init(logger: Logger) { self.logger = logger }
@@ -77,22 +77,29 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         sender.onProgress = { progress in migration.update { $0.apply(progress) } }
         let logger = self.logger
         logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)"])
-        let thread = Thread { [self] in
+        startThread(named: "migrate-\(vm.id)") { [self] in
             let report = sender.run()
-            migration.update { $0.finish(report, compression: request.compression) }
+            let doubt = report.committed && !report.succeeded ? MigrationInDoubt(peer: request.peer, failure: report.error ?? "") : nil
+            // The VM's state first, then the migration's final phase: a client that sees the phase final finds the
+            // VM as the migration left it.
+            if report.succeeded {
+                vm.handOff(request.peer)
+            } else if let doubt {
+                vm.leaveInDoubt(doubt)
+            }
+            migration.update { $0.finish(report, compression: request.compression, inDoubt: doubt) }
             lock.withLock {
-                if report.succeeded { succeeded += 1 } else { failed += 1 }
+                if report.succeeded { succeeded += 1 } else if doubt != nil { inDoubt += 1 } else { failed += 1 }
                 bytesSent += UInt64(report.wireBytes)
             }
             if report.succeeded {
                 logger.info("migration completed", metadata: ["vm": "\(vm.id)", "downtime_ms": "\((report.downtimeSeconds ?? 0) * 1000)"])
-                vm.handOff(request.peer)
+            } else if let doubt {
+                logger.error("migration in doubt; the VM stays paused here", metadata: ["vm": "\(vm.id)", "reason": "\(doubt.reason)"])
             } else {
                 logger.warning("migration failed; the VM runs here as before", metadata: ["vm": "\(vm.id)", "error": "\(report.error ?? "")"])
             }
         }
-        thread.name = "migrate-\(vm.id)"
-        thread.start()
         return migration.status
     }
 
@@ -108,7 +115,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     }
 
     public func metrics() async -> String {
-        let (started, succeeded, failed, bytes, active) = counters()
+        let (started, succeeded, failed, inDoubt, bytes, active) = counters()
         return """
         # HELP migrated_migrations_started_total Outgoing live migrations started.
         # TYPE migrated_migrations_started_total counter
@@ -117,6 +124,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         # TYPE migrated_migrations_completed_total counter
         migrated_migrations_completed_total{outcome="succeeded"} \(succeeded)
         migrated_migrations_completed_total{outcome="failed"} \(failed)
+        migrated_migrations_completed_total{outcome="in_doubt"} \(inDoubt)
         # HELP migrated_migrations_active Outgoing live migrations in progress.
         # TYPE migrated_migrations_active gauge
         migrated_migrations_active \(active)
@@ -127,9 +135,9 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         """
     }
 
-    private func counters() -> (started: Int, succeeded: Int, failed: Int, bytes: UInt64, active: Int) {
+    private func counters() -> (started: Int, succeeded: Int, failed: Int, inDoubt: Int, bytes: UInt64, active: Int) {
         lock.withLock {
-            (started, succeeded, failed, bytesSent, migrations.values.filter { !$0.status.phase.isFinal }.count)
+            (started, succeeded, failed, inDoubt, bytesSent, migrations.values.filter { !$0.status.phase.isFinal }.count)
         }
     }
 
@@ -156,14 +164,15 @@ extension MigrationStatus {
         etaSeconds = progress.passSecondsLeft
     }
 
-    mutating func finish(_ report: MigrationReport, compression: MigrationCompression) {
+    /// Takes in the engine's final report; a migration `inDoubt` gives that as its error.
+    mutating func finish(_ report: MigrationReport, compression: MigrationCompression, inDoubt: MigrationInDoubt? = nil) {
         phase = report.succeeded ? .completed : (report.error == "\(MigrationError.cancelled)" ? .cancelled : .failed)
         if report.succeeded { percent = 100 }
         etaSeconds = nil
         elapsedSeconds = report.totalSeconds
         bytesOnWire = UInt64(report.wireBytes)
         self.report = MigrationReportDocument(
-            succeeded: report.succeeded, error: report.error, totalSeconds: report.totalSeconds,
+            succeeded: report.succeeded, error: inDoubt?.reason ?? report.error, committed: report.committed, totalSeconds: report.totalSeconds,
             setupSeconds: report.setupSeconds, downtimeMs: report.downtimeSeconds.map { $0 * 1000 },
             wireBytes: UInt64(report.wireBytes), pagesSent: UInt64(report.pagesSent), compression: compression,
             channels: report.channels,
@@ -214,17 +223,23 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     let base: MicroVMGuestSink
     private let desk: (any ArrivalDesk)?
     private var reservedBytes: UInt64 = 0
+    /// The most memory this arrival ever reserved, for its record.
+    private(set) var reservedAtMost: UInt64 = 0
     private(set) var configuration: VMCreateRequest?
+    /// A test hook that ends the daemon at its point of the switchover, with the logger that says so.
+    private let fault: (FaultInjection, Logger)?
 
-    init(_ base: MicroVMGuestSink, desk: (any ArrivalDesk)? = nil) {
+    init(_ base: MicroVMGuestSink, desk: (any ArrivalDesk)? = nil, fault: (FaultInjection, Logger)? = nil) {
         self.base = base
         self.desk = desk
+        self.fault = fault
     }
 
     func prepare(layout: GuestMemoryLayout) throws {
         if let desk {
             try desk.reserveArrival(memory: layout.totalBytes)
             reservedBytes = layout.totalBytes
+            reservedAtMost = layout.totalBytes
         }
         do { try base.prepare(layout: layout) } catch {
             cancelReservation()
@@ -250,7 +265,12 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws { try base.write(frames: first, pages: pages) }
     func zero(frames first: UInt64, count: Int) throws { try base.zero(frames: first, count: count) }
     var takesPagesInPlace: Bool { base.takesPagesInPlace }
-    func start() throws { try base.start() }
+
+    /// Called on COMMIT, before STARTED is answered.
+    func start() throws {
+        if let (fault, logger) = fault, fault == .exitAfterCommit { fault.strike(logger) }
+        try base.start()
+    }
 
     func discard() {
         base.discard()
@@ -264,6 +284,8 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
         }
         configuration = try APIJSON.decode(VMCreateRequest.self, from: Data(configurations[0].blob.bytes))
         try base.restore(deviceState: deviceState)
+        // The receiver restores the device state after the digest check, just before it answers VERIFIED.
+        if let (fault, logger) = fault, fault == .exitBeforeVerified { fault.strike(logger) }
     }
 }
 
@@ -275,8 +297,13 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     private let refusals = RefusalLog()
     private let lock = NSLock()
     private var listener: Listener?
+    private let fault: FaultInjection?
 
-    public init(logger: Logger) { self.logger = logger }
+    /// `fault` arms a test hook (FaultInjection) in every migration this listener receives.
+    public init(logger: Logger, fault: FaultInjection? = nil) {
+        self.logger = logger
+        self.fault = fault
+    }
 
     /// Where the listener listens, with the port the kernel chose when port 0 was asked for.
     public var address: PeerAddress? {
@@ -292,9 +319,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         let listener = try Listener(endpoint: endpoint, security: security)
         lock.withLock { self.listener = listener }
         logger.info("listening for migrations", metadata: ["address": "\(listener.endpoint)"])
-        let thread = Thread { [self] in acceptLoop(listener, memoryBacking: settings.memoryBacking, desk: desk) }
-        thread.name = "migrate-listen"
-        thread.start()
+        startThread(named: "migrate-listen") { [self] in acceptLoop(listener, memoryBacking: settings.memoryBacking, desk: desk) }
     }
 
     public func stop() {
@@ -309,9 +334,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     /// nobody else, and concurrent migrations are received side by side, each on a thread of its own.
     private func acceptLoop(_ listener: Listener, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
         let gatherer = ChannelGatherer(ready: { [self] channels, peer in
-            let thread = Thread { [self] in receive(channels, from: peer, memoryBacking: memoryBacking, desk: desk) }
-            thread.name = "migrate-receive"
-            thread.start()
+            startThread(named: "migrate-receive") { [self] in receive(channels, from: peer, memoryBacking: memoryBacking, desk: desk) }
         }, refused: { [logger, refusals] peer, reason in
             guard case .log(let suppressed) = refusals.verdict(for: peer) else { return }
             logger.warning("incoming migration refused; more refusals of this peer in the next \(Int(refusals.window)) s are not logged",
@@ -334,19 +357,35 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
 
     private func receive(_ channels: [MigrationChannel], from peer: String, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
-        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking), desk: desk)
+        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking), desk: desk,
+                                       fault: fault.map { ($0, logger) })
+        func record(_ outcome: IncomingOutcome, vm: String?, error: String?) {
+            desk.recordArrival(IncomingMigrationRecord(peer: peer, vm: vm, outcome: outcome, error: error, memoryBytes: sink.reservedAtMost,
+                                                       finishedAt: ISO8601DateFormatter().string(from: Date())))
+        }
         do {
             let report = try MigrationReceiver(sink: sink, channels: channels).run()
             do {
                 let id = try sink.adopt(peer: peer)
                 logger.info("migration received; VM runs here", metadata: ["vm": "\(id)", "peer": "\(peer)", "pages": "\(report.pagesWritten)"])
+                if let afterStart = report.afterStart {
+                    // The source may not have heard that the guest started here: it then shows the VM in doubt,
+                    // and its operator must find it here before deciding anything there.
+                    logger.warning("the source may not know that the VM runs here: the stream broke after the start",
+                                   metadata: ["vm": "\(id)", "peer": "\(peer)", "error": "\(afterStart)"])
+                }
+                record(.received, vm: id, error: report.afterStart)
             } catch {
                 // The guest runs and its source is gone: stopping it would lose it, so keep it and say so loudly.
                 logger.error("received VM runs but could not be registered", metadata: ["peer": "\(peer)", "error": "\(error)"])
+                record(.received, vm: nil, error: "runs but could not be registered: \(error)")
             }
         } catch {
+            // The receiver discarded the guest (its memory is unmapped); the budget gets its reservation back.
             sink.cancelReservation()
-            logger.warning("incoming migration failed; nothing was started here", metadata: ["peer": "\(peer)", "error": "\(error)"])
+            logger.warning("incoming migration failed; nothing was started here, its memory is freed",
+                           metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "error": "\(error)"])
+            record(.failed, vm: sink.configuration?.id, error: "\(error)")
         }
     }
 }

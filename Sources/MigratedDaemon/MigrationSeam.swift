@@ -25,6 +25,10 @@ public struct OutgoingVM: Sendable {
     /// joins its vCPU threads, so it blocks for a moment) and shows the VM as `migrated` (to `peer`). Before
     /// that, on any failure, leave the VM running (resumed, unthrottled) and do not call it.
     public let handOff: @Sendable (_ peer: String) -> Void
+    /// Call instead of `handOff` when the switchover was committed and the destination did not confirm that it
+    /// started: the guest may run there. Leave the VM paused; the daemon shows it in doubt (control-api.md §3.7)
+    /// and resumes it only when an operator forces it.
+    public let leaveInDoubt: @Sendable (_ why: MigrationInDoubt) -> Void
 }
 
 /// The outgoing side of live migration. One migration per VM at a time; the service keeps each migration's last
@@ -73,6 +77,8 @@ public protocol ArrivalDesk: Sendable {
     func cancelArrival(memory: UInt64)
     /// Registers an arrived, running guest under its reservation; returns its id here.
     func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String
+    /// Records how an incoming migration ended, received or failed (with why), for the API and the metrics.
+    func recordArrival(_ record: IncomingMigrationRecord)
 }
 
 /// The incoming side of live migration: listens for peers, reserves room for each VM before building it, rebuilds

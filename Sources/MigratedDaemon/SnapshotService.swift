@@ -158,7 +158,7 @@ public final class SnapshotService: @unchecked Sendable {
     /// daemon restart too. The chain is read on a thread of its own, while the guest runs; a diff asked for before
     /// it is done is refused (409 no_parent), and a full snapshot taken meanwhile takes precedence.
     private func rememberBase(of id: String, restoredFrom chain: SnapshotChain) {
-        let thread = Thread { [self] in
+        startThread(named: "snapshot-base") { [self] in
             do {
                 let base = try SnapshotBase(restoredFrom: chain)
                 lock.withLock { if bases[id] == nil { bases[id] = base } }
@@ -166,8 +166,6 @@ public final class SnapshotService: @unchecked Sendable {
                 logger.warning("the restored VM's next snapshot cannot be a diff of its chain", metadata: ["vm": "\(id)", "error": "\(error)"])
             }
         }
-        thread.name = "snapshot-base"
-        thread.start()
     }
 
     /// Keeps a lazy restore alive until all memory is in; a page that cannot be served stops the VM.
@@ -178,7 +176,7 @@ public final class SnapshotService: @unchecked Sendable {
             logger.error("lazy restore failed; stopping the VM", metadata: ["vm": "\(id)", "error": "\(error)"])
             _ = try? vms.stop(id, reason: .failed, because: "lazy restore: \(error)")
         }
-        let thread = Thread { [self] in
+        startThread(named: "snapshot-resident") { [self] in
             do {
                 let report = try restore.waitUntilResident()
                 logger.info("restored VM's memory is resident", metadata: ["vm": "\(id)", "faults_served": "\(report.faultsServed)",
@@ -189,8 +187,6 @@ public final class SnapshotService: @unchecked Sendable {
             }
             _ = lock.withLock { lazyRestores.removeValue(forKey: key) }
         }
-        thread.name = "snapshot-resident"
-        thread.start()
     }
 
     func counters() -> (saved: Int, failed: Int, restored: Int) { lock.withLock { (saved, failedSaves, restored) } }

@@ -22,8 +22,11 @@ public final class ManagedVM: @unchecked Sendable {
     fileprivate(set) var machine: MicroVM?
     fileprivate var consoleFD: Int32?
     fileprivate var final: Final?
-    /// Paused through the API (not by a migration or snapshot, which pause and resume it themselves).
+    /// Paused through the API (not by a migration or snapshot, which pause and resume it themselves), or left
+    /// paused by a migration whose outcome is in doubt.
     fileprivate var paused = false
+    /// Why a migration left it paused: it may run at the destination (control-api.md §3.7).
+    fileprivate var inDoubt: MigrationInDoubt?
 
     struct Final {
         var state: VMState
@@ -73,6 +76,8 @@ public final class VMManager: @unchecked Sendable {
     private var reserved: UInt64 = 0
     private(set) var startedTotal = 0
     private(set) var startFailuresTotal = 0
+    /// How incoming migrations ended.
+    let arrivals = ArrivalLog()
 
     public init(memoryBudget: UInt64, memoryBacking: GuestMemory.Backing = .sharedMemory, logger: Logger) {
         self.memoryBudget = memoryBudget
@@ -165,6 +170,8 @@ public final class VMManager: @unchecked Sendable {
     public func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String {
         try adopt(vm.machine, as: vm.configuration, reserved: true).id
     }
+
+    public func recordArrival(_ record: IncomingMigrationRecord) { arrivals.record(record) }
 
     /// The checks that need no KVM; returns the VM's id.
     private func validate(_ request: VMCreateRequest) throws(ControlError) -> String {
@@ -308,6 +315,7 @@ public final class VMManager: @unchecked Sendable {
         let machine = vm.machine
         let final = vm.final
         let paused = vm.paused
+        let inDoubt = final == nil ? vm.inDoubt : nil
         lock.unlock()
         let lines = machine?.console.receivedLines
         return VMInfo(
@@ -316,7 +324,7 @@ public final class VMManager: @unchecked Sendable {
             dirtyTracking: vm.request.dirtyTracking, memoryBacking: vm.memoryBacking.rawValue, startedAt: ISO8601DateFormatter().string(from: vm.startedAt),
             uptimeSeconds: final?.uptime ?? vm.uptime, stopReason: final?.reason, exitCode: final?.exitCode,
             consoleLines: final?.consoleLines ?? machine?.console.lineCount ?? 0,
-            lastConsoleLine: final?.lastConsoleLine ?? lines?.last)
+            lastConsoleLine: final?.lastConsoleLine ?? lines?.last, inDoubt: inDoubt)
     }
 
     /// The running MicroVM of a VM, for a migration; 409 when it is not running.
@@ -336,18 +344,54 @@ public final class VMManager: @unchecked Sendable {
         return lock.withLock { vm.paused }
     }
 
-    /// Pauses or resumes a running VM's vCPUs; doing it twice changes nothing.
-    public func setPaused(_ id: String, _ paused: Bool) throws(ControlError) -> ManagedVM {
+    /// Pauses or resumes a running VM's vCPUs; doing it twice changes nothing. A VM in doubt (`markInDoubt`) is
+    /// resumed only with `force`: the caller has made sure that the guest does not run at the destination.
+    public func setPaused(_ id: String, _ paused: Bool, force: Bool = false) throws(ControlError) -> ManagedVM {
         let machine = try runningMachine(id)
         let vm = try vm(id)
         if paused {
             do { try machine.pause() } catch { throw ControlError(500, "pause_failed", "cannot pause VM '\(id)': \(error)") }
-        } else {
-            machine.resume()
+            lock.withLock { vm.paused = true }
+            logger.info("VM paused", metadata: ["vm": "\(id)"])
+            return vm
         }
-        lock.withLock { vm.paused = paused }
-        logger.info(paused ? "VM paused" : "VM resumed", metadata: ["vm": "\(id)"])
+        lock.lock()
+        let wasInDoubt = vm.inDoubt
+        if wasInDoubt != nil && force { vm.inDoubt = nil }
+        lock.unlock()
+        if let wasInDoubt, !force { throw Self.inDoubtRefusal(id, wasInDoubt) }
+        machine.resume()
+        lock.withLock { vm.paused = false }
+        if let wasInDoubt {
+            logger.warning("VM in doubt resumed with force: the operator found it not running at the destination",
+                           metadata: ["vm": "\(id)", "peer": "\(wasInDoubt.peer)"])
+        } else {
+            logger.info("VM resumed", metadata: ["vm": "\(id)"])
+        }
         return vm
+    }
+
+    /// The answer to a plain resume of a VM in doubt: what the operator must find out first, and how to go on.
+    static func inDoubtRefusal(_ id: String, _ inDoubt: MigrationInDoubt) -> ControlError {
+        .conflict("migration_in_doubt", "VM '\(id)' may run at \(inDoubt.peer): its migration committed the switchover and the "
+            + "destination did not confirm that it started. Ask the destination daemon whether it runs VM '\(id)' there: if it "
+            + "does, delete it here; if it does not, resume it here with force ({\"force\": true}, migratectl vm resume \(id) --force)")
+    }
+
+    /// Leaves a VM paused, in doubt, after its migration committed the switchover and the destination did not
+    /// confirm that it started. Its vCPUs are paused already (by the migration); it keeps its memory, since it may
+    /// be the only copy of the guest.
+    public func markInDoubt(_ id: String, _ inDoubt: MigrationInDoubt) {
+        guard let vm = try? vm(id) else { return }
+        let running = lock.withLock {
+            guard vm.machine != nil else { return false }
+            vm.paused = true
+            vm.inDoubt = inDoubt
+            return true
+        }
+        guard running else { return }
+        logger.error("VM left paused, in doubt: check the destination, then delete it here or resume it with force",
+                     metadata: ["vm": "\(id)", "peer": "\(inDoubt.peer)"])
     }
 
     // MARK: stop and delete

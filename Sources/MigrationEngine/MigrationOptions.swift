@@ -18,6 +18,9 @@ public struct MigrationOptions: Sendable, Codable, Equatable {
     /// Give up after this many pre-copy passes, or after this many seconds, when the guest has not converged.
     public var maxPasses: Int = 30
     public var timeLimit: Double = 300
+    /// Seconds the sender waits, after commit, for the receiver's `started`. Starting is spawning vCPU threads, so
+    /// a longer wait means a destination that hangs or vanished; the source then stays paused, in doubt.
+    public var startedTimeout: Double = 30
     /// Throttle the guest step by step when it dirties memory faster than the link can carry it.
     public var autoConverge: Bool = true
     public var throttleInitial: Double = 0.2
@@ -100,6 +103,10 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
 public struct MigrationReport: Sendable, Codable, Equatable {
     public var succeeded: Bool
     public var error: String?
+    /// The sender committed the switchover (stream.md §6.11). With `succeeded` false, the destination did not
+    /// confirm that it started, but may have: the source was left paused, and only a look at the destination
+    /// tells whether it may run again.
+    public var committed: Bool
     public var totalSeconds: Double
     public var setupSeconds: Double
     /// From the source's pause to the destination's start, as seen by the sender.

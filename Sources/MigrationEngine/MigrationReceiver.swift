@@ -38,6 +38,9 @@ public final class MigrationReceiver: @unchecked Sendable {
         public var pagesReceivedInPlace: Int
         public var deviceComponents: Int
         public var digest: String
+        /// What went wrong after the guest started, if anything: STARTED could not be sent, or the sender's END did
+        /// not come (the source died or the link broke at the last moment). The guest runs regardless.
+        public var afterStart: String?
     }
 
     /// Runs until the guest is started (returns) or the migration fails (throws, with the sink discarded).
@@ -112,6 +115,13 @@ public final class MigrationReceiver: @unchecked Sendable {
         var deviceState: [DeviceState] = []
         var passes = 0
         var verified = false
+        func report(afterStart: String?) -> Report {
+            Report(passes: passes, pagesWritten: writers.reduce(0) { $0 + $1.pagesWritten },
+                   pagesReceivedInPlace: writers.reduce(0) { $0 + $1.pagesReceivedInPlace },
+                   deviceComponents: deviceState.count,
+                   digest: hex(writers.reduce(into: MemoryDigest()) { $0.add(PageHash(low: $1.digest.digest.low, high: $1.digest.digest.high)) }.bytes),
+                   afterStart: afterStart)
+        }
         while true {
             switch try main.next() {
             case .pageBatch(let batch):
@@ -139,22 +149,39 @@ public final class MigrationReceiver: @unchecked Sendable {
                 verified = true
             case .commit:
                 do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
-                try writer.send { encoder, out in
-                    encoder.encodeStarted(into: &out)
-                    encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+                // The guest runs from here on, and its source stays paused until it reads STARTED, or died: nothing
+                // that fails now may discard the guest, so it is only reported.
+                var afterStart: String?
+                do {
+                    try writer.send { encoder, out in
+                        encoder.encodeStarted(into: &out)
+                        encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+                    }
+                    try Self.awaitEnd(main)
+                } catch {
+                    afterStart = "\(error)"
                 }
+                return report(afterStart: afterStart)
             case .end:
                 guard verified else { throw MigrationError.protocolViolation("stream ended before the switchover") }
-                return Report(passes: passes, pagesWritten: writers.reduce(0) { $0 + $1.pagesWritten },
-                              pagesReceivedInPlace: writers.reduce(0) { $0 + $1.pagesReceivedInPlace },
-                              deviceComponents: deviceState.count,
-                              digest: hex(writers.reduce(into: MemoryDigest()) { $0.add(PageHash(low: $1.digest.digest.low, high: $1.digest.digest.high)) }.bytes))
+                return report(afterStart: nil)
             case .abort(let abort):
                 throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
             case .note, .skippedOptional:
                 continue
             case let other:
                 throw MigrationError.protocolViolation("unexpected \(other) on the main channel")
+            }
+        }
+    }
+
+    /// Reads the main channel up to the sender's END after STARTED, past notes and optional records.
+    private static func awaitEnd(_ main: RecordReader) throws {
+        while true {
+            switch try main.next() {
+            case .end: return
+            case .note, .skippedOptional: continue
+            case let other: throw MigrationError.protocolViolation("expected end after commit, got \(other)")
             }
         }
     }

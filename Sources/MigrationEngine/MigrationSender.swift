@@ -15,7 +15,9 @@ import Threads
 ///    and the receiver starts the guest and answers `started`.
 ///
 /// Until `commit` is sent, any failure (channel, peer, guest, cancel) resumes the source as it was: the
-/// caller finds it running. After `commit` the destination may be running, so the source stays paused.
+/// caller finds it running. After `commit` the destination may be running, so the source stays paused (throttle
+/// lifted, tracking stopped) and the report says `committed`: only someone who can ask the destination may decide
+/// whether it runs again. `started` that does not come within `options.startedTimeout` of `commit` ends the wait.
 ///
 /// Sendable: `run` works on one thread; what others touch is atomic (`cancelled`, the progress counters, `watching`),
 /// locked (`gate`, `openedChannels` under `channelLock`) or set before `run` (`onProgress`, `corruptDigestForTesting`).
@@ -79,24 +81,27 @@ public final class MigrationSender: @unchecked Sendable {
         do {
             let downtime = try migrate(&phase)
             report(.completed, pass: history.count, total: 0)
-            return makeReport(error: nil, setup: phase.setupSeconds, downtime: downtime)
+            return makeReport(error: nil, setup: phase.setupSeconds, downtime: downtime, committed: true)
         } catch {
             // A channel the watchdog closed fails whatever waited on it; the reason is the watchdog's.
-            let stopped: MigrationError? = gate.withLock { $0.closedByWatchdog } ? (isCancelled ? .cancelled
-                : .didNotConverge("the time budget of \(options.timeLimit) s ran out")) : nil
+            let (closed, overdue) = gate.withLock { ($0.closedByWatchdog, $0.startedOverdue) }
+            let stopped: MigrationError? = closed ? (isCancelled ? .cancelled : .didNotConverge("the time budget of \(options.timeLimit) s ran out"))
+                : overdue ? .channel("no started from the destination within \(options.startedTimeout) s of commit") : nil
             let failure = stopped ?? reasonFromPeer(for: error as? MigrationError ?? .guestFailed("\(error)"), reply: phase.reply)
             self.failure = failure
             rollBack(phase, failure)
             report(failure == .cancelled ? .cancelled : .failed, pass: history.count, total: 0)
-            return makeReport(error: failure, setup: phase.setupSeconds, downtime: nil)
+            return makeReport(error: failure, setup: phase.setupSeconds, downtime: nil, committed: phase.committed)
         }
     }
 
-    /// Whether the switchover is committed, and whether the watchdog closed the channels before it was; the two
-    /// exclude each other.
+    /// Whether the switchover is committed (and when), and whether the watchdog closed the channels before it
+    /// was; the two exclude each other. After the commit the watchdog closes them only when `started` is overdue.
     private struct Gate {
-        var committed = false
+        var committedAt: Double?
+        var committed: Bool { committedAt != nil }
         var closedByWatchdog = false
+        var startedOverdue = false
     }
     private let gate = Locked(Gate())
 
@@ -105,18 +110,24 @@ public final class MigrationSender: @unchecked Sendable {
 
     /// Watches the migration until `watching` turns false: when it is cancelled or its time budget runs out before
     /// the commit, closes the channels, so that a thread blocked on the peer returns: a peer that accepted and never
-    /// answers, one that stopped reading, a pass not yet applied.
+    /// answers, one that stopped reading, a pass not yet applied. After the commit, a cancel or the budget change
+    /// nothing; only a `started` overdue by `options.startedTimeout` (a destination that hangs, or whose host
+    /// vanished without closing the connection) closes them, and the source stays paused, in doubt.
     private func startWatchdog() {
         watching.store(true, ordering: .relaxed)
         startThread(named: "migrate-watchdog") { [self] in
             while watching.load(ordering: .relaxed) {
-                if isCancelled || timeBudgetSpent {
-                    let close = gate.withLock { gate in
-                        guard !gate.committed else { return false }
-                        gate.closedByWatchdog = true
-                        return true
+                let close = gate.withLock { gate in
+                    if let committedAt = gate.committedAt {
+                        gate.startedOverdue = monotonicSeconds() - committedAt > options.startedTimeout
+                        return gate.startedOverdue
                     }
-                    if close { for channel in channels { channel.close() } }
+                    guard isCancelled || timeBudgetSpent else { return false }
+                    gate.closedByWatchdog = true
+                    return true
+                }
+                if close {
+                    for channel in channels { channel.close() }
                     return
                 }
                 Thread.sleep(forTimeInterval: 0.02)
@@ -224,7 +235,7 @@ public final class MigrationSender: @unchecked Sendable {
         var lastSets = frames.map { Set($0) }
         try guest { try source.harvestDirtyFrames { lastSets[channelIndex(of: $0, channels: channels.count)].insert($0) } }
         let last = lastSets.map { $0.sorted() }
-        let counts = try sendPass(last, pass: finalPass, streamers: streamers)
+        let counts = try sendPass(last, pass: finalPass, streamers: streamers, phase: .switchover)
         let final = measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle)
         history.append(final)
         try sendBoundary(final, counts: counts, on: writers)
@@ -257,10 +268,12 @@ public final class MigrationSender: @unchecked Sendable {
 
         // From here a cancel has no effect: the watchdog leaves the channels alone, unless it closed them already.
         let committing = gate.withLock { gate in
-            if !gate.closedByWatchdog { gate.committed = true }
+            if !gate.closedByWatchdog { gate.committedAt = monotonicSeconds() }
             return gate.committed
         }
         guard committing else { throw MigrationError.cancelled }
+        // A COMMIT not written whole cannot be read whole (records are framed and checked), so a failure here
+        // still rolls back; once it is written, the receiver may start the guest at any moment.
         try writers[0].send { encoder, out in encoder.encodeCommit(into: &out) }
         phase.committed = true
         switch try reply.nextSkippingAcknowledgements() {
@@ -269,7 +282,8 @@ public final class MigrationSender: @unchecked Sendable {
         case let other: throw MigrationError.protocolViolation("expected started, got \(other)")
         }
         let downtime = monotonicSeconds() - pausedAt
-        try writers[0].send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
+        // The guest runs at the destination now: END only closes the stream politely, and losing it loses nothing.
+        try? writers[0].send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
         try? source.stopDirtyTracking()
         phase.tracking = false
         return downtime
@@ -305,8 +319,10 @@ public final class MigrationSender: @unchecked Sendable {
         }
     }
 
-    /// Sends one pass on every channel at once, one thread each, reporting progress meanwhile.
-    private func sendPass(_ frames: [[UInt64]], pass: UInt32, streamers: [PageStreamer]) throws -> PageStreamer.Counts {
+    /// Sends one pass on every channel at once, one thread each, reporting progress meanwhile: at once, so that the
+    /// phase a client reads is the one the migration is in, then every quarter second.
+    private func sendPass(_ frames: [[UInt64]], pass: UInt32, streamers: [PageStreamer],
+                          phase: MigrationProgress.Phase = .precopy) throws -> PageStreamer.Counts {
         let total = frames.reduce(0) { $0 + $1.count }
         pagesDone.reset()
         bytesInPass.reset()
@@ -327,8 +343,9 @@ public final class MigrationSender: @unchecked Sendable {
                 group.leave()
             }
         }
+        report(phase, pass: Int(pass), total: total)
         while group.wait(timeout: .now() + 0.25) == .timedOut {
-            report(.precopy, pass: Int(pass), total: total)
+            report(phase, pass: Int(pass), total: total)
         }
         var counts = PageStreamer.Counts()
         // After a cancel, a channel may fail on one another closed: the cancel is the reason.
@@ -399,22 +416,21 @@ public final class MigrationSender: @unchecked Sendable {
     }
 
     /// Before commit: tell the receiver why (if the channel still works), lift the throttle, stop tracking,
-    /// and let the guest run again.
+    /// and let the guest run again. After commit the guest may run at the destination, so it stays paused here;
+    /// throttle and tracking go all the same, so that a guest resumed here later runs as before the migration.
     private func rollBack(_ phase: Phase, _ failure: MigrationError) {
-        if !phase.committed {
-            if let writer = phase.writers.first {
-                try? writer.send { encoder, out in encoder.encodeAbort(Abort(reason: failure.abortReason, message: "\(failure)"), into: &out) }
-            }
-            source.setThrottle(0)
-            if phase.tracking { try? source.stopDirtyTracking() }
-            if phase.paused { source.resume() }
+        if !phase.committed, let writer = phase.writers.first {
+            try? writer.send { encoder, out in encoder.encodeAbort(Abort(reason: failure.abortReason, message: "\(failure)"), into: &out) }
         }
+        source.setThrottle(0)
+        if phase.tracking { try? source.stopDirtyTracking() }
+        if phase.paused && !phase.committed { source.resume() }
         for channel in channels { channel.close() }
     }
 
-    private func makeReport(error: MigrationError?, setup: Double, downtime: Double?) -> MigrationReport {
+    private func makeReport(error: MigrationError?, setup: Double, downtime: Double?, committed: Bool) -> MigrationReport {
         MigrationReport(
-            succeeded: error == nil, error: error.map { "\($0)" }, totalSeconds: monotonicSeconds() - started,
+            succeeded: error == nil, error: error.map { "\($0)" }, committed: committed, totalSeconds: monotonicSeconds() - started,
             setupSeconds: setup, downtimeSeconds: downtime, passes: history, wireBytes: wireBytes,
             pagesSent: history.reduce(0) { $0 + $1.pagesSent - ($1.pass == 0 ? $1.zeroPages : 0) },
             compression: options.compression.rawValue, channels: channels.count, harvests: harvests, harvestSeconds: harvestSeconds)

@@ -167,9 +167,7 @@ public final class LazyRestore: @unchecked Sendable {
             }
             try SnapshotRestore.restoreDevices(chain, sink)
             readyAt = monotonicSeconds() - started
-            let thread = Thread { [self] in prefetch() }
-            thread.name = "snapshot-prefetch"
-            thread.start()
+            startThread(named: "snapshot-prefetch") { [self] in prefetch() }
         } catch {
             for region in regions { region.close() }
             sink.discard()

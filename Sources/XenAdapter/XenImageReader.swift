@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import MigrationWire
+import Threads
 
 /// What a reader is prepared to accept beyond the format's own checks.
 public struct XenReaderLimits: Sendable {
@@ -172,7 +173,7 @@ private final class Prefetcher: @unchecked Sendable {
     init(base: UnsafeMutableRawPointer, size: Int) {
         self.base = base
         self.size = size
-        Thread { [self] in run() }.start()
+        startThread(named: "xen-image-prefetch") { [self] in run() }
     }
 
     private func run() {

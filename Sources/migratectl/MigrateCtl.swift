@@ -52,7 +52,13 @@ func describe(_ vm: VMInfo) -> String {
         "console:      \(vm.consoleLines) lines\(vm.consoleLog.map { " (log: \($0))" } ?? "")",
     ]
     if let line = vm.lastConsoleLine { lines.append("last line:    \(line)") }
+    if let doubt = vm.inDoubt { lines.append("IN DOUBT:     \(doubt.reason)") }
     return lines.joined(separator: "\n")
+}
+
+/// The state as lists show it: a VM paused by a migration in doubt stands out from one paused on request.
+func stateLabel(_ vm: VMInfo) -> String {
+    vm.inDoubt != nil ? "in-doubt" : vm.state.rawValue
 }
 
 // MARK: vm
@@ -93,7 +99,7 @@ struct VM: AsyncParsableCommand {
                     let header = "ID".padding(toLength: 20, withPad: " ", startingAt: 0) + "STATE     MEMORY  VCPUS  UPTIME    LAST CONSOLE LINE"
                     return ([header] + list.vms.map { vm in
                         vm.id.padding(toLength: 20, withPad: " ", startingAt: 0)
-                            + vm.state.rawValue.padding(toLength: 10, withPad: " ", startingAt: 0)
+                            + stateLabel(vm).padding(toLength: 10, withPad: " ", startingAt: 0)
                             + "\(vm.memoryMib)M".padding(toLength: 8, withPad: " ", startingAt: 0)
                             + "\(vm.vcpus)".padding(toLength: 7, withPad: " ", startingAt: 0)
                             + Formatting.seconds(vm.uptimeSeconds).padding(toLength: 10, withPad: " ", startingAt: 0)
@@ -125,12 +131,22 @@ struct VM: AsyncParsableCommand {
     }
 
     struct Resume: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Let a paused VM run again.")
+        static let configuration = CommandConfiguration(
+            abstract: "Let a paused VM run again.",
+            discussion: """
+            A VM whose migration committed the switchover without hearing that the destination started it is paused \
+            "in doubt": the guest may run at the destination. Ask the destination daemon first (migratectl vm show ID \
+            --socket THEIRS); if it runs there, delete the VM here; only if it does not, resume it here with --force.
+            """)
         @OptionGroup var options: ClientOptions
         @Argument(help: "The VM's id.") var vm: String
+        @Flag(help: "Resume a VM left in doubt by a migration, once it is certain that it does not run at the destination.")
+        var force = false
 
         func run() async throws {
-            try await reportingErrors { try options.print(try await options.client.resumeVM(vm)) { "\($0.id) \($0.state.rawValue)" } }
+            try await reportingErrors {
+                try options.print(try await options.client.resumeVM(vm, force: force)) { "\($0.id) \($0.state.rawValue)" }
+            }
         }
     }
 
@@ -202,7 +218,25 @@ struct Migrate: AsyncParsableCommand {
 }
 
 struct Migration: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "A VM's current or last migration.", subcommands: [Show.self, Cancel.self])
+    static let configuration = CommandConfiguration(abstract: "A VM's current or last migration; migrations into this daemon.",
+                                                    subcommands: [Show.self, Cancel.self, Incoming.self])
+
+    struct Incoming: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the latest migrations into this daemon that ended, and how.")
+        @OptionGroup var options: ClientOptions
+
+        func run() async throws {
+            try await reportingErrors {
+                let records = try await options.client.incomingMigrations()
+                try options.print(IncomingMigrationList(migrations: records)) { list in
+                    list.migrations.map { record in
+                        "\(record.finishedAt)  \(record.outcome.rawValue.padding(toLength: 9, withPad: " ", startingAt: 0))"
+                            + "\(record.vm ?? "-")  from \(record.peer)\(record.error.map { ": \($0)" } ?? "")"
+                    }.joined(separator: "\n")
+                }
+            }
+        }
+    }
 
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Show a migration's progress, or its report once it has ended.")

@@ -61,6 +61,8 @@ struct MigratedCommand: AsyncParsableCommand {
         let file = try config.map { path throws in try DaemonConfiguration.load(from: path) } ?? DaemonConfiguration()
         let settings: ValidatedConfiguration
         do { settings = try file.merging(overrides).validated() } catch { throw ValidationError(error.description) }
+        let fault: FaultInjection?
+        do { fault = try FaultInjection.fromEnvironment(ProcessInfo.processInfo.environment) } catch { throw ValidationError(error.description) }
 
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
@@ -68,7 +70,11 @@ struct MigratedCommand: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "migrated")
-        let daemon = Daemon(configuration: settings, logger: logger)
+        if let fault {
+            logger.warning("test hook armed: this daemon will exit on purpose during incoming migrations",
+                           metadata: ["fault": "\(fault.rawValue)", "variable": "\(FaultInjection.environmentVariable)"])
+        }
+        let daemon = Daemon(configuration: settings, logger: logger, incoming: EngineIncomingListener(logger: logger, fault: fault))
 
         // SIGINT and SIGTERM shut the service group down gracefully: the control server ends, then the shutdown
         // below stops the VMs and removes the socket.

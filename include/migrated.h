@@ -64,7 +64,9 @@ enum migrated_error {
     MIGRATED_ERR_CANCELLED = 8,        /* migrated_migration_cancel was called */
     MIGRATED_ERR_NOT_CONVERGED = 9,    /* the guest dirtied memory too fast for the passes or time allowed */
     MIGRATED_ERR_SNAPSHOT = 10,        /* a snapshot file is bad (checksum, truncation, broken chain, digest) */
-    MIGRATED_ERR_STATE = 11            /* the call does not fit the handle's state (waited twice, no base) */
+    MIGRATED_ERR_STATE = 11,           /* the call does not fit the handle's state (waited twice, no base) */
+    MIGRATED_ERR_IN_DOUBT = 12         /* outgoing: the switchover was committed, and the destination did not say it
+                                        * started the guest: it may run there. The source stays paused. */
 };
 
 /* Why the last failing call on this thread failed, in words; "" after a success. The string belongs to the
@@ -294,10 +296,13 @@ struct migrated_migration_options {
 typedef struct migrated_migration migrated_migration;
 
 /* Starts migrating `vm` out and returns at once. Pre-copy with the guest running, then pause, last pages,
- * device state, and the destination's digest check. Before the destination has started the guest, any failure
- * (link, peer, cancel, bad input) resumes the source unthrottled as if nothing happened; after it, the source
- * stays paused and the VMM should stop it (migrated_migration_wait returns MIGRATED_OK). `vm` must stay alive
- * and unused by other migrations until migrated_migration_wait returns. */
+ * device state, and the destination's digest check. Before the switchover is committed (the destination told to
+ * start), any failure (link, peer, cancel, bad input) resumes the source unthrottled as if nothing happened. Once
+ * the destination has said it started the guest, the source stays paused and the VMM should stop it
+ * (migrated_migration_wait returns MIGRATED_OK). In between, a failure leaves the source paused and wait returns
+ * MIGRATED_ERR_IN_DOUBT: the guest may run at the destination, so the VMM must not resume it until it has
+ * learnt (from the destination, or whoever runs it) that it does not. `vm` must stay alive and unused by other
+ * migrations until migrated_migration_wait returns. */
 int migrated_migration_start_outgoing(migrated_vm *vm, const struct migrated_migration_options *options,
                                       migrated_migration **out);
 

@@ -184,7 +184,11 @@ final class EmbeddedMigration: @unchecked Sendable {
         return start(name: "migrated-out", cancel: { sender.cancel() }) { _ in
             defer { vm.release() }
             let report = sender.run()
-            let error = sender.failure.map { CABIError(classifying: $0, callbackFailed: vm.callbacks.failureCount > failuresBefore) }
+            let error = sender.failure.map { failure in
+                // After the commit the guest may run at the destination: not an error the VMM may answer by resuming.
+                report.committed ? CABIError(MIGRATED_ERR_IN_DOUBT, "\(failure)")
+                    : CABIError(classifying: failure, callbackFailed: vm.callbacks.failureCount > failuresBefore)
+            }
             return migrated_report(
                 error: error, total: report.totalSeconds, setup: report.setupSeconds, downtime: report.downtimeSeconds,
                 wireBytes: report.wireBytes, pages: report.pagesSent, passes: report.passes.count, channels: report.channels,

@@ -31,6 +31,7 @@ public func migrated_error_name(_ code: Int32) -> UnsafePointer<CChar> {
     case Int32(MIGRATED_ERR_NOT_CONVERGED.rawValue): "MIGRATED_ERR_NOT_CONVERGED"
     case Int32(MIGRATED_ERR_SNAPSHOT.rawValue): "MIGRATED_ERR_SNAPSHOT"
     case Int32(MIGRATED_ERR_STATE.rawValue): "MIGRATED_ERR_STATE"
+    case Int32(MIGRATED_ERR_IN_DOUBT.rawValue): "MIGRATED_ERR_IN_DOUBT"
     default: "unknown"
     }
     return UnsafeRawPointer(name.utf8Start).assumingMemoryBound(to: CChar.self)

@@ -95,6 +95,28 @@ final class CVMMInteropKVMTests: KVMTestCase {
         XCTAssertEqual(try daemon.vm("from-c")?.state.rawValue, "migrated")
     }
 
+    /// The destination daemon dies after reading COMMIT, before it says STARTED (its fault-injection hook): the
+    /// library answers MIGRATED_ERR_IN_DOUBT and keeps the guest paused, because it may run there; c-vmm does not
+    /// resume it by itself. The operator, having found no guest at the destination, resumes it, and it verifies.
+    func testACommitWithoutStartedLeavesTheCVMMGuestPausedUntilTheOperatorResumes() throws {
+        let daemon = try DaemonProcess(bin: "\(try InstalledLibrary.prefix())/bin", environment: ["MIGRATED_FAULT_INJECT": "exit-after-commit"])
+        defer { daemon.stop() }
+        let source = try runningGuest("a")
+        let configuration = "\(directory)/vm.json"
+        try #"{"id":"in-doubt","image":"\#(TestGuest.path)","memory_mib":256,"cmdline":"\#(commandLine)"}"#
+            .write(toFile: configuration, atomically: true, encoding: .utf8)
+        let reply = source.command("migrate 127.0.0.1:\(daemon.incomingPort) config=\(configuration) tls=\(tls("client", peer: "server.migrated.test"))")
+        XCTAssertEqual(reply?.hasPrefix("error MIGRATED_ERR_IN_DOUBT"), true, "\(reply ?? "no reply"); \(source.stderr)")
+        XCTAssertEqual(source.command("status"), "ok paused", "the guest may run at the destination: it stays paused")
+        let before = source.memstress()?.ticks ?? 0
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertEqual(source.memstress()?.ticks ?? 0, before, "no guest tick while in doubt")
+        XCTAssertFalse(daemon.isRunning, "the destination died at the commit")
+
+        XCTAssertEqual(source.command("resume"), "ok running")
+        assertRunsVerified(source, after: before)
+    }
+
     func testSnapshotsBetweenCVMMAndVmsnap() throws {
         let prefix = try InstalledLibrary.prefix()
         // A live snapshot by the C VMM: vmsnap verifies it and runs it in MicroVM.

@@ -753,9 +753,17 @@ int migrator_migrate(struct migrator *m, int argc, char **argv, bool over_fds)
     /* What the source's dirty tracking cost, on stderr whatever the outcome (bench/cabi reads it). */
     cvmm_log("migration report: passes=%u harvests=%u harvest_seconds=%.6f wire_bytes=%llu", report.passes, report.harvests,
              report.harvest_seconds, (unsigned long long)report.wire_bytes);
+    if (status == MIGRATED_ERR_IN_DOUBT) {
+        /* The destination may run the guest: it stays paused here until the operator, having asked the destination,
+         * says `resume` (it does not run there) or `quit` (it does): the library's pause becomes the operator's. */
+        vm_adopt_library_pause(m->vm);
+        cvmm_log("migration in doubt: the guest stays paused; resume it only if it does not run at the destination");
+        reply_failure(status, message);
+        return 0;
+    }
     if (status != MIGRATED_OK) {
-        /* The library resumes the guest unthrottled on any failure before the destination started it. Make
-         * sure, so that a failed migration can never leave the guest stuck. */
+        /* The library resumes the guest unthrottled on any failure before the commit. Make sure, so that a failed
+         * migration can never leave the guest stuck. */
         if (vm_lift_library_holds(m->vm))
             cvmm_log("warning: the guest was left paused or throttled after a failed migration; resumed it");
         reply_failure(status, message);

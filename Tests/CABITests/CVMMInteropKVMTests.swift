@@ -50,6 +50,15 @@ final class CVMMInteropKVMTests: KVMTestCase {
         return (vmm, String(line.split(separator: " ")[2]))
     }
 
+    /// Has c-vmm migrate its guest into `daemon` over mutual TLS, with the daemon's configuration for it under `id`;
+    /// returns c-vmm's reply.
+    private func migrate(_ source: CVMMProcess, intoDaemon daemon: DaemonProcess, as id: String) throws -> String? {
+        let configuration = "\(directory)/\(id).json"
+        try #"{"id":"\#(id)","image":"\#(TestGuest.path)","memory_mib":256,"cmdline":"\#(commandLine)"}"#
+            .write(toFile: configuration, atomically: true, encoding: .utf8)
+        return source.command("migrate 127.0.0.1:\(daemon.incomingPort) config=\(configuration) tls=\(tls("client", peer: "server.migrated.test"))")
+    }
+
     /// The guest runs at `vmm` after a move: it prints new status lines, all verified.
     private func assertRunsVerified(_ vmm: CVMMProcess, after ticks: UInt64 = 0, file: StaticString = #filePath, line: UInt = #line) {
         let status = vmm.memstress(after: ticks)
@@ -77,10 +86,7 @@ final class CVMMInteropKVMTests: KVMTestCase {
         let daemon = try DaemonProcess()
         defer { daemon.stop() }
         let source = try runningGuest("a")
-        let configuration = "\(directory)/vm.json"
-        try #"{"id":"from-c","image":"\#(TestGuest.path)","memory_mib":256,"cmdline":"\#(commandLine)"}"#
-            .write(toFile: configuration, atomically: true, encoding: .utf8)
-        let reply = source.command("migrate 127.0.0.1:\(daemon.incomingPort) config=\(configuration) tls=\(tls("client", peer: "server.migrated.test"))")
+        let reply = try migrate(source, intoDaemon: daemon, as: "from-c")
         XCTAssertEqual(reply?.hasPrefix("ok migrated"), true, "\(reply ?? "no reply"); \(source.stderr)")
         XCTAssertEqual(source.waitForExit(), 0)
         let arrived = try daemon.memstress(of: "from-c", after: 0)
@@ -102,10 +108,7 @@ final class CVMMInteropKVMTests: KVMTestCase {
         let daemon = try DaemonProcess(bin: "\(try InstalledLibrary.prefix())/bin", environment: ["MIGRATED_FAULT_INJECT": "exit-after-commit"])
         defer { daemon.stop() }
         let source = try runningGuest("a")
-        let configuration = "\(directory)/vm.json"
-        try #"{"id":"in-doubt","image":"\#(TestGuest.path)","memory_mib":256,"cmdline":"\#(commandLine)"}"#
-            .write(toFile: configuration, atomically: true, encoding: .utf8)
-        let reply = source.command("migrate 127.0.0.1:\(daemon.incomingPort) config=\(configuration) tls=\(tls("client", peer: "server.migrated.test"))")
+        let reply = try migrate(source, intoDaemon: daemon, as: "in-doubt")
         XCTAssertEqual(reply?.hasPrefix("error MIGRATED_ERR_IN_DOUBT"), true, "\(reply ?? "no reply"); \(source.stderr)")
         XCTAssertEqual(source.command("status"), "ok paused", "the guest may run at the destination: it stays paused")
         let before = source.memstress()?.ticks ?? 0

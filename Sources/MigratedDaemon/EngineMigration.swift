@@ -28,9 +28,15 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
 
     public init(logger: Logger) { self.logger = logger }
 
-    /// One migration's sender and where it stands.
+    /// One migration's sender, while it runs, and where it stands.
+    ///
+    /// Sendable: `sender` and `current` are guarded by `lock`.
     final class Migration: @unchecked Sendable {
-        let sender: MigrationSender
+        /// Set until the run ends. The record outlives the run (its status is readable until the VM's next
+        /// migration), and the sender holds the source VM (its KVM descriptors, vCPU state and guest memory) and
+        /// its channels; the sender's progress callback also holds this record, so keeping the sender here would
+        /// keep all of that for good.
+        private var sender: MigrationSender?
         private let lock = NSLock()
         private var current: MigrationStatus
 
@@ -41,6 +47,17 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
 
         var status: MigrationStatus { lock.withLock { current } }
         func update(_ change: (inout MigrationStatus) -> Void) { lock.withLock { change(&current) } }
+
+        /// Asks the running sender to stop; nothing once the run has ended.
+        func cancel() { lock.withLock { sender }?.cancel() }
+
+        /// Records the final status and lets go of the sender.
+        func finish(_ change: (inout MigrationStatus) -> Void) {
+            lock.withLock {
+                change(&current)
+                sender = nil
+            }
+        }
     }
 
     public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
@@ -77,7 +94,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)"])
         let thread = Thread { [self] in
             let report = sender.run()
-            migration.update { $0.finish(report, compression: request.compression) }
+            migration.finish { $0.finish(report, compression: request.compression) }
             lock.withLock {
                 if report.succeeded { succeeded += 1 } else { failed += 1 }
                 bytesSent += UInt64(report.wireBytes)
@@ -101,7 +118,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
 
     public func cancel(vm id: String) async throws(ControlError) -> MigrationStatus {
         guard let migration = lock.withLock({ migrations[id] }) else { throw Self.noMigration(id) }
-        migration.sender.cancel()
+        migration.cancel()
         return migration.status
     }
 

@@ -94,7 +94,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "migrated", dependencies: [
-            "MigratedDaemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "MigratedDaemon", "CKVM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "migratectl", dependencies: [

@@ -97,7 +97,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "migrated", dependencies: [
-            "MigratedDaemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "MigratedDaemon", "CKVM", .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
         ]),

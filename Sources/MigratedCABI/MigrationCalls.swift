@@ -255,20 +255,22 @@ final class EmbeddedMigration: @unchecked Sendable {
         }
     }
 }
-/// Sendable: `channels` is guarded by `lock`.
 
 /// The channels of an incoming migration once accepted, so that a cancel can close them from another thread.
+///
+/// Sendable: `channels` is guarded by `lock`.
 private final class ChannelSet: @unchecked Sendable {
     private let lock = NSLock()
     private var channels: [MigrationChannel] = []
 
     func set(_ accepted: [MigrationChannel]) { lock.withLock { channels = accepted } }
     func closeAll() { for channel in lock.withLock({ channels }) { channel.close() } }
-/// Sendable: the VMM's progress function and opaque pointer, which migrated.h says may be called from the library's
 /// threads.
 }
 
 /// Calls the VMM's progress function with the engine's progress.
+///
+/// Sendable: the VMM's progress function and opaque pointer, which migrated.h says are called on library threads.
 struct ProgressReporter: @unchecked Sendable {
     // The VMM promises the function and its opaque pointer stay valid for the operation.
     let function: migrated_progress_fn?

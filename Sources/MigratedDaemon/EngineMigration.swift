@@ -31,18 +31,35 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
 
     public init(logger: Logger) { self.logger = logger }
 
-    /// One migration's sender and where it stands.
+    /// One migration's sender, while it runs, and where it stands.
     final class Migration: Sendable {
-        let sender: MigrationSender
-        private let current: Locked<MigrationStatus>
+        private struct State {
+            /// Set until the run ends. The record outlives the run (its status is readable until the VM's next
+            /// migration), and the sender holds the source VM (its KVM descriptors, vCPU state and guest memory) and
+            /// its channels; the sender's progress callback also holds this record, so keeping the sender here would
+            /// keep all of that for good.
+            var sender: MigrationSender?
+            var status: MigrationStatus
+        }
+        private let state: Locked<State>
 
         init(sender: MigrationSender, status: MigrationStatus) {
-            self.sender = sender
-            current = Locked(status)
+            state = Locked(State(sender: sender, status: status))
         }
 
-        var status: MigrationStatus { current.withLock { $0 } }
-        func update(_ change: (inout MigrationStatus) -> Void) { current.withLock { change(&$0) } }
+        var status: MigrationStatus { state.withLock { $0.status } }
+        func update(_ change: (inout MigrationStatus) -> Void) { state.withLock { change(&$0.status) } }
+
+        /// Asks the running sender to stop; nothing once the run has ended.
+        func cancel() { state.withLock { $0.sender }?.cancel() }
+
+        /// Records the final status and lets go of the sender.
+        func finish(_ change: (inout MigrationStatus) -> Void) {
+            state.withLock {
+                change(&$0.status)
+                $0.sender = nil
+            }
+        }
     }
 
     public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
@@ -87,7 +104,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             } else if let doubt {
                 vm.leaveInDoubt(doubt)
             }
-            migration.update { $0.finish(report, compression: request.compression, inDoubt: doubt) }
+            migration.finish { $0.finish(report, compression: request.compression, inDoubt: doubt) }
             lock.withLock {
                 if report.succeeded { succeeded += 1 } else if doubt != nil { inDoubt += 1 } else { failed += 1 }
                 bytesSent += UInt64(report.wireBytes)
@@ -110,7 +127,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
 
     public func cancel(vm id: String) async throws(ControlError) -> MigrationStatus {
         guard let migration = lock.withLock({ migrations[id] }) else { throw Self.noMigration(id) }
-        migration.sender.cancel()
+        migration.cancel()
         return migration.status
     }
 

@@ -181,10 +181,10 @@ public final class ChannelGatherer: @unchecked Sendable {
     }
 
     private func gather(_ channel: MigrationChannel, peer: String, source: String) {
-        let wait = HeaderWait()
+        let wait = HeaderWait(channel)
         DispatchQueue.global().asyncAfter(deadline: .now() + headerTimeout) {
             // Closing the channel makes the header read below fail: a silent peer costs a thread for this long.
-            if wait.expire() { channel.close() }
+            wait.expire()?.close()
         }
         let header: (header: StreamHeader, bytes: [UInt8])
         do {
@@ -232,18 +232,25 @@ public final class ChannelGatherer: @unchecked Sendable {
         }
     }
 }
-/// Sendable: `decided` is guarded by `lock`.
 
 /// Whether a connection's header came before its deadline; whichever of the two comes first wins.
+///
+/// The deadline's closure holds this, not the connection: the connection is let go when the header comes, so
+/// that it closes as soon as its migration is done with it rather than when the deadline passes (10 s after it
+/// was accepted, which kept every received migration's sockets and TLS buffers that long).
+///
+/// Sendable: `channel` is guarded by `lock`.
 private final class HeaderWait: @unchecked Sendable {
     private let lock = NSLock()
-    private var decided = false
+    private var channel: MigrationChannel?
+
+    init(_ channel: MigrationChannel) { self.channel = channel }
 
     /// The header was read (or failed); the deadline will do nothing.
-    func finish() { lock.withLock { decided = true } }
+    func finish() { lock.withLock { channel = nil } }
 
-    /// True if the deadline came first, and the caller should close the connection.
-    func expire() -> Bool { lock.withLock { defer { decided = true }; return !decided } }
+    /// The connection to close if the deadline came first, nil otherwise.
+    func expire() -> MigrationChannel? { lock.withLock { defer { channel = nil }; return channel } }
 }
 
 /// A channel that first hands back bytes already read from it.

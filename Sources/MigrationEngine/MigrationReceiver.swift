@@ -490,12 +490,13 @@ final class PassAcknowledger: @unchecked Sendable {
             written[pass] = nil
             return true
         }
-        /// Sendable: `failure` is guarded by `lock`; `group` is thread-safe.
         if complete { try reply.send { encoder, out in encoder.encodePassApplied(pass: pass, into: &out) } }
     }
 }
 
 /// Threads whose first error is kept, to be rethrown when they are waited for.
+///
+/// Sendable: `failure` is guarded by `lock`; `group` is thread-safe.
 final class ChannelThreads: @unchecked Sendable {
     private let group = DispatchGroup()
     private let lock = NSLock()

@@ -476,9 +476,10 @@ public final class MigrationSender: @unchecked Sendable {
 
 /// Bytes as lowercase hexadecimal, as reports and logs show digests.
 public func hex(_ bytes: [UInt8]) -> String { bytes.map { String(format: "%02x", $0) }.joined() }
-/// Sendable: `found` is guarded by `lock`.
 
 /// The receiver's abort, if `reasonFromPeer` finds one.
+///
+/// Sendable: `found` is guarded by `lock`; `done` is a semaphore.
 private final class PeerAbort: @unchecked Sendable {
     private let lock = NSLock()
     private var found: MigrationError?
@@ -486,10 +487,11 @@ private final class PeerAbort: @unchecked Sendable {
 
     func set(_ error: MigrationError) { lock.withLock { found = error } }
     var value: MigrationError? { lock.withLock { found } }
-/// Sendable: `results` is guarded by `lock`.
 }
 
 /// What each channel's thread of a pass ended with.
+///
+/// Sendable: `results` is guarded by `lock`.
 private final class PassResults: @unchecked Sendable {
     private let lock = NSLock()
     private var results: [Result<PageStreamer.Counts, Error>?]

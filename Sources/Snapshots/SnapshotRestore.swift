@@ -236,9 +236,10 @@ public final class LazyRestore: @unchecked Sendable {
     }
 }
 
-/// Sendable: `done`, `digest` and `error` are guarded by `lock`.
 
 /// What the threads of an eager restore share: pages done, the digest so far, and the first error.
+///
+/// Sendable: `done`, `digest` and `error` are guarded by `lock`.
 private final class RestoreProgress: @unchecked Sendable {
     private let lock = NSLock()
     private let total: Int

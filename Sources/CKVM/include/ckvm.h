@@ -173,3 +173,9 @@ static inline uint64_t ckvm_uffd_msg_fault_address(const struct uffd_msg *msg) {
 // Swift's Glibc module has neither <sys/eventfd.h> nor the _GNU_SOURCE pthread_setname_np().
 int ckvm_eventfd(unsigned int initval); // always close-on-exec, blocking
 int ckvm_set_thread_name(const char *name); // the calling thread's; at most 15 characters
+
+// MARK: malloc tuning
+
+// <malloc.h> is not part of Swift's Glibc module: mallopt and M_ARENA_MAX, for the daemon (Sources/migrated).
+#include <malloc.h>
+static const int CKVM_M_ARENA_MAX = M_ARENA_MAX;

@@ -9,11 +9,13 @@ shift || true
 out=.build-fuzz-xen
 mkdir -p "$out/corpus" "$out/artifacts" "$out/modules"
 flags=(-sanitize=fuzzer,address -parse-as-library -O -g)
-# MigrationWire as its own module, so the reader's `import MigrationWire` resolves.
-swiftc "${flags[@]}" -module-name MigrationWire -emit-module -emit-module-path "$out/modules/MigrationWire.swiftmodule" \
-    -emit-library -static -o "$out/modules/libMigrationWire.a" Sources/MigrationWire/*.swift
+# MigrationWire and Threads as modules of their own, so the reader's imports of them resolve.
+for module in MigrationWire Threads; do
+    swiftc "${flags[@]}" -module-name "$module" -emit-module -emit-module-path "$out/modules/$module.swiftmodule" \
+        -emit-library -static -o "$out/modules/lib$module.a" Sources/"$module"/*.swift
+done
 # The reader's files: everything in XenAdapter that does not touch KVM types.
-swiftc "${flags[@]}" -module-name FuzzXen -I "$out/modules" -L "$out/modules" -lMigrationWire \
+swiftc "${flags[@]}" -module-name FuzzXen -I "$out/modules" -L "$out/modules" -lMigrationWire -lThreads \
     Sources/XenAdapter/{XenFormat,HVMContext,XenDomainState,XenImageReader,XenImageWriter}.swift fuzz/xen/*.swift \
     -o "$out/fuzz-xen"
 FUZZ_XEN_SEEDS="$out/corpus" "$out/fuzz-xen" -runs=0 "$out/corpus" >/dev/null 2>&1

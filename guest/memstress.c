@@ -30,6 +30,7 @@ static u32 genarr[MAX_WORK_PAGES];
 static char corpus[CORPUS_SIZE + 4096];   /* + slack so a page never wraps */
 
 static u64 npages, seed, stride;
+static u64 same_pct;   /* same_pct=N: share of rewrites that put back the bytes a page holds */
 static int pattern;
 static u64 zero_sum;
 
@@ -178,6 +179,28 @@ static void write_page(u64 page, u64 gen)
 	genarr[page] = (u32)gen;
 }
 
+/*
+ * same_pct=N: a rewrite of a page that holds data puts back, with N % odds,
+ * the very bytes it holds, every word stored again (the dirty log reports it
+ * like any write; only its content says it is the same). Such a write leaves
+ * the page's generation and genarr[] as they were, so verify_all() still
+ * checks that the page holds its last real write. Which writes are identical
+ * follows from (seed, page, generation), not from time.
+ */
+static int rewrites_same(u64 page, u64 gen)
+{
+	if (!same_pct || !genarr[page])
+		return 0;
+	return mix64(seed ^ 0x5a3e5a3e5a3eUL ^ (page * 0xbf58476d1ce4e5b9UL) ^ (gen << 32)) % 100 < same_pct;
+}
+
+static void rewrite_same(u64 page)
+{
+	volatile u64 *p = (volatile u64 *)(WORKLOAD_BASE + page * 4096);
+	for (int i = 0; i < PAGE_WORDS; i++)
+		p[i] = p[i];
+}
+
 /* The i-th write overall goes to page (i mod n) * stride mod n: each pass
  * covers every page once, scattered across 2 MiB regions rather than a
  * sliding window, which is harder on dirty tracking. */
@@ -233,6 +256,9 @@ static void setup(u64 size_mib)
 			die(EXIT_BADCMD, "bad command line: pattern= must be zero, text, random or mixed\n");
 	}
 	seed = cmd_u64("seed", 0x5eed);
+	same_pct = cmd_u64("same_pct", 0);
+	if (same_pct > 100)
+		die(EXIT_BADCMD, "bad command line: same_pct= must be 0 to 100\n");
 	if (size_mib == 0 || size_mib > (MAX_WORK_PAGES >> 8))
 		die(EXIT_BADCMD, "bad command line: size_mib out of range\n");
 	npages = size_mib * 256;
@@ -280,8 +306,11 @@ void memstress_main(void)
 	if (inj && inj[0] != 's' && inj[0] != 'c')
 		die(EXIT_BADCMD, "bad command line: inject= must be stale or corrupt\n");
 	setup(size_mib);
-	uprintf("memstress boot size_mib=%lu rate_mib=%lu pattern=%s seed=%lu duration_s=%lu pages_total=%lu\n",
+	uprintf("memstress boot size_mib=%lu rate_mib=%lu pattern=%s seed=%lu duration_s=%lu pages_total=%lu",
 		size_mib, rate_mib, pattern_names[pattern], seed, duration, npages);
+	if (same_pct)
+		uprintf(" same_pct=%lu", same_pct);
+	uprintf("\n");
 
 	const u64 rate_pages = rate_mib * 256;   /* pages per second */
 	u64 written = 0;                         /* writes done, all generations */
@@ -332,8 +361,13 @@ void memstress_main(void)
 		 * each on PVM hosts, and the scattered order makes that common). */
 		if (quota > 8)
 			quota = 8;
-		for (u64 k = 0; k < quota; k++, written++)
-			write_page(page_of(written), gen_of(written));
+		for (u64 k = 0; k < quota; k++, written++) {
+			u64 page = page_of(written), gen = gen_of(written);
+			if (rewrites_same(page, gen))
+				rewrite_same(page);
+			else
+				write_page(page, gen);
+		}
 		if (rate_mib)
 			credit -= quota * TIMER_HZ;
 	}

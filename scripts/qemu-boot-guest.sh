@@ -2,7 +2,8 @@
 # Builds the test guest (guest/) and proves it under QEMU/KVM:
 #   1. memstress boots, prints verify=ok status lines with rising ticks, and
 #      exits with the pass code when duration_s runs out;
-#   2. dirtyrounds runs to "dirtyrounds done" (QEMU ignores the port 0x600 syncs);
+#   2. memstress same_pct=90 (identical rewrites) runs to "memstress done";
+#      dirtyrounds runs to "dirtyrounds done" (QEMU ignores the port 0x600 syncs);
 #   3. the failure paths work: a stale page is caught (0x11), a CPU fault is
 #      reported (0x12), a workload too big for RAM is refused (0x13).
 #   4. with --migrate: memstress survives a QEMU live migration (the
@@ -78,6 +79,13 @@ awk '
 	}' "$LOG_DIR/memstress.txt" >"$LOG_DIR/check.txt" \
 	|| { cat "$LOG_DIR/memstress.txt" >&2; fail "memstress: $(cat "$LOG_DIR/check.txt")"; }
 echo "qemu-boot-guest: memstress ok ($(grep -c '^memstress t=' "$LOG_DIR/memstress.txt") status lines, last: $(grep '^memstress t=' "$LOG_DIR/memstress.txt" | tail -1))"
+
+# --- memstress with identical rewrites ---------------------------------------
+run same 30 workload=memstress size_mib=16 rate_mib=100 same_pct=90 duration_s=3
+expect_rc same 0x10
+grep -q '^memstress boot .* same_pct=90$' "$LOG_DIR/same.txt" || { cat "$LOG_DIR/same.txt" >&2; fail "same_pct: no boot line with same_pct=90"; }
+grep -q '^memstress done$' "$LOG_DIR/same.txt" || { cat "$LOG_DIR/same.txt" >&2; fail "same_pct: no 'memstress done'"; }
+echo "qemu-boot-guest: memstress same_pct=90 ok ($(grep '^memstress t=' "$LOG_DIR/same.txt" | tail -1))"
 
 # --- dirtyrounds -----------------------------------------------------------
 run dirtyrounds 30 workload=dirtyrounds region_mib=16 count=64 rounds=50

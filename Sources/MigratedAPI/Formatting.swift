@@ -44,7 +44,8 @@ public enum Formatting {
             "  \(bytes(Double(report.wireBytes))) on the wire, \(report.pagesSent) pages, \(report.compression.rawValue), \(report.channels) channel\(report.channels == 1 ? "" : "s")",
         ]
         for pass in report.passes {
-            lines.append("  pass \(pass.pass): \(pass.pagesSent) pages (\(pass.zeroPages) zero, \(pass.compressedPages) compressed), "
+            let unchanged = pass.unchangedPages.map { ", \($0) unchanged" } ?? ""
+            lines.append("  pass \(pass.pass): \(pass.pagesSent) pages (\(pass.zeroPages) zero, \(pass.compressedPages) compressed\(unchanged)), "
                 + "\(bytes(Double(pass.wireBytes))) in \(seconds(pass.seconds)), rate \(bytes(pass.rateBytesPerSecond))/s, "
                 + "dirty \(bytes(pass.dirtyRateBytesPerSecond))/s, expected downtime \(seconds(pass.expectedDowntimeMs / 1000))"
                 + (pass.throttle > 0 ? String(format: ", throttle %.0f%%", pass.throttle * 100) : ""))

@@ -139,6 +139,9 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         public var pagesSent: UInt64
         public var zeroPages: UInt64
         public var compressedPages: UInt64
+        /// Pages the destination already held as they were, sent as a descriptor without payload (stream.md §6.4.1).
+        /// Absent from the reports of daemons that predate it.
+        public var unchangedPages: UInt64?
         public var wireBytes: UInt64
         public var seconds: Double
         public var dirtyRateBytesPerSecond: Double
@@ -146,13 +149,14 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         public var expectedDowntimeMs: Double
         public var throttle: Double
 
-        public init(pass: Int, pagesSent: UInt64, zeroPages: UInt64, compressedPages: UInt64, wireBytes: UInt64,
-                    seconds: Double, dirtyRateBytesPerSecond: Double, rateBytesPerSecond: Double,
+        public init(pass: Int, pagesSent: UInt64, zeroPages: UInt64, compressedPages: UInt64, unchangedPages: UInt64? = nil,
+                    wireBytes: UInt64, seconds: Double, dirtyRateBytesPerSecond: Double, rateBytesPerSecond: Double,
                     expectedDowntimeMs: Double, throttle: Double) {
             self.pass = pass
             self.pagesSent = pagesSent
             self.zeroPages = zeroPages
             self.compressedPages = compressedPages
+            self.unchangedPages = unchangedPages
             self.wireBytes = wireBytes
             self.seconds = seconds
             self.dirtyRateBytesPerSecond = dirtyRateBytesPerSecond

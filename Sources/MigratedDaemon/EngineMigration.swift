@@ -196,7 +196,8 @@ extension MigrationStatus {
             passes: report.passes.map { pass in
                 MigrationReportDocument.Pass(
                     pass: pass.pass, pagesSent: UInt64(pass.pagesSent), zeroPages: UInt64(pass.zeroPages),
-                    compressedPages: UInt64(pass.compressedPages), wireBytes: UInt64(pass.wireBytes), seconds: pass.seconds,
+                    compressedPages: UInt64(pass.compressedPages), unchangedPages: UInt64(pass.unchangedPages),
+                    wireBytes: UInt64(pass.wireBytes), seconds: pass.seconds,
                     dirtyRateBytesPerSecond: pass.dirtyRate, rateBytesPerSecond: pass.bandwidth,
                     expectedDowntimeMs: pass.expectedDowntime.isFinite ? pass.expectedDowntime * 1000 : 0, throttle: pass.throttle)
             })

@@ -28,6 +28,10 @@ public struct MigrationOptions: Sendable, Codable, Equatable {
     public var throttleMaximum: Double = 0.99
     /// Pages per batch record.
     public var batchPages: Int = 256
+    /// Offer to send pages of later passes that the receiver already holds as they are as `unchanged` descriptors
+    /// (stream.md §6.4.1). It costs a copy of every page sent (the hash must be of the bytes that go), and saves the
+    /// page wherever a guest rewrites memory with what it held.
+    public var unchangedPages: Bool = true
 
     public init() {}
 }
@@ -39,6 +43,8 @@ public struct PassStatistics: Sendable, Codable, Equatable {
     public var zeroPages: Int = 0
     public var rawPages: Int = 0
     public var compressedPages: Int = 0
+    /// Of `pagesSent`, pages the receiver already held as they were, sent as a descriptor without payload.
+    public var unchangedPages: Int = 0
     public var payloadBytes: Int = 0
     public var wireBytes: Int = 0
     public var seconds: Double = 0

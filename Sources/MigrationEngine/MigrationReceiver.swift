@@ -28,7 +28,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         self.sink = sink
         self.channels = channels
         self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count),
-                                                         flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum])
+                                                         flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum, .unchangedPages])
     }
 
     public struct Report: Sendable, Equatable {
@@ -36,6 +36,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         public var pagesWritten: Int
         /// Of those, pages received straight into guest memory (`GuestSink.takesPagesInPlace`).
         public var pagesReceivedInPlace: Int
+        /// Pages the sender declared unchanged, not counted in `pagesWritten`: nothing was written for them.
+        public var pagesUnchanged: Int
         public var deviceComponents: Int
         public var digest: String
         /// What went wrong after the guest started, if anything: STARTED could not be sent, or the sender's END did
@@ -118,6 +120,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         func report(afterStart: String?) -> Report {
             Report(passes: passes, pagesWritten: writers.reduce(0) { $0 + $1.pagesWritten },
                    pagesReceivedInPlace: writers.reduce(0) { $0 + $1.pagesReceivedInPlace },
+                   pagesUnchanged: writers.reduce(0) { $0 + $1.pagesUnchanged },
                    deviceComponents: deviceState.count,
                    digest: hex(writers.reduce(into: MemoryDigest()) { $0.add(PageHash(low: $1.digest.digest.low, high: $1.digest.digest.high)) }.bytes),
                    afterStart: afterStart)
@@ -335,6 +338,8 @@ final class PageWriter: @unchecked Sendable {
     private let sink: GuestSink
     private(set) var pagesWritten = 0
     private(set) var pagesReceivedInPlace = 0
+    /// Pages the sender declared unchanged (stream.md §6.4.1): left as they were, in memory and in the digest.
+    private(set) var pagesUnchanged = 0
 
     init(sink: GuestSink, layout: GuestMemoryLayout) {
         self.sink = sink
@@ -361,7 +366,7 @@ final class PageWriter: @unchecked Sendable {
         slot = 0
         for page in batch.pages {
             switch page.encoding {
-            case .raw: continue
+            case .raw, .unchanged: continue
             case .zero: try sink.zero(frames: page.frame, count: 1)
             case .lz4, .zstd:
                 try channelExpander.expand(page, UnsafeRawBufferPointer(start: compressed.baseAddress! + slot * 4096, count: page.length),
@@ -372,17 +377,21 @@ final class PageWriter: @unchecked Sendable {
     }
 
     /// On the applier's thread: adds a batch received in place to the digest, from guest memory. A later batch
-    /// may have changed a page since; that batch's hash, taken after, is the one that stays.
+    /// may have changed a page since; that batch's hash, taken after, is the one that stays. An unchanged page
+    /// keeps its memory and its hash.
     func hashInPlace(_ batch: PageBatch) {
+        var unchanged = 0
         for page in batch.pages {
-            if page.encoding == .zero {
-                digest.updateZero(frame: page.frame)
-            } else {
+            switch page.encoding {
+            case .unchanged: unchanged += 1
+            case .zero: digest.updateZero(frame: page.frame)
+            case .raw, .lz4, .zstd:
                 digest.update(frame: page.frame, page: UnsafeRawBufferPointer(start: sink.page(frame: page.frame), count: 4096))
+                pagesReceivedInPlace += 1
             }
         }
-        pagesWritten += batch.pages.count
-        pagesReceivedInPlace += batch.pages.count { $0.encoding != .zero }
+        pagesWritten += batch.pages.count - unchanged
+        pagesUnchanged += unchanged
     }
 
     func apply(_ batch: PageBatch) throws {
@@ -408,11 +417,15 @@ final class PageWriter: @unchecked Sendable {
     /// one are expanded into scratch first.
     private func write(_ pages: [PageDescriptor], payload: UnsafeRawBufferPointer) throws {
         let expanded = applierExpander.scratch(for: pages)
-        var expandedCount = 0
+        var expandedCount = 0, unchanged = 0
         for page in pages {
             let bytes = UnsafeRawBufferPointer(rebasing: payload[page.offset ..< page.offset + page.length])
             let contents: UnsafeRawPointer
             switch page.encoding {
+            case .unchanged:
+                // The page holds what the sender last sent of it; a wrong claim leaves it stale, and the digests differ.
+                unchanged += 1
+                continue
             case .zero:
                 try runs.add(frame: page.frame, contents: nil)
                 digest.updateZero(frame: page.frame)
@@ -431,7 +444,8 @@ final class PageWriter: @unchecked Sendable {
         }
         // The pages point into this batch's payload and scratch: all of them go to the sink before returning.
         try runs.flush()
-        pagesWritten += pages.count
+        pagesWritten += pages.count - unchanged
+        pagesUnchanged += unchanged
     }
 }
 

@@ -20,7 +20,8 @@ import Threads
 /// whether it runs again. `started` that does not come within `options.startedTimeout` of `commit` ends the wait.
 ///
 /// Sendable: `run` works on one thread; what others touch is atomic (`cancelled`, the progress counters, `watching`),
-/// locked (`gate`, `openedChannels` under `channelLock`) or set before `run` (`onProgress`, `corruptDigestForTesting`).
+/// locked (`gate`, `openedChannels` under `channelLock`) or set before `run` (`onProgress`, `corruptDigestForTesting`,
+/// `claimWrongUnchangedForTesting`).
 /// `failure` and the report are read after `run` returns.
 public final class MigrationSender: @unchecked Sendable {
     public let source: GuestSource
@@ -38,6 +39,9 @@ public final class MigrationSender: @unchecked Sendable {
     public private(set) var failure: MigrationError?
     /// For tests: flips a bit of the digest sent at switchover, so that the receiver must refuse it.
     public var corruptDigestForTesting = false
+    /// For tests: in every pass after the first, each channel declares one page unchanged whose content did change
+    /// (stream.md §6.4.1), as a sender that misjudged what the receiver holds would; the digest must refuse it.
+    public var claimWrongUnchangedForTesting = false
 
     private let cancelled = Atomic<Bool>(false)
     private let pagesDone = ProgressCounter()
@@ -148,7 +152,9 @@ public final class MigrationSender: @unchecked Sendable {
     private func migrate(_ phase: inout Phase) throws -> Double {
         let layout = source.layout
         let count = options.channels
-        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum])
+        var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum]
+        if options.unchangedPages { flags.insert(.unchangedPages) }
+        let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: flags)
         let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
             let channel: MigrationChannel
@@ -174,8 +180,10 @@ public final class MigrationSender: @unchecked Sendable {
         if agreed.flags.contains(.descriptorChecksum) {
             for writer in writers { writer.encoder.checksumsPayload = false }
         }
+        let unchanged = agreed.flags.contains(.unchangedPages) && options.unchangedPages
         let streamers = try writers.map {
-            try PageStreamer(writer: $0, source: source, layout: layout, options: options, compressWholeBatches: wholeBatches)
+            try PageStreamer(writer: $0, source: source, layout: layout, options: options, compressWholeBatches: wholeBatches,
+                             sendsUnchanged: unchanged, claimsWrongUnchanged: claimWrongUnchangedForTesting)
         }
 
         try guest { try source.startDirtyTracking() }
@@ -369,6 +377,7 @@ public final class MigrationSender: @unchecked Sendable {
         statistics.zeroPages = counts.zero
         statistics.rawPages = counts.raw
         statistics.compressedPages = counts.compressed
+        statistics.unchangedPages = counts.unchanged
         statistics.payloadBytes = counts.payloadBytes
         statistics.wireBytes = counts.wireBytes
         statistics.seconds = seconds

@@ -17,6 +17,13 @@ import Threads
 /// the bytes on the wire describe the same version of it (and the codec reads a page that stands still). The
 /// batch then leaves in one vectored send, with no further copy.
 ///
+/// With `unchangedPages` agreed (stream.md §6.4.1), a page of a later pass whose hash equals the one `digest` holds
+/// for it, the hash of the version this channel sent last, goes as an `unchanged` descriptor: 16 bytes instead of
+/// the page, no compression, and no change to either side's digest. That is sound only if the receiver holds
+/// exactly the bytes that were hashed, which a page sent from guest memory does not promise (the guest may change
+/// it between the hash and the send, and change it back later: a lock word, say). So with the option every page is
+/// hashed and sent from the same copy, pass 0 included: the price is one copy per page sent.
+///
 /// With a receiver that agreed to it, a compressed batch is compressed as a whole (stream.md §6.4): the
 /// non-zero pages lie back to back in the batch's copies and make one block, so the codec finds what pages
 /// share (text, code, repeated structures), which a 4 KiB page alone cannot show it, and is called once per
@@ -29,11 +36,11 @@ import Threads
 /// `HandOff` queues, whose lock orders each batch's writes before the other thread's reads.
 final class PageStreamer: @unchecked Sendable {
     struct Counts {
-        var pages = 0, zero = 0, raw = 0, compressed = 0, payloadBytes = 0, wireBytes = 0
+        var pages = 0, zero = 0, raw = 0, compressed = 0, unchanged = 0, payloadBytes = 0, wireBytes = 0
 
         mutating func add(_ other: Counts) {
-            pages += other.pages; zero += other.zero; raw += other.raw
-            compressed += other.compressed; payloadBytes += other.payloadBytes; wireBytes += other.wireBytes
+            pages += other.pages; zero += other.zero; raw += other.raw; compressed += other.compressed
+            unchanged += other.unchanged; payloadBytes += other.payloadBytes; wireBytes += other.wireBytes
         }
     }
 
@@ -45,6 +52,11 @@ final class PageStreamer: @unchecked Sendable {
     private let compressWholeBatches: Bool
     /// Whether uncompressed pages may be sent from guest memory rather than from copies.
     private let sendsFromGuestMemory: Bool
+    /// Whether pages of passes after the first may go as `unchanged` (agreed, and wanted by the options).
+    private let sendsUnchanged: Bool
+    /// For tests: in each pass after the first, the first page whose content did change is declared unchanged all
+    /// the same (its hash is recorded as it is), so that the receiver keeps a stale page and the digests differ.
+    private let claimsWrongUnchanged: Bool
     private let encoder: PageEncoder
     private let adaptive: AdaptiveSelector?
     private var probeCompressors: [CompressionCodec: BlockCompressor] = [:]
@@ -88,13 +100,16 @@ final class PageStreamer: @unchecked Sendable {
     }
 
     init(writer: RecordWriter, source: GuestSource, layout: GuestMemoryLayout, options: MigrationOptions,
-         compressWholeBatches: Bool) throws {
+         compressWholeBatches: Bool, sendsUnchanged: Bool = false, claimsWrongUnchanged: Bool = false) throws {
         self.writer = writer
         self.source = source
         digest = DigestTracker(regions: layout.digestRegions)
         batchPages = options.batchPages
         self.compressWholeBatches = compressWholeBatches
-        sendsFromGuestMemory = !writer.encoder.checksumsPayload
+        self.sendsUnchanged = sendsUnchanged
+        self.claimsWrongUnchanged = claimsWrongUnchanged && sendsUnchanged
+        // An unchanged page is sound only if the receiver holds the very bytes that were hashed: see above.
+        sendsFromGuestMemory = !writer.encoder.checksumsPayload && !sendsUnchanged
         switch options.compression {
         case .none: encoder = try PageEncoder(codec: .none); adaptive = nil
         case .lz4: encoder = try PageEncoder(codec: .lz4(acceleration: 1)); adaptive = nil
@@ -171,12 +186,14 @@ final class PageStreamer: @unchecked Sendable {
                         isCancelled: () -> Bool) throws -> Counts {
         var counts = Counts()
         var index = 0
+        // Nothing was sent before pass 0, so nothing can be unchanged in it (the decoder refuses it there too).
+        var unchanged = sendsUnchanged && pass > 0 ? UnchangedCheck(wrongClaims: claimsWrongUnchanged ? 1 : 0) : nil
         while index < frames.count {
             if isCancelled() { throw MigrationError.cancelled }
             guard let batch = free.take() else { break } // the sender failed; it reports why
             let slice = frames[index ..< min(index + batchPages, frames.count)]
             index += slice.count
-            encode(slice, into: batch, skipZero: skipZero, counts: &counts)
+            encode(slice, into: batch, skipZero: skipZero, unchanged: &unchanged, counts: &counts)
             if batch.compression != .none {
                 batch.prefixLength = writer.encoder.encodeCompressedPageBatchPrefix(
                     pass: pass, pages: batch.pages.map { (frame: $0.frame, encoding: $0.encoding) }, pageSize: 4096,
@@ -189,7 +206,14 @@ final class PageStreamer: @unchecked Sendable {
         return counts
     }
 
-    private func encode(_ frames: ArraySlice<UInt64>, into batch: Batch, skipZero: Bool, counts: inout Counts) {
+    /// How a pass decides that pages are unchanged; nil in pass 0 and when the option is off.
+    private struct UnchangedCheck {
+        /// Wrong claims still to make (tests only).
+        var wrongClaims: Int
+    }
+
+    private func encode(_ frames: ArraySlice<UInt64>, into batch: Batch, skipZero: Bool, unchanged: inout UnchangedCheck?,
+                        counts: inout Counts) {
         batch.pages.removeAll(keepingCapacity: true)
         batch.frames = frames.count
         batch.compression = .none
@@ -210,6 +234,25 @@ final class PageStreamer: @unchecked Sendable {
                 copy.copyMemory(from: UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096))
                 page = UnsafeRawBufferPointer(copy)
             }
+            // With `unchanged` on, pages are copies (`sendsFromGuestMemory` is off): the hash is of the bytes that go.
+            var hash: PageHash?
+            if unchanged != nil {
+                let current = PageHash.of(frame: frame, page: page)
+                // A zero page goes as such: it costs the same descriptor and needs no earlier version.
+                if current != .zero {
+                    let same = current == digest.hash(of: frame)
+                    if same || unchanged!.wrongClaims > 0 {
+                        if !same { // a test's false claim: the digest records the page as it is, the receiver keeps it stale
+                            unchanged!.wrongClaims -= 1
+                            digest.update(frame: frame, hash: current)
+                        }
+                        counts.unchanged += 1
+                        batch.pages.append(.unchanged(frame: frame))
+                        continue
+                    }
+                    hash = current
+                }
+            }
             let output = UnsafeMutableRawBufferPointer(rebasing: batch.scratch[scratchUsed ..< scratchUsed + 4096])
             let (kind, length) = compressPages ? encoder.encode(page, scratch: output)
                                                : (ZeroPage.isZero(page) ? .zero : .raw, 4096)
@@ -219,7 +262,7 @@ final class PageStreamer: @unchecked Sendable {
                 if !skipZero { batch.pages.append(.zero(frame: frame)) }
                 continue
             }
-            digest.update(frame: frame, page: page)
+            if let hash { digest.update(frame: frame, hash: hash) } else { digest.update(frame: frame, page: page) }
             counts.payloadBytes += 4096
             if compressPages {
                 compressedInput += 4096

@@ -25,7 +25,8 @@ public struct StreamHeader: Hashable, Sendable {
     }
 }
 
-/// Set of page codecs, one bit per `PageEncoding` raw value.
+/// Set of page codecs, one bit per `PageEncoding` raw value. `unchanged` is not a codec and is never in such a set:
+/// it is agreed by the flag `CapabilityFlags.unchangedPages` (stream.md §6.1).
 public struct CodecSet: OptionSet, Hashable, Sendable {
     public var rawValue: UInt32
     public init(rawValue: UInt32) { self.rawValue = rawValue }
@@ -56,6 +57,9 @@ public struct CapabilityFlags: OptionSet, Hashable, Sendable {
     /// Page batch checksums cover the batch header and descriptors, not the payload, which the memory digest
     /// covers end to end; so a sender can send pages straight from the memory of a running guest.
     public static let descriptorChecksum = CapabilityFlags(rawValue: 1 << 4)
+    /// In passes after the first, a page whose content the receiver already holds may go as an `unchanged`
+    /// descriptor without payload (stream.md §6.4.1).
+    public static let unchangedPages = CapabilityFlags(rawValue: 1 << 5)
 }
 
 /// A side's offer, or the agreed set (stream.md §6.1).
@@ -146,7 +150,7 @@ public struct PageDescriptor: Hashable, Sendable {
     public var encoding: PageEncoding
     /// Offset of the page's bytes in the (uncompressed) payload area.
     public var offset: Int
-    /// Number of payload bytes: 0 for zero pages, the page size for raw pages.
+    /// Number of payload bytes: 0 for zero and unchanged pages, the page size for raw pages.
     public var length: Int
 
     public init(frame: UInt64, encoding: PageEncoding, offset: Int, length: Int) {

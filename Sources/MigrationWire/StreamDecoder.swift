@@ -268,7 +268,7 @@ public final class StreamDecoder {
     }
 
     /// Receives the payload of the batch just yielded as `.pageBatchAwaitingPayload` into place: each page's
-    /// bytes to `destination(page)` (which must hold a page; zero pages have no bytes and are not asked for),
+    /// bytes to `destination(page)` (which must hold a page; zero and unchanged pages have no bytes and are not asked for),
     /// pages whose destinations lie back to back in one piece. Bytes the decoder already holds are copied, the
     /// rest come from `receive` (as in `receive(maximum:)`: it returns how many bytes it wrote, 0 at the end of
     /// input). Then the padding is checked. A short stream fails as `truncated`.
@@ -563,15 +563,20 @@ public final class StreamDecoder {
             let encodingValue = body[o + 12]
             if body[o + 13] != 0 || body[o + 14] != 0 || body[o + 15] != 0 { throw fail(fieldAt + 13, .reservedNotZero) }
             guard let encoding = PageEncoding(rawValue: encodingValue),
-                  compression == .none || encoding == .zero || encoding == .raw else {
+                  compression == .none || encoding.hasNoPayload || encoding == .raw else {
                 throw fail(fieldAt + 12, .badPageEncoding(index: i, value: encodingValue))
             }
-            if let agreed = rules, !agreed.codecs.contains(encoding), encoding != .zero, encoding != .raw {
+            if encoding == .unchanged {
+                // Means "keep the version this stream sent before" (§6.4.1): only where both ends agreed to it (never
+                // in a snapshot file, which carries no agreement), and never in pass 0, before which nothing was sent.
+                if rules?.flags.contains(.unchangedPages) != true { throw fail(fieldAt + 12, .codecNotAgreed(encodingValue)) }
+                if pass == 0 { throw fail(fieldAt + 12, .unchangedInPassZero(index: i)) }
+            } else if let agreed = rules, !agreed.codecs.contains(encoding), encoding != .zero, encoding != .raw {
                 throw fail(fieldAt + 12, .codecNotAgreed(encodingValue))
             }
             let lengthOK: Bool
             switch encoding {
-            case .zero: lengthOK = length == 0
+            case .zero, .unchanged: lengthOK = length == 0
             case .raw: lengthOK = Int(length) == pageSize
             case .lz4, .zstd: lengthOK = length > 0 && Int(length) <= pageSize
             }

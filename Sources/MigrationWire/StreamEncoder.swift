@@ -3,7 +3,7 @@
 // once, into the output, or not at all when the caller sends them itself (writev).
 
 /// One page to put into a batch: where it goes, how it is encoded, and its encoded bytes
-/// (empty for a zero page, one page for raw, the compressed block for lz4/zstd).
+/// (empty for a zero or unchanged page, one page for raw, the compressed block for lz4/zstd).
 public struct PageSource {
     public var frame: UInt64
     public var encoding: PageEncoding
@@ -17,6 +17,11 @@ public struct PageSource {
 
     public static func zero(frame: UInt64) -> PageSource {
         PageSource(frame: frame, encoding: .zero, bytes: UnsafeRawBufferPointer(start: nil, count: 0))
+    }
+
+    /// A page the receiver already holds as it is (stream.md §6.4.1): a descriptor, no bytes.
+    public static func unchanged(frame: UInt64) -> PageSource {
+        PageSource(frame: frame, encoding: .unchanged, bytes: UnsafeRawBufferPointer(start: nil, count: 0))
     }
 }
 
@@ -203,7 +208,7 @@ public struct StreamEncoder {
     }
 
     /// Writes a batch whose payload area was compressed as a whole. `pages` describe the
-    /// uncompressed payload: each is zero or raw, with its uncompressed length.
+    /// uncompressed payload: each is zero, unchanged or raw, with its uncompressed length.
     @discardableResult
     public mutating func encodeCompressedPageBatch(pass: UInt32, pages: [(frame: UInt64, encoding: PageEncoding)],
                                                    pageSize: Int, compression: BatchCompression,
@@ -219,16 +224,16 @@ public struct StreamEncoder {
 
     /// Writes only the prefix of a batch whose payload area was compressed as a whole (record header, batch
     /// header, descriptors, checksum over all of it and, unless `checksumsPayload` is off, `compressedPayload`). `pages` describe the uncompressed
-    /// payload: each is zero or raw. The caller then sends `compressedPayload` and
+    /// payload: each is zero, unchanged or raw. The caller then sends `compressedPayload` and
     /// `WireFormat.padding(forBodyLength:)` zero bytes. Returns the prefix length.
     @discardableResult
     public mutating func encodeCompressedPageBatchPrefix(pass: UInt32, pages: [(frame: UInt64, encoding: PageEncoding)],
                                                          pageSize: Int, compression: BatchCompression,
                                                          compressedPayload: UnsafeRawBufferPointer,
                                                          into out: UnsafeMutableRawBufferPointer) -> Int {
-        precondition(compression != .none && pages.allSatisfy { $0.encoding == .zero || $0.encoding == .raw },
-                     "a batch compressed as a whole holds zero and raw pages")
-        let descriptors = pages.lazy.map { (frame: $0.frame, length: $0.encoding == .zero ? 0 : pageSize, encoding: $0.encoding) }
+        precondition(compression != .none && pages.allSatisfy { $0.encoding.hasNoPayload || $0.encoding == .raw },
+                     "a batch compressed as a whole holds zero, unchanged and raw pages")
+        let descriptors = pages.lazy.map { (frame: $0.frame, length: $0.encoding.hasNoPayload ? 0 : pageSize, encoding: $0.encoding) }
         let uncompressed = descriptors.reduce(0) { $0 + $1.length }
         let checksum = self.checksum
         return writePrefix(pass: pass, count: pages.count, compression: compression,

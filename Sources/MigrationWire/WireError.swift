@@ -33,6 +33,8 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
         case pageOutsideLayout(index: Int, frame: UInt64)
         case badBatchCompression(UInt8)
         case codecNotAgreed(UInt8)
+        /// An `unchanged` page in a batch of pass 0, when the receiver holds no earlier version to keep.
+        case unchangedInPassZero(index: Int)
         case payloadLengthMismatch(declared: UInt32, actual: UInt32)
         case checksumMismatch(stored: UInt32, computed: UInt32)
         case sequenceGap(expected: UInt64, found: UInt64)
@@ -69,6 +71,7 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
             case .pageOutsideLayout: "pageOutsideLayout"
             case .badBatchCompression: "badBatchCompression"
             case .codecNotAgreed: "codecNotAgreed"
+            case .unchangedInPassZero: "unchangedInPassZero"
             case .payloadLengthMismatch: "payloadLengthMismatch"
             case .checksumMismatch: "checksumMismatch"
             case .sequenceGap: "sequenceGap"

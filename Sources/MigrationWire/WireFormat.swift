@@ -124,10 +124,16 @@ public enum PageEncoding: UInt8, Sendable, CaseIterable, CustomStringConvertible
     case lz4 = 2
     /// One Zstandard frame; decompresses to exactly one page.
     case zstd = 3
+    /// No payload: the page holds what the receiver already has, the version of it sent last on this stream
+    /// (stream.md §6.4.1). Only with `unchangedPages` agreed, and never in pass 0.
+    case unchanged = 4
 
     public var description: String {
-        switch self { case .zero: "zero"; case .raw: "raw"; case .lz4: "lz4"; case .zstd: "zstd" }
+        switch self { case .zero: "zero"; case .raw: "raw"; case .lz4: "lz4"; case .zstd: "zstd"; case .unchanged: "unchanged" }
     }
+
+    /// Whether the page's descriptor carries no payload bytes (zero and unchanged pages).
+    public var hasNoPayload: Bool { self == .zero || self == .unchanged }
 }
 
 /// Compression of a batch's whole payload area (stream.md §6.4).

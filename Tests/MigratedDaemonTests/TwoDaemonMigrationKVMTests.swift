@@ -81,6 +81,31 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         }
     }
 
+    /// A guest that rewrites most pages with the bytes they hold: the report, in the API and in migratectl's lines,
+    /// counts the pages of later passes that went as unchanged descriptors (stream.md §6.4.1), and the guest carries
+    /// on at B, verifying its memory.
+    func testUnchangedPagesAreReported() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        try await withTwoDaemons { a, _, b, bListener in
+            _ = try await a.client.createVM(VMCreateRequest(id: "rewriter", image: image, memoryMib: 256,
+                                                            cmdline: "workload=memstress size_mib=64 rate_mib=200 pattern=random same_pct=90"))
+            // From the second status line on, the working set (0.3 s at 200 MiB/s) is written.
+            let before = try XCTUnwrapAsync(await a.memstressStatus(after: 100, of: "rewriter"), "the guest runs on A")
+            let toB = try XCTUnwrap(bListener.address).description
+            let output = try await runMigratectl(socket: a.socketPath, [
+                "migrate", "rewriter", "--to", toB, "--channels", "2", "--compression", "none", "--interval", "0.1"])
+            XCTAssertEqual(output.status, 0, output.text)
+            XCTAssertTrue(output.text.contains("pass 0: ") && output.text.contains(", 0 unchanged)"), output.text)
+            let status = try await a.client.migration("rewriter")
+            let report = try XCTUnwrap(status.report)
+            XCTAssertEqual(report.passes.first?.unchangedPages, 0)
+            let later = report.passes.dropFirst().reduce(0) { $0 + ($1.unchangedPages ?? 0) }
+            XCTAssertGreaterThan(later, 0, "\(report.passes)")
+            XCTAssertTrue(output.text.contains(", \(report.passes.last!.unchangedPages!) unchanged)"), output.text)
+            _ = try XCTUnwrapAsync(await b.memstressStatus(after: before.ticks, of: "rewriter"), "the guest carries on at B")
+        }
+    }
+
     /// Host B keeps guest RAM on huge pages (`guest_memory`): a guest from A arrives there on huge pages and carries
     /// on, and each daemon reports the memory its VM has. Uncompressed, so that its pages are decrypted straight
     /// into guest memory at B.

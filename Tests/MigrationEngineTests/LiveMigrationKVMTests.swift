@@ -37,8 +37,52 @@ final class LiveMigrationKVMTests: MigrationTestCase {
         var options = MigrationOptions()
         options.channels = 2
         options.compression = .none
+        options.unchangedPages = false // with it, pages leave from copies (stream.md §6.4.1)
         let (outcome, destination) = try migrateSuccessfully(source, options: options, lines: 2)
         XCTAssertGreaterThan(outcome.report.passes.count, 1, "the guest dirtied pages during pass 0")
+        destination.stop()
+    }
+
+    /// A guest that rewrites 90 % of the pages it writes with the bytes they hold (stream.md §6.4.1): pass 0 sends
+    /// every page, later passes send most dirty pages as unchanged descriptors, the receiver leaves them alone, the
+    /// digests agree and the guest verifies all its memory at the destination. Then on to a receiver that does not
+    /// offer the option, as an older one would not: no unchanged pages, and the guest moves all the same.
+    func testIdenticalRewritesTravelAsUnchangedPages() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=64 rate_mib=200 pattern=random same_pct=90", writtenPages: 16384)
+        var options = MigrationOptions()
+        options.channels = 2
+        options.compression = .none
+        let (outcome, middle) = try migrateSuccessfully(source, options: options, lines: 2)
+        let passes = outcome.report.passes
+        XCTAssertGreaterThan(passes.count, 1, "the guest dirtied pages during pass 0")
+        XCTAssertEqual(passes[0].unchangedPages, 0, "nothing is unchanged in pass 0")
+        let later = passes.dropFirst()
+        let unchanged = later.reduce(0) { $0 + $1.unchangedPages }
+        let withContent = later.reduce(0) { $0 + $1.pagesSent - $1.zeroPages }
+        XCTAssertGreaterThan(Double(unchanged), 0.5 * Double(withContent),
+                             "\(unchanged) of \(withContent) pages of later passes unchanged; the guest rewrites 90 % identically")
+        XCTAssertEqual(outcome.receiverReport?.pagesUnchanged, unchanged, "the receiver counts what the sender declared")
+        print("unchanged pages per pass: \(passes.map(\.unchangedPages)), wire bytes per pass: \(passes.map(\.wireBytes))")
+
+        let withoutOption = Capabilities(codecs: .all, maxChannels: 2, flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum])
+        let (older, last) = try migrateSuccessfully(middle, options: options, receiverCapabilities: withoutOption, lines: 2)
+        XCTAssertEqual(older.report.passes.reduce(0) { $0 + $1.unchangedPages }, 0, "not agreed, not used")
+        XCTAssertEqual(older.receiverReport?.pagesUnchanged, 0)
+        last.stop()
+    }
+
+    /// Onto huge pages, where pages are received straight into guest memory, unchanged pages are left in place.
+    func testUnchangedPagesOntoHugePages() throws {
+        let size: UInt64 = 128 << 20
+        try requireFreeHugePages(size / GuestMemory.hugePageSize)
+        let (source, _) = try bootSource("workload=memstress size_mib=64 rate_mib=200 pattern=random same_pct=90", memory: size,
+                                         writtenPages: 16384)
+        var options = MigrationOptions()
+        options.channels = 2
+        options.compression = .none
+        let (outcome, destination) = try migrateSuccessfully(source, options: options, destinationBacking: .hugePages, lines: 2)
+        XCTAssertGreaterThan(outcome.receiverReport?.pagesUnchanged ?? 0, 0)
+        XCTAssertGreaterThan(outcome.receiverReport?.pagesReceivedInPlace ?? 0, 16384 - 1)
         destination.stop()
     }
 

@@ -84,6 +84,18 @@ final class MigrationFaultKVMTests: MigrationTestCase {
         assertSourceIntact(source, console, outcome)
     }
 
+    /// A sender that declares a page unchanged (stream.md §6.4.1) whose content did change, as one that misjudged what
+    /// the receiver holds would: the receiver keeps the stale page, its digest differs from the sender's, and the
+    /// switchover is refused; the source runs on.
+    func testWrongUnchangedPageIsRefusedByTheDigest() throws {
+        let (source, console) = try bootSource(guest, writtenPages: workingSetPages)
+        let outcome = migrate(source, options: plainOptions) { sender, _ in sender.claimWrongUnchangedForTesting = true }
+        XCTAssertGreaterThan(outcome.report.passes.dropFirst().reduce(0) { $0 + $1.unchangedPages }, 0, "the false claims were made")
+        XCTAssertTrue("\(outcome.receiverError.map { "\($0)" } ?? "")".contains("digest mismatch"), "\(String(describing: outcome.receiverError))")
+        XCTAssertTrue(outcome.report.error?.contains("digest mismatch") ?? false, outcome.report.error ?? "")
+        assertSourceIntact(source, console, outcome)
+    }
+
     /// A page corrupted on the wire: with checksums over descriptors only (the default, so that pages leave from
     /// guest memory), its batch passes and the memory digest refuses the switchover; with checksums over whole
     /// batches (a receiver that does not take the option), its batch is refused. Either way the source runs on.

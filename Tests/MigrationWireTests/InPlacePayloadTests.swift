@@ -87,6 +87,29 @@ final class InPlacePayloadTests: XCTestCase {
         }
     }
 
+    /// An unchanged page (stream.md §6.4.1) has no bytes: no target is asked for it, and its memory stays as it was.
+    func testUnchangedPagesAskForNoTarget() throws {
+        let agreed = Capabilities(codecs: .all, maxChannels: 1, flags: [.descriptorChecksum, .unchangedPages])
+        let bytes = stream(features: .liveMigration, layout: nil) { enc, out in
+            enc.encodeCapabilities(agreed, agreed: true, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            enc.checksumsPayload = false
+            batch(&enc, &out, pass: 0, pages: [(0, patternPage(10)), (1, patternPage(11))])
+            enc.encodePassBoundary(PassBoundary(pass: 0, dirtyPages: 2), into: &out)
+            batch(&enc, &out, pass: 1, pages: [(1, patternPage(21))], unchanged: [0])
+            batch(&enc, &out, pass: 1, pages: [], unchanged: [0, 1])
+            enc.encodeEnd(endRecord, into: &out)
+        }
+        for sizes in [[1 << 20], [1], [7, 4096, 3]] {
+            let memory = Memory()
+            let (seen, _) = try decode(bytes, sizes: sizes, into: memory)
+            XCTAssertEqual(seen, [.other, .other, .other, .inPlace([0, 1]), .boundary, .inPlace([1, 0]), .buffered([0, 1]), .end], "\(sizes)")
+            XCTAssertEqual(memory.targetsAsked, 3, "frames 0 and 1 of pass 0, frame 1 of pass 1")
+            XCTAssertEqual(memory.contents(0), patternPage(10))
+            XCTAssertEqual(memory.contents(1), patternPage(21))
+        }
+    }
+
     /// Bytes the decoder already holds (fed whole) are copied into place; the result is the same.
     func testBufferedPayloadsAreCopiedIntoPlace() throws {
         let memory = Memory()

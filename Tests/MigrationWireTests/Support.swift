@@ -3,9 +3,9 @@ import MigrationWire
 
 /// Decodes a whole stream, feeding it in chunks of the given sizes (cycled), and returns the
 /// events, plus the error that stopped it (if any).
-func decodeAll(_ bytes: [UInt8], chunks: [Int] = [Int.max], options: StreamDecoder.Options = .init())
+func decodeAll(_ bytes: [UInt8], chunks: [Int] = [Int.max], options: StreamDecoder.Options = .init(), decoder given: StreamDecoder? = nil)
     -> (events: [StreamEvent], error: WireError?) {
-    let decoder = StreamDecoder(options: options)
+    let decoder = given ?? StreamDecoder(options: options)
     var events: [StreamEvent] = []
     var position = 0
     var chunkIndex = 0

@@ -33,13 +33,14 @@ func stream(features: StreamFeatures = .snapshotFile, layout: GuestMemoryLayout?
     return out
 }
 
-func batch(_ enc: inout StreamEncoder, _ out: inout [UInt8], pass: UInt32, pages: [(UInt64, [UInt8]?)]) {
+/// Appends a batch of raw pages (with bytes) and zero pages (nil), then `unchanged` pages (no bytes).
+func batch(_ enc: inout StreamEncoder, _ out: inout [UInt8], pass: UInt32, pages: [(UInt64, [UInt8]?)], unchanged: [UInt64] = []) {
     // Keep the page arrays alive while the encoder reads them through pointers.
     let storage = pages.map { $0.1 ?? [] }
     var sources: [PageSource] = []
     func build(_ i: Int) {
         if i == storage.count {
-            enc.encodePageBatch(pass: pass, pages: sources, into: &out)
+            enc.encodePageBatch(pass: pass, pages: sources + unchanged.map { .unchanged(frame: $0) }, into: &out)
             return
         }
         storage[i].withUnsafeBytes { buf in
@@ -115,6 +116,44 @@ func allVectors() -> [Vector] {
     v.append(Vector(name: "valid-abort", description: "the sender aborts after the layout", bytes: stream { enc, out in
         enc.encodeAbort(Abort(reason: .noConvergence, message: "dirty rate above link rate"), into: &out)
     }))
+
+    // Unchanged pages (§6.4.1): agreed, in pass 1, mixed with raw and zero pages, the agreement copied on the main channel.
+    let unchangedAgreement = Capabilities(codecs: [.zero, .raw], maxChannels: 1, flags: [.descriptorChecksum, .unchangedPages])
+    func unchangedStream(agreement: Capabilities?, features: StreamFeatures = .liveMigration, secondPass: UInt32 = 1,
+                         at descriptorOffset: inout Int) -> [UInt8] {
+        var position = 0
+        let bytes = stream(features: features, layout: nil, migrationID: 0x5EED_0003) { enc, out in
+            if let agreement { enc.encodeCapabilities(agreement, agreed: true, into: &out) }
+            enc.encodeLayout(vectorLayout, into: &out)
+            enc.checksumsPayload = agreement == nil
+            batch(&enc, &out, pass: 0, pages: [(0, patternPage(5)), (1, patternPage(6)), (0x100, patternPage(7))])
+            if secondPass > 0 { enc.encodePassBoundary(PassBoundary(pass: 0, dirtyPages: 3, pagesSent: 3), into: &out) }
+            position = out.count
+            batch(&enc, &out, pass: secondPass, pages: [(1, patternPage(8)), (0x100, nil)], unchanged: [0])
+            enc.encodeEnd(endRecord, into: &out)
+        }
+        // The unchanged page is the third descriptor of the second batch; its encoding byte is 12 into it.
+        descriptorOffset = position + 8 + 32 + 16 * 2
+        return bytes
+    }
+    var unchangedAt = 0
+    v.append(Vector(name: "valid-unchanged-pages", description:
+        "unchanged_pages agreed: pass 1 sends frame 0 as unchanged (encoding 4, length 0, no payload) beside a raw and a zero page",
+        bytes: unchangedStream(agreement: unchangedAgreement, at: &unchangedAt)))
+    let withoutFlag = Capabilities(codecs: .all, maxChannels: 1, flags: [.descriptorChecksum])
+    v.append(Vector(name: "invalid-unchanged-not-agreed", description: "an unchanged page where the agreement lacks unchanged_pages",
+                    bytes: unchangedStream(agreement: withoutFlag, at: &unchangedAt),
+                    expectedError: WireError(offset: UInt64(unchangedAt + 12), reason: .codecNotAgreed(4))))
+    v.append(Vector(name: "invalid-unchanged-in-snapshot", description: "an unchanged page in a snapshot file, which carries no agreement",
+                    bytes: unchangedStream(agreement: nil, features: .snapshotFile, at: &unchangedAt),
+                    expectedError: WireError(offset: UInt64(unchangedAt + 12), reason: .codecNotAgreed(4))))
+    v.append(Vector(name: "invalid-unchanged-in-pass-zero", description: "an unchanged page in a batch of pass 0",
+                    bytes: unchangedStream(agreement: unchangedAgreement, secondPass: 0, at: &unchangedAt),
+                    expectedError: WireError(offset: UInt64(unchangedAt + 12), reason: .unchangedInPassZero(index: 2))))
+    var withLength = unchangedStream(agreement: unchangedAgreement, at: &unchangedAt)
+    withLength[unchangedAt + 9] = 0x10 // length 4096
+    v.append(Vector(name: "invalid-unchanged-with-length", description: "an unchanged page whose descriptor claims 4096 bytes",
+                    bytes: withLength, expectedError: WireError(offset: UInt64(unchangedAt + 8), reason: .badPageLength(index: 2, length: 4096))))
 
     // Invalid streams. Offsets are stream offsets; the layout record occupies 32..<120.
     let minimal = v[0].bytes

@@ -125,6 +125,51 @@ final class WireTests: XCTestCase {
         XCTAssertEqual(unagreed?.offset, UInt64(batchAt + 8))
     }
 
+    /// Unchanged pages (stream.md §6.4.1): a descriptor without payload, in place of a page's bytes, beside raw and
+    /// zero pages and in a batch compressed as a whole, held to the agreement whether the stream carries it or the
+    /// reader holds to it; and refused in pass 0, with a length, or without the agreement.
+    func testUnchangedPages() {
+        let agreed = Capabilities(codecs: .all, maxChannels: 1, flags: [.wholeBatchCompression, .unchangedPages])
+        let fakeCompressed: [UInt8] = Array(repeating: 0x5A, count: 50)
+        func make(carried: Capabilities?, pass: UInt32 = 1) -> [UInt8] {
+            stream(features: .liveMigration, layout: nil) { enc, out in
+                if let carried { enc.encodeCapabilities(carried, agreed: true, into: &out) }
+                enc.encodeLayout(vectorLayout, into: &out)
+                batch(&enc, &out, pass: pass, pages: [(1, patternPage(1)), (2, nil)], unchanged: [3, 0x100])
+                var record = [UInt8](repeating: 0, count: StreamEncoder.batchLength(pageCount: 3, payloadLength: fakeCompressed.count))
+                record.withUnsafeMutableBytes { buf in
+                    fakeCompressed.withUnsafeBytes {
+                        _ = enc.encodeCompressedPageBatch(pass: pass, pages: [(4, .unchanged), (5, .raw), (6, .unchanged)], pageSize: 4096,
+                                                          compression: .lz4, compressedPayload: $0, into: buf)
+                    }
+                }
+                out += record
+                enc.encodeEnd(endRecord, into: &out)
+            }
+        }
+        let decoded = events(make(carried: agreed))
+        guard case .pageBatch(let plain) = decoded[3], case .pageBatch(let whole) = decoded[4] else { return XCTFail("\(decoded)") }
+        XCTAssertEqual(plain.pages, [PageDescriptor(frame: 1, encoding: .raw, offset: 0, length: 4096),
+                                     PageDescriptor(frame: 2, encoding: .zero, offset: 4096, length: 0),
+                                     PageDescriptor(frame: 3, encoding: .unchanged, offset: 4096, length: 0),
+                                     PageDescriptor(frame: 0x100, encoding: .unchanged, offset: 4096, length: 0)])
+        XCTAssertEqual(plain.payload.bytes, patternPage(1), "unchanged pages add nothing to the payload")
+        XCTAssertEqual(whole.pages.map(\.encoding), [.unchanged, .raw, .unchanged])
+        XCTAssertEqual(whole.uncompressedPayloadLength, 4096, "one raw page in the compressed area")
+        XCTAssertEqual(StreamEncoder.batchLength(pageCount: 4, payloadLength: 4096) - StreamEncoder.batchLength(pageCount: 2, payloadLength: 4096),
+                       32, "an unchanged page costs its 16-byte descriptor")
+
+        // A receiver holds the channels that do not carry the agreement to the one it wrote on its reply stream.
+        let held = StreamDecoder()
+        held.hold(to: agreed)
+        XCTAssertNil(decodeAll(make(carried: nil), decoder: held).error)
+        let heldWithout = StreamDecoder()
+        heldWithout.hold(to: Capabilities(codecs: .all, maxChannels: 1, flags: [.wholeBatchCompression]))
+        XCTAssertEqual(decodeAll(make(carried: nil), decoder: heldWithout).error?.reason, .codecNotAgreed(4))
+        XCTAssertEqual(error(make(carried: nil))?.reason, .codecNotAgreed(4), "a stream without any agreement (a snapshot file)")
+        XCTAssertEqual(error(make(carried: agreed, pass: 0))?.reason, .unchangedInPassZero(index: 2))
+    }
+
     /// Patches one byte of the first page batch and returns the decoder's verdict. The checksum
     /// is checked after the structure, so structural errors surface with a stale checksum.
     func patchedBatch(at fieldOffset: Int, _ value: UInt8, channel: UInt16 = 0, channels: UInt16 = 1) -> WireError? {

@@ -2,6 +2,9 @@
 // downtime, bytes on the wire and page throughput, for the scenarios of issue 4.
 //
 //   swift build -c release --product migration-bench && .build/release/migration-bench [guest.elf] [scenario...]
+//   .build/release/migration-bench [guest.elf] --unchanged-ab RUNS [scenario...]
+// The second form runs each scenario RUNS times with unchanged pages (stream.md §6.4.1) on and off, alternating,
+// and prints medians with min-max of the wire bytes of the passes after pass 0 and of the total time.
 // `stdout`, a C global that Swift 6 cannot prove safe and that Foundation re-exports, is touched from the main
 // thread only.
 @preconcurrency import Foundation
@@ -15,7 +18,10 @@ import Transport
 setvbuf(stdout, nil, _IOLBF, 0)
 let arguments = Array(CommandLine.arguments.dropFirst())
 let guestPath = arguments.first { $0.hasSuffix(".elf") } ?? "guest/build/guest.elf"
-let chosen = Set(arguments.filter { !$0.hasSuffix(".elf") })
+let abRuns = arguments.firstIndex(of: "--unchanged-ab").map { Int(arguments[$0 + 1])! }
+let chosen = Set(arguments.enumerated().filter { index, argument in
+    !argument.hasSuffix(".elf") && argument != "--unchanged-ab" && (index == 0 || arguments[index - 1] != "--unchanged-ab")
+}.map(\.element))
 let guest = try Array(Data(contentsOf: URL(fileURLWithPath: guestPath)))
 
 func cpuSeconds() -> Double {
@@ -42,10 +48,14 @@ let scenarios = [
     // One channel with a fixed codec: where compressing and sending on separate threads shows.
     Scenario(name: "text-1g-lz4-1ch", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=text", compression: .lz4, channels: 1),
     Scenario(name: "text-1g-zstd-1ch", memory: 1280 << 20, commandLine: "workload=memstress size_mib=1024 rate_mib=0 pattern=text", compression: .zstd, channels: 1),
+    // Rewrites of which 90 % (50 %) put back the bytes a page holds: what unchanged pages are for.
+    Scenario(name: "rewrite-90", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=200 pattern=random same_pct=90", compression: .adaptive, channels: 2),
+    Scenario(name: "rewrite-90-800", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=800 pattern=random same_pct=90", compression: .adaptive, channels: 2),
+    Scenario(name: "rewrite-50", memory: 768 << 20, commandLine: "workload=memstress size_mib=512 rate_mib=200 pattern=random same_pct=50", compression: .adaptive, channels: 2),
 ]
 
-print("scenario             total s  downtime ms  passes  wire MB   payload GB/s  CPU s   result")
-for scenario in scenarios where chosen.isEmpty || chosen.contains(scenario.name) {
+/// One migration of a freshly booted guest: the sender's report and the CPU time of the whole process.
+func migrateOnce(_ scenario: Scenario, unchangedPages: Bool = true) throws -> (report: MigrationReport, cpu: Double) {
     let console = SerialConsole(output: nil)
     let source = try MicroVM(booting: guest, commandLine: scenario.commandLine,
                              configuration: MicroVMConfiguration(memorySize: scenario.memory, console: console))
@@ -60,6 +70,7 @@ for scenario in scenarios where chosen.isEmpty || chosen.contains(scenario.name)
     var options = MigrationOptions()
     options.channels = scenario.channels
     options.compression = scenario.compression
+    options.unchangedPages = unchangedPages
     let done = DispatchSemaphore(value: 0)
     Thread {
         do {
@@ -76,11 +87,53 @@ for scenario in scenarios where chosen.isEmpty || chosen.contains(scenario.name)
     done.wait()
     unlink(socketPath)
     let cpuUsed = cpuSeconds() - cpu
+    source.stop()
+    sink.machine?.stop()
+    return (report, cpuUsed)
+}
+
+if let runs = abRuns {
+    /// Median and range of `values`, formatted with `format`.
+    func summary(_ values: [Double], _ format: String) -> String {
+        let sorted = values.sorted()
+        let median = sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
+        return String(format: format, median) + " (" + String(format: format, sorted.first!) + "–" + String(format: format, sorted.last!) + ")"
+    }
+    print("scenario     unchanged  run  total s  downtime ms  passes  pass 0 MB  later MB  unchanged pages  CPU s  result")
+    for scenario in scenarios where chosen.isEmpty || chosen.contains(scenario.name) {
+        var results: [Bool: [(report: MigrationReport, cpu: Double)]] = [true: [], false: []]
+        for run in 0 ..< runs {
+            // Alternating, and each pair in the other order than the last, so that drift on the machine hits both.
+            for unchanged in run % 2 == 0 ? [true, false] : [false, true] {
+                let (report, cpu) = try migrateOnce(scenario, unchangedPages: unchanged)
+                results[unchanged]!.append((report, cpu))
+                let later = report.passes.dropFirst().reduce(0) { $0 + $1.wireBytes }
+                print(scenario.name.padding(toLength: 12, withPad: " ", startingAt: 0) + String(format: " %9@  %3d  %7.3f  %11.1f  %6d  %9.1f  %8.1f  %15d  %5.2f  %@",
+                      unchanged ? "on" : "off", run, report.totalSeconds, (report.downtimeSeconds ?? .nan) * 1000, report.passes.count,
+                      Double(report.passes.first?.wireBytes ?? 0) / 1e6, Double(later) / 1e6,
+                      report.passes.reduce(0) { $0 + $1.unchangedPages }, cpu, (report.succeeded ? "ok" : report.error ?? "failed") as NSString))
+            }
+        }
+        for unchanged in [true, false] {
+            let all = results[unchanged]!
+            print("\(scenario.name) unchanged \(unchanged ? "on" : "off"): ok \(all.count { $0.report.succeeded })/\(all.count), "
+                  + "later passes MB " + summary(all.map { Double($0.report.passes.dropFirst().reduce(0) { $0 + $1.wireBytes }) / 1e6 }, "%.1f")
+                  + ", total s " + summary(all.map(\.report.totalSeconds), "%.3f")
+                  + ", downtime ms " + summary(all.map { ($0.report.downtimeSeconds ?? .nan) * 1000 }, "%.0f")
+                  + ", passes " + summary(all.map { Double($0.report.passes.count) }, "%.0f")
+                  + ", pass 0 MB " + summary(all.map { Double($0.report.passes.first?.wireBytes ?? 0) / 1e6 }, "%.1f")
+                  + ", CPU s " + summary(all.map(\.cpu), "%.2f"))
+        }
+    }
+    exit(0)
+}
+
+print("scenario             total s  downtime ms  passes  wire MB   payload GB/s  CPU s   result")
+for scenario in scenarios where chosen.isEmpty || chosen.contains(scenario.name) {
+    let (report, cpuUsed) = try migrateOnce(scenario)
     let payload = report.passes.reduce(0) { $0 + $1.payloadBytes - ($1.pass == 0 ? $1.zeroPages * 4096 : 0) }
     let sendSeconds = report.passes.reduce(0) { $0 + $1.seconds }
     print(scenario.name.padding(toLength: 20, withPad: " ", startingAt: 0) + String(format: " %7.3f  %11.1f  %6d  %8.1f  %12.2f  %6.2f  %@", report.totalSeconds,
                  (report.downtimeSeconds ?? .nan) * 1000, report.passes.count, Double(report.wireBytes) / 1e6,
                  Double(payload) / sendSeconds / 1e9, cpuUsed, (report.succeeded ? "ok" : report.error ?? "failed") as NSString))
-    source.stop()
-    sink.machine?.stop()
 }

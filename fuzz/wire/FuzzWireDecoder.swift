@@ -4,7 +4,7 @@
 // Each input is decoded three times: whole, fed, with checksums verified; then in small chunks written
 // straight into the decoder's buffer, with checksum verification off, to reach the checks behind a
 // valid checksum; then the same way in place (as a receiver on huge pages), held to an agreement with
-// descriptor checksums, every page payload received into a scratch page. Every yielded payload byte is
+// descriptor checksums and unchanged pages, every page payload received into a scratch page. Every yielded payload byte is
 // read, so AddressSanitizer sees any slice that points outside its buffer, and any payload written past
 // its page.
 
@@ -24,7 +24,9 @@ private func decode(_ input: UnsafeRawBufferPointer, chunk: Int, verify: Bool, i
     var limits = WireLimits.v1
     limits.maxRecordBody = 1 << 20  // keep the fuzzer's memory small; the checks are the same
     let decoder = StreamDecoder(options: .init(limits: limits, verifyChecksums: verify, payloadsInPlace: inPlace))
-    if inPlace { decoder.hold(to: Capabilities(codecs: .all, maxChannels: 64, flags: [.wholeBatchCompression, .descriptorChecksum])) }
+    if inPlace {
+        decoder.hold(to: Capabilities(codecs: .all, maxChannels: 64, flags: [.wholeBatchCompression, .descriptorChecksum, .unchangedPages]))
+    }
     var position = 0
     var sink: UInt8 = 0
     // Bytes from the input, at most `chunk` at a time.

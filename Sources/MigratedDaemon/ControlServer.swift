@@ -236,11 +236,11 @@ struct RequestReader {
 }
 
 /// The open connections, each with the time by which its current request (or answer) must be through. A timer
-///
-/// Sendable: `open` is guarded by `lock`; the channels in it are closed, from the timer, only through their own thread-
-/// safe `close`.
 /// closes the late ones, which wakes their threads: a client that sends half a request and waits, or a byte
 /// every few seconds, holds a thread for `idleTimeout` at most.
+///
+/// Sendable: `open` is guarded by `lock`; the channels in it are closed, from the timer, only through their own
+/// thread-safe `close`.
 final class ConnectionDeadlines: @unchecked Sendable {
     private let limit: Int
     private let lock = NSLock()

@@ -227,11 +227,11 @@ public final class MigrationReceiver: @unchecked Sendable {
 }
 
 /// Writes one channel's page batches on a thread of its own, so that receiving and checking the next batches
+/// (TLS, CRC, decoding) overlaps with decompressing and writing this one. At most a few batches wait between
+/// the two; their bytes stay in the decoder's buffers, which are not reused while a batch holds them.
 ///
 /// Sendable: `failure` is guarded by `lock`; `queuedWrites` belongs to the channel's thread alone; work reaches the
 /// applier's thread through `queue`.
-/// (TLS, CRC, decoding) overlaps with decompressing and writing this one. At most a few batches wait between
-/// the two; their bytes stay in the decoder's buffers, which are not reused while a batch holds them.
 final class PageApplier: @unchecked Sendable {
     let writer: PageWriter
     private enum Work { case batch(PageBatch), hashInPlace(PageBatch), passEnded(UInt32), flush(DispatchSemaphore) }

@@ -11,7 +11,7 @@ public final class ControlAPI: Sendable {
     let migrations: any MigrationService
     let snapshots: SnapshotService
     let tls: TLSFiles?
-    private let logger: Logger
+    let logger: Logger
     private let startedAt = DispatchTime.now()
     private let requestCounts = RequestCounter()
 

@@ -73,13 +73,14 @@ public final class Daemon: Sendable {
         chmod(configuration.socketPath, 0o600)
     }
 
-    /// Stops accepting requests and migrations, stops every VM, and removes the socket.
+    /// Stops accepting requests and migrations, saves the VMs left in doubt, stops every VM, and removes the socket.
     public func shutdown() async {
         logger.info("shutting down")
         server.stop()
         incoming.stop()
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
-            DispatchQueue.global().async { [api] in
+            DispatchQueue.global().async { [api, configuration] in
+                api.preserveVMsInDoubt(in: configuration.inDoubtDirectory)
                 api.vms.stopAll()
                 done.resume()
             }

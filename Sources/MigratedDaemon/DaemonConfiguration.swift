@@ -53,7 +53,8 @@ public struct IncomingMigrationSettings: Sendable, Equatable {
 ///       "guest_memory": "huge-pages",
 ///       "tls": { "certificate": "/etc/migrated/host.pem", "key": "/etc/migrated/host.key",
 ///                "ca": "/etc/migrated/ca.pem", "allowed_peers": ["host-b"] },
-///       "incoming": { "listen": "0.0.0.0:7070" }
+///       "incoming": { "listen": "0.0.0.0:7070" },
+///       "in_doubt_directory": "/var/lib/migrated/in-doubt"
 ///     }
 public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public var socket: String?
@@ -65,6 +66,9 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public var guestMemory: String?
     public var tls: TLSFiles?
     public var incoming: Incoming?
+    /// Where a daemon that shuts down saves each VM a migration left in doubt (control-api.md §3.7), since its guest
+    /// may run nowhere else.
+    public var inDoubtDirectory: String?
 
     public struct Incoming: Codable, Sendable, Equatable {
         /// `host:port`, `[v6-address]:port` or `unix:/path`.
@@ -79,15 +83,17 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     }
 
     public static let defaultSocket = "/run/migrated/control.sock"
+    public static let defaultInDoubtDirectory = "/var/lib/migrated/in-doubt"
 
     public init(socket: String? = nil, logLevel: String? = nil, memoryBudgetMib: UInt64? = nil, guestMemory: String? = nil,
-                tls: TLSFiles? = nil, incoming: Incoming? = nil) {
+                tls: TLSFiles? = nil, incoming: Incoming? = nil, inDoubtDirectory: String? = nil) {
         self.socket = socket
         self.logLevel = logLevel
         self.memoryBudgetMib = memoryBudgetMib
         self.guestMemory = guestMemory
         self.tls = tls
         self.incoming = incoming
+        self.inDoubtDirectory = inDoubtDirectory
     }
 
     /// Reads a configuration file; unknown keys are refused, so that a misspelt setting is not silently ignored.
@@ -123,6 +129,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
             merged.incoming = Incoming(listen: listen, plaintext: merged.incoming?.plaintext)
         }
         if overrides.incomingPlaintext, merged.incoming != nil { merged.incoming?.plaintext = true }
+        if let directory = overrides.inDoubtDirectory { merged.inDoubtDirectory = directory }
         return merged
     }
 
@@ -138,6 +145,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var allowedPeers: [String] = []
         public var incomingListen: String?
         public var incomingPlaintext = false
+        public var inDoubtDirectory: String?
 
         public init() {}
     }
@@ -172,8 +180,10 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
                 throw ConfigurationError("incoming migrations need the tls section (certificate, key, ca, allowed_peers), or \"plaintext\": true to accept them unencrypted")
             }
         }
+        let inDoubt = inDoubtDirectory ?? Self.defaultInDoubtDirectory
+        guard inDoubt.hasPrefix("/") else { throw ConfigurationError("in_doubt_directory must be an absolute path, not '\(inDoubt)'") }
         return ValidatedConfiguration(socketPath: socket, logLevel: level, memoryBudget: budget, memoryBacking: backing,
-                                      tls: tls, incoming: incomingSettings)
+                                      tls: tls, incoming: incomingSettings, inDoubtDirectory: inDoubt)
     }
 
     private static func check(_ tls: TLSFiles) throws(ConfigurationError) {
@@ -195,7 +205,8 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
 }
 
 extension DaemonConfiguration: StrictlyDecodable {
-    public static let fieldNames: Set<String> = ["socket", "log_level", "memory_budget_mib", "guest_memory", "tls", "incoming"]
+    public static let fieldNames: Set<String> = ["socket", "log_level", "memory_budget_mib", "guest_memory", "tls", "incoming",
+                                                 "in_doubt_directory"]
 }
 
 /// The configuration the daemon runs with: defaults filled in, files checked.
@@ -207,18 +218,22 @@ public struct ValidatedConfiguration: Sendable, Equatable {
     public var memoryBacking: GuestMemory.Backing
     public var tls: TLSFiles?
     public var incoming: IncomingMigrationSettings?
+    /// Where VMs in doubt are saved when the daemon shuts down.
+    public var inDoubtDirectory: String
     /// Not in the file: the stated limits of control-api.md §1.1; tests shorten the timeout.
     public var controlLimits: ControlLimits
 
     public init(socketPath: String, logLevel: Logger.Level = .info, memoryBudget: UInt64,
                 memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
-                incoming: IncomingMigrationSettings? = nil, controlLimits: ControlLimits = ControlLimits()) {
+                incoming: IncomingMigrationSettings? = nil, inDoubtDirectory: String = DaemonConfiguration.defaultInDoubtDirectory,
+                controlLimits: ControlLimits = ControlLimits()) {
         self.socketPath = socketPath
         self.logLevel = logLevel
         self.memoryBudget = memoryBudget
         self.memoryBacking = memoryBacking
         self.tls = tls
         self.incoming = incoming
+        self.inDoubtDirectory = inDoubtDirectory
         self.controlLimits = controlLimits
     }
 }

@@ -20,6 +20,9 @@ struct MigratedCommand: AsyncParsableCommand {
     @Option(help: "Control socket path (default \(DaemonConfiguration.defaultSocket)).")
     var socket: String?
 
+    @Option(help: "Where VMs left in doubt by a migration are saved when the daemon shuts down (default \(DaemonConfiguration.defaultInDoubtDirectory)).")
+    var inDoubtDir: String?
+
     @Option(help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
@@ -51,6 +54,7 @@ struct MigratedCommand: AsyncParsableCommand {
         limitMallocArenas()
         var overrides = DaemonConfiguration.Overrides()
         overrides.socket = socket
+        overrides.inDoubtDirectory = inDoubtDir
         overrides.logLevel = logLevel
         overrides.memoryBudgetMib = try memoryBudget.map { try parseMiB($0) }
         overrides.guestMemory = guestMemory

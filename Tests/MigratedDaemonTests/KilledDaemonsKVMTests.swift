@@ -151,6 +151,46 @@ extension TwoDaemonMigrationKVMTests {
         }
     }
 
+    /// A daemon that shuts down while a VM is in doubt saves it first, since its guest may run nowhere else: the file
+    /// verifies, and restored into the destination (which never ran the guest), the guest carries on verifying.
+    func testAShutdownSavesAVMInDoubtAndItsGuestCarriesOnFromTheFile() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        let saved = NSTemporaryDirectory() + "in-doubt-" + String(UUID().uuidString.prefix(8))
+        defer { try? FileManager.default.removeItem(atPath: saved) }
+        let (a, _) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames, inDoubtDirectory: saved)
+        let b = try DaemonProcess(bin: DaemonProcess.besideTests, allowedPeers: TestCertificates.clientNames,
+                                  environment: [FaultInjection.environmentVariable: FaultInjection.exitAfterCommit.rawValue])
+        defer { b.stop() }
+        let before: MemstressStatus
+        do {
+            _ = try await a.client.createVM(VMCreateRequest(id: "kept", image: image, memoryMib: 128, cmdline: Self.smallGuest))
+            before = try XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "kept"), "the guest runs on A")
+            let output = try await runMigratectl(socket: a.socketPath, ["migrate", "kept", "--to", "127.0.0.1:\(b.incomingPort)"])
+            XCTAssertEqual(output.status, 1, output.text)
+            XCTAssertEqual(b.waitForExit(timeout: 10), 86, "B ended at its hook: \(b.log)")
+            let vm = try await a.client.vm("kept")
+            XCTAssertNotNil(vm.inDoubt, "A holds the guest, paused, in doubt")
+        } catch {
+            await a.stop()
+            throw error
+        }
+        await a.stop() // the daemon's shutdown, as on SIGTERM
+
+        let files = try FileManager.default.contentsOfDirectory(atPath: saved).filter { $0.hasPrefix("kept-") && $0.hasSuffix(".snap") }
+        XCTAssertEqual(files.count, 1, "one snapshot of the VM in doubt: \(files)")
+        let path = try "\(saved)/\(XCTUnwrap(files.first))"
+        let verified = try await runTool("vmsnap", ["verify", path])
+        XCTAssertEqual(verified.status, 0, verified.text)
+
+        // The operator finds that B never ran the guest, and restores it there from the file.
+        try b.restart()
+        XCTAssertNil(try b.vm("kept"), "B does not run the guest")
+        let restored = try b.ctl(["restore", path, "--into-daemon", "--id", "kept"], tool: "vmsnap")
+        XCTAssertEqual(restored.status, 0, restored.text)
+        let there = try XCTUnwrap(try b.memstress(of: "kept", after: before.ticks), "the guest carries on at B: \(b.log)")
+        XCTAssertTrue(there.verified)
+    }
+
     /// The source daemon dies while the guest's pages flow: the destination discards what had arrived, gives its
     /// memory reservation back, and says why in GET /migrations/incoming and its metrics.
     func testASourceKilledMidMigrationLeavesNothingAtTheDestination() async throws {

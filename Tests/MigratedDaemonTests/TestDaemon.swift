@@ -16,13 +16,14 @@ final class TestDaemon {
 
     init(memoryBudgetMiB: UInt64 = 1024, memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
          migrations: (any MigrationService)? = nil, incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil,
-         controlLimits: ControlLimits = ControlLimits()) {
+         controlLimits: ControlLimits = ControlLimits(), inDoubtDirectory: String? = nil) {
         directory = NSTemporaryDirectory() + "migrated-test-" + String(UUID().uuidString.prefix(8))
         socketPath = directory + "/control.sock"
         var logger = Logger(label: "migrated-test")
         logger.logLevel = .error
         daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20,
                                                               memoryBacking: memoryBacking, tls: tls, incoming: incoming?.0,
+                                                              inDoubtDirectory: inDoubtDirectory ?? directory + "/in-doubt",
                                                               controlLimits: controlLimits),
                         logger: logger, migrations: migrations, incoming: incoming?.1)
         client = ControlClient(socketPath: socketPath)

@@ -14,7 +14,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
 
     /// A daemon that listens for migrations on 127.0.0.1 with `certificate`, accepting peers named `allowed`.
     func makeDaemon(certificate: String, allowed: [String], memoryBacking: GuestMemory.Backing = .sharedMemory,
-                    budgetMiB: UInt64 = 4096) async throws -> (TestDaemon, EngineIncomingListener) {
+                    budgetMiB: UInt64 = 4096, inDoubtDirectory: String? = nil) async throws -> (TestDaemon, EngineIncomingListener) {
         let tls = TLSFiles(certificate: "\(TestCertificates.directory)/\(certificate).pem",
                            key: "\(TestCertificates.directory)/\(certificate).key",
                            ca: "\(TestCertificates.directory)/ca.pem", allowedPeers: allowed)
@@ -22,7 +22,8 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         logger.logLevel = .error
         let listener = EngineIncomingListener(logger: logger)
         let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls), memoryBacking: memoryBacking)
-        let daemon = TestDaemon(memoryBudgetMiB: budgetMiB, memoryBacking: memoryBacking, tls: tls, incoming: (settings, listener))
+        let daemon = TestDaemon(memoryBudgetMiB: budgetMiB, memoryBacking: memoryBacking, tls: tls, incoming: (settings, listener),
+                                inDoubtDirectory: inDoubtDirectory)
         try await daemon.start()
         return (daemon, listener)
     }

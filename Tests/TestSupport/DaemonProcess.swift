@@ -35,7 +35,8 @@ public final class DaemonProcess {
         let certificates = TestCertificates.directory
         arguments = ["--socket", socket, "--log-level", logLevel, "--memory-budget", "4G",
                      "--tls-certificate", "\(certificates)/\(certificate).pem", "--tls-key", "\(certificates)/\(certificate).key",
-                     "--tls-ca", "\(certificates)/ca.pem", "--incoming-listen", "127.0.0.1:\(incomingPort)"]
+                     "--tls-ca", "\(certificates)/ca.pem", "--incoming-listen", "127.0.0.1:\(incomingPort)",
+                     "--in-doubt-dir", "\(directory)/in-doubt"]
             + allowedPeers.flatMap { ["--allow-peer", $0] }
         _ = FileManager.default.createFile(atPath: "\(directory)/daemon.log", contents: nil)
         process = Process()

@@ -25,12 +25,10 @@ migrated and migratectl (see --bin).
 """
 
 import argparse
-import http.client
 import importlib.util
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,9 +54,10 @@ SCENARIOS = qemu_bench.SCENARIOS      # name -> (guest RAM MiB, command line, wo
 ALIASES = qemu_bench.ALIASES
 STATUS_RE = qemu_bench.STATUS_RE
 lo_bytes = qemu_bench.lo_bytes
-free_port = qemu_bench.free_port
 set_pdeathsig = qemu_bench.set_pdeathsig
 log = qemu_bench.log
+sys.path.insert(0, os.path.join(REPO, "bench"))
+from testhosts import UnixHTTPConnection, free_port, make_certificates  # noqa: E402  (bench/testhosts.py)
 
 # name -> (security, compression, channels)
 CONFIGS = {
@@ -80,17 +79,6 @@ def parse_status(line):
 
 
 # --------------------------------------------------------------------------- control API
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path, timeout=10):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
 def api(sock, method, path, body=None):
     """(status, JSON document) of one request to a daemon's control socket."""
     conn = UnixHTTPConnection(sock)
@@ -167,27 +155,6 @@ class CPUWatch:
 
 
 # --------------------------------------------------------------------------- certificates
-def make_certs(d):
-    """One CA and two host identities, as scripts/demo makes them (EC P-256, SAN DNS:host-a / host-b)."""
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=d, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=demo-ca", "-days", "1")
-    for host in ("host-a", "host-b"):
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", f"{host}.key", "-out", f"{host}.csr", "-subj", f"/CN={host}")
-        with open(os.path.join(d, f"{host}.ext"), "w") as f:
-            f.write(f"subjectAltName=DNS:{host}\n")
-        run("x509", "-req", "-in", f"{host}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", f"{host}.ext", "-out", f"{host}.pem")
-    for name in os.listdir(d):
-        if name.endswith(".key"):
-            os.chmod(os.path.join(d, name), 0o600)
-
-
-# --------------------------------------------------------------------------- one run
 class Daemon:
     def __init__(self, args, rundir, name, peer, certdir, listen=None, plaintext=False):
         self.name = name
@@ -625,7 +592,7 @@ def main():
     try:
         certdir = os.path.join(tmp, "certs")
         os.makedirs(certdir)
-        make_certs(certdir)
+        make_certificates(certdir, "demo-ca")
         for name in names:
             for rep in range(args.repeat):
                 for config in configs:

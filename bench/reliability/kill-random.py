@@ -33,33 +33,21 @@ Python 3 standard library only. Usage:
 """
 
 import argparse
-import http.client
 import json
 import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from testhosts import UnixHTTPConnection, free_port, make_certificates  # noqa: E402  (bench/testhosts.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over the daemon's Unix control socket."""
-
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
 
 
 class Daemon:
@@ -275,25 +263,6 @@ def kill_source(a, b, vm, records_before, phase):
     return "B discarded it, memory freed, reason recorded"
 
 
-def make_certificates(work):
-    script = """
-    set -e
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -subj /CN=kill-ca -days 1
-    for host in host-a host-b; do
-        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $host.key -out $host.csr -subj /CN=$host
-        echo "subjectAltName=DNS:$host" > $host.ext
-        openssl x509 -req -in $host.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile $host.ext -out $host.pem
-    done
-    """
-    subprocess.run(["sh", "-c", script], cwd=work, check=True, capture_output=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50)
@@ -319,7 +288,7 @@ def main():
     rng = random.Random(seed)
 
     work = tempfile.mkdtemp(prefix="kill-random.")
-    make_certificates(work)
+    make_certificates(work, "kill-ca")
     a = Daemon("host-a", work, args.bin, "host-b", free_port(), "4G")
     b = Daemon("host-b", work, args.bin, "host-a", free_port(), "4G")
     a.start()
@@ -405,8 +374,8 @@ def main():
         b.stop()
 
     print()
-    print(f"| daemon killed | source's phase at the kill | outcome | runs |")
-    print(f"|---|---|---|---|")
+    print("| daemon killed | source's phase at the kill | outcome | runs |")
+    print("|---|---|---|---|")
     order = {"setup": 0, "precopy": 1, "switchover": 2, "completed": 3, "failed": 4, "cancelled": 5, "-": 6}
     for (killed, phase, outcome), count in sorted(table.items(), key=lambda item: (item[0][0], order.get(item[0][1], 9), item[0][2])):
         print(f"| {killed} | {phase} | {outcome} | {count} |")

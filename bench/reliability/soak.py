@@ -32,12 +32,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from testhosts import free_port, make_certificates  # noqa: E402  (bench/testhosts.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -61,31 +63,6 @@ def _die_with_parent():
     """In the child before exec: SIGKILL when this script dies, however it dies (PR_SET_PDEATHSIG)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_certs(d):
-    """One CA and the identities host-a and host-b (EC P-256, subjectAltName DNS:host-x), as scripts/demo."""
-    def openssl(*args):
-        result = subprocess.run(["openssl", *args], cwd=d, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            raise SoakFailure(f"openssl {args[0]} failed: {result.stderr.strip()}")
-
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=soak-ca", "-days", "1")
-    for host in ("host-a", "host-b"):
-        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", f"{host}.key", "-out", f"{host}.csr", "-subj", f"/CN={host}")
-        with open(os.path.join(d, f"{host}.ext"), "w") as f:
-            f.write(f"subjectAltName=DNS:{host}\n")
-        openssl("x509", "-req", "-in", f"{host}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-days", "1", "-extfile", f"{host}.ext", "-out", f"{host}.pem")
-        os.chmod(os.path.join(d, f"{host}.key"), 0o600)
 
 
 TCP_STATES = {"01": "established", "02": "syn-sent", "03": "syn-recv", "04": "fin-wait1", "05": "fin-wait2",
@@ -449,7 +426,7 @@ def main():
     status = 1
     try:
         bindir = build(args)
-        make_certs(work)
+        make_certificates(work, "soak-ca")
         a = Daemon(bindir, work, "host-a", "host-b", "2G")
         daemons.append(a)
         b = Daemon(bindir, work, "host-b", "host-a", "2G")

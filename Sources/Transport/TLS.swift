@@ -240,6 +240,9 @@ final class SocketIO {
 /// A BIO of our own over the socket. OpenSSL's socket BIO writes with write(2), which raises SIGPIPE when the
 /// peer has gone, and that would kill the daemon; this one sends with MSG_NOSIGNAL, gathers records into
 /// large sends, and keeps the errno that OpenSSL's error queue would otherwise lose.
+///
+/// `nonisolated(unsafe)`: the method table is built once, by Swift's thread-safe initialisation of globals, and
+/// after that only read, by OpenSSL, from any thread.
 private nonisolated(unsafe) let socketMethod: OpaquePointer = {
     let method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "migrated socket")!
     BIO_meth_set_write_ex(method) { bio, data, length, written in

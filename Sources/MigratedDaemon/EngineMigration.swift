@@ -307,9 +307,10 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     }
 }
 
-/// Sendable: `listener` is guarded by `lock`; `refusals` is Sendable.
 /// Incoming live migrations: a listener on the configured address; each migration is received on a thread of
 /// its own and the VM adopted by the daemon once it runs.
+///
+/// Sendable: `listener` is guarded by `lock`; `refusals` is Sendable.
 public final class EngineIncomingListener: IncomingMigrationListener, @unchecked Sendable {
     private let logger: Logger
     private let refusals = RefusalLog()

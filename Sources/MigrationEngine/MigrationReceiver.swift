@@ -479,11 +479,12 @@ final class PageExpander {
     }
 }
 
-/// Sendable: `written` is guarded by `lock`; `reply` serializes its own sends.
 /// Tells the sender, on the reply stream, when a pre-copy pass is wholly in guest memory: once every channel's
 /// writer thread has written all its batches up to that pass's boundary. The sender waits for this before it
 /// measures the dirty set, so that what the receiver still had queued is neither counted as sent nor left for the
 /// downtime.
+///
+/// Sendable: `written` is guarded by `lock`; `reply` serializes its own sends.
 final class PassAcknowledger: @unchecked Sendable {
     private let channels: Int
     private let reply: RecordWriter

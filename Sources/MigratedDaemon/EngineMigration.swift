@@ -245,9 +245,10 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     private(set) var reservedAtMost: UInt64 = 0
     private(set) var configuration: VMCreateRequest?
     /// A test hook that ends the daemon at its point of the switchover, with the logger that says so.
-    private let fault: (FaultInjection, Logger)?
+    /// A test hook, with the logger it reports to and the migration's connections (which one hook closes).
+    private let fault: (FaultInjection, Logger, [MigrationChannel])?
 
-    init(_ base: MicroVMGuestSink, desk: (any ArrivalDesk)? = nil, fault: (FaultInjection, Logger)? = nil) {
+    init(_ base: MicroVMGuestSink, desk: (any ArrivalDesk)? = nil, fault: (FaultInjection, Logger, [MigrationChannel])? = nil) {
         self.base = base
         self.desk = desk
         self.fault = fault
@@ -286,8 +287,12 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
 
     /// Called on COMMIT, before STARTED is answered.
     func start() throws {
-        if let (fault, logger) = fault, fault == .exitAfterCommit { fault.strike(logger) }
+        if let (fault, logger, _) = fault, fault == .exitAfterCommit { fault.strike(logger) }
         try base.start()
+        if let (fault, logger, channels) = fault, fault == .closeBeforeStarted {
+            logger.critical("fault injection: the guest runs; closing the migration's connections before STARTED", metadata: ["fault": "\(fault.rawValue)"])
+            for channel in channels { channel.close() }
+        }
     }
 
     func discard() {
@@ -303,7 +308,7 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
         configuration = try APIJSON.decode(VMCreateRequest.self, from: Data(configurations[0].blob.bytes))
         try base.restore(deviceState: deviceState)
         // The receiver restores the device state after the digest check, just before it answers VERIFIED.
-        if let (fault, logger) = fault, fault == .exitBeforeVerified { fault.strike(logger) }
+        if let (fault, logger, _) = fault, fault == .exitBeforeVerified { fault.strike(logger) }
     }
 }
 
@@ -377,7 +382,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     private func receive(_ channels: [MigrationChannel], from peer: String, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
         let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking), desk: desk,
-                                       fault: fault.map { ($0, logger) })
+                                       fault: fault.map { ($0, logger, channels) })
         func record(_ outcome: IncomingOutcome, vm: String?, error: String?) {
             desk.recordArrival(IncomingMigrationRecord(peer: peer, vm: vm, outcome: outcome, error: error, memoryBytes: sink.reservedAtMost,
                                                        finishedAt: ISO8601DateFormatter().string(from: Date())))

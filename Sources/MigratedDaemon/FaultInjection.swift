@@ -12,6 +12,9 @@ public enum FaultInjection: String, Sendable, CaseIterable {
     /// Dies on reading COMMIT, before starting the guest and answering STARTED: the source cannot know whether the
     /// guest runs here, so it stays paused, in doubt.
     case exitAfterCommit = "exit-after-commit"
+    /// Starts the guest on COMMIT, then closes the migration's connections instead of answering STARTED: the guest
+    /// runs here while the source, never told, is left in doubt (the case where the operator deletes the source).
+    case closeBeforeStarted = "close-before-started"
 
     public static let environmentVariable = "MIGRATED_FAULT_INJECT"
 

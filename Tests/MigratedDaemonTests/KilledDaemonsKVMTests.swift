@@ -151,6 +151,32 @@ extension TwoDaemonMigrationKVMTests {
         }
     }
 
+    /// The other side of a migration in doubt: the destination started the guest and its STARTED never came (a hook
+    /// closes its connections right after the start). The source is in doubt; the operator finds the guest running,
+    /// verified, at the destination, and deletes it at the source, which frees its memory. One copy runs throughout.
+    func testAGuestThatRunsAtTheDestinationIsDeletedAtTheSourceInDoubt() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        try await withKillableDestination(environment: [FaultInjection.environmentVariable: FaultInjection.closeBeforeStarted.rawValue]) { a, b in
+            _ = try await a.client.createVM(VMCreateRequest(id: "moved", image: image, memoryMib: 128, cmdline: Self.smallGuest))
+            let before = try XCTUnwrapAsync(await a.memstressStatus(after: 0, of: "moved"), "the guest runs on A")
+            let output = try await runMigratectl(socket: a.socketPath, ["migrate", "moved", "--to", "127.0.0.1:\(b.incomingPort)"])
+            XCTAssertEqual(output.status, 1, output.text)
+            let inDoubt = try await a.client.vm("moved")
+            XCTAssertEqual(inDoubt.state, .paused)
+            XCTAssertNotNil(inDoubt.inDoubt, "A was not told that the guest started")
+
+            // The operator asks B: the guest runs there, verifying, so A's paused copy must never run again.
+            let there = try XCTUnwrap(try b.memstress(of: "moved", after: before.ticks), "the guest runs at B: \(b.log)")
+            XCTAssertTrue(there.verified)
+            let deleted = try await runMigratectl(socket: a.socketPath, ["vm", "delete", "moved"])
+            XCTAssertEqual(deleted.status, 0, deleted.text)
+            let memory = try await metric("migrated_guest_memory_bytes", of: a)
+            XCTAssertEqual(memory, 0, "A freed the guest's memory")
+            let later = try XCTUnwrap(try b.memstress(of: "moved", after: there.ticks), "and it carries on at B")
+            XCTAssertTrue(later.verified)
+        }
+    }
+
     /// A daemon that shuts down while a VM is in doubt saves it first, since its guest may run nowhere else: the file
     /// verifies, and restored into the destination (which never ran the guest), the guest carries on verifying.
     func testAShutdownSavesAVMInDoubtAndItsGuestCarriesOnFromTheFile() async throws {

@@ -29,41 +29,11 @@
  *   hugetlb            memcpy into a MFD_HUGETLB memfd mapping (needs 512 free pages in nr_hugepages)
  * After the fill it prints how much of the memory ended up on huge pages (this process's AnonHugePages, the
  * growth of the host's ShmemHugePages, the hugetlb pool's use), from /proc/self/smaps_rollup and /proc/meminfo. */
-#define _GNU_SOURCE
+#include "common.h"
 #include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/uio.h>
-#include <time.h>
 #include <unistd.h>
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-#define TOTAL (1UL << 30)
-#define STEP (1UL << 20)
-#define HUGE (2UL << 20)
-
-static double cpu(void) {
-    struct rusage r;
-    getrusage(RUSAGE_SELF, &r);
-    return r.ru_utime.tv_sec + r.ru_utime.tv_usec * 1e-6 + r.ru_stime.tv_sec + r.ru_stime.tv_usec * 1e-6;
-}
-
-static double wall(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static void die(const char *what) {
-    perror(what);
-    exit(1);
-}
 
 /* The kB figure of the first line of `file` that starts with `key`, or -1. */
 static long kilobytes(const char *file, const char *key) {

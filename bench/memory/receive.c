@@ -14,45 +14,15 @@
  *
  * A child process sends 1 GiB of random bytes in 1 MiB writes; the parent receives them in 1 MiB steps and
  * prints its wall time and CPU time (user + system) for the whole GiB. */
-#define _GNU_SOURCE
+#include "common.h"
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-#define TOTAL (1UL << 30)
-#define STEP (1UL << 20)
-#define HUGE (2UL << 20)
-
-static double wall(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec * 1e-9;
-}
-
-static double cpu(void) {
-    struct rusage r;
-    getrusage(RUSAGE_SELF, &r);
-    return r.ru_utime.tv_sec + r.ru_utime.tv_usec * 1e-6 + r.ru_stime.tv_sec + r.ru_stime.tv_usec * 1e-6;
-}
-
-static void die(const char *what) {
-    perror(what);
-    exit(1);
-}
 
 static void receive_all(int s, char *p, size_t n) {
     while (n) {

@@ -75,7 +75,7 @@ let package = Package(
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend", "Threads"]),
         .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots"], path: "bench/xen"),
 
-        .target(name: "TestSupport", dependencies: ["KVMBackend", "MicroVM", "Transport", "MigratedAPI"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["KVMBackend", "MicroVM", "Transport", "MigratedAPI", "Threads"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),
         .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport"]),
         .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "MigrationNetwork", "TestSupport"]),

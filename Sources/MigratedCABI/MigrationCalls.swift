@@ -265,7 +265,6 @@ private final class ChannelSet: @unchecked Sendable {
 
     func set(_ accepted: [MigrationChannel]) { lock.withLock { channels = accepted } }
     func closeAll() { for channel in lock.withLock({ channels }) { channel.close() } }
-/// threads.
 }
 
 /// Calls the VMM's progress function with the engine's progress.

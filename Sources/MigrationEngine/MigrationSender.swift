@@ -20,7 +20,7 @@ import Threads
 /// whether it runs again. `started` that does not come within `options.startedTimeout` of `commit` ends the wait.
 ///
 /// Sendable: `run` works on one thread; what others touch is atomic (`cancelled`, the progress counters, `watching`),
-/// locked (`gate`, `openedChannels` under `channelLock`) or set before `run` (`onProgress`, `corruptDigestForTesting`,
+/// locked (`gate`, `opened`) or set before `run` (`onProgress`, `corruptDigestForTesting`,
 /// `claimWrongUnchangedForTesting`).
 /// `failure` and the report are read after `run` returns.
 public final class MigrationSender: @unchecked Sendable {
@@ -28,9 +28,8 @@ public final class MigrationSender: @unchecked Sendable {
     /// Opens channel `index`; channels are opened one at a time, each sending its stream header before the
     /// next is opened, so that a receiver can learn the channel count from the first one.
     private let openChannel: (Int) throws -> MigrationChannel
-    private let channelLock = NSLock()
-    private var openedChannels: [MigrationChannel] = []
-    private var channels: [MigrationChannel] { channelLock.withLock { openedChannels } }
+    private let opened = Locked(OpenedChannels())
+    private var channels: [MigrationChannel] { opened.withLock { $0.channels } }
     public let options: MigrationOptions
     /// Called from the migration's thread, several times a second while pages flow.
     public var onProgress: ((MigrationProgress) -> Void)?
@@ -80,6 +79,7 @@ public final class MigrationSender: @unchecked Sendable {
         failure = nil
         var phase = Phase()
         gate.withLock { $0 = Gate() }
+        opened.withLock { $0 = OpenedChannels() }
         startWatchdog()
         defer { watching.store(false, ordering: .relaxed) }
         do {
@@ -109,6 +109,23 @@ public final class MigrationSender: @unchecked Sendable {
     }
     private let gate = Locked(Gate())
 
+    /// The channels opened so far, and whether they were closed for good (by the watchdog, a failed channel or the
+    /// roll-back). Closing is sticky because channels open one by one: one that opens after the others were closed
+    /// is closed at once, or a thread could block for ever on a peer that never answers, with nobody left to close it.
+    private struct OpenedChannels {
+        var channels: [MigrationChannel] = []
+        var closed = false
+    }
+
+    /// Closes every channel opened so far, and each one opened later.
+    private func closeChannels() {
+        let open = opened.withLock { opened in
+            opened.closed = true
+            return opened.channels
+        }
+        for channel in open { channel.close() }
+    }
+
     /// Whether the watchdog of the running migration should go on watching.
     private let watching = Atomic<Bool>(false)
 
@@ -131,7 +148,7 @@ public final class MigrationSender: @unchecked Sendable {
                     return true
                 }
                 if close {
-                    for channel in channels { channel.close() }
+                    closeChannels()
                     return
                 }
                 Thread.sleep(forTimeInterval: 0.02)
@@ -159,7 +176,14 @@ public final class MigrationSender: @unchecked Sendable {
         for index in 0 ..< count {
             let channel: MigrationChannel
             do { channel = try openChannel(index) } catch { throw MigrationError.channel("opening channel \(index): \(error)") }
-            channelLock.withLock { openedChannels.append(channel) }
+            let added = opened.withLock { opened in
+                if !opened.closed { opened.channels.append(channel) }
+                return !opened.closed
+            }
+            guard added else {
+                channel.close()
+                throw MigrationError.channel("channel \(index) opened after the others were closed")
+            }
             let writer = RecordWriter(channel: channel, header: StreamHeader(features: .liveMigration, channel: UInt16(index), channelCount: UInt16(count),
                                                                     migrationID: migrationID))
             phase.writers.append(writer)
@@ -345,7 +369,7 @@ public final class MigrationSender: @unchecked Sendable {
                 }
                 if case .failure = result {
                     // A failed channel must not leave the others blocked on a peer that stopped reading.
-                    for channel in channels { channel.close() }
+                    closeChannels()
                 }
                 results.set(index, result)
                 group.leave()
@@ -434,7 +458,7 @@ public final class MigrationSender: @unchecked Sendable {
         source.setThrottle(0)
         if phase.tracking { try? source.stopDirtyTracking() }
         if phase.paused && !phase.committed { source.resume() }
-        for channel in channels { channel.close() }
+        closeChannels()
     }
 
     private func makeReport(error: MigrationError?, setup: Double, downtime: Double?, committed: Bool) -> MigrationReport {

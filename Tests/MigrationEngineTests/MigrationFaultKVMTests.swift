@@ -4,6 +4,7 @@ import MicroVM
 import MigrationEngine
 import MigrationWire
 import TestSupport
+import Threads
 import XCTest
 
 /// Every way a migration can fail before the switchover must leave the source running, intact, untrottled,
@@ -138,6 +139,43 @@ final class MigrationFaultKVMTests: MigrationTestCase {
         }
         XCTAssertEqual(outcome.report.error, "migration cancelled")
         assertSourceIntact(source, console, outcome)
+    }
+
+    /// A cancel, or a time budget that runs out, while a channel is still opening: the watchdog finds nothing yet to
+    /// close, so the channel that opens afterwards must be closed at once. Else the sender would wait for ever for
+    /// the answer of a peer that never gives one (here: a socket pair whose other end nobody reads).
+    func testCancelOrTimeLimitWhileAChannelOpensEndsTheMigration() throws {
+        let (source, console) = try bootSource(guest)
+        var last: MigrationReport?
+        for cancels in [true, false] {
+            let (ours, silent) = SocketPairChannel.pair()
+            var options = plainOptions
+            options.channels = 1
+            if !cancels { options.timeLimit = 0.05 }
+            let sender = Locked<MigrationSender?>(nil)
+            let made = MigrationSender(source: MicroVMGuestSource(machine: source), options: options) { _ in
+                if cancels { sender.withLock { $0 }?.cancel() }
+                Thread.sleep(forTimeInterval: 0.3) // long enough for the watchdog to act on the cancel or the budget
+                return ours
+            }
+            sender.withLock { $0 = made }
+            let finished = ReceiverResult()
+            let reports = Locked<MigrationReport?>(nil)
+            startThread(named: "sender-under-test") {
+                let report = made.run()
+                reports.withLock { $0 = report }
+                finished.done.signal()
+            }
+            guard finished.done.wait(timeout: .now() + 30 * sanitizerSlowdown) == .success else {
+                return XCTFail("\(cancels ? "cancelled" : "timed out"): the sender still waits on a channel nobody closed")
+            }
+            let report = try XCTUnwrap(reports.withLock { $0 })
+            XCTAssertEqual(report.error, cancels ? "migration cancelled" : "did not converge: the time budget of 0.05 s ran out")
+            withExtendedLifetime(silent) {}
+            last = report
+        }
+        assertSourceIntact(source, console, Outcome(report: try XCTUnwrap(last), receiverError: nil, destination: nil,
+                                                    destinationConsole: SerialConsole(output: nil)))
     }
 
     func testSenderFacingAPeerThatSpeaksGarbage() throws {

@@ -1,4 +1,5 @@
 import Foundation
+import Threads
 import XCTest
 
 /// What one of the project's command-line tools printed (standard output and error together) and how it exited.
@@ -32,9 +33,11 @@ public func runTool(_ tool: String, _ arguments: [String]) async throws -> ToolO
     return ToolOutput(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
 }
 
-/// Runs a program to completion, its standard output and error read together.
+/// Runs a program to completion, its standard output and error read together. A program still running after
+/// `timeLimit` seconds has its threads' stacks printed (with gdb, where installed) and is killed with every process
+/// it started, so that a hang fails its test with a diagnosis instead of stalling the whole run.
 public func runProgram(_ path: String, _ arguments: [String], environment: [String: String]? = nil,
-                       directory: String? = nil) throws -> ToolOutput {
+                       directory: String? = nil, timeLimit: TimeInterval = 300) throws -> ToolOutput {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: path)
     process.arguments = arguments
@@ -44,9 +47,51 @@ public func runProgram(_ path: String, _ arguments: [String], environment: [Stri
     process.standardOutput = pipe
     process.standardError = pipe
     try process.run()
-    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    let collected = Locked(Data())
+    let finished = DispatchSemaphore(value: 0)
+    let reader = pipe.fileHandleForReading
+    DispatchQueue.global().async {
+        let data = reader.readDataToEndOfFile()
+        collected.withLock { $0 = data }
+        finished.signal()
+    }
+    var diagnosis = ""
+    if finished.wait(timeout: .now() + timeLimit) == .timedOut {
+        let processes = processTree(rootedAt: process.processIdentifier)
+        diagnosis = "\n[\(path) still running after \(Int(timeLimit)) s; its stacks, then killed]\n" + processes.map(stacks(of:)).joined()
+        for pid in processes { kill(pid, SIGKILL) }
+        finished.wait()
+    }
     process.waitUntilExit()
-    return ToolOutput(status: process.terminationStatus, text: String(decoding: data, as: UTF8.self))
+    let text = String(decoding: collected.withLock { $0 }, as: UTF8.self) + diagnosis
+    return ToolOutput(status: process.terminationStatus, text: text)
+}
+
+/// `root` and its descendants, parents first, from the parent links in /proc.
+private func processTree(rootedAt root: pid_t) -> [pid_t] {
+    var children: [pid_t: [pid_t]] = [:]
+    for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+        guard let pid = pid_t(entry), let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8),
+              let nameEnd = stat.lastIndex(of: ")") else { continue }
+        // After the command name in parentheses: state, then the parent's pid.
+        let fields = stat[stat.index(after: nameEnd)...].split(separator: " ")
+        if fields.count > 1, let parent = pid_t(fields[1]) { children[parent, default: []].append(pid) }
+    }
+    var tree = [root], next = 0
+    while next < tree.count {
+        tree += children[tree[next]] ?? []
+        next += 1
+    }
+    return tree
+}
+
+/// Every thread's stack of process `pid` as gdb prints it, or why there is none.
+private func stacks(of pid: pid_t) -> String {
+    let command = (try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8))?
+        .replacingOccurrences(of: "\0", with: " ") ?? "?"
+    guard FileManager.default.isExecutableFile(atPath: "/usr/bin/gdb") else { return "-- \(pid) \(command): no gdb for its stacks\n" }
+    let output = try? runProgram("/usr/bin/gdb", ["-p", "\(pid)", "-batch", "-nx", "-ex", "thread apply all bt"], timeLimit: 60)
+    return "-- \(pid) \(command)\n" + (output?.text ?? "gdb did not run\n")
 }
 
 /// Runs a system command quietly to completion; its exit status, or -1 when it cannot be started.

@@ -63,7 +63,7 @@ let package = Package(
         .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
         .executableTarget(name: "MigrationBench", dependencies: ["KVMMigration", "MigrationNetwork", "Transport"], path: "bench/migration"),
 
-        .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec", "Threads"]),
+        .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec", "LinuxSystem", "Threads"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),
         .target(name: "Snapshots", dependencies: ["MigrationEngine", "MigrationWire", "PageCodec", "LinuxSystem", "Threads"]),
         .executableTarget(name: "vmsnap", dependencies: [

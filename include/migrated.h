@@ -246,7 +246,8 @@ enum migrated_phase {
     MIGRATED_PHASE_SWITCHOVER = 2,
     MIGRATED_PHASE_COMPLETED = 3,
     MIGRATED_PHASE_FAILED = 4,
-    MIGRATED_PHASE_CANCELLED = 5
+    MIGRATED_PHASE_CANCELLED = 5,
+    MIGRATED_PHASE_POSTCOPY = 6 /* the destination runs; the pages it lacks are still coming (daemons only, so far) */
 };
 
 /* Where an outgoing migration (or a live save) stands. */

@@ -102,6 +102,10 @@ public final class MicroVMGuestSink: GuestSink, @unchecked Sendable {
     /// faulting in 4 KiB pages one by one.
     public var takesPagesInPlace: Bool { memoryBacking == .hugePages }
 
+    /// Shared memory punches zero pages out of its memfd, and userfaultfd serves its holes; huge pages are zeroed in
+    /// place and cannot be filled 4 KiB at a time.
+    public var takesPostCopy: Bool { memoryBacking == .sharedMemory }
+
     public func restore(deviceState: [DeviceState]) throws {
         guard let memory else { throw MicroVMError.invalidConfiguration("device state before memory") }
         let machines = deviceState.filter { $0.componentID == DeviceComponent.kvmVM }

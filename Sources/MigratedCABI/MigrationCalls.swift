@@ -286,6 +286,7 @@ struct ProgressReporter: @unchecked Sendable {
         case .setup: MIGRATED_PHASE_SETUP
         case .precopy: MIGRATED_PHASE_PRECOPY
         case .switchover: MIGRATED_PHASE_SWITCHOVER
+        case .postcopy: MIGRATED_PHASE_POSTCOPY
         case .completed: MIGRATED_PHASE_COMPLETED
         case .failed: MIGRATED_PHASE_FAILED
         case .cancelled: MIGRATED_PHASE_CANCELLED

@@ -284,6 +284,7 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws { try base.write(frames: first, pages: pages) }
     func zero(frames first: UInt64, count: Int) throws { try base.zero(frames: first, count: count) }
     var takesPagesInPlace: Bool { base.takesPagesInPlace }
+    var takesPostCopy: Bool { base.takesPostCopy }
 
     /// Called on COMMIT, before STARTED is answered.
     func start() throws {

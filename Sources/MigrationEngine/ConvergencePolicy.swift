@@ -6,6 +6,8 @@ public struct ConvergencePolicy: Sendable {
         /// Another pass, with the guest throttled to this fraction.
         case throttle(Double)
         case switchover
+        /// Start the destination now, and send what it lacks while it runs (`MigrationOptions.postCopy`).
+        case postCopy
         case giveUp(String)
     }
 
@@ -18,6 +20,19 @@ public struct ConvergencePolicy: Sendable {
 
     /// `history` holds every pass so far, the last being the one just finished.
     public func decide(history: [PassStatistics], elapsed: Double, throttle: Double) -> Decision {
+        let preCopy = decidePreCopy(history: history, elapsed: elapsed, throttle: throttle)
+        guard options.postCopy else { return preCopy }
+        switch preCopy {
+        case .nextPass:
+            if let after = options.postCopyAfterPasses, history.count >= after { return .postCopy }
+            return .nextPass
+        // Pre-copy alone would not meet the downtime limit: post-copy meets it instead, without slowing the guest.
+        case .throttle, .giveUp: return .postCopy
+        case .switchover, .postCopy: return preCopy
+        }
+    }
+
+    private func decidePreCopy(history: [PassStatistics], elapsed: Double, throttle: Double) -> Decision {
         guard let last = history.last else { return .nextPass }
         if last.expectedDowntime <= options.downtimeLimit { return .switchover }
 

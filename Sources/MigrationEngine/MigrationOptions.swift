@@ -32,6 +32,12 @@ public struct MigrationOptions: Sendable, Codable, Equatable {
     /// (stream.md §6.4.1). It costs a copy of every page sent (the hash must be of the bytes that go), and saves the
     /// page wherever a guest rewrites memory with what it held.
     public var unchangedPages: Bool = true
+    /// Finish in post-copy (stream.md §6.13) when pre-copy alone would not meet `downtimeLimit`: where the convergence
+    /// policy would throttle the guest or give up, or after `postCopyAfterPasses` passes. The destination starts the
+    /// guest with the pages it lacks and asks for each one the guest touches; the source stays paused until the last
+    /// has come and the digests agree. The destination must agree to it.
+    public var postCopy: Bool = false
+    public var postCopyAfterPasses: Int?
 
     public init() {}
 }
@@ -74,7 +80,7 @@ public struct PassStatistics: Sendable, Codable, Equatable {
 
 /// Where a running migration stands, for progress displays.
 public struct MigrationProgress: Sendable, Codable, Equatable {
-    public enum Phase: String, Sendable, Codable { case setup, precopy, switchover, completed, failed, cancelled }
+    public enum Phase: String, Sendable, Codable { case setup, precopy, switchover, postcopy, completed, failed, cancelled }
     public var phase: Phase
     public var pass: Int
     /// Of the current pass.
@@ -125,4 +131,19 @@ public struct MigrationReport: Sendable, Codable, Equatable {
     /// Dirty-log harvests of the source during pre-copy, and the seconds they took in all.
     public var harvests: Int
     public var harvestSeconds: Double
+    /// How post-copy went, when the migration finished in it.
+    public var postCopy: PostCopyReport?
+}
+
+/// The post-copy phase of a migration, as the sender saw it.
+public struct PostCopyReport: Sendable, Codable, Equatable {
+    /// Pages missing at the destination when its guest started.
+    public var missingPages: Int
+    /// Of those, pages the destination's guest asked for (it touched them before the push sent them), and the
+    /// PAGE_REQUEST records that asked.
+    public var requestedPages: Int
+    public var requests: Int
+    public var wireBytes: Int
+    /// From the destination's start until it verified the last page.
+    public var seconds: Double
 }

@@ -22,13 +22,18 @@ public final class MigrationReceiver: @unchecked Sendable {
     private var otherChannels: ChannelThreads?
     /// One per channel: the threads that write pages into the sink; stopped before the sink is discarded.
     private var appliers: [PageApplier] = []
+    /// Guest memory with the pages still missing, from the start of post-copy until the last one came; closed before
+    /// the sink is discarded, since vCPUs may wait in it.
+    private var postCopy: PostCopyMemory?
 
     public init(sink: GuestSink, channels: [MigrationChannel], capabilities: Capabilities? = nil) {
         precondition(!channels.isEmpty)
         self.sink = sink
         self.channels = channels
-        self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count),
-                                                         flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum, .unchangedPages])
+        var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum, .unchangedPages]
+        // Post-copy places pages with userfaultfd, never straight into the mapping, where a missing page would fault.
+        if sink.takesPostCopy && !sink.takesPagesInPlace { flags.insert(.postCopy) }
+        self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count), flags: flags)
     }
 
     public struct Report: Sendable, Equatable {
@@ -43,6 +48,11 @@ public final class MigrationReceiver: @unchecked Sendable {
         /// What went wrong after the guest started, if anything: STARTED could not be sent, or the sender's END did
         /// not come (the source died or the link broke at the last moment). The guest runs regardless.
         public var afterStart: String?
+        /// Post-copy only: the pages that were missing when the guest started, those of them the guest touched
+        /// before they came (each asked of the source once), and the seconds from the start until the last came.
+        public var postCopyPages: Int = 0
+        public var postCopyRequests: Int = 0
+        public var postCopySeconds: Double?
     }
 
     /// Runs until the guest is started (returns) or the migration fails (throws, with the sink discarded).
@@ -72,6 +82,8 @@ public final class MigrationReceiver: @unchecked Sendable {
             for channel in channels { channel.close() }
             try? otherChannels?.wait()
             for applier in appliers { applier.abandon() }
+            // A guest started in post-copy is stopped here: it cannot run without the pages that will not come now.
+            postCopy?.close()
             sink.discard()
             throw failure
         }
@@ -116,14 +128,31 @@ public final class MigrationReceiver: @unchecked Sendable {
         otherChannels = others
         var deviceState: [DeviceState] = []
         var passes = 0
+        var lastPass: UInt32?
         var verified = false
+        var missing: [FrameRun] = []
+        var postCopyStart: (pages: UInt64, at: Double)?
+        var postCopyEnd: (requests: Int, seconds: Double)?
+        func digest() -> DigestRecord {
+            var digest = MemoryDigest()
+            for writer in writers { digest.add(PageHash(low: writer.digest.digest.low, high: writer.digest.digest.high)) }
+            return DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: digest.bytes)
+        }
         func report(afterStart: String?) -> Report {
             Report(passes: passes, pagesWritten: writers.reduce(0) { $0 + $1.pagesWritten },
                    pagesReceivedInPlace: writers.reduce(0) { $0 + $1.pagesReceivedInPlace },
                    pagesUnchanged: writers.reduce(0) { $0 + $1.pagesUnchanged },
-                   deviceComponents: deviceState.count,
-                   digest: hex(writers.reduce(into: MemoryDigest()) { $0.add(PageHash(low: $1.digest.digest.low, high: $1.digest.digest.high)) }.bytes),
-                   afterStart: afterStart)
+                   deviceComponents: deviceState.count, digest: hex(digest().digest), afterStart: afterStart,
+                   postCopyPages: Int(postCopyStart?.pages ?? 0), postCopyRequests: postCopyEnd?.requests ?? 0,
+                   postCopySeconds: postCopyEnd?.seconds)
+        }
+        /// Both the pre-copy and the post-copy handshakes end by comparing digests once every channel is done.
+        func compareDigests(_ theirs: DigestRecord) throws -> DigestRecord {
+            try others.wait()
+            try appliers[0].drain()
+            let ours = digest()
+            guard theirs == ours else { throw MigrationError.digestMismatch(sender: hex(theirs.digest), receiver: hex(ours.digest)) }
+            return ours
         }
         while true {
             switch try main.next() {
@@ -133,23 +162,60 @@ public final class MigrationReceiver: @unchecked Sendable {
                 try appliers[0].receiveInPlace(batch, from: main)
             case .passBoundary(let boundary):
                 passes += 1
+                lastPass = boundary.pass
                 try appliers[0].passEnded(boundary.pass)
             case .switchover:
                 break
             case .deviceState(let state):
                 deviceState.append(state)
+            case .missingPages(let runs):
+                missing += runs
+            case .postCopy(let start):
+                // Every page of the pre-copy passes must be in memory before the stale ones are dropped: the sender
+                // waits for PASS_APPLIED of the last one before it switches (stream.md §6.13).
+                guard let acknowledger, let lastPass, acknowledger.hasApplied(pass: lastPass) else {
+                    throw MigrationError.protocolViolation("post-copy started before the pre-copy passes were applied")
+                }
+                do { try sink.restore(deviceState: deviceState) } catch { throw MigrationError.guestFailed("restoring device state: \(error)") }
+                let memory = try PostCopyMemory(sink: sink, layout: layout, missing: missing) { frame in
+                    // Fails only when the link does, which the channels' threads report.
+                    try? writer.send { encoder, out in encoder.encodePageRequest([frame], into: &out) }
+                }
+                postCopy = memory
+                // The missing frames' stale versions leave the digest; their latest ones enter it as they come, on
+                // whichever channel. The appliers are idle: every page before this record is applied (checked above).
+                for writer in writers { writer.forget(missing) }
+                for writer in writers { writer.postCopy.withLock { $0 = memory } }
+                memory.serve()
+                postCopyStart = (start.missingPages, 0)
+                try writer.send { encoder, out in encoder.encodePostCopyReady(into: &out) }
             case .verify(let theirs):
-                try others.wait()
-                try appliers[0].drain()
-                var digest = MemoryDigest()
-                for writer in writers { digest.add(PageHash(low: writer.digest.digest.low, high: writer.digest.digest.high)) }
-                let ours = DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: digest.bytes)
-                guard theirs == ours else {
-                    throw MigrationError.digestMismatch(sender: hex(theirs.digest), receiver: hex(ours.digest))
+                let ours = try compareDigests(theirs)
+                if let memory = postCopy, let started = postCopyStart {
+                    guard memory.missingCount == 0 else {
+                        throw MigrationError.protocolViolation("\(memory.missingCount) pages missing at the start of post-copy never came")
+                    }
+                    memory.close()
+                    postCopyEnd = (memory.requestsSent, monotonicSeconds() - started.at)
+                    var afterStart: String?
+                    do {
+                        try writer.send { encoder, out in
+                            encoder.encodeVerified(ours, into: &out)
+                            encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+                        }
+                        try Self.awaitEnd(main)
+                    } catch {
+                        afterStart = "\(error)"
+                    }
+                    return report(afterStart: afterStart)
                 }
                 do { try sink.restore(deviceState: deviceState) } catch { throw MigrationError.guestFailed("restoring device state: \(error)") }
                 try writer.send { encoder, out in encoder.encodeVerified(ours, into: &out) }
                 verified = true
+            case .commit where postCopy != nil:
+                do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
+                postCopyStart?.at = monotonicSeconds()
+                try writer.send { encoder, out in encoder.encodeStarted(into: &out) }
             case .commit:
                 do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
                 // The guest runs from here on, and its source stays paused until it reads STARTED, or died: nothing
@@ -340,6 +406,9 @@ final class PageWriter: @unchecked Sendable {
     private(set) var pagesReceivedInPlace = 0
     /// Pages the sender declared unchanged (stream.md §6.4.1): left as they were, in memory and in the digest.
     private(set) var pagesUnchanged = 0
+    /// Set at the start of post-copy, from the receiver's thread while this writer is idle: pages then go in through
+    /// it, each missing frame once, and nothing else.
+    let postCopy = Locked<PostCopyMemory?>(nil)
 
     init(sink: GuestSink, layout: GuestMemoryLayout) {
         self.sink = sink
@@ -394,6 +463,14 @@ final class PageWriter: @unchecked Sendable {
         pagesUnchanged += unchanged
     }
 
+    /// Takes the frames of `runs` out of the digest: their versions here are stale, and post-copy brings the latest.
+    /// Called while the applier's thread is idle, between two passes.
+    func forget(_ runs: [FrameRun]) {
+        for run in runs {
+            for frame in run.first ..< run.first + run.count { digest.updateZero(frame: frame) }
+        }
+    }
+
     func apply(_ batch: PageBatch) throws {
         if batch.compression == .none {
             try batch.payload.withUnsafeBytes { try write(batch.pages, payload: $0) }
@@ -418,16 +495,22 @@ final class PageWriter: @unchecked Sendable {
     private func write(_ pages: [PageDescriptor], payload: UnsafeRawBufferPointer) throws {
         let expanded = applierExpander.scratch(for: pages)
         var expandedCount = 0, unchanged = 0
+        let postCopy = self.postCopy.withLock { $0 }
+        func place(_ frame: UInt64, _ contents: UnsafeRawPointer?) throws {
+            if let postCopy { try postCopy.place(frame: frame, contents: contents) } else { try runs.add(frame: frame, contents: contents) }
+        }
         for page in pages {
             let bytes = UnsafeRawBufferPointer(rebasing: payload[page.offset ..< page.offset + page.length])
             let contents: UnsafeRawPointer
             switch page.encoding {
             case .unchanged:
                 // The page holds what the sender last sent of it; a wrong claim leaves it stale, and the digests differ.
+                // In post-copy only the latest versions of missing pages come, which the receiver cannot hold yet.
+                if postCopy != nil { throw MigrationError.malformedStream("unchanged page \(page.frame) in post-copy") }
                 unchanged += 1
                 continue
             case .zero:
-                try runs.add(frame: page.frame, contents: nil)
+                try place(page.frame, nil)
                 digest.updateZero(frame: page.frame)
                 continue
             case .raw:
@@ -440,7 +523,7 @@ final class PageWriter: @unchecked Sendable {
                 contents = UnsafeRawPointer(target.baseAddress!)
             }
             digest.update(frame: page.frame, page: UnsafeRawBufferPointer(start: contents, count: 4096))
-            try runs.add(frame: page.frame, contents: contents)
+            try place(page.frame, contents)
         }
         // The pages point into this batch's payload and scratch: all of them go to the sink before returning.
         try runs.flush()
@@ -491,6 +574,8 @@ final class PassAcknowledger: @unchecked Sendable {
     private let lock = NSLock()
     /// Per pass still open: how many channels have written it.
     private var written: [UInt32: Int] = [:]
+    /// The last pass every channel has written.
+    private var lastComplete: UInt32?
 
     init(channels: Int, reply: RecordWriter) {
         self.channels = channels
@@ -503,10 +588,14 @@ final class PassAcknowledger: @unchecked Sendable {
             written[pass, default: 0] += 1
             guard written[pass] == channels else { return false }
             written[pass] = nil
+            lastComplete = pass
             return true
         }
         if complete { try reply.send { encoder, out in encoder.encodePassApplied(pass: pass, into: &out) } }
     }
+
+    /// Whether every channel has written all its batches of `pass`.
+    func hasApplied(pass: UInt32) -> Bool { lock.withLock { lastComplete == pass } }
 }
 
 /// Threads whose first error is kept, to be rethrown when they are waited for.

@@ -52,6 +52,7 @@ public final class MigrationSender: @unchecked Sendable {
     /// Dirty-log harvests so far and the time they took: what tracking costs the source per pass.
     private var harvests = 0
     private var harvestSeconds = 0.0
+    private var postCopyReport: PostCopyReport?
 
     public init(source: GuestSource, options: MigrationOptions, openChannel: @escaping (Int) throws -> MigrationChannel) {
         precondition(options.channels >= 1, "at least one channel")
@@ -77,6 +78,7 @@ public final class MigrationSender: @unchecked Sendable {
     public func run() -> MigrationReport {
         started = monotonicSeconds()
         failure = nil
+        postCopyReport = nil
         var phase = Phase()
         gate.withLock { $0 = Gate() }
         opened.withLock { $0 = OpenedChannels() }
@@ -106,6 +108,8 @@ public final class MigrationSender: @unchecked Sendable {
         var committed: Bool { committedAt != nil }
         var closedByWatchdog = false
         var startedOverdue = false
+        /// The receiver said it started: post-copy runs on with nothing for the watchdog to watch.
+        var started = false
     }
     private let gate = Locked(Gate())
 
@@ -139,6 +143,7 @@ public final class MigrationSender: @unchecked Sendable {
         startThread(named: "migrate-watchdog") { [self] in
             while watching.load(ordering: .relaxed) {
                 let close = gate.withLock { gate in
+                    if gate.started { return false }
                     if let committedAt = gate.committedAt {
                         gate.startedOverdue = monotonicSeconds() - committedAt > options.startedTimeout
                         return gate.startedOverdue
@@ -171,6 +176,7 @@ public final class MigrationSender: @unchecked Sendable {
         let count = options.channels
         var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum]
         if options.unchangedPages { flags.insert(.unchangedPages) }
+        if options.postCopy { flags.insert(.postCopy) }
         let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: flags)
         let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
@@ -242,6 +248,8 @@ public final class MigrationSender: @unchecked Sendable {
             switch policy.decide(history: history, elapsed: monotonicSeconds() - started, throttle: throttle) {
             case .switchover:
                 return try switchOver(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers, throttle: throttle)
+            case .postCopy:
+                return try postCopy(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers)
             case .throttle(let fraction):
                 throttle = fraction
                 source.setThrottle(fraction)
@@ -296,9 +304,19 @@ public final class MigrationSender: @unchecked Sendable {
         case let other:
             throw MigrationError.protocolViolation("expected verified, got \(other)")
         }
-        if isCancelled { throw MigrationError.cancelled }
+        try commit(&phase, reply: reply)
+        let downtime = monotonicSeconds() - pausedAt
+        // The guest runs at the destination now: END only closes the stream politely, and losing it loses nothing.
+        try? writers[0].send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
+        try? source.stopDirtyTracking()
+        phase.tracking = false
+        return downtime
+    }
 
-        // From here a cancel has no effect: the watchdog leaves the channels alone, unless it closed them already.
+    /// Tells the receiver to start the guest, and waits until it says it did. Before COMMIT a cancel still rolls back;
+    /// from then on it has no effect: the watchdog leaves the channels alone, unless it closed them already.
+    private func commit(_ phase: inout Phase, reply: RecordReader) throws {
+        if isCancelled { throw MigrationError.cancelled }
         let committing = gate.withLock { gate in
             if !gate.closedByWatchdog { gate.committedAt = monotonicSeconds() }
             return gate.committed
@@ -306,16 +324,59 @@ public final class MigrationSender: @unchecked Sendable {
         guard committing else { throw MigrationError.cancelled }
         // A COMMIT not written whole cannot be read whole (records are framed and checked), so a failure here
         // still rolls back; once it is written, the receiver may start the guest at any moment.
-        try writers[0].send { encoder, out in encoder.encodeCommit(into: &out) }
+        try phase.writers[0].send { encoder, out in encoder.encodeCommit(into: &out) }
         phase.committed = true
         switch try reply.nextSkippingAcknowledgements() {
         case .started: break
         case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
         case let other: throw MigrationError.protocolViolation("expected started, got \(other)")
         }
+        gate.withLock { $0.started = true }
+    }
+
+    /// Pauses the source, sends its device state and the list of pages the receiver lacks (what the last pass left,
+    /// plus what the guest dirtied since), starts the destination, and then sends those pages while it runs: each
+    /// one it asks for at once, the rest in the background (`PostCopySender`). Returns the downtime: from the pause to
+    /// the receiver's `started`. The source stays paused until the receiver has verified the last page; from the
+    /// commit on, a failure leaves it paused and in doubt, as after a pre-copy commit.
+    private func postCopy(_ phase: inout Phase, reply: RecordReader, frames: [[UInt64]], finalPass: UInt32,
+                          streamers: [PageStreamer]) throws -> Double {
+        let pausedAt = monotonicSeconds()
+        try guest { try source.pause() }
+        phase.paused = true
+        var missingSet = Set(frames.joined())
+        try guest { try source.harvestDirtyFrames { missingSet.insert($0) } }
+        let missing = missingSet.sorted()
+        report(.postcopy, pass: Int(finalPass), total: missing.count)
+        // The receiver holds stale versions of these frames, which leave both digests; each frame's latest version
+        // enters the digest of whichever channel it goes on.
+        for streamer in streamers { for frame in missing { streamer.digest.updateZero(frame: frame) } }
+        let deviceState = try guest { try source.captureDeviceState() }
+        let runs = FrameRun.runs(of: missing)
+        let runsPerRecord = StreamEncoder.maxMissingRuns()
+        try phase.writers[0].send { encoder, out in
+            for state in deviceState { encoder.encodeDeviceState(state, into: &out) }
+            for start in stride(from: 0, to: runs.count, by: runsPerRecord) {
+                encoder.encodeMissingPages(runs[start ..< min(start + runsPerRecord, runs.count)], into: &out)
+            }
+            encoder.encodePostCopy(PostCopyStart(finalPass: finalPass, missingPages: UInt64(missing.count)), into: &out)
+        }
+        switch try reply.nextSkippingAcknowledgements() {
+        case .postCopyReady: break
+        case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+        case let other: throw MigrationError.protocolViolation("expected post-copy ready, got \(other)")
+        }
+        try commit(&phase, reply: reply)
         let downtime = monotonicSeconds() - pausedAt
-        // The guest runs at the destination now: END only closes the stream politely, and losing it loses nothing.
-        try? writers[0].send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
+        pagesDone.reset()
+        bytesInPass.reset()
+        passStartedAt = monotonicSeconds()
+        let sender = PostCopySender(missing: missing, streamers: streamers, reply: reply, finalPass: finalPass, batchPages: options.batchPages,
+                                    pagesDone: pagesDone, bytesSent: bytesInPass) { [self] in closeChannels() }
+        let statistics = try sender.run(corruptDigest: corruptDigestForTesting) { report(.postcopy, pass: Int(finalPass), total: missing.count) }
+        wireBytes += statistics.wireBytes
+        postCopyReport = PostCopyReport(missingPages: statistics.missingPages, requestedPages: statistics.requestedPages,
+                                        requests: statistics.requests, wireBytes: statistics.wireBytes, seconds: statistics.seconds)
         try? source.stopDirtyTracking()
         phase.tracking = false
         return downtime
@@ -466,7 +527,8 @@ public final class MigrationSender: @unchecked Sendable {
             succeeded: error == nil, error: error.map { "\($0)" }, committed: committed, totalSeconds: monotonicSeconds() - started,
             setupSeconds: setup, downtimeSeconds: downtime, passes: history, wireBytes: wireBytes,
             pagesSent: history.reduce(0) { $0 + $1.pagesSent - ($1.pass == 0 ? $1.zeroPages : 0) },
-            compression: options.compression.rawValue, channels: channels.count, harvests: harvests, harvestSeconds: harvestSeconds)
+            compression: options.compression.rawValue, channels: channels.count, harvests: harvests, harvestSeconds: harvestSeconds,
+            postCopy: postCopyReport)
     }
 
     // MARK: handshake
@@ -496,6 +558,10 @@ public final class MigrationSender: @unchecked Sendable {
         }
         guard agreed.codecs.isSuperset(of: needed) else {
             throw MigrationError.protocolViolation("receiver lacks page encodings this migration uses (\(options.compression))")
+        }
+        // Post-copy reads the receiver's PASS_APPLIED to know that no stale page is still on its way in.
+        if options.postCopy, !agreed.flags.isSuperset(of: [.postCopy, .passAcknowledgement]) {
+            throw MigrationError.protocolViolation("the destination cannot finish in post-copy (its memory or version does not allow it)")
         }
     }
 

@@ -139,6 +139,15 @@ public struct GuestMemoryLayout: Hashable, Sendable {
         return false
     }
 
+    /// Whether the frames of `run` all lie inside one region.
+    public func contains(_ run: FrameRun, pageShift: Int) -> Bool {
+        guard run.count > 0, run.count <= (UInt64.max >> UInt64(pageShift)),
+              run.first <= (UInt64.max >> UInt64(pageShift)) - run.count else { return false }
+        let start = run.first << UInt64(pageShift), length = run.count << UInt64(pageShift)
+        return regions.contains { start >= $0.guestPhysicalAddress && start - $0.guestPhysicalAddress <= $0.size &&
+                                  length <= $0.size - (start - $0.guestPhysicalAddress) }
+    }
+
     /// Total bytes of all regions.
     public var totalBytes: UInt64 { regions.reduce(0) { $0 &+ $1.size } }
 }
@@ -290,6 +299,27 @@ public struct DigestRecord: Hashable, Sendable {
     }
 }
 
+/// Consecutive guest frames: `count` frames from `first`.
+public struct FrameRun: Hashable, Sendable {
+    public var first: UInt64
+    public var count: UInt64
+    public init(first: UInt64, count: UInt64) {
+        self.first = first
+        self.count = count
+    }
+}
+
+/// The start of post-copy (stream.md §6.13): the pages still missing, listed before in MISSING_PAGES records, come in
+/// pass `finalPass` while the destination runs.
+public struct PostCopyStart: Hashable, Sendable {
+    public var finalPass: UInt32
+    public var missingPages: UInt64
+    public init(finalPass: UInt32, missingPages: UInt64) {
+        self.finalPass = finalPass
+        self.missingPages = missingPages
+    }
+}
+
 /// What the decoder yields, in stream order: the events the engine speaks.
 public enum StreamEvent: Sendable {
     case header(StreamHeader)
@@ -314,6 +344,14 @@ public enum StreamEvent: Sendable {
     case commit
     /// Receiver, reply stream: the destination runs.
     case started
+    /// Sender, main channel, before `postCopy`: frames whose latest version the receiver does not hold.
+    case missingPages([FrameRun])
+    /// Sender, main channel: the source is paused; its device state and the missing frames are all sent.
+    case postCopy(PostCopyStart)
+    /// Receiver, reply stream: the guest is rebuilt with those frames missing and may start.
+    case postCopyReady
+    /// Receiver, reply stream, during post-copy: the guest waits for these frames.
+    case pageRequest([UInt64])
     case note(String)
     /// Reply stream: every page of this pre-copy pass, on every channel, is in guest memory.
     case passApplied(pass: UInt32)

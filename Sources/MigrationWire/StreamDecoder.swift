@@ -67,6 +67,11 @@ public final class StreamDecoder {
     private var sawSwitchover = false
     private var sawVerify = false
     private var sawVerified = false
+    private var sawPostCopy = false
+    private var sawPostCopyReady = false
+    /// Post-copy: frames listed missing so far, and the frame after the last run (runs ascend).
+    private var missingListed: UInt64 = 0
+    private var missingEnd: UInt64 = 0
     private var nextSequence: UInt64 = 0
     private var lastBatchPass: UInt32?
     private var lastBoundaryPass: UInt32?
@@ -319,6 +324,7 @@ public final class StreamDecoder {
     private static let knownTypes: Set<RecordType> = [
         .capabilitiesOffer, .capabilitiesAgreed, .memoryLayout, .pageBatch, .deviceState,
         .passBoundary, .switchover, .end, .abort, .note, .verify, .verified, .commit, .started, .passApplied,
+        .missingPages, .postCopy, .postCopyReady, .pageRequest,
     ]
 
     private func fail(_ at: UInt64, _ reason: WireError.Reason) -> WireError {
@@ -456,7 +462,7 @@ public final class StreamDecoder {
             return .end(End(digestAlgorithm: body.le32(0), digest: Array(body[8...])))
 
         case .verify:
-            if !isMain || !sawSwitchover || sawVerify { throw unexpected() }
+            if !isMain || !(sawSwitchover || sawPostCopy) || sawVerify { throw unexpected() }
             sawVerify = true
             return .verify(try digestRecord())
 
@@ -469,11 +475,64 @@ public final class StreamDecoder {
             try need(body.count == 8)
             try reservedZero(0, body.le64(0))
             if type == .commit {
-                if !sawVerify { throw unexpected() }
+                // After the digest is verified, or in post-copy once the missing pages are listed (§6.13).
+                if !isMain || !(sawVerify || sawPostCopy) { throw unexpected() }
                 return .commit
             }
-            if !sawVerified { throw unexpected() }
+            if !isReply || !(sawVerified || sawPostCopyReady) { throw unexpected() }
             return .started
+
+        case .missingPages:
+            try need(body.count >= 8)
+            if !isMain || layout == nil || rules?.flags.contains(.postCopy) != true || sawSwitchover || sawPostCopy {
+                throw unexpected()
+            }
+            let count = Int(body.le32(0))
+            try reservedZero(4, UInt64(body.le32(4)))
+            try need(count >= 1 && body.count == 8 + 16 * count)
+            var runs: [FrameRun] = []
+            runs.reserveCapacity(count)
+            for i in 0 ..< count {
+                let run = FrameRun(first: body.le64(8 + 16 * i), count: body.le64(16 + 16 * i))
+                guard run.first >= missingEnd, layout!.contains(run, pageShift: pageShift) else {
+                    throw fail(at + 8 + 16 * UInt64(i), .badMissingRun(index: i))
+                }
+                missingEnd = run.first + run.count
+                missingListed += run.count
+                runs.append(run)
+            }
+            return .missingPages(runs)
+
+        case .postCopy:
+            try need(body.count == 16)
+            if !isMain || layout == nil || rules?.flags.contains(.postCopy) != true || sawSwitchover || sawPostCopy {
+                throw unexpected()
+            }
+            try reservedZero(4, UInt64(body.le32(4)))
+            let start = PostCopyStart(finalPass: body.le32(0), missingPages: body.le64(8))
+            if start.missingPages != missingListed {
+                throw fail(at + 8, .missingPagesMismatch(declared: start.missingPages, listed: missingListed))
+            }
+            if let last = lastBoundaryPass, start.finalPass <= last { throw fail(at, .passOutOfOrder(previous: last, found: start.finalPass)) }
+            if let last = lastBatchPass, start.finalPass < last { throw fail(at, .passOutOfOrder(previous: last, found: start.finalPass)) }
+            sawPostCopy = true
+            return .postCopy(start)
+
+        case .postCopyReady:
+            try need(body.count == 8)
+            if !isReply || rules?.flags.contains(.postCopy) != true || sawPostCopyReady || sawVerified { throw unexpected() }
+            try reservedZero(0, body.le64(0))
+            sawPostCopyReady = true
+            return .postCopyReady
+
+        case .pageRequest:
+            try need(body.count >= 8)
+            if !isReply || !sawPostCopyReady || sawVerified { throw unexpected() }
+            let count = body.le32(0)
+            if count == 0 || Int(count) > WireLimits.maxRequestedPages { throw fail(at, .badPageRequest(count)) }
+            try reservedZero(4, UInt64(body.le32(4)))
+            try need(body.count == 8 + 8 * Int(count))
+            return .pageRequest((0 ..< Int(count)).map { body.le64(8 + 8 * $0) })
 
         case .abort:
             try need(body.count >= 8)

@@ -117,6 +117,41 @@ public struct StreamEncoder {
     public func encodeCommit(into out: inout [UInt8]) { record(.commit, length: 8, into: &out) { w in w.u64(0) } }
     public func encodeStarted(into out: inout [UInt8]) { record(.started, length: 8, into: &out) { w in w.u64(0) } }
 
+    /// One MISSING_PAGES record of `runs` (at most `maxMissingRuns(limits:)` of them).
+    public func encodeMissingPages(_ runs: ArraySlice<FrameRun>, into out: inout [UInt8]) {
+        record(.missingPages, length: 8 + 16 * runs.count, into: &out) { w in
+            w.u32(UInt32(runs.count))
+            w.u32(0)
+            for run in runs {
+                w.u64(run.first)
+                w.u64(run.count)
+            }
+        }
+    }
+
+    /// Most runs one MISSING_PAGES record carries within the record limit.
+    public static func maxMissingRuns(limits: WireLimits = .v1) -> Int { (limits.maxRecordBody - 8) / 16 }
+
+    public func encodePostCopy(_ start: PostCopyStart, into out: inout [UInt8]) {
+        record(.postCopy, length: 16, into: &out) { w in
+            w.u32(start.finalPass)
+            w.u32(0)
+            w.u64(start.missingPages)
+        }
+    }
+
+    public func encodePostCopyReady(into out: inout [UInt8]) { record(.postCopyReady, length: 8, into: &out) { w in w.u64(0) } }
+
+    /// One PAGE_REQUEST of 1 ... `WireLimits.maxRequestedPages` frames.
+    public func encodePageRequest(_ frames: ArraySlice<UInt64>, into out: inout [UInt8]) {
+        precondition(!frames.isEmpty && frames.count <= WireLimits.maxRequestedPages)
+        record(.pageRequest, length: 8 + 8 * frames.count, into: &out) { w in
+            w.u32(UInt32(frames.count))
+            w.u32(0)
+            for frame in frames { w.u64(frame) }
+        }
+    }
+
     private func encodeDigest(_ type: RecordType, _ d: DigestRecord, into out: inout [UInt8]) {
         record(type, length: 8 + d.digest.count, into: &out) { w in
             w.u32(d.algorithm)

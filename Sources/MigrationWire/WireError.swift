@@ -44,6 +44,12 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
         case badText
         case blobTooLarge(UInt32)
         case digestTooLong(UInt32)
+        /// A MISSING_PAGES run that is empty, outside the layout, or not after the run before it.
+        case badMissingRun(index: Int)
+        /// POSTCOPY's page count is not the sum of the MISSING_PAGES runs before it.
+        case missingPagesMismatch(declared: UInt64, listed: UInt64)
+        /// A PAGE_REQUEST with no frames or more than `WireLimits.maxRequestedPages`.
+        case badPageRequest(UInt32)
         case dataAfterEnd
         case truncated
 
@@ -81,6 +87,9 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
             case .badText: "badText"
             case .blobTooLarge: "blobTooLarge"
             case .digestTooLong: "digestTooLong"
+            case .badMissingRun: "badMissingRun"
+            case .missingPagesMismatch: "missingPagesMismatch"
+            case .badPageRequest: "badPageRequest"
             case .dataAfterEnd: "dataAfterEnd"
             case .truncated: "truncated"
             }

@@ -43,6 +43,8 @@ public struct WireLimits: Sendable, Equatable {
     public var maxText: Int
     /// Largest memory digest, in bytes.
     public var maxDigest: Int
+    /// Most frames in one PAGE_REQUEST.
+    public static let maxRequestedPages = 512
     /// Most guest memory (sum of region sizes) a reader accepts in a layout. Not a format limit
     /// but a reader's budget: a receiver allocates memory (and digest state) for the layout, so
     /// it sets this to what it is prepared to allocate.
@@ -87,6 +89,13 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     public static let verified = RecordType(rawValue: 0x0B)
     public static let commit = RecordType(rawValue: 0x0C)
     public static let started = RecordType(rawValue: 0x0D)
+    /// Post-copy (stream.md §6.13): the frames whose latest version the receiver lacks, as runs; the start of
+    /// post-copy once they are all listed; the receiver's word that it can start the guest with them missing; and
+    /// its requests for pages the guest touched before they came.
+    public static let missingPages = RecordType(rawValue: 0x0E)
+    public static let postCopy = RecordType(rawValue: 0x0F)
+    public static let postCopyReady = RecordType(rawValue: 0x10)
+    public static let pageRequest = RecordType(rawValue: 0x11)
     /// Optional: human-readable text (progress, provenance). Readers may ignore it.
     public static let note = RecordType(rawValue: 0x8000_0001)
     /// Optional, reply stream: every page of a pre-copy pass is in guest memory (capability `passAcknowledgement`).
@@ -107,6 +116,10 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .verified: return "verified"
         case .commit: return "commit"
         case .started: return "started"
+        case .missingPages: return "missingPages"
+        case .postCopy: return "postCopy"
+        case .postCopyReady: return "postCopyReady"
+        case .pageRequest: return "pageRequest"
         case .note: return "note"
         case .passApplied: return "passApplied"
         default: return "0x" + String(rawValue, radix: 16)

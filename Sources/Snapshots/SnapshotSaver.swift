@@ -187,7 +187,9 @@ public final class SnapshotSaver {
 
     /// Pre-copy passes while the guest runs; returns the frames still to write once it is paused.
     private func precopy(_ initial: [UInt64], _ writer: SnapshotWriter, _ state: inout SaveState) throws(SnapshotError) -> [UInt64] {
-        let policy = ConvergencePolicy(options: options.precopy)
+        var precopy = options.precopy
+        precopy.postCopy = false // a file cannot ask for pages after the guest resumed
+        let policy = ConvergencePolicy(options: precopy)
         var frames = initial.sorted()
         var throttle = 0.0
         while true {
@@ -205,6 +207,7 @@ public final class SnapshotSaver {
                 throttle = fraction
                 source.setThrottle(fraction)
             case .giveUp(let why): throw .didNotConverge(why)
+            case .postCopy: preconditionFailure("post-copy is off for snapshots")
             }
         }
     }

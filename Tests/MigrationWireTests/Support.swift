@@ -90,6 +90,11 @@ func json(_ event: StreamEvent) -> [String: Any] {
     case .commit: return ["record": "commit"]
     case .started: return ["record": "started"]
     case .passApplied(let pass): return ["record": "pass_applied", "pass": Int(pass)]
+    case .missingPages(let runs):
+        return ["record": "missing_pages", "runs": runs.map { ["first": String($0.first, radix: 16), "count": Int($0.count)] }]
+    case .postCopy(let p): return ["record": "postcopy", "final_pass": Int(p.finalPass), "missing_pages": Int(p.missingPages)]
+    case .postCopyReady: return ["record": "postcopy_ready"]
+    case .pageRequest(let frames): return ["record": "page_request", "frames": frames.map { String($0, radix: 16) }]
     case .skippedOptional(let type, let length):
         return ["record": "skipped_optional", "type": String(type, radix: 16), "length": length]
     }

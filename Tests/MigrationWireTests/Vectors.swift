@@ -94,6 +94,48 @@ func allVectors() -> [Vector] {
             enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
         }))
 
+    // Post-copy (§6.13): pass 0, then the source pauses, lists three missing frames in two runs, and starts post-copy.
+    let postCopyAgreement = Capabilities(codecs: [.zero, .raw], maxChannels: 1, flags: [.postCopy, .passAcknowledgement])
+    func postCopyStream(runs: [FrameRun], missing: UInt64) -> [UInt8] {
+        stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0004) { enc, out in
+            enc.encodeCapabilities(postCopyAgreement, agreed: true, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            batch(&enc, &out, pass: 0, pages: [(0, patternPage(9)), (1, patternPage(10)), (0x100, patternPage(11))])
+            enc.encodePassBoundary(PassBoundary(pass: 0, dirtyPages: 3, pagesSent: 3), into: &out)
+            enc.encodeDeviceState(DeviceState(componentID: DeviceComponent.kvmVCPU, instance: 0, componentVersion: 1,
+                                              blob: ByteSlice(Array("vcpu0".utf8))), into: &out)
+            enc.encodeMissingPages(runs[...], into: &out)
+            enc.encodePostCopy(PostCopyStart(finalPass: 1, missingPages: missing), into: &out)
+            enc.encodeCommit(into: &out)
+            batch(&enc, &out, pass: 1, pages: [(0x100, patternPage(12)), (0, nil), (1, patternPage(13))])
+            enc.encodePassBoundary(PassBoundary(pass: 1, dirtyPages: 0, pagesSent: 3), into: &out)
+            enc.encodeVerify(DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: Array(0..<16)), into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }
+    }
+    let postCopyRuns = [FrameRun(first: 0, count: 2), FrameRun(first: 0x100, count: 1)]
+    v.append(Vector(name: "valid-postcopy", description:
+        "post-copy: pass 0, device state, two runs of missing frames, POSTCOPY, COMMIT, the missing pages in pass 1, VERIFY, end",
+        bytes: postCopyStream(runs: postCopyRuns, missing: 3)))
+    v.append(Vector(name: "invalid-postcopy-count", description: "POSTCOPY declares 4 missing pages where the runs list 3",
+                    bytes: postCopyStream(runs: postCopyRuns, missing: 4),
+                    expectedError: WireError(offset: 12680, reason: .missingPagesMismatch(declared: 4, listed: 3))))
+    v.append(Vector(name: "invalid-postcopy-run", description: "a missing run that goes past the end of its region",
+                    bytes: postCopyStream(runs: [FrameRun(first: 0x100, count: 0x101)], missing: 0x101),
+                    expectedError: WireError(offset: 12632, reason: .badMissingRun(index: 0))))
+    v.append(Vector(name: "valid-postcopy-reply", description:
+        "the reply stream of a post-copy: pass 0 applied, ready, started, two page requests, verified, end",
+        bytes: stream(features: .liveMigration, layout: nil) { enc, out in
+            enc.encodeCapabilities(postCopyAgreement, agreed: true, into: &out)
+            enc.encodePassApplied(pass: 0, into: &out)
+            enc.encodePostCopyReady(into: &out)
+            enc.encodeStarted(into: &out)
+            enc.encodePageRequest([0x100], into: &out)
+            enc.encodePageRequest([0, 1], into: &out)
+            enc.encodeVerified(DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: Array(0..<16)), into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }))
+
     v.append(Vector(name: "valid-descriptor-checksum", description:
         "descriptor_checksum agreed: the batch checksum covers the batch header and descriptors, not the raw page",
         bytes: stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0002) { enc, out in

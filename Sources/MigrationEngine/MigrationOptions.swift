@@ -147,3 +147,22 @@ public struct PostCopyReport: Sendable, Codable, Equatable {
     /// From the destination's start until it verified the last page.
     public var seconds: Double
 }
+
+/// The median, 99th percentile and maximum of some measurements (seconds), and how many there were.
+public struct Percentiles: Sendable, Codable, Equatable {
+    public var count: Int
+    public var p50: Double
+    public var p99: Double
+    public var max: Double
+
+    /// Nil when there are none.
+    public init?(_ values: [Double]) {
+        guard !values.isEmpty else { return nil }
+        let sorted = values.sorted()
+        func at(_ fraction: Double) -> Double { sorted[min(sorted.count - 1, Int((Double(sorted.count) * fraction).rounded(.down)))] }
+        count = sorted.count
+        p50 = at(0.5)
+        p99 = at(0.99)
+        max = sorted[sorted.count - 1]
+    }
+}

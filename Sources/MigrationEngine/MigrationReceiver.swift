@@ -53,6 +53,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         public var postCopyPages: Int = 0
         public var postCopyRequests: Int = 0
         public var postCopySeconds: Double?
+        /// How long the guest's faults waited for their pages, from request to placement.
+        public var postCopyFaultWaits: Percentiles?
     }
 
     /// Runs until the guest is started (returns) or the migration fails (throws, with the sink discarded).
@@ -132,7 +134,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         var verified = false
         var missing: [FrameRun] = []
         var postCopyStart: (pages: UInt64, at: Double)?
-        var postCopyEnd: (requests: Int, seconds: Double)?
+        var postCopyEnd: (requests: Int, seconds: Double, waits: Percentiles?)?
         func digest() -> DigestRecord {
             var digest = MemoryDigest()
             for writer in writers { digest.add(PageHash(low: writer.digest.digest.low, high: writer.digest.digest.high)) }
@@ -144,7 +146,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                    pagesUnchanged: writers.reduce(0) { $0 + $1.pagesUnchanged },
                    deviceComponents: deviceState.count, digest: hex(digest().digest), afterStart: afterStart,
                    postCopyPages: Int(postCopyStart?.pages ?? 0), postCopyRequests: postCopyEnd?.requests ?? 0,
-                   postCopySeconds: postCopyEnd?.seconds)
+                   postCopySeconds: postCopyEnd?.seconds, postCopyFaultWaits: postCopyEnd?.waits)
         }
         /// Both the pre-copy and the post-copy handshakes end by comparing digests once every channel is done.
         func compareDigests(_ theirs: DigestRecord) throws -> DigestRecord {
@@ -196,7 +198,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                         throw MigrationError.protocolViolation("\(memory.missingCount) pages missing at the start of post-copy never came")
                     }
                     memory.close()
-                    postCopyEnd = (memory.requestsSent, monotonicSeconds() - started.at)
+                    postCopyEnd = (memory.requestsSent, monotonicSeconds() - started.at, Percentiles(memory.faultWaits))
                     var afterStart: String?
                     do {
                         try writer.send { encoder, out in
@@ -466,9 +468,7 @@ final class PageWriter: @unchecked Sendable {
     /// Takes the frames of `runs` out of the digest: their versions here are stale, and post-copy brings the latest.
     /// Called while the applier's thread is idle, between two passes.
     func forget(_ runs: [FrameRun]) {
-        for run in runs {
-            for frame in run.first ..< run.first + run.count { digest.updateZero(frame: frame) }
-        }
+        for run in runs { digest.updateZero(frames: run.first, count: Int(run.count)) }
     }
 
     func apply(_ batch: PageBatch) throws {

@@ -344,15 +344,20 @@ public final class MigrationSender: @unchecked Sendable {
         let pausedAt = monotonicSeconds()
         try guest { try source.pause() }
         phase.paused = true
-        var missingSet = Set(frames.joined())
-        try guest { try source.harvestDirtyFrames { missingSet.insert($0) } }
-        let missing = missingSet.sorted()
+        // What the last pass left dirty and what the guest dirtied since, each frame once; sorting beats a set here,
+        // and the time counts as downtime.
+        var gathered = Array(frames.joined())
+        try guest { try source.harvestDirtyFrames { gathered.append($0) } }
+        gathered.sort()
+        var missing: [UInt64] = []
+        missing.reserveCapacity(gathered.count)
+        for frame in gathered where frame != missing.last { missing.append(frame) }
         report(.postcopy, pass: Int(finalPass), total: missing.count)
         // The receiver holds stale versions of these frames, which leave both digests; each frame's latest version
         // enters the digest of whichever channel it goes on.
-        for streamer in streamers { for frame in missing { streamer.digest.updateZero(frame: frame) } }
+        let runs = FrameRun.runs(of: missing, in: source.layout)
+        for streamer in streamers { for run in runs { streamer.digest.updateZero(frames: run.first, count: Int(run.count)) } }
         let deviceState = try guest { try source.captureDeviceState() }
-        let runs = FrameRun.runs(of: missing)
         let runsPerRecord = StreamEncoder.maxMissingRuns()
         try phase.writers[0].send { encoder, out in
             for state in deviceState { encoder.encodeDeviceState(state, into: &out) }

@@ -31,6 +31,9 @@ final class PostCopyMemory: @unchecked Sendable {
         var requested: FrameBits
         var missingCount: Int
         var requestsSent = 0
+        /// When each frame asked for was asked for, until it comes; then the wait, in seconds.
+        var askedAt: [Int: Double] = [:]
+        var waits: [Double] = []
     }
 
     private let regions: [Region]
@@ -91,6 +94,9 @@ final class PostCopyMemory: @unchecked Sendable {
     var missingCount: Int { state.withLock { $0.missingCount } }
     /// Frames the guest touched before they came, each asked of the source once.
     var requestsSent: Int { state.withLock { $0.requestsSent } }
+    /// For each frame asked for, the seconds from the fault's request to the page's placement: what the faulting
+    /// vCPU waited, but for the handler's own delay before the request.
+    var faultWaits: [Double] { state.withLock { $0.waits } }
 
     /// Puts the latest version of missing frame `frame` in place (zeros when `contents` is nil), waking the threads
     /// that wait for it. Throws for a frame that was not missing, or came before.
@@ -113,9 +119,11 @@ final class PostCopyMemory: @unchecked Sendable {
             throw MigrationError.guestFailed("placing post-copy page \(frame): \(error)")
         }
         guard wasMissing else { throw MigrationError.guestFailed("post-copy page \(frame) was present before it came") }
+        let now = monotonicSeconds()
         state.withLock { state in
             state.missing.clear(index)
             state.missingCount -= 1
+            if let askedAt = state.askedAt.removeValue(forKey: index) { state.waits.append(now - askedAt) }
         }
     }
 
@@ -134,6 +142,7 @@ final class PostCopyMemory: @unchecked Sendable {
             if state.requested.contains(index) { return .wait }
             state.requested.set(index)
             state.requestsSent += 1
+            state.askedAt[index] = monotonicSeconds()
             return .ask
         }
         switch action {

@@ -240,11 +240,13 @@ final class PushPlan: @unchecked Sendable {
 }
 
 extension FrameRun {
-    /// The runs of consecutive frames in `frames`, which are sorted and distinct.
-    static func runs(of frames: [UInt64]) -> [FrameRun] {
+    /// The runs of consecutive frames in `frames`, which are sorted, distinct and in `layout`; a run never spans two
+    /// regions, even adjacent ones (stream.md §6.13).
+    static func runs(of frames: [UInt64], in layout: GuestMemoryLayout) -> [FrameRun] {
+        let regionStarts = Set(layout.regions.map { $0.guestPhysicalAddress >> 12 })
         var runs: [FrameRun] = []
         for frame in frames {
-            if let last = runs.last, last.first + last.count == frame {
+            if let last = runs.last, last.first + last.count == frame, !regionStarts.contains(frame) {
                 runs[runs.count - 1].count += 1
             } else {
                 runs.append(FrameRun(first: frame, count: 1))

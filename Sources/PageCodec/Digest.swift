@@ -115,6 +115,19 @@ public final class DigestTracker {
     @discardableResult
     public func updateZero(frame: UInt64) -> Bool { update(frame: frame, hash: .zero) }
 
+    /// Records that `count` frames from `first`, all in one region, are now zero pages (or hold nothing yet). Returns
+    /// false, changing nothing, if they are not all in one region.
+    @discardableResult
+    public func updateZero(frames first: UInt64, count: Int) -> Bool {
+        guard count > 0 else { return true }
+        guard let start = index(of: first), let last = index(of: first + UInt64(count - 1)), last == start + count - 1 else { return false }
+        for i in start ... last {
+            digest.remove(hashes[i])
+            hashes[i] = .zero
+        }
+        return true
+    }
+
     /// The last recorded hash of `frame`.
     public func hash(of frame: UInt64) -> PageHash? { index(of: frame).map { hashes[$0] } }
 

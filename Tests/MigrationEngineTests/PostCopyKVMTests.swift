@@ -43,9 +43,12 @@ final class PostCopyKVMTests: MigrationTestCase {
             let printed = outcome.destinationConsole.receivedLines.filter { $0.hasPrefix("memstress") }.count
             XCTAssertEqual(statuses(outcome.destinationConsole, after: 0, count: printed + 2).count, printed + 2)
             destination.stop()
+            let waits = outcome.receiverReport?.postCopyFaultWaits
+            XCTAssertEqual(waits?.count ?? 0, outcome.receiverReport?.postCopyRequests, "every page asked for came")
             print("post-copy over \(channels) channel(s): \(postCopy.missingPages) pages missing at the start, \(postCopy.requestedPages) "
                   + "asked for in \(postCopy.requests) requests, \(String(format: "%.3f", postCopy.seconds)) s; downtime "
-                  + String(format: "%.1f ms", (outcome.report.downtimeSeconds ?? 0) * 1000))
+                  + String(format: "%.1f ms", (outcome.report.downtimeSeconds ?? 0) * 1000)
+                  + (waits.map { String(format: "; faults waited p50 %.0f µs, p99 %.0f µs, max %.0f µs", $0.p50 * 1e6, $0.p99 * 1e6, $0.max * 1e6) } ?? ""))
         }
     }
 

@@ -269,6 +269,13 @@ struct migrated_progress {
 typedef void (*migrated_progress_fn)(void *opaque, const struct migrated_progress *progress);
 
 #define MIGRATED_MIGRATE_NO_AUTO_CONVERGE 0x1u /* never throttle the guest */
+/* Outgoing: when pre-copy alone would not meet the downtime limit (where it would throttle the guest or give up),
+ * finish in post-copy: the destination starts the guest at once and fetches the pages it lacks while it runs;
+ * the source stays paused (phase MIGRATED_PHASE_POSTCOPY) until the last page is verified. The destination must
+ * agree: a migrated daemon on shared memory does; this library's own incoming side does not yet, and a migration
+ * to it fails with MIGRATED_ERR_PROTOCOL while the source runs on. After the commit, a failure leaves the source
+ * paused, as MIGRATED_ERR_IN_DOUBT says. */
+#define MIGRATED_MIGRATE_POSTCOPY 0x2u
 
 struct migrated_migration_options {
     uint32_t abi_version;       /* MIGRATED_ABI_VERSION */

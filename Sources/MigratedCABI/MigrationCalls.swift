@@ -69,7 +69,7 @@ struct ChannelPlan {
 /// The engine's options for an outgoing migration, from the C structure's fields (zero meaning the default).
 func migrationOptions(_ options: migrated_migration_options, plan: ChannelPlan) throws -> MigrationOptions {
     var result = MigrationOptions()
-    guard options.flags & ~MIGRATED_MIGRATE_NO_AUTO_CONVERGE == 0 else { throw CABIError.invalid("unknown flags 0x\(String(options.flags, radix: 16))") }
+    guard options.flags & ~(MIGRATED_MIGRATE_NO_AUTO_CONVERGE | MIGRATED_MIGRATE_POSTCOPY) == 0 else { throw CABIError.invalid("unknown flags 0x\(String(options.flags, radix: 16))") }
     if let sockets = plan.socketCount {
         guard options.channels == 0 || Int(options.channels) == sockets else {
             throw CABIError.invalid("channels is \(options.channels) but \(sockets) fds were given: one channel per fd")
@@ -102,6 +102,7 @@ func migrationOptions(_ options: migrated_migration_options, plan: ChannelPlan) 
     }
     if options.bandwidth_limit > 0 { result.bandwidthLimit = options.bandwidth_limit }
     result.autoConverge = options.flags & MIGRATED_MIGRATE_NO_AUTO_CONVERGE == 0
+    result.postCopy = options.flags & MIGRATED_MIGRATE_POSTCOPY != 0
     return result
 }
 

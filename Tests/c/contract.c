@@ -511,6 +511,19 @@ static void check_migrations(void) {
     on_discard(&destination);
     printf("ok link cut: %s, the source runs on; the retry lands\n", migrated_error_name(status));
 
+    /* Post-copy asked of a destination that cannot finish in it (this library's incoming side): refused at the
+     * negotiation, with a message, and the source runs on. The guest runs again first. */
+    on_resume(&source);
+    out = options_with(NULL, NULL, 0);
+    out.flags = MIGRATED_MIGRATE_POSTCOPY;
+    in = options_with("127.0.0.1:0", NULL, 0);
+    make_destination(&destination);
+    migrate(vm, &destination, &out, &in, 1, &out_status, &in_status, &report);
+    if (out_status != MIGRATED_ERR_PROTOCOL || strstr(report.message, "post-copy") == NULL)
+        FAIL("post-copy to a destination without it: %s (%s)", migrated_error_name(out_status), report.message);
+    CHECK(!source.paused && destination.starts == 0);
+    printf("ok post-copy refused: %s\n", report.message);
+
     destroy_source(&source);
     migrated_vm_free(vm);
 }

@@ -66,6 +66,28 @@ final class PostCopyKVMTests: MigrationTestCase {
         source.stop()
     }
 
+    /// A link cut during post-copy, with no resume (not built yet): the destination's guest cannot go on without the
+    /// pages it lacks, so the destination stops it and says why; the source, paused since the commit with all of the
+    /// guest's memory, reports the failure in doubt, and an operator who knows the destination's guest is gone may
+    /// resume it, intact.
+    func testALinkCutDuringPostCopyStopsTheDestinationAndLeavesTheSourceIntact() throws {
+        let (source, console) = try bootSource(guest)
+        let outcome = migrate(source, options: postCopyOptions(channels: 2)) { sender, channels in
+            sender.onProgress = { progress in
+                if progress.phase == .postcopy, channels[1].cutAfter == nil { channels[1].cutAfter = channels[1].sent + (1 << 20) }
+            }
+        }
+        XCTAssertFalse(outcome.report.succeeded)
+        XCTAssertTrue(outcome.report.committed, "the cut came after the destination started")
+        XCTAssertNotNil(outcome.receiverError)
+        XCTAssertNil(outcome.destination, "the destination guest was stopped and discarded")
+        XCTAssertNil(source.stopped)
+        let before = console.lineCount
+        source.resume()
+        XCTAssertEqual(statuses(console, after: before, count: 2).count, 2, "the source's memory is whole: it verifies")
+        source.stop()
+    }
+
     /// A destination that does not offer post-copy (here: one on huge pages, which userfaultfd cannot fill 4 KiB at a
     /// time) is refused at negotiation, and the source runs on.
     func testADestinationWithoutPostCopyIsRefusedClearly() throws {

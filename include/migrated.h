@@ -247,7 +247,8 @@ enum migrated_phase {
     MIGRATED_PHASE_COMPLETED = 3,
     MIGRATED_PHASE_FAILED = 4,
     MIGRATED_PHASE_CANCELLED = 5,
-    MIGRATED_PHASE_POSTCOPY = 6 /* the destination runs; the pages it lacks are still coming (daemons only, so far) */
+    MIGRATED_PHASE_POSTCOPY = 6,        /* the destination runs; the pages it lacks are still coming */
+    MIGRATED_PHASE_POSTCOPY_PAUSED = 7  /* post-copy whose link broke, waiting for a resume */
 };
 
 /* Where an outgoing migration (or a live save) stands. */

@@ -288,6 +288,7 @@ struct ProgressReporter: @unchecked Sendable {
         case .precopy: MIGRATED_PHASE_PRECOPY
         case .switchover: MIGRATED_PHASE_SWITCHOVER
         case .postcopy: MIGRATED_PHASE_POSTCOPY
+        case .postcopyPaused: MIGRATED_PHASE_POSTCOPY_PAUSED
         case .completed: MIGRATED_PHASE_COMPLETED
         case .failed: MIGRATED_PHASE_FAILED
         case .cancelled: MIGRATED_PHASE_CANCELLED

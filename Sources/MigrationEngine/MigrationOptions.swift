@@ -38,6 +38,9 @@ public struct MigrationOptions: Sendable, Codable, Equatable {
     /// has come and the digests agree. The destination must agree to it.
     public var postCopy: Bool = false
     public var postCopyAfterPasses: Int?
+    /// How long a post-copy whose link broke waits for `MigrationSender.resume` before it gives up (the source stays
+    /// paused, in doubt), when the destination agreed to resume.
+    public var postCopyRecoveryTimeout: Double = 60
 
     public init() {}
 }
@@ -80,7 +83,11 @@ public struct PassStatistics: Sendable, Codable, Equatable {
 
 /// Where a running migration stands, for progress displays.
 public struct MigrationProgress: Sendable, Codable, Equatable {
-    public enum Phase: String, Sendable, Codable { case setup, precopy, switchover, postcopy, completed, failed, cancelled }
+    public enum Phase: String, Sendable, Codable {
+        case setup, precopy, switchover, postcopy, completed, failed, cancelled
+        /// Post-copy whose link broke, waiting for a resume.
+        case postcopyPaused = "postcopy-paused"
+    }
     public var phase: Phase
     public var pass: Int
     /// Of the current pass.

@@ -14,7 +14,14 @@ import Threads
 /// threads use only the Sendable `sink` and `channels`.
 public final class MigrationReceiver: @unchecked Sendable {
     public let sink: GuestSink
-    public let channels: [MigrationChannel]
+    /// The channels in use: those given, or those of a resumed post-copy.
+    public var channels: [MigrationChannel] { current.withLock { $0 } }
+    private let current: Locked<[MigrationChannel]>
+    /// How long a post-copy whose link broke waits for `resume(with:)` before it stops the guest (`resume` agreed).
+    public var postCopyRecoveryTimeout: Double = 60
+    /// Called when a post-copy's link broke and the receiver waits for a resume: why, and the seconds it will wait.
+    public var onPostCopyPaused: (@Sendable (String, Double) -> Void)?
+    private let resumePoint = ResumePoint()
     /// What this side accepts; the agreed set is the intersection with the sender's offer.
     public let capabilities: Capabilities
     /// The threads reading channels 1..<N; waited for before the sink is discarded, so none writes into
@@ -29,10 +36,10 @@ public final class MigrationReceiver: @unchecked Sendable {
     public init(sink: GuestSink, channels: [MigrationChannel], capabilities: Capabilities? = nil) {
         precondition(!channels.isEmpty)
         self.sink = sink
-        self.channels = channels
+        current = Locked(channels)
         var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum, .unchangedPages]
         // Post-copy places pages with userfaultfd, never straight into the mapping, where a missing page would fault.
-        if sink.takesPostCopy && !sink.takesPagesInPlace { flags.insert(.postCopy) }
+        if sink.takesPostCopy && !sink.takesPagesInPlace { flags.formUnion([.postCopy, .resume]) }
         self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count), flags: flags)
     }
 
@@ -56,6 +63,10 @@ public final class MigrationReceiver: @unchecked Sendable {
         /// How long the guest's faults waited for their pages, from request to placement.
         public var postCopyFaultWaits: Percentiles?
     }
+
+    /// Carries on a post-copy whose link broke, over `channels` (as many as before, freshly connected to the same
+    /// sender). Returns false, using none of them, when no post-copy waits for a resume.
+    public func resume(with channels: [MigrationChannel]) -> Bool { resumePoint.offer(channels) }
 
     /// Runs until the guest is started (returns) or the migration fails (throws, with the sink discarded).
     public func run() throws -> Report {
@@ -126,14 +137,18 @@ public final class MigrationReceiver: @unchecked Sendable {
             PageApplier(writer: pageWriter, name: "migrate-write-\(index)") { pass in try acknowledger?.applied(pass: pass) }
         }
         let appliers = self.appliers
-        let others = startOtherChannels(layout: layout, agreed: agreed, appliers: appliers)
+        var others = startOtherChannels(layout: layout, agreed: agreed, appliers: appliers)
         otherChannels = others
+        var main = main
+        /// Post-copy: the guest runs, so a broken link waits for a resume rather than ending it all (§6.14).
+        var postCopyRunning = false
         var deviceState: [DeviceState] = []
         var passes = 0
         var lastPass: UInt32?
         var verified = false
         var missing: [FrameRun] = []
         var postCopyStart: (pages: UInt64, at: Double)?
+        var postCopyFinalPass: UInt32?
         var postCopyEnd: (requests: Int, seconds: Double, waits: Percentiles?)?
         func digest() -> DigestRecord {
             var digest = MemoryDigest()
@@ -157,7 +172,17 @@ public final class MigrationReceiver: @unchecked Sendable {
             return ours
         }
         while true {
-            switch try main.next() {
+            let event: StreamEvent
+            do {
+                event = try main.next()
+            } catch let error as MigrationError where postCopyRunning && agreed.flags.contains(.resume) {
+                guard case .channel = error, let memory = postCopy, let finalPass = postCopyFinalPass else { throw error }
+                (main, others) = try resumePostCopy(after: error, old: others, memory: memory, finalPass: finalPass,
+                                                    migrationID: header.migrationID, layout: layout, agreed: agreed, reply: writer)
+                otherChannels = others
+                continue
+            }
+            switch event {
             case .pageBatch(let batch):
                 try appliers[0].submit(batch)
             case .pageBatchAwaitingPayload(let batch):
@@ -190,6 +215,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 for writer in writers { writer.postCopy.withLock { $0 = memory } }
                 memory.serve()
                 postCopyStart = (start.missingPages, 0)
+                postCopyFinalPass = start.finalPass
                 try writer.send { encoder, out in encoder.encodePostCopyReady(into: &out) }
             case .verify(let theirs):
                 let ours = try compareDigests(theirs)
@@ -218,6 +244,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
                 postCopyStart?.at = monotonicSeconds()
                 try writer.send { encoder, out in encoder.encodeStarted(into: &out) }
+                postCopyRunning = true
             case .commit:
                 do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
                 // The guest runs from here on, and its source stays paused until it reads STARTED, or died: nothing
@@ -244,6 +271,54 @@ public final class MigrationReceiver: @unchecked Sendable {
                 throw MigrationError.protocolViolation("unexpected \(other) on the main channel")
             }
         }
+    }
+
+    /// A post-copy whose link broke (stream.md §6.14): the guest runs on, its faults wait; every batch already read
+    /// goes into memory; then the receiver waits up to `postCopyRecoveryTimeout` for new channels (`resume(with:)`),
+    /// checks that they carry on this migration, tells the sender which pages are still missing and which of them
+    /// the guest asked for already, and carries on reading. Returns the new main reader and secondary threads.
+    private func resumePostCopy(after failure: MigrationError, old others: ChannelThreads, memory: PostCopyMemory, finalPass: UInt32,
+                                migrationID: UInt32, layout: GuestMemoryLayout, agreed: Capabilities,
+                                reply: RecordWriter) throws -> (RecordReader, ChannelThreads) {
+        for channel in channels { channel.close() }
+        try? others.wait()
+        for applier in appliers { try applier.drain() }
+        let timeout = postCopyRecoveryTimeout
+        guard let handed = resumePoint.wait(timeout: timeout, announce: { onPostCopyPaused?("\(failure)", timeout) }), let fresh = handed else {
+            throw MigrationError.channel("the post-copy link broke (\(failure)) and no resume came within \(postCopyRecoveryTimeout) s")
+        }
+        guard fresh.count == appliers.count else {
+            for channel in fresh { channel.close() }
+            throw MigrationError.protocolViolation("a post-copy of \(appliers.count) channels resumed with \(fresh.count)")
+        }
+        current.withLock { $0 = fresh }
+        let main = RecordReader(channel: fresh[0])
+        main.decoder.hold(to: agreed)
+        guard case .header(let header) = try main.next(), header.channel == 0, Int(header.channelCount) == fresh.count,
+              header.migrationID == migrationID else {
+            throw MigrationError.protocolViolation("the resumed main channel does not carry on migration \(migrationID)")
+        }
+        guard case .postCopyResume(let pass) = try main.next(), pass == finalPass else {
+            throw MigrationError.protocolViolation("the resumed main channel does not resume post-copy pass \(finalPass)")
+        }
+        guard case .layout(let theirs) = try main.next(), theirs == layout else {
+            throw MigrationError.protocolViolation("the resumed main channel declares another memory layout")
+        }
+        let (runs, requested) = memory.stillMissing()
+        reply.redirect(to: fresh[0], header: StreamHeader(channel: 0, channelCount: UInt16(fresh.count), migrationID: migrationID))
+        let runsPerRecord = StreamEncoder.maxMissingRuns()
+        try reply.send { encoder, out in
+            encoder.encodeHeader(into: &out)
+            encoder.encodeCapabilities(agreed, agreed: true, into: &out)
+            for start in stride(from: 0, to: runs.count, by: runsPerRecord) {
+                encoder.encodeMissingPages(runs[start ..< min(start + runsPerRecord, runs.count)], into: &out)
+            }
+            encoder.encodePostCopy(PostCopyStart(finalPass: finalPass, missingPages: runs.reduce(0) { $0 + $1.count }), into: &out)
+            for start in stride(from: 0, to: requested.count, by: WireLimits.maxRequestedPages) {
+                encoder.encodePageRequest(requested[start ..< min(start + WireLimits.maxRequestedPages, requested.count)], into: &out)
+            }
+        }
+        return (main, startOtherChannels(layout: layout, agreed: agreed, appliers: appliers))
     }
 
     /// Reads the main channel up to the sender's END after STARTED, past notes and optional records.

@@ -67,6 +67,11 @@ public final class MigrationSender: @unchecked Sendable {
         self.init(source: source, options: options) { channels[$0] }
     }
 
+    /// Carries on a post-copy whose link broke, over `channels`, or over channels opened as at the start when nil.
+    /// Returns false, using none of them, when no post-copy waits for a resume.
+    public func resume(with channels: [MigrationChannel]? = nil) -> Bool { resumePoint.offer(channels) }
+    private let resumePoint = ResumePoint()
+
     /// Asks the migration to stop: at the next batch, or at once when a thread waits on the peer (the watchdog
     /// closes the channels). Has no effect once the switchover is committed.
     public func cancel() { cancelled.store(true, ordering: .relaxed) }
@@ -176,7 +181,7 @@ public final class MigrationSender: @unchecked Sendable {
         let count = options.channels
         var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum]
         if options.unchangedPages { flags.insert(.unchangedPages) }
-        if options.postCopy { flags.insert(.postCopy) }
+        if options.postCopy { flags.formUnion([.postCopy, .resume]) }
         let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: flags)
         let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
@@ -211,10 +216,12 @@ public final class MigrationSender: @unchecked Sendable {
             for writer in writers { writer.encoder.checksumsPayload = false }
         }
         let unchanged = agreed.flags.contains(.unchangedPages) && options.unchangedPages
-        let streamers = try writers.map {
-            try PageStreamer(writer: $0, source: source, layout: layout, options: options, compressWholeBatches: wholeBatches,
+        let makeStreamer = { [self] (writer: RecordWriter) throws -> PageStreamer in
+            try PageStreamer(writer: writer, source: source, layout: layout, options: options, compressWholeBatches: wholeBatches,
                              sendsUnchanged: unchanged, claimsWrongUnchanged: claimWrongUnchangedForTesting)
         }
+        let streamers = try writers.map(makeStreamer)
+        let setup = StreamSetup(agreed: agreed, migrationID: migrationID, makeStreamer: makeStreamer)
 
         try guest { try source.startDirtyTracking() }
         phase.tracking = true
@@ -249,7 +256,7 @@ public final class MigrationSender: @unchecked Sendable {
             case .switchover:
                 return try switchOver(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers, throttle: throttle)
             case .postCopy:
-                return try postCopy(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers)
+                return try postCopy(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers, setup: setup)
             case .throttle(let fraction):
                 throttle = fraction
                 source.setThrottle(fraction)
@@ -340,7 +347,7 @@ public final class MigrationSender: @unchecked Sendable {
     /// the receiver's `started`. The source stays paused until the receiver has verified the last page; from the
     /// commit on, a failure leaves it paused and in doubt, as after a pre-copy commit.
     private func postCopy(_ phase: inout Phase, reply: RecordReader, frames: [[UInt64]], finalPass: UInt32,
-                          streamers: [PageStreamer]) throws -> Double {
+                          streamers: [PageStreamer], setup: StreamSetup) throws -> Double {
         let pausedAt = monotonicSeconds()
         try guest { try source.pause() }
         phase.paused = true
@@ -376,15 +383,113 @@ public final class MigrationSender: @unchecked Sendable {
         pagesDone.reset()
         bytesInPass.reset()
         passStartedAt = monotonicSeconds()
-        let sender = PostCopySender(missing: missing, streamers: streamers, reply: reply, finalPass: finalPass, batchPages: options.batchPages,
-                                    pagesDone: pagesDone, bytesSent: bytesInPass) { [self] in closeChannels() }
-        let statistics = try sender.run(corruptDigest: corruptDigestForTesting) { report(.postcopy, pass: Int(finalPass), total: missing.count) }
-        wireBytes += statistics.wireBytes
-        postCopyReport = PostCopyReport(missingPages: statistics.missingPages, requestedPages: statistics.requestedPages,
-                                        requests: statistics.requests, wireBytes: statistics.wireBytes, seconds: statistics.seconds)
+        // One session per link: a broken one waits for a resume when the receiver agreed to it (stream.md §6.14).
+        var session = (streamers: streamers, reply: reply, missing: missing)
+        var retired: [PageStreamer] = [] // of broken sessions: their shares of the digest still count
+        var totals = PostCopySender.Statistics(missingPages: missing.count)
+        let postCopyStarted = monotonicSeconds()
+        while true {
+            var base = MemoryDigest()
+            for streamer in retired { base.add(PageHash(low: streamer.digest.digest.low, high: streamer.digest.digest.high)) }
+            let sender = PostCopySender(missing: session.missing, streamers: session.streamers, reply: session.reply, finalPass: finalPass,
+                                        batchPages: options.batchPages, baseDigest: base, pagesDone: pagesDone, bytesSent: bytesInPass) { [self] in
+                closeChannels()
+            }
+            do {
+                totals.add(try sender.run(corruptDigest: corruptDigestForTesting) { report(.postcopy, pass: Int(finalPass), total: missing.count) })
+                break
+            } catch let error as MigrationError where setup.agreed.flags.contains(.resume) {
+                guard case .channel = error else { throw error }
+                totals.add(sender.statisticsSoFar)
+                retired += session.streamers
+                session = try awaitResume(after: error, finalPass: finalPass, missing: missing, setup: setup, phase: &phase)
+                pagesDone.reset()
+                bytesInPass.reset()
+                // What the receiver still lacks may have gone before and been lost: it leaves the digest, and goes again.
+                let runs = FrameRun.runs(of: session.missing, in: source.layout)
+                for streamer in retired { for run in runs { streamer.digest.updateZero(frames: run.first, count: Int(run.count)) } }
+            }
+        }
+        totals.seconds = monotonicSeconds() - postCopyStarted
+        wireBytes += totals.wireBytes
+        postCopyReport = PostCopyReport(missingPages: totals.missingPages, requestedPages: totals.requestedPages,
+                                        requests: totals.requests, wireBytes: totals.wireBytes, seconds: totals.seconds)
         try? source.stopDirtyTracking()
         phase.tracking = false
         return downtime
+    }
+
+    /// What a post-copy needs to open new streams when its link broke.
+    private struct StreamSetup {
+        let agreed: Capabilities
+        let migrationID: UInt32
+        let makeStreamer: (RecordWriter) throws -> PageStreamer
+    }
+
+    /// Carries on a post-copy whose link broke (`resume` agreed, stream.md §6.14): once the channels are closed, waits
+    /// up to `options.postCopyRecoveryTimeout` for `resume`, opens as many channels as before (given, or opened as at
+    /// the start), tells the receiver which pass it resumes, and learns which of `missing` it still lacks (the guest
+    /// asked for some of them already: those requests follow). Returns the new session's streamers, reply and frames.
+    private func awaitResume(after failure: MigrationError, finalPass: UInt32, missing: [UInt64], setup: StreamSetup,
+                             phase: inout Phase) throws -> (streamers: [PageStreamer], reply: RecordReader, missing: [UInt64]) {
+        closeChannels()
+        let timeout = options.postCopyRecoveryTimeout
+        guard let handed = resumePoint.wait(timeout: timeout, announce: { report(.postcopyPaused, pass: Int(finalPass), total: missing.count) }) else {
+            throw MigrationError.channel("the post-copy link broke (\(failure)) and no resume came within \(timeout) s")
+        }
+        let count = options.channels
+        var fresh: [MigrationChannel] = []
+        do {
+            if let handed {
+                guard handed.count == count else {
+                    throw MigrationError.protocolViolation("a post-copy of \(count) channels resumed with \(handed.count)")
+                }
+                fresh = handed
+            } else {
+                for index in 0 ..< count { fresh.append(try openChannel(index)) }
+            }
+        } catch {
+            for channel in fresh { channel.close() }
+            throw error as? MigrationError ?? .channel("reopening the post-copy's channels: \(error)")
+        }
+        opened.withLock { $0 = OpenedChannels(channels: fresh, closed: false) }
+        let writers = fresh.indices.map { index in
+            RecordWriter(channel: fresh[index], header: StreamHeader(features: .liveMigration, channel: UInt16(index), channelCount: UInt16(count),
+                                                                 migrationID: setup.migrationID))
+        }
+        phase.writers = writers
+        for (index, writer) in writers.enumerated() {
+            if setup.agreed.flags.contains(.descriptorChecksum) { writer.encoder.checksumsPayload = false }
+            try writer.send { encoder, out in
+                encoder.encodeHeader(into: &out)
+                if index == 0 { encoder.encodePostCopyResume(finalPass: finalPass, into: &out) }
+                encoder.encodeLayout(source.layout, into: &out)
+            }
+        }
+        let reply = RecordReader(channel: fresh[0])
+        phase.reply = reply
+        try expectReplyHeader(reply)
+        guard try expectAgreed(reply) == setup.agreed else {
+            throw MigrationError.protocolViolation("the resumed receiver agrees to something else")
+        }
+        var still: [UInt64] = []
+        resumed: while true {
+            switch try reply.nextSkippingAcknowledgements() {
+            case .missingPages(let runs):
+                for run in runs {
+                    for frame in run.first ..< run.first + run.count {
+                        guard missing.sortedIndex(of: frame) != nil else {
+                            throw MigrationError.protocolViolation("the resumed receiver lacks page \(frame), which was never missing")
+                        }
+                        still.append(frame)
+                    }
+                }
+            case .postCopy(let start) where start.finalPass == finalPass: break resumed
+            case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+            case let other: throw MigrationError.protocolViolation("expected the pages still missing, got \(other)")
+            }
+        }
+        return (try writers.map(setup.makeStreamer), reply, still)
     }
 
     /// Ends the pass on every channel: the receiver knows each channel's share of it is complete.

@@ -127,6 +127,26 @@ final class PostCopyMemory: @unchecked Sendable {
         }
     }
 
+    /// The frames still missing, as runs inside the regions, and those of them the guest asked for already: what a
+    /// resumed post-copy must hear of (stream.md §6.14).
+    func stillMissing() -> (runs: [FrameRun], requested: [UInt64]) {
+        state.withLock { state in
+            var runs: [FrameRun] = [], requested: [UInt64] = []
+            for region in regions {
+                for offset in 0 ..< region.frameCount where state.missing.contains(region.firstIndex + offset) {
+                    let frame = region.firstFrame + UInt64(offset)
+                    if state.requested.contains(region.firstIndex + offset) { requested.append(frame) }
+                    if let last = runs.last, last.first + last.count == frame, offset > 0 {
+                        runs[runs.count - 1].count += 1
+                    } else {
+                        runs.append(FrameRun(first: frame, count: 1))
+                    }
+                }
+            }
+            return (runs, requested)
+        }
+    }
+
     /// Unregisters guest memory: every thread still waiting for a page goes on and reads what the memory holds there.
     /// Done when no frame is missing, or when post-copy fails (before the guest is stopped, whose vCPUs may wait).
     func close() {

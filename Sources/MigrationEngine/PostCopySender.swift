@@ -22,10 +22,19 @@ final class PostCopySender: @unchecked Sendable {
         var wireBytes = 0
         /// From the destination's start until it verified the last page.
         var seconds = 0.0
+
+        /// Adds a session's counts (a post-copy resumed after its link broke has several).
+        mutating func add(_ other: Statistics) {
+            requestedPages += other.requestedPages
+            requests += other.requests
+            wireBytes += other.wireBytes
+        }
     }
 
     private let plan: PushPlan
     private let streamers: [PageStreamer]
+    /// The digest of pages sent by the sessions before this one, whose links broke.
+    private let baseDigest: MemoryDigest
     private let reply: RecordReader
     private let finalPass: UInt32
     private let closeChannels: @Sendable () -> Void
@@ -36,8 +45,10 @@ final class PostCopySender: @unchecked Sendable {
 
     /// Pages go in batches of `batchPages`; `pagesDone` and `bytesSent` count them for progress reports.
     init(missing: [UInt64], streamers: [PageStreamer], reply: RecordReader, finalPass: UInt32, batchPages: Int,
-         pagesDone: ProgressCounter, bytesSent: ProgressCounter, closeChannels: @escaping @Sendable () -> Void) {
+         baseDigest: MemoryDigest = MemoryDigest(), pagesDone: ProgressCounter, bytesSent: ProgressCounter,
+         closeChannels: @escaping @Sendable () -> Void) {
         plan = PushPlan(frames: missing, chunk: batchPages)
+        self.baseDigest = baseDigest
         self.streamers = streamers
         self.reply = reply
         self.finalPass = finalPass
@@ -79,7 +90,7 @@ final class PostCopySender: @unchecked Sendable {
             throw error
         }
         // Every page has gone: the digest of what was sent is final.
-        var digest = MemoryDigest()
+        var digest = baseDigest
         for streamer in streamers { digest.add(PageHash(low: streamer.digest.digest.low, high: streamer.digest.digest.high)) }
         var sent = digest.bytes
         if corruptDigest { sent[0] ^= 1 }
@@ -110,6 +121,12 @@ final class PostCopySender: @unchecked Sendable {
         let (requested, requests) = plan.requestCounts
         return Statistics(missingPages: plan.frames.count, requestedPages: requested, requests: requests,
                           wireBytes: bytesSent.count, seconds: monotonicSeconds() - started)
+    }
+
+    /// What this session did, for one whose link broke: the pages asked for and the bytes sent before the break.
+    var statisticsSoFar: Statistics {
+        let (requested, requests) = plan.requestCounts
+        return Statistics(missingPages: plan.frames.count, requestedPages: requested, requests: requests, wireBytes: bytesSent.count)
     }
 
     /// The reply stream, until VERIFIED or ABORT: each PAGE_REQUEST goes to the plan.
@@ -229,13 +246,18 @@ final class PushPlan: @unchecked Sendable {
         return taken
     }
 
-    private func index(of frame: UInt64) -> Int? {
-        var low = 0, high = frames.count
+    private func index(of frame: UInt64) -> Int? { frames.sortedIndex(of: frame) }
+}
+
+extension Array where Element == UInt64 {
+    /// Where `frame` is in this sorted array, if it is.
+    func sortedIndex(of frame: UInt64) -> Int? {
+        var low = 0, high = count
         while low < high {
             let middle = (low + high) / 2
-            if frames[middle] < frame { low = middle + 1 } else { high = middle }
+            if self[middle] < frame { low = middle + 1 } else { high = middle }
         }
-        return low < frames.count && frames[low] == frame ? low : nil
+        return low < count && self[low] == frame ? low : nil
     }
 }
 

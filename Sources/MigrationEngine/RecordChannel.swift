@@ -113,9 +113,9 @@ extension RecordReader {
 /// reply stream carries acknowledgements from the channels' writer threads and the handshake from the main one).
 ///
 /// Sendable because sends hold `lock`; `encoder` is adjusted to the agreed capabilities before the writer is
-/// shared with other threads, and only read after.
+/// shared with other threads, and only read after; `redirect` replaces both under `lock`.
 final class RecordWriter: @unchecked Sendable {
-    let channel: MigrationChannel
+    private(set) var channel: MigrationChannel
     var encoder: StreamEncoder
     private let lock = NSLock()
 
@@ -130,6 +130,15 @@ final class RecordWriter: @unchecked Sendable {
             var out: [UInt8] = []
             body(encoder, &out)
             try out.withUnsafeBytes { try sendUnlocked([$0]) }
+        }
+    }
+
+    /// Goes on as a new stream with `header` on `channel`: a reply stream whose link broke and was replaced, so that
+    /// every thread holding this writer sends on the new link (post-copy recovery, stream.md §6.14).
+    func redirect(to channel: MigrationChannel, header: StreamHeader) {
+        lock.withLock {
+            self.channel = channel
+            encoder = StreamEncoder(header: header, checksum: FastCRC32C.function)
         }
     }
 

@@ -352,6 +352,8 @@ public enum StreamEvent: Sendable {
     case postCopyReady
     /// Receiver, reply stream, during post-copy: the guest waits for these frames.
     case pageRequest([UInt64])
+    /// Sender, first record of a new main channel: carry on the post-copy of pass `finalPass` whose link broke.
+    case postCopyResume(finalPass: UInt32)
     case note(String)
     /// Reply stream: every page of this pre-copy pass, on every channel, is in guest memory.
     case passApplied(pass: UInt32)

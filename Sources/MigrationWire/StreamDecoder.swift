@@ -324,7 +324,7 @@ public final class StreamDecoder {
     private static let knownTypes: Set<RecordType> = [
         .capabilitiesOffer, .capabilitiesAgreed, .memoryLayout, .pageBatch, .deviceState,
         .passBoundary, .switchover, .end, .abort, .note, .verify, .verified, .commit, .started, .passApplied,
-        .missingPages, .postCopy, .postCopyReady, .pageRequest,
+        .missingPages, .postCopy, .postCopyReady, .pageRequest, .postCopyResume,
     ]
 
     private func fail(_ at: UInt64, _ reason: WireError.Reason) -> WireError {
@@ -484,7 +484,10 @@ public final class StreamDecoder {
 
         case .missingPages:
             try need(body.count >= 8)
-            if !isMain || layout == nil || rules?.flags.contains(.postCopy) != true || sawSwitchover || sawPostCopy {
+            // From the sender before POSTCOPY; or, when a post-copy resumes, from the receiver on its new reply stream,
+            // which has no layout: the sender checks those runs against its own list (§6.14).
+            let fromResumedReply = isReply && rules?.flags.isSuperset(of: [.postCopy, .resume]) == true && !sawPostCopyReady
+            if !(isMain && layout != nil && rules?.flags.contains(.postCopy) == true || fromResumedReply) || sawSwitchover || sawPostCopy {
                 throw unexpected()
             }
             let count = Int(body.le32(0))
@@ -494,7 +497,8 @@ public final class StreamDecoder {
             runs.reserveCapacity(count)
             for i in 0 ..< count {
                 let run = FrameRun(first: body.le64(8 + 16 * i), count: body.le64(16 + 16 * i))
-                guard run.first >= missingEnd, layout!.contains(run, pageShift: pageShift) else {
+                guard run.count > 0, run.first >= missingEnd, run.first <= UInt64.max - run.count,
+                      layout?.contains(run, pageShift: pageShift) ?? true else {
                     throw fail(at + 8 + 16 * UInt64(i), .badMissingRun(index: i))
                 }
                 missingEnd = run.first + run.count
@@ -505,7 +509,8 @@ public final class StreamDecoder {
 
         case .postCopy:
             try need(body.count == 16)
-            if !isMain || layout == nil || rules?.flags.contains(.postCopy) != true || sawSwitchover || sawPostCopy {
+            let fromResumedReply = isReply && rules?.flags.isSuperset(of: [.postCopy, .resume]) == true && !sawPostCopyReady
+            if !(isMain && layout != nil && rules?.flags.contains(.postCopy) == true || fromResumedReply) || sawSwitchover || sawPostCopy {
                 throw unexpected()
             }
             try reservedZero(4, UInt64(body.le32(4)))
@@ -518,6 +523,15 @@ public final class StreamDecoder {
             sawPostCopy = true
             return .postCopy(start)
 
+        case .postCopyResume:
+            try need(body.count == 8)
+            if !isMain || layout != nil || sawOffer || agreed != nil || rules?.flags.isSuperset(of: [.postCopy, .resume]) != true {
+                throw unexpected()
+            }
+            try reservedZero(4, UInt64(body.le32(4)))
+            sawPostCopy = true
+            return .postCopyResume(finalPass: body.le32(0))
+
         case .postCopyReady:
             try need(body.count == 8)
             if !isReply || rules?.flags.contains(.postCopy) != true || sawPostCopyReady || sawVerified { throw unexpected() }
@@ -527,7 +541,8 @@ public final class StreamDecoder {
 
         case .pageRequest:
             try need(body.count >= 8)
-            if !isReply || !sawPostCopyReady || sawVerified { throw unexpected() }
+            // After POSTCOPY_READY, or on a resumed reply stream after its list of missing pages.
+            if !isReply || !(sawPostCopyReady || sawPostCopy) || sawVerified { throw unexpected() }
             let count = body.le32(0)
             if count == 0 || Int(count) > WireLimits.maxRequestedPages { throw fail(at, .badPageRequest(count)) }
             try reservedZero(4, UInt64(body.le32(4)))

@@ -140,6 +140,13 @@ public struct StreamEncoder {
         }
     }
 
+    public func encodePostCopyResume(finalPass: UInt32, into out: inout [UInt8]) {
+        record(.postCopyResume, length: 8, into: &out) { w in
+            w.u32(finalPass)
+            w.u32(0)
+        }
+    }
+
     public func encodePostCopyReady(into out: inout [UInt8]) { record(.postCopyReady, length: 8, into: &out) { w in w.u64(0) } }
 
     /// One PAGE_REQUEST of 1 ... `WireLimits.maxRequestedPages` frames.

@@ -96,6 +96,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     public static let postCopy = RecordType(rawValue: 0x0F)
     public static let postCopyReady = RecordType(rawValue: 0x10)
     public static let pageRequest = RecordType(rawValue: 0x11)
+    /// Post-copy recovery (stream.md §6.14): the first record of a new main channel that carries on a post-copy
+    /// whose link broke.
+    public static let postCopyResume = RecordType(rawValue: 0x12)
     /// Optional: human-readable text (progress, provenance). Readers may ignore it.
     public static let note = RecordType(rawValue: 0x8000_0001)
     /// Optional, reply stream: every page of a pre-copy pass is in guest memory (capability `passAcknowledgement`).
@@ -120,6 +123,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .postCopy: return "postCopy"
         case .postCopyReady: return "postCopyReady"
         case .pageRequest: return "pageRequest"
+        case .postCopyResume: return "postCopyResume"
         case .note: return "note"
         case .passApplied: return "passApplied"
         default: return "0x" + String(rawValue, radix: 16)

@@ -33,11 +33,13 @@ class MigrationTestCase: KVMTestCase {
 
     func migrate(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
                  destinationBacking: GuestMemory.Backing = .sharedMemory, destinationTracking: DirtyTrackingMethod = .bitmap,
-                 prepare: (MigrationSender, [SocketPairChannel]) -> Void = { _, _ in }) -> Outcome {
+                 prepare: (MigrationSender, [SocketPairChannel]) -> Void = { _, _ in },
+                 configureReceiver: (MigrationReceiver) -> Void = { _ in }) -> Outcome {
         let pairs = (0 ..< options.channels).map { _ in SocketPairChannel.pair() }
         let console = SerialConsole(output: nil)
         let sink = MicroVMGuestSink(console: console, dirtyTracking: destinationTracking, memoryBacking: destinationBacking)
         let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1), capabilities: receiverCapabilities)
+        configureReceiver(receiver)
         let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: options)
         prepare(sender, pairs.map(\.0))
         let receiverResult = ReceiverResult()

@@ -4,6 +4,7 @@ import MicroVM
 import MigrationEngine
 import MigrationWire
 import TestSupport
+import Threads
 import XCTest
 
 /// Migrations that finish in post-copy: the destination runs before its memory is complete, the pages it lacks come
@@ -66,26 +67,80 @@ final class PostCopyKVMTests: MigrationTestCase {
         source.stop()
     }
 
-    /// A link cut during post-copy, with no resume (not built yet): the destination's guest cannot go on without the
-    /// pages it lacks, so the destination stops it and says why; the source, paused since the commit with all of the
-    /// guest's memory, reports the failure in doubt, and an operator who knows the destination's guest is gone may
-    /// resume it, intact.
-    func testALinkCutDuringPostCopyStopsTheDestinationAndLeavesTheSourceIntact() throws {
+    /// A link cut during post-copy and no resume in time: the destination's guest cannot go on without the pages it
+    /// lacks, so once its wait is over the destination stops it and says why; the source, paused since the commit
+    /// with all of the guest's memory, reports the failure in doubt, and an operator who knows the destination's guest
+    /// is gone may resume it, intact.
+    func testALinkCutDuringPostCopyWithoutResumeStopsTheDestinationAndLeavesTheSourceIntact() throws {
         let (source, console) = try bootSource(guest)
-        let outcome = migrate(source, options: postCopyOptions(channels: 2)) { sender, channels in
+        var options = postCopyOptions(channels: 2)
+        options.postCopyRecoveryTimeout = 1
+        let waited = Locked<[Double]>([])
+        let outcome = migrate(source, options: options, prepare: { sender, channels in
             sender.onProgress = { progress in
                 if progress.phase == .postcopy, channels[1].cutAfter == nil { channels[1].cutAfter = channels[1].sent + (1 << 20) }
             }
-        }
+        }, configureReceiver: { receiver in
+            receiver.postCopyRecoveryTimeout = 1
+            receiver.onPostCopyPaused = { _, seconds in waited.withLock { $0.append(seconds) } }
+        })
         XCTAssertFalse(outcome.report.succeeded)
         XCTAssertTrue(outcome.report.committed, "the cut came after the destination started")
-        XCTAssertNotNil(outcome.receiverError)
+        XCTAssertTrue(outcome.report.error?.contains("no resume came within 1.0 s") ?? false, outcome.report.error ?? "")
+        XCTAssertTrue("\(outcome.receiverError.map { "\($0)" } ?? "")".contains("no resume came within 1.0 s"), "\(String(describing: outcome.receiverError))")
+        XCTAssertEqual(waited.withLock { $0 }, [1], "the receiver said how long it would wait")
         XCTAssertNil(outcome.destination, "the destination guest was stopped and discarded")
         XCTAssertNil(source.stopped)
         let before = console.lineCount
         source.resume()
         XCTAssertEqual(statuses(console, after: before, count: 2).count, 2, "the source's memory is whole: it verifies")
         source.stop()
+    }
+
+    /// Post-copy recovery: the link cut at 10 %, 50 % and 90 % of what post-copy pushes, then resumed over new
+    /// connections: the sides agree on what is still missing, and the guest carries on and verifies, nothing lost.
+    func testALinkCutDuringPostCopyIsResumed() throws {
+        for fraction in [0.1, 0.5, 0.9] {
+            let (source, _) = try bootSource(guest)
+            let pairs = (0 ..< 2).map { _ in SocketPairChannel.pair() }
+            let console = SerialConsole(output: nil)
+            let sink = MicroVMGuestSink(console: console)
+            let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1))
+            let paused = Locked<[String]>([])
+            receiver.onPostCopyPaused = { reason, _ in paused.withLock { $0.append(reason) } }
+            let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0),
+                                         options: postCopyOptions(channels: 2))
+            let resumed = Locked(false)
+            sender.onProgress = { progress in
+                if progress.phase == .postcopy, pairs[1].0.cutAfter == nil {
+                    pairs[1].0.cutAfter = pairs[1].0.sent + Int(Double(progress.pagesTotal * 4096) * fraction)
+                }
+                guard progress.phase == .postcopyPaused, resumed.withLock({ (was: inout Bool) -> Bool in defer { was = true }; return !was }) else { return }
+                // Both ends wait for new connections; hand each its side as soon as it waits.
+                let fresh = (0 ..< 2).map { _ in SocketPairChannel.pair() }
+                startThread(named: "test-resume") {
+                    while !receiver.resume(with: fresh.map(\.1)) { usleep(10_000) }
+                }
+                XCTAssertTrue(sender.resume(with: fresh.map(\.0)), "the sender waits for a resume as it says so")
+            }
+            let result = ReceiverResult()
+            startThread(named: "test-receiver") {
+                do { result.report = try receiver.run() } catch { result.error = error }
+                result.done.signal()
+            }
+            let report = sender.run()
+            result.done.wait()
+            XCTAssertTrue(report.succeeded, "\(fraction): \(report.error ?? "")")
+            XCTAssertNil(result.error, "\(fraction)")
+            XCTAssertTrue(resumed.withLock { $0 }, "\(fraction): the link was cut during post-copy")
+            XCTAssertEqual(paused.withLock { $0.count }, 1, "\(fraction): the receiver waited once")
+            XCTAssertEqual(result.report?.postCopyPages, report.postCopy?.missingPages)
+            source.stop()
+            let destination = try XCTUnwrap(sink.machine)
+            let printed = console.receivedLines.filter { $0.hasPrefix("memstress") }.count
+            XCTAssertEqual(statuses(console, after: 0, count: printed + 2).count, printed + 2, "\(fraction): the guest verifies")
+            destination.stop()
+        }
     }
 
     /// A destination that does not offer post-copy (here: one on huge pages, which userfaultfd cannot fill 4 KiB at a

@@ -97,6 +97,51 @@ final class PostCopyWireTests: XCTestCase {
         XCTAssertEqual(reason(main { enc, out in enc.encodePostCopyReady(into: &out) }), .unexpectedRecord(0x10))
     }
 
+    /// A resumed post-copy (§6.14): the new main channel opens with POSTCOPY_RESUME, held to the agreement of the
+    /// first; the new reply stream lists what is still missing (no layout to check it against) and asks again.
+    func testResumedStreams() {
+        let resumable = Capabilities(codecs: [.zero, .raw], maxChannels: 1, flags: [.postCopy, .passAcknowledgement, .resume])
+        func decode(_ bytes: [UInt8], held: Capabilities) -> (events: [StreamEvent], error: WireError?) {
+            let decoder = StreamDecoder()
+            decoder.hold(to: held)
+            return decodeAll(bytes, decoder: decoder)
+        }
+        let main = stream(features: .liveMigration, layout: nil) { enc, out in
+            enc.encodePostCopyResume(finalPass: 3, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            batch(&enc, &out, pass: 3, pages: [(1, patternPage(1))])
+            enc.encodePassBoundary(PassBoundary(pass: 3, dirtyPages: 0), into: &out)
+            enc.encodeVerify(DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: Array(0 ..< 16)), into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }
+        let decoded = decode(main, held: resumable)
+        XCTAssertNil(decoded.error)
+        guard case .postCopyResume(let pass) = decoded.events[1] else { return XCTFail("\(decoded.events)") }
+        XCTAssertEqual(pass, 3)
+        XCTAssertEqual(decode(main, held: agreement).error?.reason, .unexpectedRecord(0x12), "without resume agreed")
+        XCTAssertEqual(decodeAll(main).error?.reason, .unexpectedRecord(0x12), "without any agreement")
+        XCTAssertEqual(decode(stream(features: .liveMigration) { enc, out in enc.encodePostCopyResume(finalPass: 3, into: &out) },
+                              held: resumable).error?.reason, .unexpectedRecord(0x12), "after the layout")
+
+        let resumedReply = stream(features: .liveMigration, layout: nil) { enc, out in
+            enc.encodeCapabilities(resumable, agreed: true, into: &out)
+            enc.encodeMissingPages([FrameRun(first: 1, count: 2), FrameRun(first: 0x5000, count: 1)][...], into: &out)
+            enc.encodePostCopy(PostCopyStart(finalPass: 3, missingPages: 3), into: &out)
+            enc.encodePageRequest([2], into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }
+        let replies = decodeAll(resumedReply)
+        XCTAssertNil(replies.error)
+        guard case .missingPages(let runs) = replies.events[2], case .pageRequest(let frames) = replies.events[4] else {
+            return XCTFail("\(replies.events)")
+        }
+        XCTAssertEqual(runs.count, 2)
+        XCTAssertEqual(frames, [2])
+        // A reply stream lists missing pages only when resume is agreed.
+        XCTAssertEqual(reason(reply { enc, out in enc.encodeMissingPages([FrameRun(first: 1, count: 1)][...], into: &out) }),
+                       .unexpectedRecord(0x0E))
+    }
+
     func testPageRequestsAreBounded() {
         XCTAssertNil(decodeAll(reply { enc, out in
             enc.encodePostCopyReady(into: &out)

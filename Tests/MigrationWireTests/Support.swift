@@ -95,6 +95,7 @@ func json(_ event: StreamEvent) -> [String: Any] {
     case .postCopy(let p): return ["record": "postcopy", "final_pass": Int(p.finalPass), "missing_pages": Int(p.missingPages)]
     case .postCopyReady: return ["record": "postcopy_ready"]
     case .pageRequest(let frames): return ["record": "page_request", "frames": frames.map { String($0, radix: 16) }]
+    case .postCopyResume(let pass): return ["record": "postcopy_resume", "final_pass": Int(pass)]
     case .skippedOptional(let type, let length):
         return ["record": "skipped_optional", "type": String(type, radix: 16), "length": length]
     }

@@ -149,7 +149,8 @@ public final class ControlAPI: Sendable {
 
     private func isMigrating(_ id: String) async throws(ControlError) -> Bool {
         guard let migration = try? await migrations.status(ofVM: id) else { return false }
-        return [.setup, .precopy, .switchover].contains(migration.phase)
+        // Post-copy included: the source is paused then, and resuming it would run a second copy of the guest.
+        return !migration.phase.isFinal
     }
 
     // MARK: helpers

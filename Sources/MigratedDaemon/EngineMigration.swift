@@ -78,6 +78,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         options.downtimeLimit = Double(request.downtimeLimitMs) / 1000
         options.bandwidthLimit = request.bandwidthLimitBytesPerSecond.map { Double($0) }
         options.autoConverge = request.autoConverge
+        options.postCopy = request.postcopy
+        options.postCopyAfterPasses = request.postcopyAfterPasses
 
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
         let sender = MigrationSender(source: source, options: options) { _ in
@@ -93,7 +95,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         if let busyWith { throw .conflict("migration_in_progress", "VM '\(vm.id)' is already migrating to \(busyWith)") }
         sender.onProgress = { progress in migration.update { $0.apply(progress) } }
         let logger = self.logger
-        logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)"])
+        logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)",
+                                                    "postcopy": "\(request.postcopy)"])
         startThread(named: "migrate-\(vm.id)") { [self] in
             let report = sender.run()
             let doubt = report.committed && !report.succeeded ? MigrationInDoubt(peer: request.peer, failure: report.error ?? "") : nil
@@ -110,7 +113,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
                 bytesSent += UInt64(report.wireBytes)
             }
             if report.succeeded {
-                logger.info("migration completed", metadata: ["vm": "\(vm.id)", "downtime_ms": "\((report.downtimeSeconds ?? 0) * 1000)"])
+                logger.info("migration completed", metadata: ["vm": "\(vm.id)", "downtime_ms": "\((report.downtimeSeconds ?? 0) * 1000)",
+                                                              "postcopy_missing_pages": "\(report.postCopy?.missingPages ?? 0)"])
             } else if let doubt {
                 logger.error("migration in doubt; the VM stays paused here", metadata: ["vm": "\(vm.id)", "reason": "\(doubt.reason)"])
             } else {
@@ -200,6 +204,10 @@ extension MigrationStatus {
                     wireBytes: UInt64(pass.wireBytes), seconds: pass.seconds,
                     dirtyRateBytesPerSecond: pass.dirtyRate, rateBytesPerSecond: pass.bandwidth,
                     expectedDowntimeMs: pass.expectedDowntime.isFinite ? pass.expectedDowntime * 1000 : 0, throttle: pass.throttle)
+            },
+            postCopy: report.postCopy.map {
+                MigrationReportDocument.PostCopy(missingPages: UInt64($0.missingPages), requestedPages: UInt64($0.requestedPages),
+                                                 requests: UInt64($0.requests), wireBytes: UInt64($0.wireBytes), seconds: $0.seconds)
             })
     }
 }

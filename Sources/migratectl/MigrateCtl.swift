@@ -186,6 +186,11 @@ struct Migrate: AsyncParsableCommand {
     @Option(help: "Cap on the wire, in bytes per second, with an optional unit: 500M, 1G.") var bandwidth: String?
     @Option(help: "Longest pause of the guest at switchover, in milliseconds.") var downtimeLimitMs: UInt64 = 300
     @Flag(help: "Give up instead of throttling a guest that dirties memory faster than the link.") var noAutoConverge = false
+    @Flag(help: ArgumentHelp("Finish in post-copy where pre-copy alone would not meet the downtime limit.",
+                             discussion: "The destination runs the guest before it has every page and asks for each one the guest touches; the source stays paused until the last has come. The destination must keep guest memory in shared memory, not huge pages."))
+    var postcopy = false
+    @Option(name: .customLong("postcopy-after"), help: ArgumentHelp("Switch to post-copy after this many pre-copy passes at the latest (implies --postcopy).", valueName: "passes"))
+    var postcopyAfter: Int?
     @Flag(help: "Return once the migration has started, without following it.") var detach = false
     @Option(help: "Seconds between progress updates.") var interval = 0.5
 
@@ -193,7 +198,7 @@ struct Migrate: AsyncParsableCommand {
         let request = MigrationRequest(
             peer: to, channels: channels, compression: compression, security: plaintext ? .plaintext : .tls,
             bandwidthLimitBytesPerSecond: try bandwidth.map(parseBytes), downtimeLimitMs: downtimeLimitMs,
-            autoConverge: !noAutoConverge)
+            autoConverge: !noAutoConverge, postcopy: postcopy || postcopyAfter != nil, postcopyAfterPasses: postcopyAfter)
         if let problem = request.problem() { throw ValidationError(problem) }
         try await reportingErrors {
             var status = try await options.client.migrate(vm, request)
@@ -232,6 +237,7 @@ struct Migration: AsyncParsableCommand {
                     list.migrations.map { record in
                         "\(record.finishedAt)  \(record.outcome.rawValue.padding(toLength: 9, withPad: " ", startingAt: 0))"
                             + "\(record.vm ?? "-")  from \(record.peer)\(record.error.map { ": \($0)" } ?? "")"
+                            + (record.postCopy.map { "  (\(Formatting.postCopy($0)))" } ?? "")
                     }.joined(separator: "\n")
                 }
             }

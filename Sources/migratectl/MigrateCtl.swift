@@ -53,12 +53,14 @@ func describe(_ vm: VMInfo) -> String {
     ]
     if let line = vm.lastConsoleLine { lines.append("last line:    \(line)") }
     if let doubt = vm.inDoubt { lines.append("IN DOUBT:     \(doubt.reason)") }
+    if let peer = vm.arrivingFrom { lines.append("arriving:     from \(peer); its migration has not ended (in post-copy, pages are still coming)") }
     return lines.joined(separator: "\n")
 }
 
-/// The state as lists show it: a VM paused by a migration in doubt stands out from one paused on request.
+/// The state as lists show it: a VM paused by a migration in doubt stands out from one paused on request, and one
+/// whose migration here has not ended (its guest runs, in post-copy with pages missing) from one that has arrived.
 func stateLabel(_ vm: VMInfo) -> String {
-    vm.inDoubt != nil ? "in-doubt" : vm.state.rawValue
+    vm.inDoubt != nil ? "in-doubt" : vm.arrivingFrom != nil ? "arriving" : vm.state.rawValue
 }
 
 // MARK: vm

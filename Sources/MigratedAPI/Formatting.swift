@@ -33,6 +33,9 @@ public enum Formatting {
             "ETA \(status.etaSeconds.map(seconds) ?? "?")",
         ]
         if status.throttle > 0 { parts.append(String(format: "throttle %.0f%%", status.throttle * 100)) }
+        // In post-copy the source is paused and the guest runs at the destination: the dirty rate and the expected
+        // downtime are still the last pre-copy pass's, and would mislead.
+        if status.phase == .postcopy { parts.removeAll { $0.hasPrefix("dirty ") || $0.hasPrefix("downtime ~") } }
         return parts.joined(separator: "  ")
     }
 

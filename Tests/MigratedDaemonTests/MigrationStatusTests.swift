@@ -35,6 +35,9 @@ final class MigrationStatusTests: XCTestCase {
         XCTAssertEqual(status.phase, .postcopy)
         XCTAssertFalse(status.phase.isFinal)
         XCTAssertEqual(status.percent, 50)
+        let line = Formatting.progressLine(status)
+        XCTAssertTrue(line.hasPrefix("postcopy  pass 1   50.0%  rate "), line)
+        XCTAssertFalse(line.contains("dirty") || line.contains("downtime"), "stale pre-copy figures: \(line)")
         let report = try JSONDecoder().decode(MigrationReport.self, from: Data(#"""
             {"succeeded": true, "committed": true, "totalSeconds": 2, "setupSeconds": 0.1, "downtimeSeconds": 0.004, "passes": [],
              "wireBytes": 1000, "pagesSent": 10, "compression": "lz4", "channels": 1, "harvests": 1, "harvestSeconds": 0,

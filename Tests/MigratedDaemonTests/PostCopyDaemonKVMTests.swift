@@ -85,6 +85,56 @@ extension TwoDaemonMigrationKVMTests {
         }
     }
 
+    /// The source daemon dies in post-copy, after B started the guest and before it had every page: B stops the guest,
+    /// which cannot run on without them, shows its VM failed with the reason, frees its memory and records why, and
+    /// answers throughout. A bandwidth cap keeps post-copy on the wire for seconds, and B lists the VM as arriving
+    /// from its start, so the kill lands after the start.
+    func testASourceKilledInPostCopyStopsTheGuestAtTheDestination() async throws {
+        let image = try { _ = try TestGuest.image(); return TestGuest.path }()
+        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames)
+        do {
+            let a = try DaemonProcess(bin: DaemonProcess.besideTests, certificate: "client", allowedPeers: TestCertificates.serverNames)
+            defer { a.stop() }
+            let started = try a.ctl(["vm", "start", "--id", "cut", "--image", image, "--memory", "256M",
+                                     "--cmdline", "workload=memstress size_mib=128 rate_mib=800 pattern=random"])
+            XCTAssertEqual(started.status, 0, started.text)
+            XCTAssertNotNil(try a.memstress(of: "cut", after: 0), "the guest runs on A")
+            let toB = try XCTUnwrap(bListener.address).description
+            let migrate = try a.ctl(["migrate", "cut", "--to", toB, "--bandwidth", "16M", "--postcopy-after", "1",
+                                     "--downtime-limit-ms", "1", "--detach"])
+            XCTAssertEqual(migrate.status, 0, migrate.text)
+
+            let deadline = Date(timeIntervalSinceNow: 60 * sanitizerSlowdown)
+            var arriving: VMInfo?
+            while arriving == nil, Date() < deadline, try await b.client.incomingMigrations().isEmpty {
+                if let vm = try? await b.client.vm("cut"), vm.arrivingFrom != nil { arriving = vm } else {
+                    try await Task.sleep(nanoseconds: 10_000_000)
+                }
+            }
+            let running = try XCTUnwrap(arriving, "B listed the guest as arriving while post-copy ran")
+            XCTAssertEqual(running.state, .running)
+            a.kill9()
+
+            let record = try await incomingRecord(on: b)
+            XCTAssertEqual(record.outcome, .failed)
+            XCTAssertEqual(record.vm, "cut")
+            XCTAssertNil(record.postCopy)
+            XCTAssertTrue(record.error?.hasPrefix("the guest had started here and was stopped: ") ?? false, record.error ?? "")
+            let stopped = try await b.client.vm("cut")
+            XCTAssertEqual(stopped.state, .failed)
+            XCTAssertTrue(stopped.stopReason?.contains("failed after the guest had started here") ?? false, stopped.stopReason ?? "")
+            XCTAssertNil(stopped.arrivingFrom)
+            let held = try await metric("migrated_guest_memory_bytes", of: b)
+            XCTAssertEqual(held, 0, "B freed the guest's memory")
+            let list = try await runMigratectl(socket: b.socketPath, ["migration", "incoming"])
+            print(list.text)
+        } catch {
+            await b.stop()
+            throw error
+        }
+        await b.stop()
+    }
+
     /// The first record of `daemon`'s incoming migrations, polled for at most a minute.
     func incomingRecord(on daemon: TestDaemon) async throws -> IncomingMigrationRecord {
         let deadline = Date(timeIntervalSinceNow: 60 * sanitizerSlowdown)

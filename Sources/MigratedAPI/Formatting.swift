@@ -33,6 +33,9 @@ public enum Formatting {
             "ETA \(status.etaSeconds.map(seconds) ?? "?")",
         ]
         if status.throttle > 0 { parts.append(String(format: "throttle %.0f%%", status.throttle * 100)) }
+        // In post-copy the source is paused and the guest runs at the destination: the dirty rate and the expected
+        // downtime are still the last pre-copy pass's, and would mislead.
+        if status.phase == .postcopy { parts.removeAll { $0.hasPrefix("dirty ") || $0.hasPrefix("downtime ~") } }
         return parts.joined(separator: "  ")
     }
 
@@ -50,6 +53,19 @@ public enum Formatting {
                 + "dirty \(bytes(pass.dirtyRateBytesPerSecond))/s, expected downtime \(seconds(pass.expectedDowntimeMs / 1000))"
                 + (pass.throttle > 0 ? String(format: ", throttle %.0f%%", pass.throttle * 100) : ""))
         }
+        if let postCopy = report.postCopy { lines.append("  " + Self.postCopy(postCopy)) }
         return lines.joined(separator: "\n")
+    }
+
+    /// `post-copy: 5210 pages missing at the start, 312 asked for by the destination in 312 requests, 20.4 MiB in 85 ms`.
+    public static func postCopy(_ postCopy: MigrationReportDocument.PostCopy) -> String {
+        "post-copy: \(postCopy.missingPages) pages missing at the start, \(postCopy.requestedPages) asked for by the destination in "
+            + "\(postCopy.requests) requests, \(bytes(Double(postCopy.wireBytes))) in \(seconds(postCopy.seconds))"
+    }
+
+    /// `post-copy: 5210 pages missing at the start, 312 asked for by the guest here, 85 ms`.
+    public static func postCopy(_ postCopy: IncomingPostCopy) -> String {
+        "post-copy: \(postCopy.missingPages) pages missing at the start, \(postCopy.requestedPages) asked for by the guest here, "
+            + seconds(postCopy.seconds)
     }
 }

@@ -26,14 +26,23 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
     public var downtimeLimitMs: UInt64
     /// Throttle the guest when it dirties memory faster than the link carries it, instead of giving up.
     public var autoConverge: Bool
+    /// Finish in post-copy when pre-copy alone would not meet `downtimeLimitMs` (where it would throttle the guest or
+    /// give up), or after `postcopyAfterPasses` passes: the destination starts the guest before it has every page and
+    /// asks the source for each one the guest touches. The destination daemon must offer it (shared-memory guests).
+    public var postcopy: Bool
+    /// With `postcopy`: switch to post-copy after this many pre-copy passes at the latest, 1 or more; nil to switch
+    /// only when pre-copy alone would not meet the downtime limit.
+    public var postcopyAfterPasses: Int?
 
     public static let fieldNames: Set<String> = [
         "peer", "channels", "compression", "security", "bandwidth_limit_bytes_per_second", "downtime_limit_ms", "auto_converge",
+        "postcopy", "postcopy_after_passes",
     ]
     public static let channelRange = 1 ... 16
 
     public init(peer: String, channels: Int = 1, compression: MigrationCompression = .lz4, security: MigrationSecurity = .tls,
-                bandwidthLimitBytesPerSecond: UInt64? = nil, downtimeLimitMs: UInt64 = 300, autoConverge: Bool = true) {
+                bandwidthLimitBytesPerSecond: UInt64? = nil, downtimeLimitMs: UInt64 = 300, autoConverge: Bool = true,
+                postcopy: Bool = false, postcopyAfterPasses: Int? = nil) {
         self.peer = peer
         self.channels = channels
         self.compression = compression
@@ -41,6 +50,8 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
         self.bandwidthLimitBytesPerSecond = bandwidthLimitBytesPerSecond
         self.downtimeLimitMs = downtimeLimitMs
         self.autoConverge = autoConverge
+        self.postcopy = postcopy
+        self.postcopyAfterPasses = postcopyAfterPasses
     }
 
     public init(from decoder: any Decoder) throws {
@@ -52,6 +63,9 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
         bandwidthLimitBytesPerSecond = try c.decodeIfPresent(UInt64.self, forKey: .bandwidthLimitBytesPerSecond)
         downtimeLimitMs = try c.decodeIfPresent(UInt64.self, forKey: .downtimeLimitMs) ?? 300
         autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge) ?? true
+        // Absent from the requests of clients that predate post-copy.
+        postcopy = try c.decodeIfPresent(Bool.self, forKey: .postcopy) ?? false
+        postcopyAfterPasses = try c.decodeIfPresent(Int.self, forKey: .postcopyAfterPasses)
     }
 
     /// The checks that need no engine: nil when the request is well formed, else why not.
@@ -60,13 +74,22 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
         if !Self.channelRange.contains(channels) { return "channels must be in \(Self.channelRange), not \(channels)" }
         if bandwidthLimitBytesPerSecond == 0 { return "bandwidth_limit_bytes_per_second must be positive (omit it for no cap)" }
         if downtimeLimitMs == 0 { return "downtime_limit_ms must be positive" }
+        if let passes = postcopyAfterPasses {
+            if passes < 1 { return "postcopy_after_passes must be 1 or more, not \(passes)" }
+            // Said without postcopy, it would be ignored without a word: the client meant something else.
+            if !postcopy { return "postcopy_after_passes needs \"postcopy\": true" }
+        }
         return nil
     }
 }
 
 /// Where a migration stands.
+///
+/// `postcopy` comes after `precopy` in a migration that finishes in post-copy (`MigrationRequest.postcopy`): the
+/// source is paused, the destination runs the guest and receives the pages it still lacks; it ends when the last has
+/// come and the digests agree.
 public enum MigrationPhase: String, Codable, Sendable, CaseIterable {
-    case setup, precopy, switchover, completed, failed, cancelled
+    case setup, precopy, switchover, postcopy, completed, failed, cancelled
 
     /// No further change will come.
     public var isFinal: Bool { self == .completed || self == .failed || self == .cancelled }
@@ -79,7 +102,7 @@ public struct MigrationStatus: Codable, Sendable, Equatable {
     public var phase: MigrationPhase
     /// Pre-copy pass, from 0.
     public var pass: Int
-    /// Of the current pass, 0...100.
+    /// Of the current pass, 0...100; in the `postcopy` phase, of the pages the destination lacked when it started.
     public var percent: Double
     public var bytesOnWire: UInt64
     /// Wire bytes per second, recently.
@@ -133,6 +156,30 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
     public var compression: MigrationCompression
     public var channels: Int
     public var passes: [Pass]
+    /// Set when the migration finished in post-copy (`MigrationRequest.postcopy`); then `downtimeMs` is from the
+    /// source's pause to the destination's start, which came before the destination had every page.
+    public var postCopy: PostCopy?
+
+    /// The post-copy phase, as the source saw it.
+    public struct PostCopy: Codable, Sendable, Equatable {
+        /// Pages the destination lacked when its guest started.
+        public var missingPages: UInt64
+        /// Of those, pages the destination's guest touched before the background push had sent them, which it asked
+        /// the source for; and the requests that asked.
+        public var requestedPages: UInt64
+        public var requests: UInt64
+        public var wireBytes: UInt64
+        /// From the destination's start until it had the last page and the digests agreed.
+        public var seconds: Double
+
+        public init(missingPages: UInt64, requestedPages: UInt64, requests: UInt64, wireBytes: UInt64, seconds: Double) {
+            self.missingPages = missingPages
+            self.requestedPages = requestedPages
+            self.requests = requests
+            self.wireBytes = wireBytes
+            self.seconds = seconds
+        }
+    }
 
     public struct Pass: Codable, Sendable, Equatable {
         public var pass: Int
@@ -167,7 +214,8 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
     }
 
     public init(succeeded: Bool, error: String?, committed: Bool, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
-                wireBytes: UInt64, pagesSent: UInt64, compression: MigrationCompression, channels: Int, passes: [Pass]) {
+                wireBytes: UInt64, pagesSent: UInt64, compression: MigrationCompression, channels: Int, passes: [Pass],
+                postCopy: PostCopy? = nil) {
         self.succeeded = succeeded
         self.error = error
         self.committed = committed
@@ -179,6 +227,7 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         self.compression = compression
         self.channels = channels
         self.passes = passes
+        self.postCopy = postCopy
     }
 }
 
@@ -187,9 +236,11 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
 
 /// How a migration into this daemon ended.
 public enum IncomingOutcome: String, Codable, Sendable, CaseIterable {
-    /// The guest passed the digest check, started and runs here.
+    /// The guest passed the digest check, started and runs here. In post-copy it started before the check, which
+    /// came once the last page had.
     case received
-    /// Nothing was started: whatever had arrived was discarded and its memory reservation given back.
+    /// Nothing was started: whatever had arrived was discarded and its memory reservation given back. In post-copy
+    /// the guest may have run here before the migration failed; it was then stopped (its VM is listed as `failed`).
     case failed
 }
 
@@ -206,14 +257,34 @@ public struct IncomingMigrationRecord: Codable, Sendable, Equatable {
     public var memoryBytes: UInt64
     /// ISO 8601, UTC.
     public var finishedAt: String
+    /// Set for a guest received in post-copy: it ran here before its memory was complete.
+    public var postCopy: IncomingPostCopy?
 
-    public init(peer: String, vm: String?, outcome: IncomingOutcome, error: String?, memoryBytes: UInt64, finishedAt: String) {
+    public init(peer: String, vm: String?, outcome: IncomingOutcome, error: String?, memoryBytes: UInt64, finishedAt: String,
+                postCopy: IncomingPostCopy? = nil) {
         self.peer = peer
         self.vm = vm
         self.outcome = outcome
         self.error = error
         self.memoryBytes = memoryBytes
         self.finishedAt = finishedAt
+        self.postCopy = postCopy
+    }
+}
+
+/// The post-copy phase of a migration into this daemon, as the receiver saw it.
+public struct IncomingPostCopy: Codable, Sendable, Equatable {
+    /// Pages the guest lacked when it started here.
+    public var missingPages: UInt64
+    /// Of those, pages the guest touched before they had come, each asked of the source once.
+    public var requestedPages: UInt64
+    /// From the guest's start here until the last page had come and the digests agreed.
+    public var seconds: Double
+
+    public init(missingPages: UInt64, requestedPages: UInt64, seconds: Double) {
+        self.missingPages = missingPages
+        self.requestedPages = requestedPages
+        self.seconds = seconds
     }
 }
 

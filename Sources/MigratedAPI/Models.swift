@@ -84,11 +84,15 @@ public struct VMInfo: Codable, Sendable, Equatable {
     /// Set while the VM is paused because a migration committed its switchover and the destination did not
     /// confirm that it started: the guest may run there. A plain resume is refused (control-api.md §3.7).
     public var inDoubt: MigrationInDoubt?
+    /// Set while the VM runs here and the migration that brought it has not ended: the source's migration listener
+    /// (host) it came from. In post-copy this lasts until the last missing page has come and the digests agree;
+    /// meanwhile the VM is neither migrated nor saved (409 `vm_arriving`).
+    public var arrivingFrom: String?
 
     public init(id: String, state: VMState, image: String, memoryMib: UInt64, vcpus: Int, cmdline: String,
                 consoleLog: String?, dirtyTracking: VMCreateRequest.DirtyTracking, memoryBacking: String, startedAt: String,
                 uptimeSeconds: Double, stopReason: String?, exitCode: Int?, consoleLines: Int, lastConsoleLine: String?,
-                inDoubt: MigrationInDoubt? = nil) {
+                inDoubt: MigrationInDoubt? = nil, arrivingFrom: String? = nil) {
         self.id = id
         self.state = state
         self.image = image
@@ -105,6 +109,7 @@ public struct VMInfo: Codable, Sendable, Equatable {
         self.consoleLines = consoleLines
         self.lastConsoleLine = lastConsoleLine
         self.inDoubt = inDoubt
+        self.arrivingFrom = arrivingFrom
     }
 }
 

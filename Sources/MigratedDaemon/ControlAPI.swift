@@ -126,6 +126,7 @@ public final class ControlAPI: Sendable {
         let machine = try vms.runningMachine(id)
         if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved; migrate it when the snapshot is done") }
         if try vms.isPaused(id) { throw .conflict("vm_paused", "VM '\(id)' is paused; resume it to migrate it") }
+        try vms.checkArrived(id)
         // The migration takes over the dirty log, so a later diff snapshot could miss pages: the next must be full.
         snapshots.forgetBase(vm: id)
         if request.security == .tls && tls == nil {
@@ -144,12 +145,14 @@ public final class ControlAPI: Sendable {
     private func startSnapshot(vm id: String, _ request: SnapshotRequest) async throws(ControlError) -> SnapshotStatus {
         let machine = try vms.runningMachine(id)
         if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
+        try vms.checkArrived(id)
         return try snapshots.startSave(vm: try vms.vm(id), machine: machine, request: request, paused: try vms.isPaused(id))
     }
 
     private func isMigrating(_ id: String) async throws(ControlError) -> Bool {
         guard let migration = try? await migrations.status(ofVM: id) else { return false }
-        return [.setup, .precopy, .switchover].contains(migration.phase)
+        // Post-copy included: the source is paused then, and resuming it would run a second copy of the guest.
+        return !migration.phase.isFinal
     }
 
     // MARK: helpers

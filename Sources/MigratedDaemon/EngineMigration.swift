@@ -78,6 +78,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         options.downtimeLimit = Double(request.downtimeLimitMs) / 1000
         options.bandwidthLimit = request.bandwidthLimitBytesPerSecond.map { Double($0) }
         options.autoConverge = request.autoConverge
+        options.postCopy = request.postcopy
+        options.postCopyAfterPasses = request.postcopyAfterPasses
 
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
         let sender = MigrationSender(source: source, options: options) { _ in
@@ -93,7 +95,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         if let busyWith { throw .conflict("migration_in_progress", "VM '\(vm.id)' is already migrating to \(busyWith)") }
         sender.onProgress = { progress in migration.update { $0.apply(progress) } }
         let logger = self.logger
-        logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)"])
+        logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)",
+                                                    "postcopy": "\(request.postcopy)"])
         startThread(named: "migrate-\(vm.id)") { [self] in
             let report = sender.run()
             let doubt = report.committed && !report.succeeded ? MigrationInDoubt(peer: request.peer, failure: report.error ?? "") : nil
@@ -110,7 +113,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
                 bytesSent += UInt64(report.wireBytes)
             }
             if report.succeeded {
-                logger.info("migration completed", metadata: ["vm": "\(vm.id)", "downtime_ms": "\((report.downtimeSeconds ?? 0) * 1000)"])
+                logger.info("migration completed", metadata: ["vm": "\(vm.id)", "downtime_ms": "\((report.downtimeSeconds ?? 0) * 1000)",
+                                                              "postcopy_missing_pages": "\(report.postCopy?.missingPages ?? 0)"])
             } else if let doubt {
                 logger.error("migration in doubt; the VM stays paused here", metadata: ["vm": "\(vm.id)", "reason": "\(doubt.reason)"])
             } else {
@@ -200,6 +204,10 @@ extension MigrationStatus {
                     wireBytes: UInt64(pass.wireBytes), seconds: pass.seconds,
                     dirtyRateBytesPerSecond: pass.dirtyRate, rateBytesPerSecond: pass.bandwidth,
                     expectedDowntimeMs: pass.expectedDowntime.isFinite ? pass.expectedDowntime * 1000 : 0, throttle: pass.throttle)
+            },
+            postCopy: report.postCopy.map {
+                MigrationReportDocument.PostCopy(missingPages: UInt64($0.missingPages), requestedPages: UInt64($0.requestedPages),
+                                                 requests: UInt64($0.requests), wireBytes: UInt64($0.wireBytes), seconds: $0.seconds)
             })
     }
 }
@@ -233,10 +241,11 @@ final class ConfiguredGuestSource: GuestSource {
 
 /// A MicroVM sink that also reads the daemon's configuration of the VM from its device state. With a desk (an
 /// incoming migration), room for the guest is reserved in the daemon's memory budget before its memory is made,
-/// and given back if it does not arrive.
+/// and given back if it does not arrive; the guest is registered with the desk as it starts, since in post-copy it
+/// runs long before the receiver returns.
 ///
-/// Sendable under the `GuestSink` thread contract: `reservedBytes` and `configuration` change in the control
-/// calls alone.
+/// Sendable under the `GuestSink` thread contract: `reservedBytes`, `configuration` and `registration` change in the
+/// control calls alone, and are read on the receiver's thread once it has returned.
 final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     let base: MicroVMGuestSink
     private let desk: (any ArrivalDesk)?
@@ -244,13 +253,18 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     /// The most memory this arrival ever reserved, for its record.
     private(set) var reservedAtMost: UInt64 = 0
     private(set) var configuration: VMCreateRequest?
+    /// Set when the guest started: the id the desk registered it under, or why it could not.
+    private(set) var registration: Result<String, ControlError>?
+    /// The sending host, for the desk.
+    private let peer: String
     /// A test hook that ends the daemon at its point of the switchover, with the logger that says so.
     /// A test hook, with the logger it reports to and the migration's connections (which one hook closes).
     private let fault: (FaultInjection, Logger, [MigrationChannel])?
 
-    init(_ base: MicroVMGuestSink, desk: (any ArrivalDesk)? = nil, fault: (FaultInjection, Logger, [MigrationChannel])? = nil) {
+    init(_ base: MicroVMGuestSink, desk: (any ArrivalDesk)? = nil, peer: String = "", fault: (FaultInjection, Logger, [MigrationChannel])? = nil) {
         self.base = base
         self.desk = desk
+        self.peer = peer
         self.fault = fault
     }
 
@@ -272,13 +286,25 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
         reservedBytes = 0
     }
 
-    /// Registers the arrived guest with the desk under its reservation.
-    func adopt(peer: String) throws(ControlError) -> String {
-        guard let desk, let machine = base.machine, let configuration else {
-            throw ControlError(500, "internal", "the received guest has no machine or configuration")
+    /// Registers the guest with the desk under its reservation, once; returns the registration.
+    @discardableResult
+    func register() -> Result<String, ControlError> {
+        if let registration { return registration }
+        let result = Result { () throws(ControlError) -> String in
+            guard let desk, let machine = base.machine, let configuration else {
+                throw ControlError(500, "internal", "the received guest has no machine or configuration")
+            }
+            reservedBytes = 0
+            return try desk.adoptArrival(IncomingVM(machine: machine, configuration: configuration, peer: peer))
         }
-        reservedBytes = 0
-        return try desk.adoptArrival(IncomingVM(machine: machine, configuration: configuration, peer: peer))
+        registration = result
+        return result
+    }
+
+    /// Tells the desk that the migration has ended; with `failure`, after the guest had started, which the desk stops.
+    func endArrival(failure: String?) {
+        guard case .success(let id) = registration, let desk, let machine = base.machine else { return }
+        desk.endArrival(id: id, machine: machine, failure: failure)
     }
     func page(frame: UInt64) -> UnsafeMutableRawPointer { base.page(frame: frame) }
     func write(frames first: UInt64, pages: UnsafeBufferPointer<UnsafeRawPointer>) throws { try base.write(frames: first, pages: pages) }
@@ -290,13 +316,20 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     func start() throws {
         if let (fault, logger, _) = fault, fault == .exitAfterCommit { fault.strike(logger) }
         try base.start()
+        // The guest runs from here: the daemon lists it and counts its memory at once. In post-copy the receiver goes
+        // on for as long as pages are missing; a failure to register is reported when it returns.
+        if desk != nil { register() }
         if let (fault, logger, channels) = fault, fault == .closeBeforeStarted {
             logger.critical("fault injection: the guest runs; closing the migration's connections before STARTED", metadata: ["fault": "\(fault.rawValue)"])
             for channel in channels { channel.close() }
         }
     }
 
+    /// The receiver discards a guest it started only in post-copy, when the pages it lacked will not come: the daemon
+    /// stops it as failed (its vCPUs may have read zeros where pages were missing) before its memory goes.
     func discard() {
+        endArrival(failure: "its migration from \(peer) failed after the guest had started here (in post-copy, with pages still "
+            + "missing); see GET /migrations/incoming")
         base.discard()
         cancelReservation()
     }
@@ -383,34 +416,47 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     private func receive(_ channels: [MigrationChannel], from peer: String, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
         let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking), desk: desk,
-                                       fault: fault.map { ($0, logger, channels) })
-        func record(_ outcome: IncomingOutcome, vm: String?, error: String?) {
+                                       peer: peer, fault: fault.map { ($0, logger, channels) })
+        func record(_ outcome: IncomingOutcome, vm: String?, error: String?, postCopy: IncomingPostCopy? = nil) {
             desk.recordArrival(IncomingMigrationRecord(peer: peer, vm: vm, outcome: outcome, error: error, memoryBytes: sink.reservedAtMost,
-                                                       finishedAt: ISO8601DateFormatter().string(from: Date())))
+                                                       finishedAt: ISO8601DateFormatter().string(from: Date()), postCopy: postCopy))
         }
         do {
             let report = try MigrationReceiver(sink: sink, channels: channels).run()
+            let postCopy = report.postCopySeconds.map {
+                IncomingPostCopy(missingPages: UInt64(report.postCopyPages), requestedPages: UInt64(report.postCopyRequests), seconds: $0)
+            }
             do {
-                let id = try sink.adopt(peer: peer)
-                logger.info("migration received; VM runs here", metadata: ["vm": "\(id)", "peer": "\(peer)", "pages": "\(report.pagesWritten)"])
+                // Registered when it started (a receiver that returns without starting it leaves that to here).
+                let id = try sink.register().get()
+                sink.endArrival(failure: nil)
+                logger.info("migration received; VM runs here", metadata: ["vm": "\(id)", "peer": "\(peer)", "pages": "\(report.pagesWritten)",
+                                                                         "postcopy_missing_pages": "\(report.postCopyPages)"])
                 if let afterStart = report.afterStart {
                     // The source may not have heard that the guest started here: it then shows the VM in doubt,
                     // and its operator must find it here before deciding anything there.
                     logger.warning("the source may not know that the VM runs here: the stream broke after the start",
                                    metadata: ["vm": "\(id)", "peer": "\(peer)", "error": "\(afterStart)"])
                 }
-                record(.received, vm: id, error: report.afterStart)
+                record(.received, vm: id, error: report.afterStart, postCopy: postCopy)
             } catch {
                 // The guest runs and its source is gone: stopping it would lose it, so keep it and say so loudly.
                 logger.error("received VM runs but could not be registered", metadata: ["peer": "\(peer)", "error": "\(error)"])
-                record(.received, vm: nil, error: "runs but could not be registered: \(error)")
+                record(.received, vm: nil, error: "runs but could not be registered: \(error)", postCopy: postCopy)
             }
         } catch {
             // The receiver discarded the guest (its memory is unmapped); the budget gets its reservation back.
             sink.cancelReservation()
-            logger.warning("incoming migration failed; nothing was started here, its memory is freed",
-                           metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "error": "\(error)"])
-            record(.failed, vm: sink.configuration?.id, error: "\(error)")
+            if case .success(let id) = sink.registration {
+                // Only in post-copy: the guest ran here, and the desk stopped it when the receiver discarded it.
+                logger.error("incoming migration failed in post-copy; the guest had started here and was stopped, its memory is freed",
+                             metadata: ["peer": "\(peer)", "vm": "\(id)", "error": "\(error)"])
+                record(.failed, vm: id, error: "the guest had started here and was stopped: \(error)")
+            } else {
+                logger.warning("incoming migration failed; nothing was started here, its memory is freed",
+                               metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "error": "\(error)"])
+                record(.failed, vm: sink.configuration?.id, error: "\(error)")
+            }
         }
     }
 }

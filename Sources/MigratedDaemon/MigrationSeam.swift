@@ -53,7 +53,8 @@ public protocol MigrationService: Sendable {
     func metrics() async -> String
 }
 
-/// What the incoming side hands to the daemon: a VM that arrived, passed the digest check and runs.
+/// What the incoming side hands to the daemon: a VM that arrived and runs; it passed the digest check, or in
+/// post-copy will pass it once its last page has come.
 public struct IncomingVM: Sendable {
     public let machine: MicroVM
     /// The source's configuration of the VM, as sent in the stream; its id is kept when free here.
@@ -75,14 +76,21 @@ public protocol ArrivalDesk: Sendable {
     func reserveArrival(memory: UInt64) throws(ControlError)
     /// Gives back a reservation whose guest did not arrive.
     func cancelArrival(memory: UInt64)
-    /// Registers an arrived, running guest under its reservation; returns its id here.
+    /// Registers a guest that has just started here under its reservation; returns its id here. The guest counts
+    /// as running from then on, but as arriving (`VMInfo.arrivingFrom`) until `endArrival`: its migration may not
+    /// have ended, and in post-copy its memory still lacks pages.
     func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String
+    /// The migration that brought the VM registered as `id` with `machine` has ended. With a `failure` it ended
+    /// badly after the guest had started (in post-copy: pages will not come), and the VM is stopped as `failed` with
+    /// that reason, before the receiver frees its memory. Nothing happens when the VM was deleted meanwhile.
+    func endArrival(id: String, machine: MicroVM, failure: String?)
     /// Records how an incoming migration ended, received or failed (with why), for the API and the metrics.
     func recordArrival(_ record: IncomingMigrationRecord)
 }
 
 /// The incoming side of live migration: listens for peers, reserves room for each VM before building it, rebuilds
-/// it, starts it after the digest check, then hands it to the desk, which registers it with the daemon.
+/// it, starts it after the digest check (in post-copy: before it, with pages missing), hands it to the desk as it
+/// starts, which registers it with the daemon, and tells the desk when the migration has ended.
 public protocol IncomingMigrationListener: Sendable {
     /// Starts listening; returns once the listener is bound (so that an error such as an address in use reaches
     /// the daemon's start-up), and accepts migrations in the background until `stop`.

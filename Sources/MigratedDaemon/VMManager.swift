@@ -8,8 +8,8 @@ import MigratedAPI
 /// One VM the daemon knows about. While it runs it holds its MicroVM; once it has stopped, the MicroVM (and with
 /// it the guest's RAM) is released and only its final account is kept, until the VM is deleted.
 ///
-/// Sendable: the mutable fields (`consoleFD`, `final`, `paused`) are read and written only under the owning
-/// `VMManager`'s lock (hence fileprivate).
+/// Sendable: the mutable fields (`consoleFD`, `final`, `paused`, `inDoubt`, `arrival`) are read and written only under
+/// the owning `VMManager`'s lock (hence fileprivate).
 public final class ManagedVM: @unchecked Sendable {
     public let id: String
     /// What it was started with; a migration sends this as the VM's static configuration.
@@ -27,6 +27,10 @@ public final class ManagedVM: @unchecked Sendable {
     fileprivate var paused = false
     /// Why a migration left it paused: it may run at the destination (control-api.md §3.7).
     fileprivate var inDoubt: MigrationInDoubt?
+    /// Set from the start of a guest that arrived by migration until that migration has ended (in post-copy, until
+    /// its last page has come): where it came from, and the machine the receiver started, so that the end of the
+    /// arrival is not taken for another VM's that got the id meanwhile.
+    fileprivate var arrival: (peer: String, machine: ObjectIdentifier)?
 
     struct Final {
         var state: VMState
@@ -168,7 +172,36 @@ public final class VMManager: @unchecked Sendable {
     public func cancelArrival(memory: UInt64) { release(reservation: memory, failed: false) }
 
     public func adoptArrival(_ vm: IncomingVM) throws(ControlError) -> String {
-        try adopt(vm.machine, as: vm.configuration, reserved: true).id
+        let managed = try adopt(vm.machine, as: vm.configuration, reserved: true)
+        lock.withLock { managed.arrival = (vm.peer, ObjectIdentifier(vm.machine)) }
+        return managed.id
+    }
+
+    public func endArrival(id: String, machine: MicroVM, failure: String?) {
+        guard let vm = try? vm(id) else { return } // deleted meanwhile
+        lock.lock()
+        guard vm.arrival?.machine == ObjectIdentifier(machine) else {
+            lock.unlock()
+            return
+        }
+        vm.arrival = nil
+        // Stopped in the same step as the mark goes: nobody may see it running, arrived, with pages missing.
+        let taken = failure.flatMap { take(vm, .failed, $0) }
+        lock.unlock()
+        if let (machine, fd) = taken {
+            Self.dispose(machine, consoleFD: fd)
+            logger.error("arrived VM stopped: its migration failed after it had started here", metadata: ["vm": "\(id)", "reason": "\(failure ?? "")"])
+        }
+    }
+
+    /// 409 `vm_arriving` while the migration that brought the VM has not ended: in post-copy its memory still lacks
+    /// pages, which reading it (for a migration or a snapshot) would take for holes, and the dirty log does not see
+    /// them come.
+    public func checkArrived(_ id: String) throws(ControlError) {
+        let vm = try vm(id)
+        guard let peer = lock.withLock({ vm.final == nil ? vm.arrival?.peer : nil }) else { return }
+        throw .conflict("vm_arriving", "VM '\(id)' is still arriving from \(peer): its migration has not ended (in post-copy, pages are "
+            + "still coming); try again once `arriving_from` is gone from its status")
     }
 
     public func recordArrival(_ record: IncomingMigrationRecord) { arrivals.record(record) }
@@ -316,6 +349,7 @@ public final class VMManager: @unchecked Sendable {
         let final = vm.final
         let paused = vm.paused
         let inDoubt = final == nil ? vm.inDoubt : nil
+        let arrivingFrom = final == nil ? vm.arrival?.peer : nil
         lock.unlock()
         let lines = machine?.console.receivedLines
         return VMInfo(
@@ -324,7 +358,7 @@ public final class VMManager: @unchecked Sendable {
             dirtyTracking: vm.request.dirtyTracking, memoryBacking: vm.memoryBacking.rawValue, startedAt: ISO8601DateFormatter().string(from: vm.startedAt),
             uptimeSeconds: final?.uptime ?? vm.uptime, stopReason: final?.reason, exitCode: final?.exitCode,
             consoleLines: final?.consoleLines ?? machine?.console.lineCount ?? 0,
-            lastConsoleLine: final?.lastConsoleLine ?? lines?.last, inDoubt: inDoubt)
+            lastConsoleLine: final?.lastConsoleLine ?? lines?.last, inDoubt: inDoubt, arrivingFrom: arrivingFrom)
     }
 
     /// The running MicroVM of a VM, for a migration; 409 when it is not running.
@@ -400,20 +434,22 @@ public final class VMManager: @unchecked Sendable {
     @discardableResult
     public func stop(_ id: String, reason: VMState = .stopped, because why: String = "stopped on request") throws(ControlError) -> ManagedVM {
         let vm = try vm(id)
-        lock.lock()
-        let machine = vm.machine
-        let fd = vm.consoleFD
-        if machine != nil {
-            vm.final = vm.finalAccount(reason, why)
-            vm.machine = nil
-            vm.consoleFD = nil
-        }
-        lock.unlock()
-        if let machine {
+        let taken = lock.withLock { take(vm, reason, why) }
+        if let (machine, fd) = taken {
             Self.dispose(machine, consoleFD: fd)
             logger.info("VM stopped", metadata: ["vm": "\(id)", "reason": "\(why)"])
         }
         return vm
+    }
+
+    /// Records a running VM's final account and takes its machine and console log from it, for `dispose`; nil when it
+    /// has stopped already. Call with the lock held.
+    private func take(_ vm: ManagedVM, _ reason: VMState, _ why: String) -> (MicroVM, Int32?)? {
+        guard let machine = vm.machine else { return nil }
+        vm.final = vm.finalAccount(reason, why)
+        vm.machine = nil
+        defer { vm.consoleFD = nil }
+        return (machine, vm.consoleFD)
     }
 
     /// Stops a VM if it runs, and forgets it.

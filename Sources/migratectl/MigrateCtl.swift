@@ -53,12 +53,14 @@ func describe(_ vm: VMInfo) -> String {
     ]
     if let line = vm.lastConsoleLine { lines.append("last line:    \(line)") }
     if let doubt = vm.inDoubt { lines.append("IN DOUBT:     \(doubt.reason)") }
+    if let peer = vm.arrivingFrom { lines.append("arriving:     from \(peer); its migration has not ended (in post-copy, pages are still coming)") }
     return lines.joined(separator: "\n")
 }
 
-/// The state as lists show it: a VM paused by a migration in doubt stands out from one paused on request.
+/// The state as lists show it: a VM paused by a migration in doubt stands out from one paused on request, and one
+/// whose migration here has not ended (its guest runs, in post-copy with pages missing) from one that has arrived.
 func stateLabel(_ vm: VMInfo) -> String {
-    vm.inDoubt != nil ? "in-doubt" : vm.state.rawValue
+    vm.inDoubt != nil ? "in-doubt" : vm.arrivingFrom != nil ? "arriving" : vm.state.rawValue
 }
 
 // MARK: vm
@@ -186,6 +188,11 @@ struct Migrate: AsyncParsableCommand {
     @Option(help: "Cap on the wire, in bytes per second, with an optional unit: 500M, 1G.") var bandwidth: String?
     @Option(help: "Longest pause of the guest at switchover, in milliseconds.") var downtimeLimitMs: UInt64 = 300
     @Flag(help: "Give up instead of throttling a guest that dirties memory faster than the link.") var noAutoConverge = false
+    @Flag(help: ArgumentHelp("Finish in post-copy where pre-copy alone would not meet the downtime limit.",
+                             discussion: "The destination runs the guest before it has every page and asks for each one the guest touches; the source stays paused until the last has come. The destination must keep guest memory in shared memory, not huge pages."))
+    var postcopy = false
+    @Option(name: .customLong("postcopy-after"), help: ArgumentHelp("Switch to post-copy after this many pre-copy passes at the latest (implies --postcopy).", valueName: "passes"))
+    var postcopyAfter: Int?
     @Flag(help: "Return once the migration has started, without following it.") var detach = false
     @Option(help: "Seconds between progress updates.") var interval = 0.5
 
@@ -193,7 +200,7 @@ struct Migrate: AsyncParsableCommand {
         let request = MigrationRequest(
             peer: to, channels: channels, compression: compression, security: plaintext ? .plaintext : .tls,
             bandwidthLimitBytesPerSecond: try bandwidth.map(parseBytes), downtimeLimitMs: downtimeLimitMs,
-            autoConverge: !noAutoConverge)
+            autoConverge: !noAutoConverge, postcopy: postcopy || postcopyAfter != nil, postcopyAfterPasses: postcopyAfter)
         if let problem = request.problem() { throw ValidationError(problem) }
         try await reportingErrors {
             var status = try await options.client.migrate(vm, request)
@@ -232,6 +239,7 @@ struct Migration: AsyncParsableCommand {
                     list.migrations.map { record in
                         "\(record.finishedAt)  \(record.outcome.rawValue.padding(toLength: 9, withPad: " ", startingAt: 0))"
                             + "\(record.vm ?? "-")  from \(record.peer)\(record.error.map { ": \($0)" } ?? "")"
+                            + (record.postCopy.map { "  (\(Formatting.postCopy($0)))" } ?? "")
                     }.joined(separator: "\n")
                 }
             }

@@ -124,7 +124,8 @@ final class APIDocumentTests: XCTestCase {
         let request = try APIJSON.decodeRequest(MigrationRequest.self, from: Data(#"{"peer": "b:1"}"#.utf8))
         XCTAssertEqual(request, MigrationRequest(peer: "b:1"))
         XCTAssertEqual(request.security, .tls, "TLS unless plaintext is asked for by name")
-        let text = String(decoding: try APIJSON.encode(MigrationRequest(peer: "b:1", bandwidthLimitBytesPerSecond: 5)), as: UTF8.self)
+        let text = String(decoding: try APIJSON.encode(MigrationRequest(peer: "b:1", bandwidthLimitBytesPerSecond: 5, postcopy: true,
+                                                                        postcopyAfterPasses: 2)), as: UTF8.self)
         for key in MigrationRequest.fieldNames { XCTAssertTrue(text.contains("\"\(key)\""), "\(key) in \(text)") }
         let vmText = String(decoding: try APIJSON.encode(VMCreateRequest(id: "x", image: "/i", memoryMib: 1, consoleLog: "/c")), as: UTF8.self)
         for key in VMCreateRequest.fieldNames { XCTAssertTrue(vmText.contains("\"\(key)\""), "\(key) in \(vmText)") }

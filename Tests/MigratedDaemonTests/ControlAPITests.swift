@@ -44,6 +44,27 @@ final class ControlAPITests: XCTestCase {
         }
     }
 
+    /// The post-copy fields of a migration request: absent, they change nothing (older clients); their mistakes are
+    /// refused before anything else, even for a VM that does not exist.
+    func testPostCopyRequestFields() async throws {
+        let old = try APIJSON.decodeRequest(MigrationRequest.self, from: Data(#"{"peer": "10.0.0.2:7070"}"#.utf8))
+        XCTAssertFalse(old.postcopy)
+        XCTAssertNil(old.postcopyAfterPasses)
+        let asked = try APIJSON.decodeRequest(MigrationRequest.self, from: Data(#"{"peer": "10.0.0.2:7070", "postcopy": true, "postcopy_after_passes": 2}"#.utf8))
+        XCTAssertEqual(asked, MigrationRequest(peer: "10.0.0.2:7070", postcopy: true, postcopyAfterPasses: 2))
+        XCTAssertNil(asked.problem())
+        try await withDaemon { daemon in
+            for (body, mentions) in [(#"{"peer": "10.0.0.2:7070", "postcopy": true, "postcopy_after_passes": 0}"#, "1 or more"),
+                                     (#"{"peer": "10.0.0.2:7070", "postcopy_after_passes": 3}"#, "needs \"postcopy\": true"),
+                                     (#"{"peer": "10.0.0.2:7070", "postcopy": "yes"}"#, "postcopy")] {
+                let (status, error) = try await daemon.failure("POST", "/vms/nope/migrate", body: body)
+                XCTAssertEqual(status, 400, body)
+                XCTAssertEqual(error.error, "bad_request", body)
+                XCTAssertTrue(error.message.contains(mentions), "\(body): \(error.message)")
+            }
+        }
+    }
+
     func testUnusableRequestsAre422Or409() async throws {
         try await withDaemon(memoryBudgetMiB: 256) { daemon in
             _ = try TestGuest.image() // a real image, so that the console-log case gets past the image check

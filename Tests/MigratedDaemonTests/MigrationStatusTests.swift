@@ -1,3 +1,4 @@
+import Foundation
 import MigratedAPI
 import MigrationEngine
 import XCTest
@@ -24,5 +25,31 @@ final class MigrationStatusTests: XCTestCase {
         }
         status.apply(progress(.switchover))
         XCTAssertEqual(status.phase, .switchover)
+    }
+
+    /// A migration that finishes in post-copy shows the phase while the destination fills in its pages (the percent
+    /// is of the pages it lacked), and its report carries the engine's post-copy figures.
+    func testPostCopyShowsAsAPhaseAndInTheReport() throws {
+        var status = MigrationStatus(vm: "vm", peer: "peer", phase: .precopy)
+        status.apply(progress(.postcopy))
+        XCTAssertEqual(status.phase, .postcopy)
+        XCTAssertFalse(status.phase.isFinal)
+        XCTAssertEqual(status.percent, 50)
+        let line = Formatting.progressLine(status)
+        XCTAssertTrue(line.hasPrefix("postcopy  pass 1   50.0%  rate "), line)
+        XCTAssertFalse(line.contains("dirty") || line.contains("downtime"), "stale pre-copy figures: \(line)")
+        let report = try JSONDecoder().decode(MigrationReport.self, from: Data(#"""
+            {"succeeded": true, "committed": true, "totalSeconds": 2, "setupSeconds": 0.1, "downtimeSeconds": 0.004, "passes": [],
+             "wireBytes": 1000, "pagesSent": 10, "compression": "lz4", "channels": 1, "harvests": 1, "harvestSeconds": 0,
+             "postCopy": {"missingPages": 5210, "requestedPages": 312, "requests": 312, "wireBytes": 21000000, "seconds": 0.085}}
+            """#.utf8))
+        status.finish(report, compression: .lz4)
+        XCTAssertEqual(status.phase, .completed)
+        XCTAssertEqual(status.report?.postCopy, MigrationReportDocument.PostCopy(missingPages: 5210, requestedPages: 312, requests: 312,
+                                                                               wireBytes: 21_000_000, seconds: 0.085))
+        let json = String(decoding: try APIJSON.encode(status), as: UTF8.self)
+        XCTAssertTrue(json.contains(#""post_copy" : {"#) && json.contains(#""missing_pages" : 5210"#), json)
+        XCTAssertTrue(Formatting.report(status.report!, vm: "vm", peer: "peer")
+            .contains("post-copy: 5210 pages missing at the start, 312 asked for by the destination in 312 requests"))
     }
 }

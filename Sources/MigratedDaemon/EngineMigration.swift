@@ -80,6 +80,9 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         options.autoConverge = request.autoConverge
         options.postCopy = request.postcopy
         options.postCopyAfterPasses = request.postcopyAfterPasses
+        // The daemons cannot resume a post-copy yet (no `migratectl migrate --resume`): waiting for one would only keep
+        // a guest whose link broke waiting for pages that will not come.
+        options.postCopyRecoveryTimeout = 0
 
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
         let sender = MigrationSender(source: source, options: options) { _ in
@@ -422,7 +425,9 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
                                                        finishedAt: ISO8601DateFormatter().string(from: Date()), postCopy: postCopy))
         }
         do {
-            let report = try MigrationReceiver(sink: sink, channels: channels).run()
+            let receiver = MigrationReceiver(sink: sink, channels: channels)
+            receiver.postCopyRecoveryTimeout = 0 // no resume through the daemons yet; see the sender's options
+            let report = try receiver.run()
             let postCopy = report.postCopySeconds.map {
                 IncomingPostCopy(missingPages: UInt64(report.postCopyPages), requestedPages: UInt64(report.postCopyRequests), seconds: $0)
             }

@@ -38,13 +38,14 @@ static u64 zero_sum;
  * stall_us=T: every page access (a write, or the check of a page in
  * verify_all) is timed with rdtsc; those that take T us or more are counted
  * in a histogram of half-octave buckets (lower bounds 1, 2, 3, 4, 6, 8, 12,
- * 16, 24, 32, 48 ... us) and summed. Each status line prints and resets the
- * figures since the previous one. The TSC is calibrated against the 100 Hz
+ * 16, 24, 32, 48 ... us) and summed. Every STALL_TICKS ticks a "memstress
+ * stall" line prints and resets the figures since the previous one. The TSC is calibrated against the 100 Hz
  * tick at boot. A timed access also includes any interrupt that lands in it
  * (the timer tick, whose CPL0 handler is emulated on PVM hosts) and any time
  * the host does not run the vCPU.
  */
 #define STALL_BUCKETS 64
+#define STALL_TICKS 10
 static u64 stall_cycles;           /* threshold in TSC cycles; 0: off */
 static u64 tsc_khz;
 static u64 stall_hist[STALL_BUCKETS];
@@ -85,14 +86,18 @@ static inline void stall_end(u64 start)
 		stall_max_cycles = d;
 }
 
-static void stall_calibrate(u64 threshold_us)
+/* Measures the TSC against 20 ticks; tsc_khz= on the command line (the host's rate: KVM passes the host TSC
+ * through unless it can scale it) overrides the measurement, which a loaded host can skew by a few per cent. */
+static u64 stall_calibrate(u64 threshold_us)
 {
 	sys_wait();
 	u64 tk0 = ticks, c0 = rdtsc();
 	while (ticks < tk0 + 20)
 		sys_wait();
-	tsc_khz = (rdtsc() - c0) * TIMER_HZ / (ticks - tk0) / 1000;
+	u64 measured = (rdtsc() - c0) * TIMER_HZ / (ticks - tk0) / 1000;
+	tsc_khz = cmd_u64("tsc_khz", measured);
 	stall_cycles = threshold_us * tsc_khz / 1000;
+	return measured;
 }
 
 static char *put_str(char *o, const char *s)
@@ -115,16 +120,13 @@ static char *put_u64(char *o, u64 v)
 	return o;
 }
 
-/* " stalls=<low_us>:<count>,... max_stall_us=N stall_total_us=N" (stalls=none if there were none) for the status
- * line, or "" without stall_us=; resets the figures. */
-static const char *stall_text(void)
+/* Prints "memstress stall ticks=N stalls=<low_us>:<count>,... max_stall_us=N stall_total_us=N" (stalls=none if
+ * there were none) and resets the figures. */
+static void stall_print(u64 t)
 {
-	static char buf[STALL_BUCKETS * 24 + 96];
-	char *o = buf;
-	if (!stall_cycles) {
-		buf[0] = 0;
-		return buf;
-	}
+	static char buf[STALL_BUCKETS * 24 + 128];
+	char *o = put_str(buf, "memstress stall ticks=");
+	o = put_u64(o, t);
 	o = put_str(o, " stalls=");
 	int any = 0;
 	for (int b = 0; b < STALL_BUCKETS; b++) {
@@ -144,9 +146,10 @@ static const char *stall_text(void)
 	o = put_u64(o, stall_max_cycles * 1000 / tsc_khz);
 	o = put_str(o, " stall_total_us=");
 	o = put_u64(o, stall_total_cycles * 1000 / tsc_khz);
+	*o++ = '\n';
 	*o = 0;
 	stall_max_cycles = stall_total_cycles = 0;
-	return buf;
+	uprintf("%s", buf);
 }
 
 static inline u64 rotl(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
@@ -432,8 +435,8 @@ void memstress_main(void)
 	if (rewrite)
 		uprintf(" rewrite=1");
 	if (stall_us) {
-		stall_calibrate(stall_us);
-		uprintf(" stall_us=%lu tsc_khz=%lu", stall_us, tsc_khz);
+		u64 measured = stall_calibrate(stall_us);
+		uprintf(" stall_us=%lu tsc_khz=%lu tsc_khz_ticks=%lu", stall_us, tsc_khz, measured);
 	}
 	uprintf("\n");
 
@@ -442,6 +445,7 @@ void memstress_main(void)
 	u64 credit = 0;                          /* in pages * TIMER_HZ */
 	u64 last_tick = ticks;
 	u64 next_verify = 0;                     /* 0: first status line right away */
+	u64 next_stall = last_tick + STALL_TICKS;
 	for (;;) {
 		u64 t = ticks;
 		if (t != last_tick) {
@@ -454,8 +458,8 @@ void memstress_main(void)
 		}
 		if (duration && t >= duration * TIMER_HZ) {
 			verify_all();
-			uprintf("memstress t=%lu gen=%lu pages=%lu ticks=%lu verify=ok%s\n",
-				t / TIMER_HZ, (written + npages - 1) / npages, written < npages ? written : npages, t, stall_text());
+			uprintf("memstress t=%lu gen=%lu pages=%lu ticks=%lu verify=ok\n",
+				t / TIMER_HZ, (written + npages - 1) / npages, written < npages ? written : npages, t);
 			die(EXIT_PASS, "memstress done\n");
 		}
 		if (inj && written >= npages) {
@@ -464,10 +468,14 @@ void memstress_main(void)
 			/* Verify before the writer can heal the page by rewriting it. */
 			next_verify = 0;
 		}
+		if (stall_cycles && t >= next_stall) {
+			stall_print(t);
+			next_stall = t + STALL_TICKS;
+		}
 		if (t >= next_verify) {
 			verify_all();
-			uprintf("memstress t=%lu gen=%lu pages=%lu ticks=%lu verify=ok%s\n",
-				t / TIMER_HZ, (written + npages - 1) / npages, written < npages ? written : npages, t, stall_text());
+			uprintf("memstress t=%lu gen=%lu pages=%lu ticks=%lu verify=ok\n",
+				t / TIMER_HZ, (written + npages - 1) / npages, written < npages ? written : npages, t);
 			next_verify = (t / TIMER_HZ + 1) * TIMER_HZ;
 			continue;
 		}

@@ -106,7 +106,8 @@ def normalise(path):
                 continue
             tt = r.get("total_time_ms")
             out.append({
-                "engine": "QEMU 7.2", "row": ROWS.get(r["scenario"], r["scenario"]),
+                "engine": "QEMU 7.2" + (" (preempt)" if "preempt" in r.get("config", "") else ""),
+                "row": ROWS.get(r["scenario"], r["scenario"]),
                 "ok": r["status"] == "completed" and r.get("guest") == "ok",
                 "until": r.get("until_destination_runs_s"), "total": tt / 1000 if tt else None,
                 "downtime": r.get("downtime_ms"),

@@ -424,7 +424,9 @@ class Run:
         pass, and the guest's stall lines before (baseline: the 3 s before the migration), during and after it."""
         mem, append, ws_mib = SCENARIOS[self.scenario]
         append = f"{append} stall_us={STALL_US} tsc_khz={host_tsc_khz()}"
-        res = {"engine": "qemu", "mode": "postcopy", "scenario": self.scenario, "config": "postcopy",
+        preempt = self.args.postcopy_preempt
+        res = {"engine": "qemu", "mode": "postcopy", "scenario": self.scenario,
+               "config": "postcopy+preempt" if preempt else "postcopy",
                "guest_mem_mib": mem, "cmdline": append, "status": "error",
                "loadavg_start": open("/proc/loadavg").read().split()[:3]}
         t_boot = time.monotonic()
@@ -452,8 +454,11 @@ class Run:
         while len(status_lines(src_serial)[0]) < len(lines) + 3 and time.monotonic() < deadline:
             time.sleep(0.05)
 
+        caps = [{"capability": "postcopy-ram", "state": True}]
+        if preempt:
+            caps.append({"capability": "postcopy-preempt", "state": True})
         for q in (dq, sq):
-            q.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            q.cmd("migrate-set-capabilities", capabilities=caps)
         sq.cmd("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
         res["parameters"] = sq.cmd("query-migrate-parameters")
         res["capabilities"] = [c["capability"] for c in sq.cmd("query-migrate-capabilities") if c["state"]]
@@ -653,6 +658,9 @@ def main():
                          "migrated --guest-memory huge-pages; default: QEMU's anonymous memory")
     ap.add_argument("--postcopy", action="store_true",
                     help="post-copy rows of issue 15 (default configuration only): see the docstring")
+    ap.add_argument("--postcopy-preempt", action="store_true",
+                    help="with --postcopy: also the postcopy-preempt capability (requested pages on a channel of "
+                         "their own)")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, certs)")
     args = ap.parse_args()

@@ -85,6 +85,8 @@ def normalise(path):
     with open(path) as f:
         doc = json.load(f)
     out = []
+    m = re.search(r"-r(\d+)\.json$", path)
+    round_no = int(m[1]) if m else None
     if isinstance(doc, list):
         for r in doc:
             pc = (r.get("sender") or {}).get("postCopy") or {}
@@ -98,7 +100,7 @@ def normalise(path):
                 "postcopy_s": pc.get("seconds"), "cpu": r.get("cpuSeconds"),
                 "baseline": r["baselineLines"], "precopy": r["sourceLinesDuring"],
                 "postcopy": r["destinationLinesDuringPostCopy"], "after": r["destinationLinesAfter"],
-                "load": r.get("loadavgStart"),
+                "load": r.get("loadavgStart"), "round": round_no,
             })
     else:
         for r in doc["results"]:
@@ -117,14 +119,15 @@ def normalise(path):
                 "cpu": (r.get("cpu_src_s") or 0) + (r.get("cpu_dst_s") or 0),
                 "baseline": r.get("baseline_lines", []), "precopy": r.get("source_lines_during", []),
                 "postcopy": r.get("destination_lines_during_postcopy", []), "after": r.get("destination_lines_after", []),
-                "load": r.get("loadavg_start"),
+                "load": r.get("loadavg_start"), "round": round_no,
             })
     return out
 
 
 def main():
     runs = []
-    for path in sorted(sys.argv[1:]):
+    for path in sorted(sys.argv[1:], key=lambda p: (re.sub(r"-r\d+\.json$", "", p),
+                                                    int((re.search(r"-r(\d+)\.json$", p) or [0, 0])[1]))):
         runs += normalise(path)
     groups = {}
     for r in runs:
@@ -180,13 +183,13 @@ def main():
     print("Per run: the downtime and the longest access the guest timed in the post-copy window (the guest's TSC may or "
           "may not run through the pause), and that window's accesses of 1 ms or more without the longest.")
     print()
-    print("| row | engine | run | downtime ms | longest access ms | other accesses ≥ 1 ms | requests |")
+    print("| row | engine | round | downtime ms | longest access ms | other accesses ≥ 1 ms | requests |")
     print("|---|---|---|---|---|---|---|")
     for (row, engine), rs in sorted(groups.items()):
         for i, r in enumerate(rs):
             h, mx, *_ = parse(r["postcopy"])
             slow = sum(c for low, c in h.items() if low >= 1024) - (1 if mx >= 1024 else 0)
-            print(f"| {row} | {engine} | {i + 1} | {fmt_num(r['downtime'])} | {mx / 1000:.1f} | {slow} | "
+            print(f"| {row} | {engine} | {r['round'] or i + 1} | {fmt_num(r['downtime'])} | {mx / 1000:.1f} | {slow} | "
                   f"{fmt_num(r['requests'])} |")
     loads = [float(r["load"][0]) for r in runs if r.get("load")]
     if loads:

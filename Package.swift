@@ -61,7 +61,8 @@ let package = Package(
         .executableTarget(name: "CodecBench", dependencies: ["PageCodec", "MigrationWire"], path: "bench/codec"),
 
         .executableTarget(name: "KVMBench", dependencies: ["MicroVM"], path: "bench/kvm"),
-        .executableTarget(name: "MigrationBench", dependencies: ["KVMMigration", "MigrationNetwork", "Transport"], path: "bench/migration"),
+        .executableTarget(name: "MigrationBench", dependencies: ["KVMMigration", "MigrationNetwork", "Threads", "Transport"], path: "bench/migration",
+                          exclude: ["postcopy_table.py", "results"]),
 
         .target(name: "MigrationEngine", dependencies: ["MigrationWire", "PageCodec", "LinuxSystem", "Threads"]),
         .target(name: "KVMMigration", dependencies: ["MigrationEngine", "MicroVM"]),

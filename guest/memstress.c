@@ -34,6 +34,124 @@ static u64 same_pct;   /* same_pct=N: share of rewrites that put back the bytes 
 static int pattern;
 static u64 zero_sum;
 
+/*
+ * stall_us=T: every page access (a write, or the check of a page in
+ * verify_all) is timed with rdtsc; those that take T us or more are counted
+ * in a histogram of half-octave buckets (lower bounds 1, 2, 3, 4, 6, 8, 12,
+ * 16, 24, 32, 48 ... us) and summed. Every STALL_TICKS ticks a "memstress
+ * stall" line prints and resets the figures since the previous one. The TSC is calibrated against the 100 Hz
+ * tick at boot. A timed access also includes any interrupt that lands in it
+ * (the timer tick, whose CPL0 handler is emulated on PVM hosts) and any time
+ * the host does not run the vCPU.
+ */
+#define STALL_BUCKETS 64
+#define STALL_TICKS 10
+static u64 stall_cycles;           /* threshold in TSC cycles; 0: off */
+static u64 tsc_khz;
+static u64 stall_hist[STALL_BUCKETS];
+static u64 stall_max_cycles, stall_total_cycles;
+
+/* Half-octave bucket of v >= 1: index 2k for [2^k, 1.5*2^k), 2k+1 for [1.5*2^k, 2^(k+1)). */
+static int stall_bucket(u64 us)
+{
+	int k = 63 - __builtin_clzl(us);
+	int half = k >= 1 ? (int)((us >> (k - 1)) & 1) : 0;
+	int b = 2 * k + half;
+	return b < STALL_BUCKETS ? b : STALL_BUCKETS - 1;
+}
+
+static u64 stall_bucket_low(int b)
+{
+	int k = b / 2;
+	return (b & 1) ? (3UL << k) >> 1 : 1UL << k;
+}
+
+static inline u64 stall_start(void)
+{
+	return stall_cycles ? rdtsc() : 0;
+}
+
+static inline void stall_end(u64 start)
+{
+	if (!stall_cycles)
+		return;
+	u64 d = rdtsc() - start;
+	/* A TSC that went back (it should not across a migration) is not a stall. */
+	if ((i64)d < (i64)stall_cycles)
+		return;
+	u64 us = d * 1000 / tsc_khz;
+	stall_hist[stall_bucket(us ? us : 1)]++;
+	stall_total_cycles += d;
+	if (d > stall_max_cycles)
+		stall_max_cycles = d;
+}
+
+/* Measures the TSC against 20 ticks; tsc_khz= on the command line (the host's rate: KVM passes the host TSC
+ * through unless it can scale it) overrides the measurement, which a loaded host can skew by a few per cent. */
+static u64 stall_calibrate(u64 threshold_us)
+{
+	sys_wait();
+	u64 tk0 = ticks, c0 = rdtsc();
+	while (ticks < tk0 + 20)
+		sys_wait();
+	u64 measured = (rdtsc() - c0) * TIMER_HZ / (ticks - tk0) / 1000;
+	tsc_khz = cmd_u64("tsc_khz", measured);
+	stall_cycles = threshold_us * tsc_khz / 1000;
+	return measured;
+}
+
+static char *put_str(char *o, const char *s)
+{
+	while (*s)
+		*o++ = *s++;
+	return o;
+}
+
+static char *put_u64(char *o, u64 v)
+{
+	char tmp[24];
+	int k = 0;
+	do {
+		tmp[k++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (k)
+		*o++ = tmp[--k];
+	return o;
+}
+
+/* Prints "memstress stall ticks=N stalls=<low_us>:<count>,... max_stall_us=N stall_total_us=N" (stalls=none if
+ * there were none) and resets the figures. */
+static void stall_print(u64 t)
+{
+	static char buf[STALL_BUCKETS * 24 + 128];
+	char *o = put_str(buf, "memstress stall ticks=");
+	o = put_u64(o, t);
+	o = put_str(o, " stalls=");
+	int any = 0;
+	for (int b = 0; b < STALL_BUCKETS; b++) {
+		if (!stall_hist[b])
+			continue;
+		if (any)
+			*o++ = ',';
+		o = put_u64(o, stall_bucket_low(b));
+		*o++ = ':';
+		o = put_u64(o, stall_hist[b]);
+		stall_hist[b] = 0;
+		any = 1;
+	}
+	if (!any)
+		o = put_str(o, "none");
+	o = put_str(o, " max_stall_us=");
+	o = put_u64(o, stall_max_cycles * 1000 / tsc_khz);
+	o = put_str(o, " stall_total_us=");
+	o = put_u64(o, stall_total_cycles * 1000 / tsc_khz);
+	*o++ = '\n';
+	*o = 0;
+	stall_max_cycles = stall_total_cycles = 0;
+	uprintf("%s", buf);
+}
+
 static inline u64 rotl(u64 x, int r) { return (x << r) | (x >> (64 - r)); }
 
 /* splitmix64 finaliser: turns (seed, page, gen) into well-spread bits. */
@@ -225,7 +343,9 @@ static void verify_all(void)
 		if (!g)
 			continue;
 		const u64 *p = (const u64 *)(WORKLOAD_BASE + page * 4096);
+		u64 c0 = stall_start();
 		u64 sum = hash_payload(p + HDR_WORDS);
+		stall_end(c0);
 		if (p[0] == page && p[1] == g && p[3] >> 32 == STAMP_MAGIC && (u32)p[3] <= KIND_RANDOM && p[2] == sum)
 			continue;
 		const char *why = "corrupt";
@@ -302,6 +422,8 @@ void memstress_main(void)
 	u64 size_mib = cmd_u64("size_mib", 64);
 	u64 rate_mib = cmd_u64("rate_mib", 0);
 	u64 duration = cmd_u64("duration_s", 0);
+	u64 rewrite = cmd_u64("rewrite", 0);
+	u64 stall_us = cmd_u64("stall_us", 0);
 	const char *inj = cmd_get("inject");
 	if (inj && inj[0] != 's' && inj[0] != 'c')
 		die(EXIT_BADCMD, "bad command line: inject= must be stale or corrupt\n");
@@ -310,6 +432,12 @@ void memstress_main(void)
 		size_mib, rate_mib, pattern_names[pattern], seed, duration, npages);
 	if (same_pct)
 		uprintf(" same_pct=%lu", same_pct);
+	if (rewrite)
+		uprintf(" rewrite=1");
+	if (stall_us) {
+		u64 measured = stall_calibrate(stall_us);
+		uprintf(" stall_us=%lu tsc_khz=%lu tsc_khz_ticks=%lu", stall_us, tsc_khz, measured);
+	}
 	uprintf("\n");
 
 	const u64 rate_pages = rate_mib * 256;   /* pages per second */
@@ -317,6 +445,7 @@ void memstress_main(void)
 	u64 credit = 0;                          /* in pages * TIMER_HZ */
 	u64 last_tick = ticks;
 	u64 next_verify = 0;                     /* 0: first status line right away */
+	u64 next_stall = last_tick + STALL_TICKS;
 	for (;;) {
 		u64 t = ticks;
 		if (t != last_tick) {
@@ -339,6 +468,10 @@ void memstress_main(void)
 			/* Verify before the writer can heal the page by rewriting it. */
 			next_verify = 0;
 		}
+		if (stall_cycles && t >= next_stall) {
+			stall_print(t);
+			next_stall = t + STALL_TICKS;
+		}
 		if (t >= next_verify) {
 			verify_all();
 			uprintf("memstress t=%lu gen=%lu pages=%lu ticks=%lu verify=ok\n",
@@ -348,7 +481,8 @@ void memstress_main(void)
 		}
 		u64 quota;
 		if (rate_mib == 0)
-			quota = written < npages ? npages - written : 0;   /* fill once */
+			/* fill once, or with rewrite=1 rewrite for ever */
+			quota = rewrite ? npages : written < npages ? npages - written : 0;
 		else
 			quota = credit / TIMER_HZ;
 		if (quota == 0) {
@@ -363,10 +497,12 @@ void memstress_main(void)
 			quota = 8;
 		for (u64 k = 0; k < quota; k++, written++) {
 			u64 page = page_of(written), gen = gen_of(written);
+			u64 c0 = stall_start();
 			if (rewrites_same(page, gen))
 				rewrite_same(page);
 			else
 				write_page(page, gen);
+			stall_end(c0);
 		}
 		if (rate_mib)
 			credit -= quota * TIMER_HZ;

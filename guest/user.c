@@ -36,7 +36,7 @@ static void out(const char *s, u64 n)
 /* Format into a line buffer and hand the whole line to one SYS_WRITE. */
 void uprintf(const char *fmt, ...)
 {
-	char buf[512];
+	char buf[1024];
 	u64 n = 0;
 	va_list ap;
 	va_start(ap, fmt);

@@ -3,8 +3,11 @@
 //
 //   swift build -c release --product migration-bench && .build/release/migration-bench [guest.elf] [scenario...]
 //   .build/release/migration-bench [guest.elf] --unchanged-ab RUNS [scenario...]
+//   .build/release/migration-bench [guest.elf] --postcopy RUNS [--precopy] [--json FILE] [dirty-800|hot-2g...]
 // The second form runs each scenario RUNS times with unchanged pages (stream.md §6.4.1) on and off, alternating,
-// and prints medians with min-max of the wire bytes of the passes after pass 0 and of the total time.
+// and prints medians with min-max of the wire bytes of the passes after pass 0 and of the total time. The third
+// runs the post-copy rows of issue 15 (PostCopy.swift) and writes every figure as JSON; with --precopy, the same rows
+// in pre-copy, for reference.
 // `stdout`, a C global that Swift 6 cannot prove safe and that Foundation re-exports, is touched from the main
 // thread only.
 @preconcurrency import Foundation
@@ -19,10 +22,24 @@ setvbuf(stdout, nil, _IOLBF, 0)
 let arguments = Array(CommandLine.arguments.dropFirst())
 let guestPath = arguments.first { $0.hasSuffix(".elf") } ?? "guest/build/guest.elf"
 let abRuns = arguments.firstIndex(of: "--unchanged-ab").map { Int(arguments[$0 + 1])! }
+let postCopyRuns = arguments.firstIndex(of: "--postcopy").map { Int(arguments[$0 + 1])! }
+let jsonPath = arguments.firstIndex(of: "--json").map { arguments[$0 + 1] }
+let preCopyReference = arguments.contains("--precopy")
+let optionsWithValue: Set<String> = ["--unchanged-ab", "--postcopy", "--json"]
 let chosen = Set(arguments.enumerated().filter { index, argument in
-    !argument.hasSuffix(".elf") && argument != "--unchanged-ab" && (index == 0 || arguments[index - 1] != "--unchanged-ab")
+    !argument.hasSuffix(".elf") && argument != "--precopy" && !optionsWithValue.contains(argument) && (index == 0 || !optionsWithValue.contains(arguments[index - 1]))
 }.map(\.element))
 let guest = try Array(Data(contentsOf: URL(fileURLWithPath: guestPath)))
+
+if let runs = postCopyRuns {
+    let results = try postCopyBenchmark(runs: runs, rows: chosen, guest: guest, preCopy: preCopyReference)
+    if let jsonPath {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try encoder.encode(results).write(to: URL(fileURLWithPath: jsonPath))
+    }
+    exit(results.allSatisfy(\.succeeded) ? 0 : 1)
+}
 
 func cpuSeconds() -> Double {
     var usage = rusage()

@@ -10,7 +10,14 @@ Configurations:
   default  QEMU defaults (max-bandwidth raised, see README)
   tls      multifd, 2 channels, zstd, mutual TLS (tls-creds-x509)
 
-Usage: bench/qemu/migrate.py [--json out.json] [scenario ...]
+With --postcopy (issue 15; default configuration only): postcopy-ram on both
+sides, migrate-start-postcopy once the first pass is done (dirty-sync-count
+2), and the guest times its page accesses (memstress stall_us=, see
+guest/README.md): its stall lines before, during and after the migration
+are kept, with the time until the destination runs (QMP events STOP on the
+source, RESUME on the destination).
+
+Usage: bench/qemu/migrate.py [--json out.json] [--postcopy] [scenario ...]
 Standard library only. Needs root (private network namespace for exact
 loopback byte counts, /dev/kvm).
 """
@@ -44,11 +51,37 @@ SCENARIOS = {
     "dirty50": (768, "workload=memstress size_mib=512 rate_mib=50 pattern=mixed", 512),
     "dirty200": (768, "workload=memstress size_mib=512 rate_mib=200 pattern=mixed", 512),
     "dirty800": (768, "workload=memstress size_mib=512 rate_mib=800 pattern=mixed", 512),
+    # A 2 GiB guest rewriting 1 GiB at full speed, for ever (post-copy row of issue 15).
+    "hot2g": (2048, "workload=memstress size_mib=1024 rate_mib=0 rewrite=1 pattern=mixed", 1024),
 }
+# Accesses over 20 us count as stalls; the same threshold as migration-bench --postcopy.
+STALL_US = 20
 ALIASES = {"1": ["idle4g"], "2": ["random1g"], "3": ["text1g"], "4": ["dirty50", "dirty200", "dirty800"]}
 CONFIGS = ["default", "tls"]
 
 STATUS_RE = re.compile(r"^memstress t=(\d+) gen=(\d+) pages=(\d+) ticks=(\d+) verify=(\S+)")
+
+
+def host_tsc_khz():
+    """The host's TSC rate (/proc/cpuinfo's cpu MHz), which KVM gives the guest unscaled; memstress's own
+    measurement against its tick drifts by a few per cent on a loaded host."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("cpu MHz"):
+                return round(float(line.split(":")[1]) * 1000)
+    return 0
+
+
+def serial_lines(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("ascii", "replace").replace("\r", "").split("\n")[:-1]
+    except OSError:
+        return []
+
+
+def stall_lines(lines):
+    return [l for l in lines if l.startswith("memstress stall ")]
 
 
 def log(msg):
@@ -71,6 +104,7 @@ class QMP:
                 time.sleep(0.02)
         self.sock.settimeout(30)
         self.buf = b""
+        self.events = []
         self._read()  # greeting
         self.cmd("qmp_capabilities")
 
@@ -91,6 +125,7 @@ class QMP:
         while True:
             reply = self._read()
             if "event" in reply:
+                self.events.append(reply)
                 continue
             if "error" in reply:
                 raise QMPError(f"{name}: {reply['error'].get('desc')}")
@@ -384,6 +419,141 @@ class Run:
         res["dst_serial_tail"] = status_lines(dst_serial)[1].splitlines()[-3:]
         return res
 
+    def execute_postcopy(self):
+        """One post-copy migration (issue 15): postcopy-ram on both sides, migrate-start-postcopy after the first
+        pass, and the guest's stall lines before (baseline: the 3 s before the migration), during and after it."""
+        mem, append, ws_mib = SCENARIOS[self.scenario]
+        append = f"{append} stall_us={STALL_US} tsc_khz={host_tsc_khz()}"
+        preempt = self.args.postcopy_preempt
+        res = {"engine": "qemu", "mode": "postcopy", "scenario": self.scenario,
+               "config": "postcopy+preempt" if preempt else "postcopy",
+               "guest_mem_mib": mem, "cmdline": append, "status": "error",
+               "loadavg_start": open("/proc/loadavg").read().split()[:3]}
+        t_boot = time.monotonic()
+        dst, dst_qmp_path, dst_serial = self.start_qemu("dst", mem, append, ["-incoming", "defer"])
+        src, src_qmp_path, src_serial = self.start_qemu("src", mem, append, [])
+        dq = QMP(dst_qmp_path)
+        self.qmps.append(dq)
+        sq = QMP(src_qmp_path)
+        self.qmps.append(sq)
+
+        want = ws_mib * 256
+        while True:
+            lines, text = status_lines(src_serial)
+            if lines and lines[-1]["pages"] >= want:
+                break
+            if src.poll() is not None:
+                raise RuntimeError(f"source QEMU exited ({src.returncode}): {text[-500:]}")
+            if time.monotonic() - t_boot > self.args.fill_timeout:
+                raise RuntimeError(f"guest did not fill {want} pages in {self.args.fill_timeout}s")
+            time.sleep(0.05)
+        res["fill_s"] = round(time.monotonic() - t_boot, 2)
+        # Three more status lines: the baseline, what the guest sees without a migration.
+        filled_at = len(serial_lines(src_serial))
+        deadline = time.monotonic() + 15
+        while len(status_lines(src_serial)[0]) < len(lines) + 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+        caps = [{"capability": "postcopy-ram", "state": True}]
+        if preempt:
+            caps.append({"capability": "postcopy-preempt", "state": True})
+        for q in (dq, sq):
+            q.cmd("migrate-set-capabilities", capabilities=caps)
+        sq.cmd("migrate-set-parameters", **{"max-bandwidth": MAX_BANDWIDTH})
+        res["parameters"] = sq.cmd("query-migrate-parameters")
+        res["capabilities"] = [c["capability"] for c in sq.cmd("query-migrate-capabilities") if c["state"]]
+        port = free_port()
+        uri = f"tcp:127.0.0.1:{port}"
+        dq.cmd("migrate-incoming", uri=uri)
+
+        before = serial_lines(src_serial)
+        res["baseline_lines"] = stall_lines(before[filled_at:])
+        src_lines_before = len(before)
+        cpu_src0, cpu_dst0 = proc_cpu(src.pid), proc_cpu(dst.pid)
+        lo0 = lo_bytes()
+        t0_wall = time.time()
+        t0 = time.monotonic()
+        sq.cmd("migrate", uri=uri)
+        started_postcopy = None
+        info = {}
+        while True:
+            info = sq.cmd("query-migrate")
+            st = info.get("status")
+            if st in ("completed", "failed", "cancelled"):
+                break
+            if started_postcopy is None and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                sq.cmd("migrate-start-postcopy")
+                started_postcopy = time.monotonic() - t0
+            if time.monotonic() - t0 > self.args.timeout:
+                res["error"] = f"gave up after {self.args.timeout} s in status {st}"
+                break
+            time.sleep(0.002 if started_postcopy is None else self.args.poll)
+        t_end = time.monotonic()
+        # The destination's lines up to the end of post-copy (as the source reports it).
+        dst_lines_at_end = len(serial_lines(dst_serial))
+        cpu_src1 = proc_cpu(src.pid)
+        res["qemu_status"] = info.get("status")
+        res["start_postcopy_after_s"] = round(started_postcopy, 3) if started_postcopy is not None else None
+        ram = info.get("ram", {})
+        res["wall_s"] = round(t_end - t0, 3)
+        res["total_time_ms"] = info.get("total-time")
+        res["downtime_ms_qemu"] = info.get("downtime")
+        res["setup_time_ms"] = info.get("setup-time")
+        res["ram"] = ram
+        res["ram_transferred_bytes"] = ram.get("transferred")
+        res["postcopy_requests"] = ram.get("postcopy-requests")
+        res["passes"] = ram.get("dirty-sync-count")
+        # Events: STOP on the source (its pause) and RESUME on the destination (its guest runs), both stamped
+        # with the host's wall clock.
+        deadline = time.monotonic() + 20
+        while not any(e["event"] == "RESUME" for e in dq.events) and time.monotonic() < deadline:
+            dq.cmd("query-status")
+            time.sleep(0.01)
+        sq.cmd("query-status")
+        stamp = lambda e: e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+        stops = [stamp(e) for e in sq.events if e["event"] == "STOP"]
+        resumes = [stamp(e) for e in dq.events if e["event"] == "RESUME"]
+        if stops and resumes:
+            res["downtime_ms"] = round((resumes[0] - stops[0]) * 1000, 1)
+            res["until_destination_runs_s"] = round(resumes[0] - t0_wall, 3)
+        res["events_src"] = [e["event"] for e in sq.events]
+        res["events_dst"] = [e["event"] for e in dq.events]
+        cpu_dst1 = proc_cpu(dst.pid)
+        lo1 = lo_bytes()
+        res["wire_bytes"] = (lo1 - lo0) if lo0 is not None and lo1 is not None else None
+        res["cpu_src_s"] = round(cpu_src1[0] - cpu_src0[0], 3)
+        res["cpu_dst_s"] = round(cpu_dst1[0] - cpu_dst0[0], 3)
+        res["source_lines_during"] = stall_lines(serial_lines(src_serial)[src_lines_before:])
+
+        if info.get("status") == "completed":
+            res["status"] = "completed"
+            # The first stall line after the end belongs to post-copy; then two status lines that verify.
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                later = serial_lines(dst_serial)[dst_lines_at_end:]
+                if stall_lines(later) and sum(1 for l in later if l.startswith("memstress t=")) >= 2:
+                    break
+                if dst.poll() is not None:
+                    break
+                time.sleep(0.05)
+            lines = serial_lines(dst_serial)
+            during = stall_lines(lines[:dst_lines_at_end])
+            after = stall_lines(lines[dst_lines_at_end:])
+            if after:
+                during.append(after.pop(0))
+            res["destination_lines_during_postcopy"] = during
+            res["destination_lines_after"] = after
+            statuses = [l for l in lines if l.startswith("memstress t=")]
+            res["destination_status_lines"] = statuses
+            ok = len(statuses) >= 2 and all("verify=ok" in l for l in statuses) \
+                and not any("verify=FAIL" in l for l in lines)
+            res["guest"] = "ok" if ok else f"FAILED on destination (exit {dst.poll()}): {lines[-3:]!r}"
+        else:
+            res["status"] = f"failed ({info.get('status')})"
+            res["error"] = res.get("error") or info.get("error-desc")
+        res["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+        return res
+
     def check_guest(self, dst, serial, src_ticks):
         deadline = time.monotonic() + 10
         while True:
@@ -486,6 +656,11 @@ def main():
     ap.add_argument("--mem-path", metavar="DIR",
                     help="back guest RAM with files in DIR (-mem-path), e.g. a hugetlbfs mount, to compare with "
                          "migrated --guest-memory huge-pages; default: QEMU's anonymous memory")
+    ap.add_argument("--postcopy", action="store_true",
+                    help="post-copy rows of issue 15 (default configuration only): see the docstring")
+    ap.add_argument("--postcopy-preempt", action="store_true",
+                    help="with --postcopy: also the postcopy-preempt capability (requested pages on a channel of "
+                         "their own)")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, certs)")
     args = ap.parse_args()
@@ -499,6 +674,8 @@ def main():
         else:
             ap.error(f"unknown scenario {s!r}")
     configs = args.config or CONFIGS
+    if args.postcopy:
+        configs = ["default"]
 
     enter_netns()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -529,7 +706,7 @@ def main():
                     log(f"== {name} / {config} / run {rep + 1} of {args.repeat}")
                     run = Run(args, tmp, name, config, certdir, rep)
                     try:
-                        res = run.execute()
+                        res = run.execute_postcopy() if args.postcopy else run.execute()
                     except QMPError as e:
                         res = {"scenario": name, "config": config, "status": "error",
                                "error": str(e)}

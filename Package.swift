@@ -78,7 +78,7 @@ let package = Package(
 
         .target(name: "TestSupport", dependencies: ["KVMBackend", "MicroVM", "Transport", "MigratedAPI", "Threads"], path: "Tests/TestSupport"),
         .testTarget(name: "KVMBackendTests", dependencies: ["KVMBackend", "MicroVM", "TestSupport"]),
-        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport"]),
+        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "MicroVMCLI", "TestSupport", "Threads"]),
         .testTarget(name: "MigrationEngineTests", dependencies: ["MigrationEngine", "KVMMigration", "MigrationNetwork", "TestSupport"]),
         .testTarget(name: "MigrationWireTests", dependencies: ["MigrationWire"]),
         .testTarget(name: "PageCodecTests", dependencies: ["PageCodec"]),

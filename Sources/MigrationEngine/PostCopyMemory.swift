@@ -1,3 +1,4 @@
+import Glibc
 import LinuxSystem
 import MigrationWire
 import Threads
@@ -5,11 +6,15 @@ import Threads
 /// Guest memory at the destination during post-copy (stream.md §6.13): the guest runs while the frames the source
 /// still had to send are missing, and a touch of one of them waits until it arrives.
 ///
-/// Made before the guest starts, it drops the stale contents of the missing frames (the sink punches them out of its
-/// memory, so that they are absent, not zero) and registers every region of the layout with userfaultfd. A fault on a
-/// missing frame asks the source for it, once; a fault anywhere else is on a frame the guest never had (a hole that
-/// reads as zero), which is filled with zeros at once. Pages of the post-copy pass go in with `place`, which fills
-/// them atomically and wakes whoever waits for them; each missing frame must come exactly once, and nothing else.
+/// Made before the guest starts, it registers every region of the layout with userfaultfd for missing and minor
+/// faults, after making sure no page is mapped: every page the memory's file holds then faults on its first touch
+/// until it is mapped. The stale versions of the missing frames stay in the file, unmapped, and are never mapped:
+/// dropping them first would cost a hole punch each, 5 to 20 µs here, all of it downtime. A background thread maps
+/// every page that is not missing, in long runs, so that the guest seldom faults on those; a fault on one (minor)
+/// maps it at once; a fault on a page the file lacks and nobody misses (a hole, which reads as zero) fills it with
+/// zeros; a fault on a missing frame asks the source for it, once. Pages of the post-copy pass go in with `place`:
+/// written through the file (`GuestSink.write`), then mapped, which wakes whoever waits for them; each missing frame
+/// must come exactly once, and nothing else.
 ///
 /// Sendable: the bitmaps and counts are in `state` (Locked); `regions` is set in init and never changes, and each
 /// `UserFaultRegion` is thread-safe.
@@ -39,12 +44,20 @@ final class PostCopyMemory: @unchecked Sendable {
     private let regions: [Region]
     private let state: Locked<State>
     private let request: @Sendable (UInt64) -> Void
+    private let sink: GuestSink
+    /// The frames that are not missing, as runs: what the background thread maps.
+    private let present: [FrameRun]
+    /// 4096 zero bytes, for a page of the post-copy pass that is zero; never written after init.
+    private let zeroPage: UnsafeMutableRawPointer
 
     /// Makes `missing` (runs the decoder has checked against the layout) missing in `sink`'s memory and registers
     /// that memory with userfaultfd. `request(frame)` is called, from the fault handler's thread, for each missing
     /// frame the guest touches first; it must ask the source for it and return without waiting for the page.
     init(sink: GuestSink, layout: GuestMemoryLayout, missing: [FrameRun], request: @escaping @Sendable (UInt64) -> Void) throws {
         self.request = request
+        self.sink = sink
+        zeroPage = .allocate(byteCount: 4096, alignment: 4096)
+        zeroPage.initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
         var regions: [Region] = []
         var total = 0
         do {
@@ -54,12 +67,17 @@ final class PostCopyMemory: @unchecked Sendable {
                 guard sink.page(frame: first + UInt64(count - 1)) == base + (count - 1) * 4096 else {
                     throw MigrationError.guestFailed("post-copy needs each region of guest memory contiguous in the host")
                 }
-                regions.append(Region(firstFrame: first, frameCount: count, memory: try UserFaultRegion(base: base, length: count * 4096),
-                                      firstIndex: total))
+                // A page mapped now would not fault, and may be a stale one: unmap them all (the file keeps them).
+                guard madvise(base, count * 4096, MADV_DONTNEED) == 0 else {
+                    throw MigrationError.guestFailed("unmapping guest memory for post-copy: \(String(cString: strerror(errno)))")
+                }
+                regions.append(Region(firstFrame: first, frameCount: count,
+                                      memory: try UserFaultRegion(base: base, length: count * 4096, minorFaults: true), firstIndex: total))
                 total += count
             }
         } catch {
             for region in regions { region.memory.close() }
+            zeroPage.deallocate()
             throw error as? MigrationError ?? .guestFailed("registering guest memory for post-copy: \(error)")
         }
         var bits = FrameBits(count: total)
@@ -69,24 +87,44 @@ final class PostCopyMemory: @unchecked Sendable {
             for offset in 0 ..< Int(run.count) { bits.set(index + offset) }
             count += Int(run.count)
         }
+        var present: [FrameRun] = []
+        for region in regions {
+            for offset in 0 ..< region.frameCount where !bits.contains(region.firstIndex + offset) {
+                let frame = region.firstFrame + UInt64(offset)
+                if offset > 0, let last = present.last, last.first + last.count == frame {
+                    present[present.count - 1].count += 1
+                } else {
+                    present.append(FrameRun(first: frame, count: 1))
+                }
+            }
+        }
+        self.present = present
         self.regions = regions
         state = Locked(State(missing: bits, placed: FrameBits(count: total), requested: FrameBits(count: total), missingCount: count))
-        do {
-            // Registered before the punch, so that no stale page can come back in between: there is no guest yet, but
-            // the order costs nothing and leaves no window.
-            for run in missing { try sink.zero(frames: run.first, count: Int(run.count)) }
-        } catch {
-            close()
-            throw MigrationError.guestFailed("dropping the stale copies of \(count) missing pages: \(error)")
-        }
     }
 
-    deinit { close() }
+    deinit {
+        close()
+        zeroPage.deallocate()
+    }
 
-    /// Starts serving faults.
+    /// Starts serving faults, and maps the pages that are not missing in the background.
     func serve() {
         for region in regions {
-            region.memory.serve { [self] offset in resolve(region, frameIndex: offset / 4096) }
+            region.memory.serve { [self] offset, fault in resolve(region, frameIndex: offset / 4096, fault: fault) }
+        }
+        startThread(named: "postcopy-map") { [self] in
+            // 2 MiB at a time, so that a fault on a page further on is not held up behind one long call.
+            for run in present {
+                guard let (region, _) = Self.locate(run.first, in: regions) else { continue }
+                var frame = run.first
+                while frame < run.first + run.count {
+                    let pages = Int(min(512, run.first + run.count - frame))
+                    // Fails only after `close()`, when there is nothing left to map.
+                    guard (try? region.memory.continueMapping(offset: Int(frame - region.firstFrame) * 4096, length: pages * 4096)) != nil else { return }
+                    frame += UInt64(pages)
+                }
+            }
         }
     }
 
@@ -109,16 +147,17 @@ final class PostCopyMemory: @unchecked Sendable {
         }
         guard claimed else { throw MigrationError.malformedStream("post-copy page \(frame) was not missing, or came twice") }
         let offset = Int(frame - region.firstFrame) * 4096
-        // Filled before it stops counting as missing: a fault in between asks for it (in vain) rather than filling
-        // it with zeros.
-        let wasMissing: Bool
+        // Written and mapped before it stops counting as missing: a fault in between asks for it (in vain) rather
+        // than mapping the stale page or filling it with zeros. Written through the file, so it stays unmapped until
+        // mapped here.
+        let mapped: Int
         do {
-            wasMissing = try contents.map { try region.memory.fill(offset: offset, from: $0, length: 4096) }
-                ?? region.memory.fillZero(offset: offset, length: 4096)
+            try [contents ?? UnsafeRawPointer(zeroPage)].withUnsafeBufferPointer { try sink.write(frames: frame, pages: $0) }
+            mapped = try region.memory.continueMapping(offset: offset, length: 4096)
         } catch {
             throw MigrationError.guestFailed("placing post-copy page \(frame): \(error)")
         }
-        guard wasMissing else { throw MigrationError.guestFailed("post-copy page \(frame) was present before it came") }
+        guard mapped == 1 else { throw MigrationError.guestFailed("post-copy page \(frame) was mapped before it came") }
         let now = monotonicSeconds()
         state.withLock { state in
             state.missing.clear(index)
@@ -154,11 +193,11 @@ final class PostCopyMemory: @unchecked Sendable {
     }
 
     /// On the fault handler's thread.
-    private func resolve(_ region: Region, frameIndex: Int) {
+    private func resolve(_ region: Region, frameIndex: Int, fault: UserFaultRegion.Fault) {
         let index = region.firstIndex + frameIndex
-        enum Action { case ask, fillZero, wait }
+        enum Action { case ask, map, fillZero, wait }
         let action = state.withLock { state -> Action in
-            guard state.missing.contains(index) else { return .fillZero }
+            guard state.missing.contains(index) else { return fault == .minor ? .map : .fillZero }
             if state.requested.contains(index) { return .wait }
             state.requested.set(index)
             state.requestsSent += 1
@@ -167,7 +206,9 @@ final class PostCopyMemory: @unchecked Sendable {
         }
         switch action {
         case .ask: request(region.firstFrame + UInt64(frameIndex))
-        // A frame never sent is a hole, which reads as zero. One placed meanwhile makes this fill fail harmlessly.
+        // A page that is not missing: the file's, not mapped yet (the background thread may get there first, or a
+        // placement: then this does nothing), or a hole, which reads as zero.
+        case .map: _ = try? region.memory.continueMapping(offset: frameIndex * 4096, length: 4096)
         case .fillZero: _ = try? region.memory.fillZero(offset: frameIndex * 4096, length: 4096)
         case .wait: break
         }

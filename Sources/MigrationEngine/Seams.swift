@@ -56,9 +56,9 @@ public protocol GuestSink: AnyObject, Sendable {
     /// then through `write`: for memory that takes writes through its mapping as cheaply as any other way. The
     /// default is false.
     var takesPagesInPlace: Bool { get }
-    /// Whether a migration may finish in post-copy into this sink (stream.md §6.13): its memory is shared memory that
-    /// userfaultfd can register for missing pages, each region contiguous behind `page(frame:)`, and `zero` leaves
-    /// frames absent (a hole) rather than filled with zeros. The default is false.
+    /// Whether a migration may finish in post-copy into this sink (stream.md §6.13): its memory is shared memory (a
+    /// memfd) that userfaultfd can register for missing and minor faults, each region contiguous behind
+    /// `page(frame:)`, and `write` puts pages into the file without mapping them. The default is false.
     var takesPostCopy: Bool { get }
     /// Rebuilds the guest from its device state, without starting it.
     func restore(deviceState: [DeviceState]) throws

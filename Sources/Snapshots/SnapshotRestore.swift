@@ -161,7 +161,7 @@ public final class LazyRestore: @unchecked Sendable {
                 regions.append(region)
             }
             for (region, run) in zip(regions, frames.runs) {
-                region.serve { [self] offset in
+                region.serve { [self] offset, _ in
                     serveFault(region: region, index: run.firstIndex + offset / SnapshotFormat.pageSize, offset: offset)
                 }
             }

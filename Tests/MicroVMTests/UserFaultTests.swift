@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import LinuxSystem
+import Threads
 import XCTest
 
 /// userfaultfd on a memfd mapped MAP_SHARED, as lazy restore uses it: pages appear when first touched, from the
@@ -110,7 +111,7 @@ final class UserFaultTests: XCTestCase {
     /// close() releases it, and from then on an unfilled page is an ordinary hole that reads as zeros.
     func testAfterCloseUnfilledPagesReadAsZerosWithoutAHandler() throws {
         let recorder = Recorder()
-        region.serve { offset in recorder.recordCall(offset / UserFaultRegion.pageSize) }
+        region.serve { offset, _ in recorder.recordCall(offset / UserFaultRegion.pageSize) }
         XCTAssertTrue(try region.fill(offset: page, from: source.page(1), length: page))
 
         let reader = touchInBackground([3])
@@ -134,7 +135,7 @@ final class UserFaultTests: XCTestCase {
     /// Lazy restore gives up from inside the resolver when a page cannot be read: close() there must not deadlock.
     func testCloseFromTheResolverReleasesTheFaultingThread() throws {
         let region = self.region!
-        region.serve { _ in region.close() }
+        region.serve { _, _ in region.close() }
         XCTAssertEqual(touch([9]), [0])
         XCTAssertEqual(touch([10]), [0])
         XCTAssertEqual(region.faultsServed, 1)
@@ -167,7 +168,7 @@ final class UserFaultTests: XCTestCase {
     /// Serves each fault from `source`, or with zeros for the pages `zeroFor` selects, recording what happened.
     func servePattern(zeroFor zero: @escaping @Sendable (Int) -> Bool = { _ in false }) -> Recorder {
         let region = self.region!, source = self.source!, page = self.page, recorder = Recorder()
-        region.serve { offset in
+        region.serve { offset, _ in
             let index = offset / page
             recorder.recordCall(index)
             do {
@@ -272,5 +273,47 @@ extension UserFaultTests {
     final class Box<Value>: @unchecked Sendable {
         var value: Value
         init(_ value: Value) { self.value = value }
+    }
+}
+
+/// Minor faults, as post-copy uses them: the memfd holds pages the mapping has not mapped; each first touch faults
+/// until `continueMapping` maps the file's page, which may have been replaced through the file meanwhile.
+final class MinorFaultTests: XCTestCase {
+    func testAPageTheFileHoldsFaultsUntilMappedAndShowsWhatTheFileHoldsThen() throws {
+        let pages = 16, page = UserFaultRegion.pageSize
+        let file = try makeMemoryFile(name: "uffd-minor-test", size: Int64(pages * page))
+        let memory = try MemoryMapping(file: file, size: pages * page, flags: MAP_SHARED | MAP_NORESERVE)
+        // Pages 0 ..< 8 are in the file (written through it, as the receiver writes), 8 ..< 16 are holes.
+        for index in 0 ..< 8 {
+            let bytes = [UInt8](repeating: UInt8(index + 1), count: page)
+            try bytes.withUnsafeBytes { try file.write(all: $0, at: Int64(index * page)) }
+        }
+        let region: UserFaultRegion
+        do {
+            region = try UserFaultRegion(base: memory.base, length: memory.size, minorFaults: true)
+        } catch let error as SystemError where error.operation == "open userfaultfd" || error.errno == EOPNOTSUPP || error.errno == EINVAL {
+            throw XCTSkip("no userfaultfd minor faults on shared memory here: \(error)")
+        }
+        defer { region.close() }
+        let faults = Locked<[(Int, UserFaultRegion.Fault)]>([])
+        region.serve { offset, fault in
+            faults.withLock { $0.append((offset / page, fault)) }
+            switch fault {
+            case .minor:
+                // Replace page 3 through the file before mapping it: the reader must see the new bytes.
+                if offset / page == 3 {
+                    let bytes = [UInt8](repeating: 0xAA, count: page)
+                    try? bytes.withUnsafeBytes { try file.write(all: $0, at: Int64(3 * page)) }
+                }
+                _ = try? region.continueMapping(offset: offset, length: page)
+            case .missing: _ = try? region.fillZero(offset: offset, length: page)
+            }
+        }
+        // Mapped ahead in one call: pages 4 ..< 8 are in the file, 8 and 9 are holes, which are skipped.
+        XCTAssertEqual(try region.continueMapping(offset: 4 * page, length: 6 * page), 4)
+        func read(_ index: Int) -> UInt8 { memory.base.load(fromByteOffset: index * page + 100, as: UInt8.self) }
+        XCTAssertEqual((0 ..< 10).map(read), [1, 2, 3, 0xAA, 5, 6, 7, 8, 0, 0])
+        let seen = faults.withLock { $0.map { "\($0.0):\($0.1)" } }
+        XCTAssertEqual(seen, ["0:minor", "1:minor", "2:minor", "3:minor", "8:missing", "9:missing"])
     }
 }

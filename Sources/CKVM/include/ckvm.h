@@ -153,12 +153,16 @@ static const unsigned long CKVM_UFFDIO_UNREGISTER = UFFDIO_UNREGISTER;
 static const unsigned long CKVM_UFFDIO_COPY = UFFDIO_COPY;
 static const unsigned long CKVM_UFFDIO_ZEROPAGE = UFFDIO_ZEROPAGE;
 static const unsigned long CKVM_UFFDIO_WAKE = UFFDIO_WAKE;
+static const unsigned long CKVM_UFFDIO_CONTINUE = UFFDIO_CONTINUE;
 
 static const uint64_t CKVM_UFFD_API = UFFD_API;
 static const uint64_t CKVM_UFFDIO_REGISTER_MODE_MISSING = UFFDIO_REGISTER_MODE_MISSING;
+static const uint64_t CKVM_UFFDIO_REGISTER_MODE_MINOR = UFFDIO_REGISTER_MODE_MINOR;
+static const uint64_t CKVM_UFFD_FEATURE_MINOR_SHMEM = UFFD_FEATURE_MINOR_SHMEM;
 // Bits of uffdio_register.ioctls: the operations the kernel allows on the range just registered.
 static const uint64_t CKVM_UFFDIO_COPY_ALLOWED = 1ULL << _UFFDIO_COPY;
 static const uint64_t CKVM_UFFDIO_ZEROPAGE_ALLOWED = 1ULL << _UFFDIO_ZEROPAGE;
+static const uint64_t CKVM_UFFDIO_CONTINUE_ALLOWED = 1ULL << _UFFDIO_CONTINUE;
 static const uint8_t CKVM_UFFD_EVENT_PAGEFAULT = UFFD_EVENT_PAGEFAULT;
 
 // A new userfaultfd, non-blocking (poll() on a blocking one reports POLLERR) and close-on-exec.
@@ -169,6 +173,8 @@ int ckvm_userfaultfd_open(void);
 // struct uffd_msg keeps each event's data in an anonymous union of anonymous structs.
 static inline uint8_t ckvm_uffd_msg_event(const struct uffd_msg *msg) { return msg->event; }
 static inline uint64_t ckvm_uffd_msg_fault_address(const struct uffd_msg *msg) { return msg->arg.pagefault.address; }
+// Whether the fault is a minor one: the page is in the file, not yet in the faulting mapping.
+static inline int ckvm_uffd_msg_fault_is_minor(const struct uffd_msg *msg) { return (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0; }
 
 // Swift's Glibc module has neither <sys/eventfd.h> nor the _GNU_SOURCE pthread_setname_np().
 int ckvm_eventfd(unsigned int initval); // always close-on-exec, blocking

@@ -26,7 +26,9 @@ struct ConvergenceForecast {
     mutating func update(history: [PassStatistics], elapsed: Double, throttle: Double, setupSeconds: Double, harvests: Int,
                          harvestSeconds: Double, memoryPages: Int) {
         let base = beforehand ?? ConvergenceMeasurements(dataPages: 0, dirty: DirtyCurve(points: [], pageLimit: Double(memoryPages)),
-                                                         pagesPerSecond: 0, wireBytesPerPage: 4096, setupSeconds: setupSeconds,
+                                                         pagesPerSecond: 0, laterPagesPerSecond: 0, wireBytesPerPage: 4096,
+                                                         unchangedShareAfterPass0: ConvergenceMeasurements.expectedUnchangedShare(options),
+                                                         setupSeconds: setupSeconds,
                                                          passOverheadSeconds: 0)
         let measurements = base.refined(by: history, setupSeconds: setupSeconds, harvestSeconds: harvests > 0 ? harvestSeconds / Double(harvests) : 0)
         record(ConvergencePrediction.predict(measurements, options: options, history: history, elapsed: elapsed, throttle: throttle),

@@ -65,10 +65,19 @@ public struct ConvergenceMeasurements: Sendable, Codable, Equatable {
     public var dataPages: Int
     /// What the guest dirties, unthrottled, in windows of time.
     public var dirty: DirtyCurve
-    /// Pages with data per second that the migration moves end to end: encoding, the link, the receiver writing them.
+    /// Pages with data per second that pass 0 moves end to end: encoding, the link, the receiver writing them into
+    /// memory it touches for the first time.
     public var pagesPerSecond: Double
+    /// The same in later passes and the final one, whose pages the receiver mostly holds already: where first touching
+    /// memory is dear (a memfd here), they go faster.
+    public var laterPagesPerSecond: Double
     /// Wire bytes per page with data, after compression.
     public var wireBytesPerPage: Double
+    /// Of the pages the pass after pass 0 sends (a pre-copy pass or the final one), the share that go as `unchanged`
+    /// (stream.md §6.4.1), at no cost to speak of: pages the guest wrote during pass 0 *before* pass 0 reached them,
+    /// so that the receiver holds them as they are. About half of what pass 0 leaves dirty when the guest's writes
+    /// and the sender's sweep are independent (`expectedUnchangedShare`); 0 without unchanged pages.
+    public var unchangedShareAfterPass0: Double
     /// Seconds before pass 0 starts: connecting, the TLS handshake, agreeing on capabilities.
     public var setupSeconds: Double
     /// Seconds each pre-copy pass costs besides its pages: the dirty-log harvests and waiting for the receiver's
@@ -82,30 +91,49 @@ public struct ConvergenceMeasurements: Sendable, Codable, Equatable {
     /// 10 ms is the middle of the downtimes of guests with nothing left to send on these machines (bench/README.md).
     public static let assumedSwitchoverSeconds = 0.010
 
-    public init(dataPages: Int, dirty: DirtyCurve, pagesPerSecond: Double, wireBytesPerPage: Double, setupSeconds: Double,
-                passOverheadSeconds: Double, switchoverSeconds: Double = Self.assumedSwitchoverSeconds) {
+    /// `unchangedShareAfterPass0` before a pass after pass 0 has measured it.
+    public static func expectedUnchangedShare(_ options: MigrationOptions) -> Double { options.unchangedPages ? 0.5 : 0 }
+
+    public init(dataPages: Int, dirty: DirtyCurve, pagesPerSecond: Double, laterPagesPerSecond: Double, wireBytesPerPage: Double,
+                unchangedShareAfterPass0: Double, setupSeconds: Double, passOverheadSeconds: Double,
+                switchoverSeconds: Double = Self.assumedSwitchoverSeconds) {
+        self.unchangedShareAfterPass0 = unchangedShareAfterPass0
         self.dataPages = dataPages
         self.dirty = dirty
         self.pagesPerSecond = pagesPerSecond
+        self.laterPagesPerSecond = laterPagesPerSecond
         self.wireBytesPerPage = wireBytesPerPage
         self.setupSeconds = setupSeconds
         self.passOverheadSeconds = passOverheadSeconds
         self.switchoverSeconds = switchoverSeconds
     }
 
-    /// These measurements, corrected by the passes a migration has run: the rate and bytes per page become those of
-    /// the pages sent so far, and each pass adds its own dirty window (what it dirtied in its time, at its throttle).
-    /// `harvestSeconds` is the mean time of one harvest, which each pass runs twice.
+    /// These measurements, corrected by the passes a migration has run: pass 0 gives the first rate, later passes
+    /// the later one (until there are any, pass 0's stands in for it when nothing was measured beforehand), the bytes
+    /// per page become those of the pages sent so far, and each pass adds its own dirty window (what it dirtied in
+    /// its time, at its throttle). `harvestSeconds` is the mean time of one harvest, which each pass runs twice.
     public func refined(by history: [PassStatistics], setupSeconds: Double, harvestSeconds: Double) -> ConvergenceMeasurements {
         var refined = self
         refined.setupSeconds = setupSeconds
         refined.passOverheadSeconds = 2 * harvestSeconds
-        let data = history.reduce(0) { $0 + $1.pagesSent - $1.zeroPages }
-        let wire = history.reduce(0) { $0 + $1.wireBytes }
-        let sending = history.reduce(0.0) { $0 + max($1.seconds - refined.passOverheadSeconds, 0) }
-        if data > 0, sending > 0 {
-            refined.pagesPerSecond = Double(data) / sending
-            refined.wireBytesPerPage = Double(wire) / Double(data)
+        /// Pages with data per second over `passes`; nil when they sent none.
+        func rate(_ passes: some Collection<PassStatistics>) -> Double? {
+            let data = passes.reduce(0) { $0 + $1.pagesSent - $1.zeroPages }
+            let sending = passes.reduce(0.0) { $0 + max($1.seconds - refined.passOverheadSeconds, 0) }
+            return data > 0 && sending > 0 ? Double(data) / sending : nil
+        }
+        if let first = rate(history.filter { $0.pass == 0 }) { refined.pagesPerSecond = first }
+        if let later = rate(history.filter { $0.pass > 0 }) {
+            refined.laterPagesPerSecond = later
+        } else if refined.laterPagesPerSecond <= 0 {
+            refined.laterPagesPerSecond = refined.pagesPerSecond
+        }
+        // Bytes per page as pass 0 sent them: later passes' bytes are cut by unchanged pages, which the share models.
+        if let pass0 = history.first(where: { $0.pass == 0 }), pass0.pagesSent > pass0.zeroPages {
+            refined.wireBytesPerPage = Double(pass0.wireBytes) / Double(pass0.pagesSent - pass0.zeroPages)
+        }
+        if let pass1 = history.first(where: { $0.pass == 1 }), pass1.pagesSent > pass1.zeroPages {
+            refined.unchangedShareAfterPass0 = Double(pass1.unchangedPages) / Double(pass1.pagesSent - pass1.zeroPages)
         }
         for pass in history where pass.throttle < 1 {
             refined.dirty.add(DirtyCurve.Point(seconds: pass.seconds * (1 - pass.throttle), pages: Double(pass.dirtyPages)))
@@ -115,9 +143,10 @@ public struct ConvergenceMeasurements: Sendable, Codable, Equatable {
 }
 
 /// What a migration will do, predicted by running the engine's own `ConvergencePolicy` over passes simulated from
-/// measurements: each pass sends what the one before left dirty, at the measured rate, and leaves dirty what the
-/// guest's dirty curve says for its length and throttle. The policy then decides, as it will in the engine, whether
-/// to go on, throttle, switch over or give up, so the prediction cannot drift from what the engine does.
+/// measurements: each pass sends what the one before left dirty, at the measured rate (pass 0's, or the later passes'),
+/// and leaves dirty what the guest's dirty curve says for its length and throttle. The policy then decides, as it will
+/// in the engine, whether to go on, throttle, switch over or give up, so the prediction cannot drift from what the
+/// engine does.
 public struct ConvergencePrediction: Sendable, Codable, Equatable {
     /// One simulated pre-copy pass.
     public struct Pass: Sendable, Codable, Equatable {
@@ -158,18 +187,24 @@ public struct ConvergencePrediction: Sendable, Codable, Equatable {
         var pending = history.last?.dirtyPages ?? measurements.dataPages
         var totalBytes = history.reduce(0) { $0 + $1.wireBytes }
         let policy = ConvergencePolicy(options: options)
-        guard measurements.pagesPerSecond > 0 else {
+        guard measurements.pagesPerSecond > 0, measurements.laterPagesPerSecond > 0 else {
             prediction.failure = "no rate was measured for sending pages"
             prediction.totalSeconds = .infinity
             return prediction
         }
-        func sendingTime(_ pages: Int) -> Double { Double(pages) / measurements.pagesPerSecond }
+        /// Pages of pass `pass` that cost their sending: all but the unchanged ones.
+        func costing(_ pages: Int, pass: Int) -> Double {
+            Double(pages) * (pass == 1 ? 1 - measurements.unchangedShareAfterPass0 : 1)
+        }
+        func sendingTime(_ pages: Int, pass: Int) -> Double {
+            costing(pages, pass: pass) / (pass == 0 ? measurements.pagesPerSecond : measurements.laterPagesPerSecond)
+        }
         // The policy ends every migration within `maxPasses`; the bound only guards against a policy that would not.
         while prediction.passes.count <= options.maxPasses {
             if !history.isEmpty {
                 switch policy.decide(history: history, elapsed: elapsed, throttle: throttle) {
                 case .switchover:
-                    let downtime = sendingTime(pending) + measurements.switchoverSeconds
+                    let downtime = sendingTime(pending, pass: history.count) + measurements.switchoverSeconds
                     prediction.finalPages = pending
                     prediction.downtimeSeconds = downtime
                     prediction.totalSeconds = elapsed + downtime
@@ -187,12 +222,14 @@ public struct ConvergencePrediction: Sendable, Codable, Equatable {
             }
             var pass = PassStatistics(pass: history.count)
             pass.pagesSent = pending
-            pass.wireBytes = Int(Double(pending) * measurements.wireBytesPerPage)
-            pass.seconds = sendingTime(pending) + measurements.passOverheadSeconds
+            pass.wireBytes = Int(costing(pending, pass: pass.pass) * measurements.wireBytesPerPage)
+            pass.seconds = sendingTime(pending, pass: pass.pass) + measurements.passOverheadSeconds
             pass.dirtyPages = Int(measurements.dirty.pages(in: pass.seconds, throttle: throttle).rounded())
             pass.throttle = throttle
             totalBytes += pass.wireBytes
-            pass.estimate(totalBytes: totalBytes, bytesPerDirtyPage: measurements.wireBytesPerPage, earlier: history)
+            // As the sender rates the next pass: by the wire bytes per page of this one.
+            pass.estimate(totalBytes: totalBytes, bytesPerDirtyPage: pending > 0 ? Double(pass.wireBytes) / Double(pending) : measurements.wireBytesPerPage,
+                          earlier: history)
             history.append(pass)
             prediction.passes.append(Pass(pass: pass.pass, pages: pass.pagesSent, seconds: pass.seconds, dirtyPages: pass.dirtyPages,
                                           throttle: throttle))

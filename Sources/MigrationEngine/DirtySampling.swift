@@ -6,10 +6,13 @@ public struct DirtySample: Sendable, Codable, Equatable {
     public var windows: [DirtyCurve.Point]
     /// The mean time of one harvest of the dirty log, which each pre-copy pass also pays.
     public var harvestSeconds: Double
+    /// The time starting dirty tracking took, which a migration's setup also pays (it grows with the guest's memory).
+    public var startSeconds: Double
 
-    public init(windows: [DirtyCurve.Point], harvestSeconds: Double) {
+    public init(windows: [DirtyCurve.Point], harvestSeconds: Double, startSeconds: Double) {
         self.windows = windows
         self.harvestSeconds = harvestSeconds
+        self.startSeconds = startSeconds
     }
 }
 
@@ -22,8 +25,10 @@ extension GuestSource {
     ///
     /// Built from the seam's tracking calls, so every source has it: KVM, Xen, the C ABI's VMM sources.
     public func sampleDirtyPages(for seconds: Double) throws -> DirtySample {
+        let starting = monotonicSeconds()
         try startDirtyTracking()
         defer { try? stopDirtyTracking() }
+        let startSeconds = monotonicSeconds() - starting
         // A harvest right away: the window starts once tracking is armed, whatever the source reports at first.
         try harvestDirtyFrames { _ in }
         let start = monotonicSeconds()
@@ -40,6 +45,6 @@ extension GuestSource {
             // The window ends when the harvest began: what came during the harvest is in the next one.
             windows.append(DirtyCurve.Point(seconds: harvestStart - start, pages: Double(seen.count)))
         }
-        return DirtySample(windows: windows, harvestSeconds: harvestTime / Double(windows.count))
+        return DirtySample(windows: windows, harvestSeconds: harvestTime / Double(windows.count), startSeconds: startSeconds)
     }
 }

@@ -9,7 +9,8 @@ final class ConvergencePredictionTests: XCTestCase {
     }
 
     func measurements(dataPages: Int = 100_000, dirty: DirtyCurve, rate: Double = 100_000) -> ConvergenceMeasurements {
-        ConvergenceMeasurements(dataPages: dataPages, dirty: dirty, pagesPerSecond: rate, wireBytesPerPage: 4096, setupSeconds: 0.05,
+        ConvergenceMeasurements(dataPages: dataPages, dirty: dirty, pagesPerSecond: rate, laterPagesPerSecond: rate, wireBytesPerPage: 4096,
+                                unchangedShareAfterPass0: 0, setupSeconds: 0.05,
                                 passOverheadSeconds: 0, switchoverSeconds: 0.01)
     }
 
@@ -111,6 +112,27 @@ final class ConvergencePredictionTests: XCTestCase {
         XCTAssertEqual(refined.setupSeconds, 0.2)
         XCTAssertEqual(refined.dirty.pages(in: 2.01), 40_000, accuracy: 1e-6)
         XCTAssertEqual(refined.dirty.pages(in: 1), 10_000, accuracy: 1e-6, "the earlier window stays")
+    }
+
+    /// Half of what pass 0 leaves dirty goes unchanged in the next pass, at no cost: that pass takes half the time,
+    /// and two rates tell fresh memory from memory the receiver holds.
+    func testThePassAfterPass0CostsOnlyItsChangedPagesAtTheLaterRate() {
+        var m = measurements(dirty: linear(10_000))
+        m.unchangedShareAfterPass0 = 0.5
+        m.laterPagesPerSecond = 200_000
+        var options = MigrationOptions()
+        options.downtimeLimit = 0.01
+        let prediction = ConvergencePrediction.predict(m, options: options)
+        XCTAssertEqual(prediction.passes.map(\.pages), [100_000, 10_000])
+        XCTAssertEqual(prediction.passes[1].seconds, 5_000.0 / 200_000, accuracy: 1e-9)
+        XCTAssertEqual(prediction.finalPages, 250)
+        XCTAssertEqual(try XCTUnwrap(prediction.downtimeSeconds), 250.0 / 200_000 + 0.01, accuracy: 1e-9, "unchanged pages are pass 1's only")
+
+        var pass1 = PassStatistics(pass: 1)
+        pass1.pagesSent = 1000
+        pass1.unchangedPages = 300
+        pass1.seconds = 0.01
+        XCTAssertEqual(m.refined(by: [pass1], setupSeconds: 0, harvestSeconds: 0).unchangedShareAfterPass0, 0.3, accuracy: 1e-12)
     }
 
     func testNoMeasuredRateIsNoPrediction() {

@@ -21,8 +21,8 @@ public struct DryRunResult: Sendable, Codable, Equatable {
 }
 
 /// Predicts a migration without running it (`migratectl migrate --dry-run`), leaving the guest as it found it:
-/// running, untracked and unthrottled. Two measurements run at the same time, because on a small host they compete
-/// for the same cores as the migration and the guest will:
+/// running, untracked and unthrottled. Two measurements run at the same time, once the guest's tracking is on,
+/// because on a small host they compete for the same cores as the migration and the guest will:
 ///
 /// - The guest's dirty log is sampled for `sampleSeconds` (`GuestSource.sampleDirtyPages`). The guest runs
 ///   throughout, tracked as a migration would track it, so it is slowed as it would be.
@@ -56,12 +56,16 @@ public enum ConvergenceDryRun {
         let probe = ProbeSource(copying: populated, from: source, pages: probePages)
 
         let sampled = Locked<Result<DirtySample, any Error>?>(nil)
-        let sampleDone = DispatchSemaphore(value: 0)
+        let (armed, sampleDone) = (DispatchSemaphore(value: 0), DispatchSemaphore(value: 0))
         startThread(named: "dry-run-sample") {
-            let result = Result { try source.sampleDirtyPages(for: sampleSeconds) }
+            let result = Result { try source.sampleDirtyPages(for: sampleSeconds) { armed.signal() } }
             sampled.withLock { $0 = result }
+            armed.signal() // in case it failed before arming
             sampleDone.signal()
         }
+        // Starting the guest's tracking is heavy (KVM write-protects all its memory): the probe waits for it, or it
+        // would measure a link slowed by it, which the migration's passes are not (its setup pays it).
+        armed.wait()
         var probeOptions = options
         probeOptions.maxPasses = 2
         probeOptions.downtimeLimit = .leastNonzeroMagnitude

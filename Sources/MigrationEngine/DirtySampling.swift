@@ -17,20 +17,21 @@ public struct DirtySample: Sendable, Codable, Equatable {
 }
 
 extension GuestSource {
-    /// Samples the dirty log of the running guest for `seconds`: tracking on, a harvest at 1/8, 1/4, 1/2 and all of
-    /// the time, tracking off. The pages of a window are those of every harvest up to its end, each counted once, so
+    /// Samples the dirty log of the running guest for `seconds`: tracking on (then `armed` is called), a harvest at
+    /// 1/8, 1/4, 1/2 and all of the time, tracking off. The pages of a window are those of every harvest up to its end, each counted once, so
     /// the windows show where the guest's writes start to fall on pages written already. The guest is never paused;
     /// tracking is off again however this returns. Only one user of the dirty log at a time: not during a migration
     /// or a diff snapshot of the same guest.
     ///
     /// Built from the seam's tracking calls, so every source has it: KVM, Xen, the C ABI's VMM sources.
-    public func sampleDirtyPages(for seconds: Double) throws -> DirtySample {
+    public func sampleDirtyPages(for seconds: Double, armed: () -> Void) throws -> DirtySample {
         let starting = monotonicSeconds()
         try startDirtyTracking()
         defer { try? stopDirtyTracking() }
         let startSeconds = monotonicSeconds() - starting
         // A harvest right away: the window starts once tracking is armed, whatever the source reports at first.
         try harvestDirtyFrames { _ in }
+        armed()
         let start = monotonicSeconds()
         var seen = Set<UInt64>()
         var windows: [DirtyCurve.Point] = []

@@ -27,7 +27,7 @@ public struct DryRunResult: Sendable, Codable, Equatable {
 /// - The guest's dirty log is sampled for `sampleSeconds` (`GuestSource.sampleDirtyPages`). The guest runs
 ///   throughout, tracked as a migration would track it, so it is slowed as it would be.
 /// - The link is probed with a short migration of a throwaway guest: `probePages` copies of the guest's own pages,
-///   spread evenly over the memory that holds data, sent over the same kind of channels, with the same codec,
+///   in runs of a batch spread evenly over the memory that holds data, sent over the same kind of channels, with the same codec,
 ///   channel count and bandwidth cap, to the same receiver, which writes them into fresh memory as it would the
 ///   guest's. So the measured rate is the end-to-end one: encoding, TLS, the link and the receiver together. Its
 ///   pass 1 sends every page again, a word of each changed, into memory the receiver now holds: the rate of later
@@ -53,7 +53,7 @@ public enum ConvergenceDryRun {
         var populated: [UInt64] = []
         try source.forEachPopulatedFrame { populated.append($0) }
         let scanSeconds = monotonicSeconds() - scanStart
-        let probe = ProbeSource(copying: populated, from: source, pages: probePages)
+        let probe = ProbeSource(copying: populated, from: source, pages: probePages, run: options.batchPages)
 
         let sampled = Locked<Result<DirtySample, any Error>?>(nil)
         let (armed, sampleDone) = (DispatchSemaphore(value: 0), DispatchSemaphore(value: 0))
@@ -111,17 +111,22 @@ private final class ProbeSource: GuestSource, @unchecked Sendable {
     /// Which pages are not all zero: those a harvest changes.
     private var hasData: [Bool]
 
-    /// `pages` copies of the frames in `frames`, taken at even steps through them; rounded up to 2 MiB, the smallest
-    /// memory a receiver's guest has.
-    init(copying frames: [UInt64], from source: GuestSource, pages requested: Int) {
+    /// `pages` copies of the frames in `frames`, in runs of `run` consecutive ones taken at even steps through them;
+    /// rounded up to 2 MiB, the smallest memory a receiver's guest has. Runs, not single pages, because a batch is
+    /// compressed as one block: pages far apart share less than neighbours do, and would compress worse and slower
+    /// than the guest's own batches.
+    init(copying frames: [UInt64], from source: GuestSource, pages requested: Int, run: Int) {
         pages = max((min(requested, max(frames.count, 1)) + 511) / 512 * 512, 512)
         memory = UnsafeMutableRawBufferPointer.allocate(byteCount: pages * 4096, alignment: 4096)
         memory.initializeMemory(as: UInt8.self, repeating: 0)
         layout = GuestMemoryLayout(regions: [MemoryRegion(guestPhysicalAddress: 0, size: UInt64(pages * 4096))])
         hasData = Array(repeating: false, count: pages)
         guard !frames.isEmpty else { return }
+        let run = max(1, min(run, pages))
+        let runs = (pages + run - 1) / run
         for index in 0 ..< pages {
-            let frame = frames[index * frames.count / pages]
+            let (runIndex, offset) = index.quotientAndRemainder(dividingBy: run)
+            let frame = frames[min(runIndex * frames.count / runs + offset, frames.count - 1)]
             let copy = UnsafeMutableRawBufferPointer(rebasing: memory[index * 4096 ..< (index + 1) * 4096])
             copy.copyMemory(from: UnsafeRawBufferPointer(start: source.page(frame: frame), count: 4096))
             hasData[index] = copy.contains { $0 != 0 }

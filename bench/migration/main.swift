@@ -3,7 +3,7 @@
 //
 //   swift build -c release --product migration-bench && .build/release/migration-bench [guest.elf] [scenario...]
 //   .build/release/migration-bench [guest.elf] --unchanged-ab RUNS [scenario...]
-//   .build/release/migration-bench [guest.elf] --predict RUNS [scenario...]
+//   .build/release/migration-bench [guest.elf] --predict RUNS [--probe-mib N] [scenario...]
 // The second form runs each scenario RUNS times with unchanged pages (stream.md §6.4.1) on and off, alternating,
 // and prints medians with min-max of the wire bytes of the passes after pass 0 and of the total time. The third runs
 // a dry run (ConvergenceDryRun) before each migration and prints its prediction of total time and downtime against
@@ -23,7 +23,9 @@ let arguments = Array(CommandLine.arguments.dropFirst())
 let guestPath = arguments.first { $0.hasSuffix(".elf") } ?? "guest/build/guest.elf"
 let abRuns = arguments.firstIndex(of: "--unchanged-ab").map { Int(arguments[$0 + 1])! }
 let predictRuns = arguments.firstIndex(of: "--predict").map { Int(arguments[$0 + 1])! }
-let flags: Set = ["--unchanged-ab", "--predict"]
+/// The dry run's link probe, in MiB (`--probe-mib N`); ConvergenceDryRun's default without it.
+let probePages = arguments.firstIndex(of: "--probe-mib").map { Int(arguments[$0 + 1])! * 256 } ?? ConvergenceDryRun.defaultProbePages
+let flags: Set = ["--unchanged-ab", "--predict", "--probe-mib"]
 let chosen = Set(arguments.enumerated().filter { index, argument in
     !argument.hasSuffix(".elf") && !flags.contains(argument) && (index == 0 || !flags.contains(arguments[index - 1]))
 }.map(\.element))
@@ -112,7 +114,8 @@ func migrateOnce(_ scenario: Scenario, unchangedPages: Bool = true, dryRun: Bool
     var result: DryRunResult?
     if dryRun {
         let probe = receiveOnce(from: listener)
-        result = try ConvergenceDryRun.run(source: MicroVMGuestSource(machine: source), options: options, openChannel: connect)
+        result = try ConvergenceDryRun.run(source: MicroVMGuestSource(machine: source), options: options, probePages: probePages,
+                                           openChannel: connect)
         _ = probe()
     }
     let receiver = receiveOnce(from: listener)
@@ -156,8 +159,10 @@ if let runs = predictRuns {
                   + m.dirty.points.map { String(format: "%.3f s %.0f", $0.seconds, $0.pages) }.joined(separator: ", "))
             print("    predicted passes: " + (before?.passes.map { String(format: "%d pages %.3f s dirty %d", $0.pages, $0.seconds, $0.dirtyPages) }
                 .joined(separator: "; ") ?? "-") + "; final \(before?.finalPages ?? 0)")
-            print("    actual passes:    " + report.passes.map { String(format: "%d pages (%d zero, %d unchanged) %.3f s dirty %d", $0.pagesSent, $0.zeroPages,
-                                                                        $0.unchangedPages, $0.seconds, $0.dirtyPages) }.joined(separator: "; ")
+            print("    actual passes:    " + report.passes.map { String(format: "%d pages (%d zero, %d unchanged) %.0f B/page %.3f s dirty %d", $0.pagesSent,
+                                                                        $0.zeroPages, $0.unchangedPages,
+                                                                        Double($0.wireBytes) / Double(max($0.pagesSent - $0.zeroPages, 1)),
+                                                                        $0.seconds, $0.dirtyPages) }.joined(separator: "; ")
                   + String(format: "; setup %.3f s", report.setupSeconds))
         }
     }

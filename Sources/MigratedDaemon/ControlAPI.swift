@@ -14,9 +14,15 @@ public final class ControlAPI: Sendable {
     let logger: Logger
     private let startedAt = DispatchTime.now()
     private let requestCounts = RequestCounter()
-    /// VMs a dry run is measuring: it uses the VM's dirty log, which a migration, a snapshot, or another dry run of
-    /// the same VM must not use meanwhile, and it needs the guest running.
-    private let dryRuns = Locked<Set<String>>([])
+    /// VMs a dry run is measuring, and VMs whose migration is being started. A dry run uses the VM's dirty log, which
+    /// a migration, a snapshot, or another dry run of the same VM must not use meanwhile, and it needs the guest
+    /// running. A migration counts as started once the service has registered it (`isMigrating`); until then it is
+    /// here, so that a dry run and a migration started at the same moment cannot both pass their checks.
+    private let dirtyLogUsers = Locked(DirtyLogUsers())
+    private struct DirtyLogUsers {
+        var dryRuns: Set<String> = []
+        var startingMigrations: Set<String> = []
+    }
 
     public init(vms: VMManager, migrations: any MigrationService, snapshots: SnapshotService, tls: TLSFiles?, logger: Logger) {
         self.vms = vms
@@ -127,24 +133,36 @@ public final class ControlAPI: Sendable {
     /// Everything the daemon can check itself comes before the service, so that a bad request gets its 4xx
     /// whatever the engine does.
     private func startMigration(vm id: String, _ request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
-        try refuseDuringDryRun(id)
-        return try await migrations.startMigration(of: try outgoingVM(id, request), request: request)
+        let outgoing = try outgoingVM(id, request)
+        // A second migration started at the same moment goes on to the service, which answers 409 migration_in_progress.
+        let (refused, claimed) = dirtyLogUsers.withLock { users in
+            users.dryRuns.contains(id) ? (true, false) : (false, users.startingMigrations.insert(id).inserted)
+        }
+        if refused { throw Self.dryRunRunning(id) }
+        defer { if claimed { dirtyLogUsers.withLock { _ = $0.startingMigrations.remove(id) } } }
+        return try await migrations.startMigration(of: outgoing, request: request)
     }
 
     /// A dry run: the checks of a migration, then the service measures and predicts, with this VM's dirty log its
     /// own until it answers.
     private func predictMigration(vm id: String, _ request: MigrationRequest) async throws(ControlError) -> MigrationPrediction {
         let outgoing = try outgoingVM(id, request)
+        let refusal: ControlError? = dirtyLogUsers.withLock { users in
+            if users.startingMigrations.contains(id) { return .conflict("migration_running", "VM '\(id)' is migrating") }
+            return users.dryRuns.insert(id).inserted ? nil : Self.dryRunRunning(id)
+        }
+        if let refusal { throw refusal }
+        defer { dirtyLogUsers.withLock { _ = $0.dryRuns.remove(id) } }
         if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
-        guard dryRuns.withLock({ $0.insert(id).inserted }) else { throw .conflict("dry_run_running", "a dry run of VM '\(id)' is running") }
-        defer { dryRuns.withLock { _ = $0.remove(id) } }
         return try await migrations.predictMigration(of: outgoing, request: request)
     }
 
     private func refuseDuringDryRun(_ id: String) throws(ControlError) {
-        if dryRuns.withLock({ $0.contains(id) }) {
-            throw .conflict("dry_run_running", "a dry run of VM '\(id)' is measuring it; try again in a second")
-        }
+        if dirtyLogUsers.withLock({ $0.dryRuns.contains(id) }) { throw Self.dryRunRunning(id) }
+    }
+
+    private static func dryRunRunning(_ id: String) -> ControlError {
+        .conflict("dry_run_running", "a dry run of VM '\(id)' is measuring it; try again in a second")
     }
 
     /// The VM as a migration (or its dry run) gets it, after the checks both share.

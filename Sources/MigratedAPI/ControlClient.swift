@@ -82,6 +82,13 @@ public struct ControlClient: Sendable {
         try await call(.POST, "/vms/\(Self.escape(id))/migrate", body: request)
     }
 
+    /// A dry run: `request` with `dryRun` set; nothing migrates.
+    public func predictMigration(_ id: String, _ request: MigrationRequest) async throws -> MigrationPrediction {
+        var request = request
+        request.dryRun = true
+        return try await call(.POST, "/vms/\(Self.escape(id))/migrate", body: request)
+    }
+
     public func migration(_ id: String) async throws -> MigrationStatus {
         try await call(.GET, "/vms/\(Self.escape(id))/migration")
     }

@@ -39,6 +39,30 @@ public enum Formatting {
         return parts.joined(separator: "  ")
     }
 
+    /// A dry run's prediction, for people; `--json` prints the document itself.
+    public static func prediction(_ p: MigrationPrediction) -> String {
+        let windows = p.dirtyWindows.map { "\(seconds($0.seconds)) \(bytes(Double($0.bytes)))" }.joined(separator: ", ")
+        var lines = [
+            "dry run of \(p.vm) to \(p.peer): nothing was migrated, the guest ran throughout",
+            "  guest: \(bytes(Double(p.dataBytes))) with data; dirtied \(bytes(p.dirtyRateBytesPerSecond))/s over a sample of "
+                + "\(seconds(p.sampleSeconds)) (distinct: \(windows))",
+            "  link: \(bytes(p.rateBytesPerSecond))/s of guest pages end to end, \(Int(p.wireBytesPerPage.rounded())) wire bytes per page; \(p.link)",
+        ]
+        if p.converges {
+            lines.append("  prediction: converges in \(p.passes.count) pass\(p.passes.count == 1 ? "" : "es") and the switchover: total "
+                + "\(seconds(p.totalSeconds)), downtime \(p.downtimeMs.map { seconds($0 / 1000) } ?? "-") (of which \(seconds(p.assumedSwitchoverMs / 1000)) "
+                + "assumed for the switchover itself)" + (p.throttle > 0 ? String(format: ", with auto-converge throttling the guest to %.0f%%", p.throttle * 100) : ""))
+        } else {
+            lines.append("  prediction: will NOT converge under these options: \(p.reason ?? "no reason given"); it would give up after \(seconds(p.totalSeconds))")
+        }
+        for pass in p.passes {
+            lines.append("    pass \(pass.pass): \(pass.pages) pages in \(seconds(pass.seconds)), \(pass.dirtyPages) dirtied meanwhile"
+                + (pass.throttle > 0 ? String(format: ", throttle %.0f%%", pass.throttle * 100) : ""))
+        }
+        if p.converges { lines.append("    switchover: \(p.finalPages) pages with the guest paused") }
+        return lines.joined(separator: "\n")
+    }
+
     /// The final report, for people; `--json` prints the document itself.
     public static func report(_ report: MigrationReportDocument, vm: String, peer: String) -> String {
         var lines = [

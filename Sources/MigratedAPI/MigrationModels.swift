@@ -34,15 +34,18 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
     /// only when pre-copy alone would not meet the downtime limit.
     public var postcopyAfterPasses: Int?
 
+    /// Do not migrate: measure the guest and the link, and answer with a `MigrationPrediction` (control-api.md §4.1.1).
+    public var dryRun: Bool
+
     public static let fieldNames: Set<String> = [
         "peer", "channels", "compression", "security", "bandwidth_limit_bytes_per_second", "downtime_limit_ms", "auto_converge",
-        "postcopy", "postcopy_after_passes",
+        "postcopy", "postcopy_after_passes", "dry_run",
     ]
     public static let channelRange = 1 ... 16
 
     public init(peer: String, channels: Int = 1, compression: MigrationCompression = .lz4, security: MigrationSecurity = .tls,
                 bandwidthLimitBytesPerSecond: UInt64? = nil, downtimeLimitMs: UInt64 = 300, autoConverge: Bool = true,
-                postcopy: Bool = false, postcopyAfterPasses: Int? = nil) {
+                postcopy: Bool = false, postcopyAfterPasses: Int? = nil, dryRun: Bool = false) {
         self.peer = peer
         self.channels = channels
         self.compression = compression
@@ -52,6 +55,7 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
         self.autoConverge = autoConverge
         self.postcopy = postcopy
         self.postcopyAfterPasses = postcopyAfterPasses
+        self.dryRun = dryRun
     }
 
     public init(from decoder: any Decoder) throws {
@@ -66,6 +70,7 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
         // Absent from the requests of clients that predate post-copy.
         postcopy = try c.decodeIfPresent(Bool.self, forKey: .postcopy) ?? false
         postcopyAfterPasses = try c.decodeIfPresent(Int.self, forKey: .postcopyAfterPasses)
+        dryRun = try c.decodeIfPresent(Bool.self, forKey: .dryRun) ?? false
     }
 
     /// The checks that need no engine: nil when the request is well formed, else why not.
@@ -80,6 +85,93 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
             if !postcopy { return "postcopy_after_passes needs \"postcopy\": true" }
         }
         return nil
+    }
+}
+
+/// `POST /vms/{id}/migrate` with `dry_run`: what the migration would do, measured and predicted without migrating.
+public struct MigrationPrediction: Codable, Sendable, Equatable {
+    public var vm: String
+    public var peer: String
+    /// How long the guest's dirty log was sampled (it ran throughout), and what it dirtied.
+    public var sampleSeconds: Double
+    /// Bytes per second the guest dirtied over the whole sample, as distinct pages.
+    public var dirtyRateBytesPerSecond: Double
+    /// Distinct bytes the guest dirtied in windows of growing length from the start of the sample.
+    public var dirtyWindows: [DirtyWindow]
+    /// How the link was measured, in words.
+    public var link: String
+    /// Guest bytes with data per second the probe moved end to end (encoding, link, the destination writing them),
+    /// and wire bytes per guest page after compression.
+    public var rateBytesPerSecond: Double
+    public var wireBytesPerPage: Double
+    /// Guest memory that holds data (not zero): what pass 0 will send.
+    public var dataBytes: UInt64
+    /// The probe's setup (connection, TLS handshake, capabilities), which the migration's will resemble.
+    public var setupSeconds: Double
+    /// The fixed cost of the switchover, which a dry run cannot measure without pausing the guest: assumed.
+    public var assumedSwitchoverMs: Double
+    /// Whether the migration will converge under the request's options, and if not, why not.
+    public var converges: Bool
+    public var reason: String?
+    /// From the start of the migration until the destination runs the guest (or until it gives up).
+    public var totalSeconds: Double
+    /// nil when it will not converge.
+    public var downtimeMs: Double?
+    /// The pre-copy passes, then the final pass with the guest paused.
+    public var passes: [PredictedPass]
+    public var finalPages: UInt64
+    /// The heaviest auto-converge throttle the migration will need; 0 for none.
+    public var throttle: Double
+
+    public struct DirtyWindow: Codable, Sendable, Equatable {
+        public var seconds: Double
+        public var bytes: UInt64
+
+        public init(seconds: Double, bytes: UInt64) {
+            self.seconds = seconds
+            self.bytes = bytes
+        }
+    }
+
+    public struct PredictedPass: Codable, Sendable, Equatable {
+        public var pass: Int
+        public var pages: UInt64
+        public var seconds: Double
+        /// Pages the guest dirties meanwhile: the next pass's work.
+        public var dirtyPages: UInt64
+        public var throttle: Double
+
+        public init(pass: Int, pages: UInt64, seconds: Double, dirtyPages: UInt64, throttle: Double) {
+            self.pass = pass
+            self.pages = pages
+            self.seconds = seconds
+            self.dirtyPages = dirtyPages
+            self.throttle = throttle
+        }
+    }
+
+    public init(vm: String, peer: String, sampleSeconds: Double, dirtyRateBytesPerSecond: Double, dirtyWindows: [DirtyWindow], link: String,
+                rateBytesPerSecond: Double, wireBytesPerPage: Double, dataBytes: UInt64, setupSeconds: Double, assumedSwitchoverMs: Double,
+                converges: Bool, reason: String?, totalSeconds: Double, downtimeMs: Double?, passes: [PredictedPass], finalPages: UInt64,
+                throttle: Double) {
+        self.vm = vm
+        self.peer = peer
+        self.sampleSeconds = sampleSeconds
+        self.dirtyRateBytesPerSecond = dirtyRateBytesPerSecond
+        self.dirtyWindows = dirtyWindows
+        self.link = link
+        self.rateBytesPerSecond = rateBytesPerSecond
+        self.wireBytesPerPage = wireBytesPerPage
+        self.dataBytes = dataBytes
+        self.setupSeconds = setupSeconds
+        self.assumedSwitchoverMs = assumedSwitchoverMs
+        self.converges = converges
+        self.reason = reason
+        self.totalSeconds = totalSeconds
+        self.downtimeMs = downtimeMs
+        self.passes = passes
+        self.finalPages = finalPages
+        self.throttle = throttle
     }
 }
 
@@ -114,15 +206,20 @@ public struct MigrationStatus: Codable, Sendable, Equatable {
     /// Fraction of the time the guest is held back by auto-converge, 0...1.
     public var throttle: Double
     public var elapsedSeconds: Double
-    /// Seconds to completion as the engine estimates it; nil when it cannot tell yet.
+    /// Seconds to completion as the engine's convergence prediction has it, made again after every pass; before
+    /// the first pass has ended, the rest of that pass at its pace so far. nil when the engine cannot tell, or when
+    /// its prediction is that the migration will give up.
     public var etaSeconds: Double?
+    /// The downtime the engine's latest prediction expects; nil before its first.
+    public var predictedDowntimeMs: Double?
     /// Set once `phase` is final.
     public var report: MigrationReportDocument?
 
     public init(vm: String, peer: String, phase: MigrationPhase, pass: Int = 0, percent: Double = 0, bytesOnWire: UInt64 = 0,
                 rateBytesPerSecond: Double = 0, dirtyRateBytesPerSecond: Double = 0, expectedDowntimeMs: Double = 0,
-                throttle: Double = 0, elapsedSeconds: Double = 0, etaSeconds: Double? = nil,
+                throttle: Double = 0, elapsedSeconds: Double = 0, etaSeconds: Double? = nil, predictedDowntimeMs: Double? = nil,
                 report: MigrationReportDocument? = nil) {
+        self.predictedDowntimeMs = predictedDowntimeMs
         self.vm = vm
         self.peer = peer
         self.phase = phase

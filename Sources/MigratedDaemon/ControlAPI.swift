@@ -14,6 +14,15 @@ public final class ControlAPI: Sendable {
     let logger: Logger
     private let startedAt = DispatchTime.now()
     private let requestCounts = RequestCounter()
+    /// VMs a dry run is measuring, and VMs whose migration is being started. A dry run uses the VM's dirty log, which
+    /// a migration, a snapshot, or another dry run of the same VM must not use meanwhile, and it needs the guest
+    /// running. A migration counts as started once the service has registered it (`isMigrating`); until then it is
+    /// here, so that a dry run and a migration started at the same moment cannot both pass their checks.
+    private let dirtyLogUsers = Locked(DirtyLogUsers())
+    private struct DirtyLogUsers {
+        var dryRuns: Set<String> = []
+        var startingMigrations: Set<String> = []
+    }
 
     public init(vms: VMManager, migrations: any MigrationService, snapshots: SnapshotService, tls: TLSFiles?, logger: Logger) {
         self.vms = vms
@@ -82,6 +91,7 @@ public final class ControlAPI: Sendable {
             let id = parts[1]
             if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved") }
             if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
+            try refuseDuringDryRun(id)
             let pause = parts[2] == "pause"
             // A resume may say {"force": true}, for a VM a migration left in doubt (§3.7); a pause takes no body.
             let force = !pause && !body.isEmpty ? try decode(ResumeRequest.self, body).force : false
@@ -105,6 +115,7 @@ public final class ControlAPI: Sendable {
         case (_, 3) where parts[0] == "vms" && parts[2] == "migrate":
             try allow(method, ["POST"])
             let request = try decode(MigrationRequest.self, body)
+            if request.dryRun { return try json(200, try await predictMigration(vm: parts[1], request)) }
             return try json(202, try await startMigration(vm: parts[1], request))
         case (_, 3) where parts[0] == "vms" && parts[2] == "migration":
             try allow(method, ["GET"])
@@ -122,12 +133,46 @@ public final class ControlAPI: Sendable {
     /// Everything the daemon can check itself comes before the service, so that a bad request gets its 4xx
     /// whatever the engine does.
     private func startMigration(vm id: String, _ request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
+        let outgoing = try outgoingVM(id, request)
+        // A second migration started at the same moment goes on to the service, which answers 409 migration_in_progress.
+        let (refused, claimed) = dirtyLogUsers.withLock { users in
+            users.dryRuns.contains(id) ? (true, false) : (false, users.startingMigrations.insert(id).inserted)
+        }
+        if refused { throw Self.dryRunRunning(id) }
+        defer { if claimed { dirtyLogUsers.withLock { _ = $0.startingMigrations.remove(id) } } }
+        return try await migrations.startMigration(of: outgoing, request: request)
+    }
+
+    /// A dry run: the checks of a migration, then the service measures and predicts, with this VM's dirty log its
+    /// own until it answers.
+    private func predictMigration(vm id: String, _ request: MigrationRequest) async throws(ControlError) -> MigrationPrediction {
+        let outgoing = try outgoingVM(id, request)
+        let refusal: ControlError? = dirtyLogUsers.withLock { users in
+            if users.startingMigrations.contains(id) { return .conflict("migration_running", "VM '\(id)' is migrating") }
+            return users.dryRuns.insert(id).inserted ? nil : Self.dryRunRunning(id)
+        }
+        if let refusal { throw refusal }
+        defer { dirtyLogUsers.withLock { _ = $0.dryRuns.remove(id) } }
+        if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
+        return try await migrations.predictMigration(of: outgoing, request: request)
+    }
+
+    private func refuseDuringDryRun(_ id: String) throws(ControlError) {
+        if dirtyLogUsers.withLock({ $0.dryRuns.contains(id) }) { throw Self.dryRunRunning(id) }
+    }
+
+    private static func dryRunRunning(_ id: String) -> ControlError {
+        .conflict("dry_run_running", "a dry run of VM '\(id)' is measuring it; try again in a second")
+    }
+
+    /// The VM as a migration (or its dry run) gets it, after the checks both share.
+    private func outgoingVM(_ id: String, _ request: MigrationRequest) throws(ControlError) -> OutgoingVM {
         if let problem = request.problem() { throw .badRequest(problem) }
         let machine = try vms.runningMachine(id)
         if snapshots.isSaving(vm: id) { throw .conflict("snapshot_running", "VM '\(id)' is being saved; migrate it when the snapshot is done") }
         if try vms.isPaused(id) { throw .conflict("vm_paused", "VM '\(id)' is paused; resume it to migrate it") }
         try vms.checkArrived(id)
-        // The migration takes over the dirty log, so a later diff snapshot could miss pages: the next must be full.
+        // The migration (or a dry run) takes over the dirty log, so a later diff snapshot could miss pages: the next must be full.
         snapshots.forgetBase(vm: id)
         if request.security == .tls && tls == nil {
             throw .conflict("tls_not_configured", "this daemon has no TLS identity (tls section or --tls-* flags); configure one, or ask for \"security\": \"plaintext\"")
@@ -139,13 +184,14 @@ public final class ControlAPI: Sendable {
         }, leaveInDoubt: { inDoubt in
             manager.markInDoubt(id, inDoubt)
         })
-        return try await migrations.startMigration(of: outgoing, request: request)
+        return outgoing
     }
 
     private func startSnapshot(vm id: String, _ request: SnapshotRequest) async throws(ControlError) -> SnapshotStatus {
         let machine = try vms.runningMachine(id)
         if try await isMigrating(id) { throw .conflict("migration_running", "VM '\(id)' is migrating") }
         try vms.checkArrived(id)
+        try refuseDuringDryRun(id)
         return try snapshots.startSave(vm: try vms.vm(id), machine: machine, request: request, paused: try vms.isPaused(id))
     }
 

@@ -62,7 +62,9 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         }
     }
 
-    public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
+    /// How `request` connects to its peer, and the engine's options for it.
+    private func plan(_ vm: OutgoingVM, _ request: MigrationRequest) throws(ControlError)
+        -> (connect: @Sendable (Int) throws -> MigrationChannel, options: MigrationOptions) {
         guard let peer = PeerAddress(request.peer) else { throw .badRequest("peer '\(request.peer)' is not an address") }
         let endpoint = Endpoint(peer)
         let security: Security
@@ -83,11 +85,13 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         // The daemons cannot resume a post-copy yet (no `migratectl migrate --resume`): waiting for one would only keep
         // a guest whose link broke waiting for pages that will not come.
         options.postCopyRecoveryTimeout = 0
+        return ({ _ in try MigrationNetwork.connect(to: endpoint, security: security) }, options)
+    }
 
+    public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
+        let (connect, options) = try plan(vm, request)
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
-        let sender = MigrationSender(source: source, options: options) { _ in
-            try MigrationNetwork.connect(to: endpoint, security: security)
-        }
+        let sender = MigrationSender(source: source, options: options, openChannel: connect)
         let migration = Migration(sender: sender, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup))
         let busyWith: String? = lock.withLock {
             if let running = migrations[vm.id], !running.status.phase.isFinal { return running.status.peer }
@@ -125,6 +129,27 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             }
         }
         return migration.status
+    }
+
+    /// Samples the guest's dirty log and probes the link to the peer on a thread of its own (it takes about a second),
+    /// then predicts (ConvergenceDryRun).
+    public func predictMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationPrediction {
+        let (connect, options) = try plan(vm, request)
+        let source = MicroVMGuestSource(machine: vm.machine)
+        let result: Result<DryRunResult, any Error> = await withCheckedContinuation { continuation in
+            startThread(named: "dry-run-\(vm.id)") {
+                continuation.resume(returning: Result { try ConvergenceDryRun.run(source: source, options: options, openChannel: connect) })
+            }
+        }
+        switch result {
+        case .success(let dryRun):
+            let prediction = MigrationPrediction(dryRun, vm: vm.id, request: request)
+            logger.info("dry run", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "converges": "\(prediction.converges)",
+                                              "total_s": "\(prediction.totalSeconds)", "downtime_ms": "\(prediction.downtimeMs ?? -1)"])
+            return prediction
+        case .failure(let error):
+            throw ControlError(502, "dry_run_failed", "the dry run could not measure the guest or the link to \(request.peer): \(error)")
+        }
     }
 
     public func status(ofVM id: String) async throws(ControlError) -> MigrationStatus {
@@ -184,8 +209,10 @@ extension MigrationStatus {
         expectedDowntimeMs = progress.expectedDowntime.isFinite ? progress.expectedDowntime * 1000 : 0
         throttle = progress.throttle
         elapsedSeconds = progress.elapsed
-        // The rest of this pass at its pace so far; later passes are small when the guest converges.
-        etaSeconds = progress.passSecondsLeft
+        // The engine's prediction, made again after every pass; until pass 0 ends there is none, and the rest of
+        // pass 0 at its pace so far is the best there is (later passes are small when the guest converges).
+        etaSeconds = progress.predictedSecondsLeft ?? progress.passSecondsLeft
+        predictedDowntimeMs = progress.predictedDowntime.map { $0 * 1000 }
     }
 
     /// Takes in the engine's final report; a migration `inDoubt` gives that as its error.
@@ -212,6 +239,29 @@ extension MigrationStatus {
                 MigrationReportDocument.PostCopy(missingPages: UInt64($0.missingPages), requestedPages: UInt64($0.requestedPages),
                                                  requests: UInt64($0.requests), wireBytes: UInt64($0.wireBytes), seconds: $0.seconds)
             })
+    }
+}
+
+extension MigrationPrediction {
+    /// The API's account of a dry run of `request`.
+    init(_ dryRun: DryRunResult, vm: String, request: MigrationRequest) {
+        let m = dryRun.measurements
+        let p = dryRun.prediction
+        let channels = "\(request.channels) \(request.security == .tls ? "TLS" : "plaintext") channel\(request.channels == 1 ? "" : "s")"
+        var link = "a probe: \(Formatting.bytes(Double(dryRun.probePages * 4096))) of copies of the guest's pages sent to \(request.peer) "
+            + "over \(channels), \(request.compression.rawValue), in \(Formatting.seconds(dryRun.probeSeconds)) after a setup of "
+            + "\(Formatting.seconds(dryRun.probeSetupSeconds))"
+        if let cap = request.bandwidthLimitBytesPerSecond { link += ", capped at \(Formatting.bytes(Double(cap)))/s" }
+        let last = p.passes.last
+        self.init(vm: vm, peer: request.peer, sampleSeconds: dryRun.sample.windows.last?.seconds ?? 0,
+                  dirtyRateBytesPerSecond: m.dirty.bytesPerSecond,
+                  dirtyWindows: dryRun.sample.windows.map { DirtyWindow(seconds: $0.seconds, bytes: UInt64($0.pages) * 4096) },
+                  link: link, rateBytesPerSecond: m.pagesPerSecond * 4096, wireBytesPerPage: m.wireBytesPerPage,
+                  dataBytes: UInt64(m.dataPages) * 4096, setupSeconds: m.setupSeconds, assumedSwitchoverMs: m.switchoverSeconds * 1000,
+                  converges: p.converges, reason: p.failure, totalSeconds: p.totalSeconds, downtimeMs: p.downtimeSeconds.map { $0 * 1000 },
+                  passes: p.passes.map { PredictedPass(pass: $0.pass, pages: UInt64($0.pages), seconds: $0.seconds,
+                                                       dirtyPages: UInt64($0.dirtyPages), throttle: $0.throttle) },
+                  finalPages: UInt64(p.converges ? p.finalPages : last?.dirtyPages ?? 0), throttle: p.throttle)
     }
 }
 

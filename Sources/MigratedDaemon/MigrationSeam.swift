@@ -51,6 +51,17 @@ public protocol MigrationService: Sendable {
     /// Lines in the Prometheus text format appended to GET /metrics (migrations started, bytes sent, ...),
     /// each family with its # HELP and # TYPE; empty for none.
     func metrics() async -> String
+
+    /// A dry run (`request.dryRun`): measures `vm` and the link to `request.peer` and predicts the migration, without
+    /// migrating. Returns once done; `vm` must be left running, untracked and unthrottled. The daemon has made sure
+    /// that nothing else uses the VM's dirty log meanwhile. The default refuses (501 `dry_run_unsupported`).
+    func predictMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationPrediction
+}
+
+extension MigrationService {
+    public func predictMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationPrediction {
+        throw ControlError(501, "dry_run_unsupported", "this daemon's migration service cannot predict a migration")
+    }
 }
 
 /// What the incoming side hands to the daemon: a VM that arrived and runs; it passed the digest check, or in

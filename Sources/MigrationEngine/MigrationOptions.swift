@@ -101,9 +101,18 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
     public var elapsed: Double
     /// Seconds left in the current pass at its pace so far; nil between passes.
     public var passSecondsLeft: Double?
+    /// Seconds until the destination runs the guest, as the latest `ConvergencePrediction` has it (made before the
+    /// first pass from measurements taken beforehand, if any, and after every pass); nil before there is one, or
+    /// when it says the migration will give up.
+    public var predictedSecondsLeft: Double?
+    /// The downtime the latest prediction expects; nil as `predictedSecondsLeft`.
+    public var predictedDowntime: Double?
 
     public init(phase: Phase, pass: Int, pagesDone: Int, pagesTotal: Int, bytesOnWire: Int, bandwidth: Double, dirtyRate: Double,
-                expectedDowntime: Double, throttle: Double, elapsed: Double, passSecondsLeft: Double?) {
+                expectedDowntime: Double, throttle: Double, elapsed: Double, passSecondsLeft: Double?,
+                predictedSecondsLeft: Double? = nil, predictedDowntime: Double? = nil) {
+        self.predictedSecondsLeft = predictedSecondsLeft
+        self.predictedDowntime = predictedDowntime
         self.phase = phase
         self.pass = pass
         self.pagesDone = pagesDone
@@ -140,6 +149,9 @@ public struct MigrationReport: Sendable, Codable, Equatable {
     public var harvestSeconds: Double
     /// How post-copy went, when the migration finished in it.
     public var postCopy: PostCopyReport?
+    /// Every prediction of the migration's end made while it ran, oldest first (`ConvergencePrediction.afterPass`
+    /// says when each was made).
+    public var predictions: [ConvergencePrediction] = []
 }
 
 /// The post-copy phase of a migration, as the sender saw it.

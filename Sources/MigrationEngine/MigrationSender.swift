@@ -21,7 +21,7 @@ import Threads
 ///
 /// Sendable: `run` works on one thread; what others touch is atomic (`cancelled`, the progress counters, `watching`),
 /// locked (`gate`, `opened`) or set before `run` (`onProgress`, `corruptDigestForTesting`,
-/// `claimWrongUnchangedForTesting`).
+/// `claimWrongUnchangedForTesting`, `measuredBeforehand`).
 /// `failure` and the report are read after `run` returns.
 public final class MigrationSender: @unchecked Sendable {
     public let source: GuestSource
@@ -41,6 +41,9 @@ public final class MigrationSender: @unchecked Sendable {
     /// For tests: in every pass after the first, each channel declares one page unchanged whose content did change
     /// (stream.md §6.4.1), as a sender that misjudged what the receiver holds would; the digest must refuse it.
     public var claimWrongUnchangedForTesting = false
+    /// Measurements taken before the migration (a dry run's, `ConvergenceDryRun`), from which the first prediction
+    /// of its end is made before pass 0; without them the first comes after pass 0.
+    public var measuredBeforehand: ConvergenceMeasurements?
 
     private let cancelled = Atomic<Bool>(false)
     private let pagesDone = ProgressCounter()
@@ -53,6 +56,7 @@ public final class MigrationSender: @unchecked Sendable {
     private var harvests = 0
     private var harvestSeconds = 0.0
     private var postCopyReport: PostCopyReport?
+    private var forecast = ConvergenceForecast(options: MigrationOptions(), beforehand: nil)
 
     public init(source: GuestSource, options: MigrationOptions, openChannel: @escaping (Int) throws -> MigrationChannel) {
         precondition(options.channels >= 1, "at least one channel")
@@ -84,6 +88,7 @@ public final class MigrationSender: @unchecked Sendable {
         started = monotonicSeconds()
         failure = nil
         postCopyReport = nil
+        forecast = ConvergenceForecast(options: options, beforehand: measuredBeforehand)
         var phase = Phase()
         gate.withLock { $0 = Gate() }
         opened.withLock { $0 = OpenedChannels() }
@@ -226,6 +231,7 @@ public final class MigrationSender: @unchecked Sendable {
         try guest { try source.startDirtyTracking() }
         phase.tracking = true
         phase.setupSeconds = monotonicSeconds() - started
+        forecast.start(setupSeconds: phase.setupSeconds)
 
         var frames = [[UInt64]](repeating: [], count: count)
         try guest { try source.forEachPopulatedFrame { frames[channelIndex(of: $0, channels: count)].append($0) } }
@@ -249,6 +255,8 @@ public final class MigrationSender: @unchecked Sendable {
                                      dirtyPages: dirty.reduce(0) { $0 + $1.count }, throttle: throttle)
             }
             history.append(statistics)
+            forecast.update(history: history, elapsed: monotonicSeconds() - started, throttle: throttle, setupSeconds: phase.setupSeconds,
+                            harvests: harvests, harvestSeconds: harvestSeconds, memoryPages: Int(layout.totalBytes / 4096))
             if isCancelled { throw MigrationError.cancelled }
             frames = dirty
             pass += 1
@@ -596,7 +604,8 @@ public final class MigrationSender: @unchecked Sendable {
             phase: phase, pass: pass, pagesDone: phase == .precopy ? pagesDone.count : total, pagesTotal: total,
             bytesOnWire: wireBytes + inPass, bandwidth: rate, dirtyRate: last?.dirtyRate ?? 0,
             expectedDowntime: last?.expectedDowntime ?? 0, throttle: last?.throttle ?? 0,
-            elapsed: monotonicSeconds() - started, passSecondsLeft: secondsLeft))
+            elapsed: monotonicSeconds() - started, passSecondsLeft: secondsLeft,
+            predictedSecondsLeft: forecast.secondsLeft(elapsed: monotonicSeconds() - started), predictedDowntime: forecast.downtime))
     }
 
     /// A channel that fails under the sender is often the consequence of the receiver giving up, which says why on
@@ -638,7 +647,7 @@ public final class MigrationSender: @unchecked Sendable {
             setupSeconds: setup, downtimeSeconds: downtime, passes: history, wireBytes: wireBytes,
             pagesSent: history.reduce(0) { $0 + $1.pagesSent - ($1.pass == 0 ? $1.zeroPages : 0) },
             compression: options.compression.rawValue, channels: channels.count, harvests: harvests, harvestSeconds: harvestSeconds,
-            postCopy: postCopyReport)
+            postCopy: postCopyReport, predictions: forecast.predictions)
     }
 
     // MARK: handshake

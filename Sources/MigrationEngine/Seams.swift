@@ -24,6 +24,11 @@ public protocol GuestSource: AnyObject, Sendable {
     /// tracking for them before returning.
     func harvestDirtyFrames(_ visit: (UInt64) -> Void) throws
     func stopDirtyTracking() throws
+    /// What the running guest dirties in windows of up to `seconds`, for predicting a migration before it starts
+    /// (`ConvergenceDryRun`); `armed` is called once tracking is on, when the windows start. The default
+    /// (DirtySampling.swift) uses the three tracking calls above; a source that can measure more cheaply or more finely
+    /// implements it. The guest must not be paused, and tracking must be off again when it returns.
+    func sampleDirtyPages(for seconds: Double, armed: () -> Void) throws -> DirtySample
 
     /// Stops the guest's vCPUs; returns once none runs.
     func pause() throws

@@ -178,7 +178,15 @@ struct VM: AsyncParsableCommand {
 struct Migrate: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Live-migrate a VM to a peer daemon and follow it to the end.",
-        discussion: "Progress is one line per update when standard output is not a terminal, and a line updated in place when it is.")
+        discussion: """
+        Progress is one line per update when standard output is not a terminal, and a line updated in place when it is. \
+        Its ETA is the engine's prediction, made again after every pass.
+
+        With --dry-run nothing migrates: the daemon samples the guest's dirty log for half a second (the guest runs \
+        throughout, tracked as a migration would track it, then untracked), probes the link with 64 MiB of copies of \
+        the guest's pages sent to the peer with these options (the peer records it as a failed incoming migration), \
+        and prints the predicted passes, total time and downtime, and whether the migration will converge.
+        """)
     @OptionGroup var options: ClientOptions
     @Argument(help: "The VM's id.") var vm: String
     @Option(help: "The peer's migration address: host:port, [v6]:port or unix:/path.") var to: String
@@ -194,6 +202,7 @@ struct Migrate: AsyncParsableCommand {
     @Option(name: .customLong("postcopy-after"), help: ArgumentHelp("Switch to post-copy after this many pre-copy passes at the latest (implies --postcopy).", valueName: "passes"))
     var postcopyAfter: Int?
     @Flag(help: "Return once the migration has started, without following it.") var detach = false
+    @Flag(help: "Predict the migration without migrating: measure the guest and the link, print the prediction.") var dryRun = false
     @Option(help: "Seconds between progress updates.") var interval = 0.5
 
     func run() async throws {
@@ -202,6 +211,9 @@ struct Migrate: AsyncParsableCommand {
             bandwidthLimitBytesPerSecond: try bandwidth.map(parseBytes), downtimeLimitMs: downtimeLimitMs,
             autoConverge: !noAutoConverge, postcopy: postcopy || postcopyAfter != nil, postcopyAfterPasses: postcopyAfter)
         if let problem = request.problem() { throw ValidationError(problem) }
+        if dryRun {
+            return try await reportingErrors { try options.print(try await options.client.predictMigration(vm, request), text: Formatting.prediction) }
+        }
         try await reportingErrors {
             var status = try await options.client.migrate(vm, request)
             if detach { return try options.print(status, text: Formatting.progressLine) }

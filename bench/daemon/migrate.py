@@ -17,7 +17,7 @@ Configurations (--configs, comma-separated):
   tcp-none-1ch      plaintext, uncompressed, 1 channel: QEMU default's shape
   tls-none-2ch      mutual TLS 1.3, uncompressed, 2 channels
 
-Usage: bench/daemon/migrate.py [--repeat N] [--configs a,b] [--json out.json] [--perf DIR] [scenario ...]
+Usage: bench/daemon/migrate.py [--repeat N] [--configs a,b] [--json out.json] [--perf DIR] [--dry-run-first] [scenario ...]
        bench/daemon/migrate.py --table daemon.json [qemu.json]   (markdown tables only)
 Standard library only. Needs root (private network namespace for exact
 loopback byte counts, /dev/kvm), openssl, and the release builds of
@@ -285,6 +285,16 @@ class Run:
             time.sleep(0.05)
         res["fill_s"] = round(time.monotonic() - t_boot, 2)
 
+        if self.args.dry_run_first:
+            # The dry run's prediction (issue 16 item 6), with the migration's own options, just before it.
+            dry = ["migrate", vm, "--to", f"127.0.0.1:{port}", "--channels", str(channels),
+                   "--compression", compression, "--dry-run"] + (["--plaintext"] if security == "plaintext" else [])
+            prediction = self.ctl(src.sock, *dry)
+            res["prediction"] = prediction
+            res["pred_converges"] = prediction.get("converges")
+            res["pred_total_s"] = prediction.get("total_seconds")
+            res["pred_downtime_ms"] = prediction.get("downtime_ms")
+
         argv = [os.path.join(self.args.bin, "migratectl"), "migrate", vm,
                 "--to", f"127.0.0.1:{port}", "--channels", str(channels),
                 "--compression", compression, "--interval", str(self.args.poll),
@@ -462,7 +472,7 @@ def tables(daemon_docs, qemu_doc=None):
         summaries += d.get("summary") or summarize(d["results"])
     qemu = qemu_summaries(qemu_doc)
     scenarios = [s for s in SCENARIOS if any(x["scenario"] == s for x in summaries)]
-    lines = []
+    lines = prediction_table(daemon_docs)
     head = ["side / config", "runs ok", "total s", "downtime ms", "wire MB", "payload GB/s",
             "CPU s src / dst", "CPU s excl. vCPU src / dst", "passes", "QEMU time ÷ this (default / tls)"]
     for sc in scenarios:
@@ -501,6 +511,34 @@ def tables(daemon_docs, qemu_doc=None):
     return "\n".join(lines)
 
 
+def prediction_table(daemon_docs):
+    """Markdown: each run with a dry run before it (--dry-run-first), its prediction against what the migration
+    took, and how many runs fall within 25 %; empty when no run had one."""
+    runs = [r for d in daemon_docs for r in d["results"] if r.get("pred_total_s") is not None]
+    if not runs:
+        return []
+
+    def err(pred, actual):
+        return None if pred is None or not actual else (pred - actual) / actual * 100
+
+    lines = ["Dry run (`migratectl migrate --dry-run`) just before each migration, predicted against actual:", "",
+             "| scenario | config | run | predicted passes | passes | predicted total s | total s | error | "
+             "predicted downtime ms | downtime ms | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    within = {"total": 0, "downtime": 0}
+    for r in runs:
+        et, ed = err(r["pred_total_s"], r.get("total_s")), err(r.get("pred_downtime_ms"), r.get("downtime_ms"))
+        within["total"] += et is not None and abs(et) <= 25
+        within["downtime"] += ed is not None and abs(ed) <= 25
+        pred_passes = len((r.get("prediction") or {}).get("passes") or []) + 1
+        lines.append("| " + " | ".join([
+            r["scenario"], r["config"], str(r["repeat"]), str(pred_passes), str(r.get("passes")),
+            fmt(r["pred_total_s"], "{:.2f}"), fmt(r.get("total_s"), "{:.2f}"), fmt(et, "{:+.0f} %"),
+            fmt(r.get("pred_downtime_ms")), fmt(r.get("downtime_ms")), fmt(ed, "{:+.0f} %")]) + " |")
+    lines += ["", f"Within 25 %: total time {within['total']} of {len(runs)} runs, downtime {within['downtime']} of {len(runs)}.", ""]
+    return lines
+
+
 # --------------------------------------------------------------------------- main
 def enter_netns():
     """Re-run inside a private network namespace, as bench/qemu/migrate.py does."""
@@ -535,6 +573,8 @@ def main():
     ap.add_argument("--perf", metavar="DIR",
                     help="profile both daemons during each migration with perf record, into DIR "
                          "(timings are then not comparable with unprofiled runs)")
+    ap.add_argument("--dry-run-first", action="store_true",
+                    help="run `migratectl migrate --dry-run` before each migration and report its prediction against it")
     ap.add_argument("--note", help="free text stored in the JSON's meta (e.g. what the binaries were built from)")
     args = ap.parse_args()
 

@@ -246,6 +246,19 @@ class Run:
         self.dir = os.path.join(tmp, f"{scenario}-{config}-{rep}")
         os.makedirs(self.dir, exist_ok=True)
 
+    def wait_until_filled(self, src, src_serial, want, t_boot):
+        """Waits until the source guest's status line says it has written `want` pages of its working set; returns its
+        status lines so far."""
+        while True:
+            lines, text = status_lines(src_serial)
+            if lines and lines[-1]["pages"] >= want:
+                return lines
+            if src.poll() is not None:
+                raise RuntimeError(f"source QEMU exited ({src.returncode}): {text[-500:]}")
+            if time.monotonic() - t_boot > self.args.fill_timeout:
+                raise RuntimeError(f"guest did not fill {want} pages in {self.args.fill_timeout}s")
+            time.sleep(0.05)
+
     def start_qemu(self, role, mem, append, extra):
         qmp = os.path.join(self.dir, f"{role}.qmp")
         serial = os.path.join(self.dir, f"{role}.serial")
@@ -298,15 +311,7 @@ class Run:
 
         # Wait until the guest has written its whole working set.
         want = ws_mib * 256
-        while True:
-            lines, text = status_lines(src_serial)
-            if lines and lines[-1]["pages"] >= want:
-                break
-            if src.poll() is not None:
-                raise RuntimeError(f"source QEMU exited ({src.returncode}): {text[-500:]}")
-            if time.monotonic() - t_boot > self.args.fill_timeout:
-                raise RuntimeError(f"guest did not fill {want} pages in {self.args.fill_timeout}s")
-            time.sleep(0.05)
+        self.wait_until_filled(src, src_serial, want, t_boot)
         res["fill_s"] = round(time.monotonic() - t_boot, 2)
 
         # Capabilities and parameters, both sides.
@@ -438,15 +443,7 @@ class Run:
         self.qmps.append(sq)
 
         want = ws_mib * 256
-        while True:
-            lines, text = status_lines(src_serial)
-            if lines and lines[-1]["pages"] >= want:
-                break
-            if src.poll() is not None:
-                raise RuntimeError(f"source QEMU exited ({src.returncode}): {text[-500:]}")
-            if time.monotonic() - t_boot > self.args.fill_timeout:
-                raise RuntimeError(f"guest did not fill {want} pages in {self.args.fill_timeout}s")
-            time.sleep(0.05)
+        lines = self.wait_until_filled(src, src_serial, want, t_boot)
         res["fill_s"] = round(time.monotonic() - t_boot, 2)
         # Three more status lines: the baseline, what the guest sees without a migration.
         filled_at = len(serial_lines(src_serial))

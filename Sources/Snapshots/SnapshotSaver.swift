@@ -44,6 +44,8 @@ public struct SnapshotSaveReport: Sendable {
     public var totalSeconds: Double
     /// Of which: writing metadata, syncing and, for a compressed file, compressing (the guest runs meanwhile).
     public var finishSeconds: Double
+    /// Of `totalSeconds`: the final fsync of the file written during the passes.
+    public var syncSeconds: Double = 0
     public var passes: [PassStatistics]
     /// What a diff of this snapshot needs; nil unless dirty tracking was kept on.
     public var base: SnapshotBase?
@@ -102,6 +104,7 @@ public final class SnapshotSaver {
             let deviceState = try capture(writer, &state)
             let finishStart = monotonicSeconds()
             var header = try writer.finish(deviceState: deviceState)
+            let syncSeconds = writer.syncSeconds
             if plainPath != path {
                 defer { unlink(plainPath) }
                 header = try SnapshotConvert.convert(plainPath, to: path, memoryFormat: options.memoryFormat,
@@ -113,7 +116,7 @@ public final class SnapshotSaver {
                 SnapshotBase(id: header.id, memoryDigest: header.memoryDigest, path: path, layout: $0.layout, pageHashes: $0.pageHashes)
             } : nil
             return SnapshotSaveReport(header: header, path: path, pauseSeconds: state.pauseSeconds, totalSeconds: monotonicSeconds() - started,
-                                      finishSeconds: monotonicSeconds() - finishStart, passes: history, base: nextBase)
+                                      finishSeconds: monotonicSeconds() - finishStart, syncSeconds: syncSeconds, passes: history, base: nextBase)
         } catch {
             writer.discard()
             source.setThrottle(0)

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import LinuxSystem
+import MigrationEngine
 import MigrationWire
 import PageCodec
 import Synchronization
@@ -86,6 +87,8 @@ public final class SnapshotWriter {
     private var lastIndexWritten = -1
     private var bytesSinceWriteback = 0
     private let writeback = WritebackState()
+    /// How long `finish` waited in fsync: a save's time to the page cache and its time to the disk differ.
+    public private(set) var syncSeconds = 0.0
 
     public enum Compression: String, Sendable, Codable { case lz4, zstd }
 
@@ -246,7 +249,9 @@ public final class SnapshotWriter {
         precondition(!finished, "finish called twice")
         do {
             let header = try writeMetadata(deviceState: deviceState, memoryDigest: memoryDigest)
+            let syncStart = monotonicSeconds()
             try fileOperation("syncing \(temporaryPath)") { try file.sync() }
+            syncSeconds = monotonicSeconds() - syncStart
             try fileOperation("renaming \(temporaryPath) to \(path)") {
                 _ = try systemCall("rename") { rename(temporaryPath, path) }
             }

@@ -68,3 +68,28 @@ final class BlockBatch: @unchecked Sendable {
         self.pages = 0
     }
 }
+
+extension BlockEntry {
+    /// Checks the CRC32C of the block's stored bytes and decompresses them into `output`, which must be exactly
+    /// as long as the block's pages; `decompressors` keeps one per encoding for the next block. Used by readers,
+    /// and by a writer reading back a block it rewrites.
+    func decode(_ stored: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer,
+                decompressors: inout [Encoding: BlockCompressor], name: String) throws(SnapshotError) {
+        guard FastCRC32C.update(0, stored) == checksum else {
+            throw .checksumMismatch(part: name, detail: "CRC32C of \(length) bytes at memory offset \(offset)")
+        }
+        do {
+            switch encoding {
+            case .raw:
+                guard stored.count == output.count else { throw CompressionError.corrupt(.none) }
+                output.copyMemory(from: stored)
+            case .lz4, .zstd:
+                let decompressor = try decompressors[encoding] ?? BlockCompressor(encoding == .lz4 ? .lz4(acceleration: 1) : .zstd(level: 1))
+                decompressors[encoding] = decompressor
+                try decompressor.decompress(stored, into: output)
+            }
+        } catch {
+            throw .corrupt(part: name, "does not decompress to \(output.count / SnapshotFormat.pageSize) pages: \(error)")
+        }
+    }
+}

@@ -187,22 +187,7 @@ public final class PageReader {
         let entry = snapshot.blocks[block]
         let stored = UnsafeMutableRawBufferPointer(rebasing: compressedBuffer[0 ..< Int(entry.length)])
         try fileOperation("reading \(snapshot.path)") { try snapshot.file.read(all: stored, at: Int64(snapshot.memory.offset + entry.offset)) }
-        guard FastCRC32C.update(0, UnsafeRawBufferPointer(stored)) == entry.checksum else {
-            throw .checksumMismatch(part: "memory block \(block) of \(snapshot.path)", detail: "CRC32C of \(entry.length) bytes at memory offset \(entry.offset)")
-        }
-        do {
-            switch entry.encoding {
-            case .raw:
-                guard stored.count == output.count else { throw CompressionError.corrupt(.none) }
-                output.copyMemory(from: UnsafeRawBufferPointer(stored))
-            case .lz4, .zstd:
-                let decompressor = try decompressors[entry.encoding] ?? BlockCompressor(entry.encoding == .lz4 ? .lz4(acceleration: 1) : .zstd(level: 1))
-                decompressors[entry.encoding] = decompressor
-                try decompressor.decompress(UnsafeRawBufferPointer(stored), into: output)
-            }
-        } catch {
-            throw .corrupt(part: "memory block \(block) of \(snapshot.path)", "does not decompress to \(count) pages: \(error)")
-        }
+        try entry.decode(UnsafeRawBufferPointer(stored), into: output, decompressors: &decompressors, name: "memory block \(block) of \(snapshot.path)")
         for k in 0 ..< count {
             try check(UnsafeRawBufferPointer(rebasing: output[k * pageSize ..< (k + 1) * pageSize]), index: snapshot.dataIndices[first + k], ordinal: first + k)
         }

@@ -82,6 +82,39 @@ final class SnapshotFormatTests: XCTestCase {
         XCTAssertLessThan(compressedSize * 4, plainSize, "text pages compress")
     }
 
+    /// A compressed file written as a live save writes it: every page once in order, then later passes that write
+    /// pages again (patched into their blocks), clear them (they stay data, of zeros), or give data to frames
+    /// that had none (every block after them is cut again); a full snapshot, and a diff on top of it.
+    func testCompressedFileTakesPagesAgainInLaterPasses() throws {
+        for kind in [SnapshotKind.full, .diff] {
+            var memory = sampleMemory()
+            var base: SnapshotBase?
+            if kind == .diff { base = try write(memory, to: "parent-\(kind)").1 }
+            let writer = try SnapshotWriter(path: path("live-\(kind)"), layout: layout, kind: kind, memoryFormat: .compressed, base: base)
+            func put(_ index: Int) throws { try memory.pages[index].withUnsafeBytes { try writer.write(pages: $0, firstIndex: index) } }
+            // Pass 0: a diff starts from the pages dirtied since its parent, one of them cleared.
+            if kind == .diff { memory.stamp(9, seed: 7); memory.pages[12] = [UInt8](repeating: 0, count: 4096) }
+            for index in kind == .full ? Array(memory.pages.indices) : [9, 12, 600] { try put(index) }
+            // Later passes, out of order and repeated.
+            var later: [Int] = []
+            memory.stamp(600, seed: 2); later.append(600)
+            memory.stamp(3, seed: 2); later.append(3)
+            memory.pages[6] = [UInt8](repeating: 0, count: 4096); later.append(6)
+            memory.stamp(1, seed: 2); later.append(1)       // data where there was none: the blocks after it move
+            memory.stamp(12, seed: 3); later.append(12)
+            memory.stamp(600, seed: 3); later.append(600)   // the same page again: the last write wins
+            memory.stamp(1535, seed: 2); later.append(1535)
+            for index in later { try put(index) }
+            let header = try writer.finish(deviceState: devices)
+            XCTAssertEqual(header.memoryFormat, .compressed)
+            let chain = try SnapshotChain.open(path("live-\(kind)"))
+            try assertRestores(chain, to: memory)
+            // The same memory written once, in order, has the same digest.
+            let once = kind == .full ? try write(memory, to: "once-\(kind)", format: .compressed).0 : nil
+            if let once { XCTAssertEqual(once.memoryDigest, header.memoryDigest) }
+        }
+    }
+
     func testConvertKeepsIdentityAndContents() throws {
         let memory = sampleMemory()
         let (header, _) = try write(memory, to: "a")

@@ -127,6 +127,7 @@ public final class SnapshotSaver {
         var frames: [UInt64] = []
         if options.live {
             frames = try initialFrames(&state)
+            try sampleDictionary(writer, frames)
             if !state.tracking {
                 try guest { try source.startDirtyTracking() }
                 state.tracking = true
@@ -148,6 +149,7 @@ public final class SnapshotSaver {
         }
         last.sort()
         let final = last.enumerated().filter { $0.offset == 0 || last[$0.offset - 1] != $0.element }.map(\.element)
+        if !options.live { try sampleDictionary(writer, final) }
         if options.keepTracking, !state.tracking {
             // Started while paused: every write after the snapshot is in the log for the next diff.
             try guest { try source.startDirtyTracking() }
@@ -163,6 +165,15 @@ public final class SnapshotSaver {
         state.pauseSeconds = monotonicSeconds() - pausedAt
         report(.completed, pass: history.count, done: final.count, total: final.count)
         return deviceState
+    }
+
+    /// Gives a compressed zstd file its dictionary, sampled from the pages the first pass will save.
+    private func sampleDictionary(_ writer: SnapshotWriter, _ frames: [UInt64]) throws(SnapshotError) {
+        guard options.memoryFormat == .compressed, options.compression == .zstd else { return }
+        let dictionary = try BlockDictionary.sample(count: frames.count) { (k) throws(SnapshotError) in
+            UnsafeRawBufferPointer(start: source.page(frame: frames[k]), count: SnapshotFormat.pageSize)
+        }
+        if let dictionary { try writer.useDictionary(dictionary) }
     }
 
     /// A full snapshot starts from every populated page; a diff from the pages dirtied since its parent.

@@ -91,6 +91,9 @@ public final class SnapshotWriter: @unchecked Sendable {
     /// The frame index of each data page written so far, in order: data page `n` is page `n % 64` of block `n / 64`.
     private var dataIndices: [Int] = []
     private var decompressors: [BlockEntry.Encoding: BlockCompressor] = [:]
+    private let compression: Compression
+    /// What zstd blocks are compressed against (`useDictionary`); the file keeps it in DICTIONARY.
+    private var dictionary: [UInt8]?
     /// Pages written again, waiting for `finish` (`stage`).
     private var staged: OwnedFileDescriptor?
     private var stagedIndices: Set<Int> = []
@@ -116,6 +119,7 @@ public final class SnapshotWriter: @unchecked Sendable {
         self.layout = layout
         self.kind = kind
         self.memoryFormat = memoryFormat
+        self.compression = compression
         frames = FrameIndex(layout: layout)
         guard frames.count > 0, UInt64(frames.count) <= SnapshotFormat.maximumFrames else {
             throw .unsupported("a guest of \(frames.count) pages")
@@ -298,6 +302,15 @@ public final class SnapshotWriter: @unchecked Sendable {
         if batch.isFull { try flushBlocks() }
     }
 
+    /// Compressed zstd files: compresses every block against `bytes` (see `BlockDictionary`), which the file
+    /// keeps; called before the first page is written. Makes the file version 2. Other files ignore it.
+    public func useDictionary(_ bytes: [UInt8]) throws(SnapshotError) {
+        guard memoryFormat == .compressed, compression == .zstd, let batch else { return }
+        precondition(blocks.isEmpty && batch.pages == 0 && dictionary == nil, "a dictionary comes before the first page")
+        do { self.batch = try BlockBatch(.zstd(level: 3), dictionary: bytes) } catch { throw .io("compressor: \(error)") }
+        dictionary = bytes
+    }
+
     /// Compresses the gathered pages and appends their blocks to MEMORY and to BLOCK_INDEX.
     private func flushBlocks() throws(SnapshotError) { blocks += try flushBatch() }
 
@@ -398,7 +411,8 @@ public final class SnapshotWriter: @unchecked Sendable {
             let stored = UnsafeMutableRawBufferPointer(rebasing: scratch.stored[0 ..< Int(entry.length)])
             try fileOperation("reading back \(temporaryPath)") { try file.read(all: stored, at: Int64(memoryOffset + entry.offset)) }
             scratch.block = nil
-            try entry.decode(UnsafeRawBufferPointer(stored), into: output, decompressors: &decompressors, name: "memory block \(block) of \(temporaryPath)")
+            try entry.decode(UnsafeRawBufferPointer(stored), into: output, decompressors: &decompressors, dictionary: dictionary,
+                              name: "memory block \(block) of \(temporaryPath)")
             scratch.block = block
         }
         return UnsafeRawBufferPointer(output)
@@ -495,6 +509,11 @@ public final class SnapshotWriter: @unchecked Sendable {
             let index = BlockEntry.encode(blocks)
             try put(.blockIndex, index, at: next)
             next += UInt64(index.count)
+            if let dictionary {
+                next = alignUp(next, pageSize)
+                try put(.dictionary, dictionary, at: next)
+                next += UInt64(dictionary.count)
+            }
         }
         next = alignUp(next, pageSize)
         let layoutBytes = LayoutPart.encode(layout)

@@ -1,5 +1,6 @@
 import Foundation
 import MigrationWire
+import PageCodec
 import Snapshots
 import TestSupport
 import XCTest
@@ -38,11 +39,15 @@ final class SnapshotFormatTests: XCTestCase {
     let devices = [DeviceState(componentID: DeviceComponent.kvmVM, instance: 0, componentVersion: 1, blob: ByteSlice(Array("state".utf8))),
                    DeviceState(componentID: DeviceComponent.vmmPrivateBase + 1, instance: 0, componentVersion: 1, blob: ByteSlice([1, 2, 3]))]
 
-    /// Writes the pages at `indices` of `memory` (all of them for a full snapshot).
+    /// Writes the pages at `indices` of `memory` (all of them for a full snapshot); a compressed file with a
+    /// dictionary of the first of them unless `dictionary` is false.
     @discardableResult
     func write(_ memory: Memory, to name: String, format: SnapshotMemoryFormat = .plain, base: SnapshotBase? = nil,
-               indices: [Int]? = nil) throws -> (SnapshotHeader, SnapshotBase?) {
+               indices: [Int]? = nil, dictionary: Bool = true) throws -> (SnapshotHeader, SnapshotBase?) {
         let writer = try SnapshotWriter(path: path(name), layout: layout, kind: base == nil ? .full : .diff, memoryFormat: format, base: base)
+        if dictionary, let first = (indices ?? Array(memory.pages.indices)).first(where: { memory.pages[$0].contains { $0 != 0 } }) {
+            try writer.useDictionary(memory.pages[first])
+        }
         for index in indices ?? Array(memory.pages.indices) {
             try memory.pages[index].withUnsafeBytes { try writer.write(pages: $0, firstIndex: index) }
         }
@@ -112,6 +117,32 @@ final class SnapshotFormatTests: XCTestCase {
             // The same memory written once, in order, has the same digest.
             let once = kind == .full ? try write(memory, to: "once-\(kind)", format: .compressed).0 : nil
             if let once { XCTAssertEqual(once.memoryDigest, header.memoryDigest) }
+        }
+    }
+
+    /// A compressed file with a dictionary is version 2, smaller than without, and restores; one without stays
+    /// version 1, which older builds read; a version 1 file that lists a dictionary is refused.
+    func testCompressedFileWithADictionaryIsVersionTwo() throws {
+        let memory = sampleMemory()
+        let (with, _) = try write(memory, to: "with", format: .compressed)
+        let (without, _) = try write(memory, to: "without", format: .compressed, dictionary: false)
+        XCTAssertEqual(with.version, 2)
+        XCTAssertEqual(without.version, 1)
+        XCTAssertEqual(with.memoryDigest, without.memoryDigest)
+        try assertRestores(try SnapshotChain.open(path("with")), to: memory)
+        try assertRestores(try SnapshotChain.open(path("without")), to: memory)
+        let size = { (name: String) in try FileManager.default.attributesOfItem(atPath: self.path(name))[.size] as! Int }
+        let memoryPart = { (name: String) in try SnapshotFile(path: self.path(name)).header.part(.memory)!.length }
+        XCTAssertLessThan(try memoryPart("with"), try memoryPart("without"), "blocks refer back to the dictionary")
+        XCTAssertGreaterThan(try size("with"), 0)
+        // Version 1 written over version 2, the header checksum made right again: the dictionary is refused.
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: path("with")))
+        bytes[8] = 1
+        let crc = [UInt8](bytes[0 ..< 4092]).withUnsafeBytes { FastCRC32C.update(0, $0) }
+        withUnsafeBytes(of: crc.littleEndian) { bytes.replaceSubrange(4092 ..< 4096, with: $0) }
+        try bytes.write(to: URL(fileURLWithPath: path("v1-with-dictionary")))
+        XCTAssertThrowsError(try SnapshotFile(path: path("v1-with-dictionary"))) { error in
+            XCTAssertTrue("\(error)".contains("dictionary"), "\(error)")
         }
     }
 

@@ -194,9 +194,13 @@ public final class SnapshotWriter: @unchecked Sendable {
     private func stage(_ page: UnsafeRawBufferPointer, at index: Int) throws(SnapshotError) {
         if staged == nil {
             staged = try fileOperation("creating a side file beside \(temporaryPath)") {
-                // O_TMPFILE: the side file has no name, and goes when it is closed, whatever happens.
-                try OwnedFileDescriptor(opening: URL(fileURLWithPath: temporaryPath).deletingLastPathComponent().path,
-                                        flags: O_RDWR | Self.temporaryFile, mode: 0o600)
+                // Without a name (O_TMPFILE), it goes when it is closed, whatever happens. A file system without
+                // O_TMPFILE gets a named file, unlinked at once.
+                let directory = URL(fileURLWithPath: temporaryPath).deletingLastPathComponent().path
+                if let nameless = try? OwnedFileDescriptor(opening: directory, flags: O_RDWR | Self.temporaryFile, mode: 0o600) { return nameless }
+                let named = try OwnedFileDescriptor(opening: temporaryPath + ".side", flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+                unlink(temporaryPath + ".side")
+                return named
             }
         }
         try fileOperation("writing a side file beside \(temporaryPath)") {

@@ -229,6 +229,9 @@ public final class SnapshotSaver {
             runs.append(position ..< position + count)
             position += count
         }
+        if pass == 0, writer.memoryFormat == .plain {
+            writer.allocate(indices: frames.compactMap { writer.frames.index(of: $0) })
+        }
         let work = RunWork(source: source, writer: writer, frames: frames, runs: runs, paused: paused)
         let helped = writer.memoryFormat == .plain && runs.count >= 2 * Self.helperMinimumRuns
         let helperDone = DispatchSemaphore(value: 0)

@@ -228,6 +228,20 @@ public final class SnapshotWriter: @unchecked Sendable {
         }
     }
 
+    /// Plain files: allocates the file's blocks for the frames at `indices` (sorted) before their pages are
+    /// written, one call per stretch of consecutive frames, so that the writes, which ext4 serialises on the
+    /// file's lock, do not each reserve space for delayed allocation on the way. Best effort: a file system
+    /// that cannot allocate ahead allocates as it writes.
+    public func allocate(indices: [Int]) {
+        guard memoryFormat == .plain, !indices.isEmpty else { return }
+        let pageSize = Int64(SnapshotFormat.pageSize)
+        var start = 0
+        for k in 1 ... indices.count where k == indices.count || indices[k] != indices[k - 1] + 1 {
+            try? file.allocate(at: Int64(memoryOffset) + Int64(indices[start]) * pageSize, length: Int64(k - start) * pageSize)
+            start = k
+        }
+    }
+
     /// Checks and hashes the pages with no lock held, stores each run of data pages with one write at its fixed
     /// place (the places of different frames are disjoint), then records the pages under `shared`: the checks,
     /// which are most of the work besides the copy into the page cache, run on every writing thread at once.

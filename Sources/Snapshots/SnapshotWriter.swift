@@ -325,7 +325,10 @@ public final class SnapshotWriter: @unchecked Sendable {
     public func useDictionary(_ bytes: [UInt8]) throws(SnapshotError) {
         guard memoryFormat == .compressed, compression == .zstd, let batch else { return }
         precondition(blocks.isEmpty && batch.pages == 0 && dictionary == nil, "a dictionary comes before the first page")
-        do { self.batch = try BlockBatch(.zstd(level: 3), dictionary: bytes) } catch { throw .io("compressor: \(error)") }
+        // Level 1: against a dictionary of the same guest's pages, the fast match finder finds most of what level
+        // 3 finds, at nearly twice the speed (`zstd -b1 -e3 -B262144 -D` on the benchmark guest's pages: ratio 65
+        // at 2.3 GB/s against 79 at 1.3 GB/s).
+        do { self.batch = try BlockBatch(.zstd(level: 1), dictionary: bytes) } catch { throw .io("compressor: \(error)") }
         dictionary = bytes
     }
 

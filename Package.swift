@@ -71,7 +71,7 @@ let package = Package(
             "Snapshots", "KVMMigration", "MicroVM", "MigratedAPI", "XenAdapter", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "SnapshotBench", dependencies: ["Snapshots", "KVMMigration", "MicroVM"], path: "bench/snapshot",
-                          exclude: ["results"]),
+                          exclude: ["results", "side_by_side.py"]),
         .target(name: "MigrationNetwork", dependencies: ["MigrationEngine", "Transport"]),
         .target(name: "XenAdapter", dependencies: ["MigrationEngine", "MigrationWire", "KVMBackend", "Threads"]),
         .executableTarget(name: "XenBench", dependencies: ["XenAdapter", "KVMMigration", "MicroVM", "Snapshots"], path: "bench/xen"),

@@ -24,6 +24,10 @@ int ckvm_install_kick_handler(int signo) {
 int ckvm_sigrtmin(void) { return SIGRTMIN; }
 int ckvm_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 int ckvm_start_writeback(int fd) { return sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE); }
+int ckvm_allocate(int fd, long long offset, long long length) {
+    return fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length);
+}
+
 int ckvm_punch_hole(int fd, long long offset, long long length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }

@@ -72,6 +72,11 @@ public final class OwnedFileDescriptor: Sendable {
 
     /// Deallocates `length` bytes from `offset`, keeping the file's size: they read as zeros afterwards, and
     /// hold no memory (a memfd) or blocks (a file).
+    /// Allocates the file's blocks for `length` bytes from `offset` ahead of writing them; the size is unchanged.
+    public func allocate(at offset: Int64, length: Int64) throws {
+        _ = try systemCall("fallocate of \(length) bytes at \(offset)") { ckvm_allocate(rawValue, offset, length) }
+    }
+
     public func punchHole(at offset: Int64, length: Int64) throws {
         _ = try systemCall("fallocate PUNCH_HOLE of \(length) bytes at \(offset)") { ckvm_punch_hole(rawValue, offset, length) }
     }

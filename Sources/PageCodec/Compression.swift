@@ -59,6 +59,21 @@ public final class BlockCompressor {
         }
     }
 
+    /// Zstandard only: every later block is compressed and decompressed against `dictionary`, raw content that
+    /// blocks may refer back to (sample pages of the same guest, say), and which both sides must load alike.
+    /// Blocks stay independent of each other; they depend on the dictionary only.
+    public func use(dictionary: UnsafeRawBufferPointer) throws {
+        guard codec.kind == .zstd, dictionary.count > 0 else { throw CompressionError.badParameter("a dictionary for \(codec)") }
+        // Loaded as raw content unless it starts with zstd's dictionary magic, which callers avoid.
+        guard dictionary.count < 4 || dictionary.loadUnaligned(as: UInt32.self) != UInt32(ZSTD_MAGIC_DICTIONARY) else {
+            throw CompressionError.badParameter("raw dictionary content that starts with zstd's dictionary magic")
+        }
+        if zstdD == nil { zstdD = ZSTD_createDCtx() }
+        let c = ZSTD_CCtx_loadDictionary(zstdC, dictionary.baseAddress, dictionary.count)
+        let d = ZSTD_DCtx_loadDictionary(zstdD, dictionary.baseAddress, dictionary.count)
+        guard ZSTD_isError(c) == 0, ZSTD_isError(d) == 0 else { throw CompressionError.badParameter("zstd refused the dictionary") }
+    }
+
     deinit {
         if let lz4Stream { LZ4_freeStream(lz4Stream) }
         if let zstdC { ZSTD_freeCCtx(zstdC) }

@@ -20,6 +20,8 @@ public final class SnapshotFile: Sendable {
     /// Frame indices of the data pages, in order (a data page's ordinal is its position here).
     public let dataIndices: [Int]
     let blocks: [BlockEntry]
+    /// What zstd blocks of encoding 3 are compressed against (version 2).
+    let dictionary: [UInt8]?
     let memory: Part
     let file: OwnedFileDescriptor
     public let fileSize: UInt64
@@ -71,8 +73,13 @@ public final class SnapshotFile: Sendable {
             blocks = []
         case .compressed:
             let count = (data.count + SnapshotFormat.blockPages - 1) / SnapshotFormat.blockPages
-            blocks = try BlockEntry.decode(try checkedPart(.blockIndex), blocks: count, memoryLength: memory.length)
+            let entries = try BlockEntry.decode(try checkedPart(.blockIndex), blocks: count, memoryLength: memory.length)
+            if header.part(.dictionary) == nil, let block = entries.firstIndex(where: { $0.encoding == .zstdDictionary }) {
+                throw .corrupt(part: "block index", "block \(block) needs a dictionary, and the file has none")
+            }
+            blocks = entries
         }
+        dictionary = header.part(.dictionary) == nil ? nil : try checkedPart(.dictionary)
         deviceState = try DevicesPart.decode(try checkedPart(.devices))
         checksums = checksumBytes.withUnsafeBytes { raw in (0 ..< data.count).map { UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: $0 * 4, as: UInt32.self)) } }
         self.path = path
@@ -187,22 +194,8 @@ public final class PageReader {
         let entry = snapshot.blocks[block]
         let stored = UnsafeMutableRawBufferPointer(rebasing: compressedBuffer[0 ..< Int(entry.length)])
         try fileOperation("reading \(snapshot.path)") { try snapshot.file.read(all: stored, at: Int64(snapshot.memory.offset + entry.offset)) }
-        guard FastCRC32C.update(0, UnsafeRawBufferPointer(stored)) == entry.checksum else {
-            throw .checksumMismatch(part: "memory block \(block) of \(snapshot.path)", detail: "CRC32C of \(entry.length) bytes at memory offset \(entry.offset)")
-        }
-        do {
-            switch entry.encoding {
-            case .raw:
-                guard stored.count == output.count else { throw CompressionError.corrupt(.none) }
-                output.copyMemory(from: UnsafeRawBufferPointer(stored))
-            case .lz4, .zstd:
-                let decompressor = try decompressors[entry.encoding] ?? BlockCompressor(entry.encoding == .lz4 ? .lz4(acceleration: 1) : .zstd(level: 1))
-                decompressors[entry.encoding] = decompressor
-                try decompressor.decompress(UnsafeRawBufferPointer(stored), into: output)
-            }
-        } catch {
-            throw .corrupt(part: "memory block \(block) of \(snapshot.path)", "does not decompress to \(count) pages: \(error)")
-        }
+        try entry.decode(UnsafeRawBufferPointer(stored), into: output, decompressors: &decompressors, dictionary: snapshot.dictionary,
+                         name: "memory block \(block) of \(snapshot.path)")
         for k in 0 ..< count {
             try check(UnsafeRawBufferPointer(rebasing: output[k * pageSize ..< (k + 1) * pageSize]), index: snapshot.dataIndices[first + k], ordinal: first + k)
         }

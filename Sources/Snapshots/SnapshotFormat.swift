@@ -3,7 +3,7 @@ import MigrationEngine
 import MigrationWire
 import PageCodec
 
-/// The snapshot file format, version 1 (protocol/snapshot.md).
+/// The snapshot file format, versions 1 and 2 (protocol/snapshot.md); version 2 adds DICTIONARY.
 ///
 /// ```
 ///  offset 0      header (4096 bytes): magic, version, kind, ids, digests, counts, part table, CRC32C
@@ -14,6 +14,7 @@ import PageCodec
 ///                MEMORY          plain: frame i at MEMORY + i * 4096 (sparse, mappable)
 ///                                compressed: blocks of data pages, lz4 or zstd
 ///                BLOCK_INDEX     compressed only: where each block lies, and its CRC32C
+///                DICTIONARY      compressed, version 2 only: sample pages that zstd blocks may refer to
 ///                DEVICES         device-state components, the VM configuration among them
 /// ```
 /// Every part but MEMORY carries a CRC32C in the part table; MEMORY is covered page by page (plain) or
@@ -21,7 +22,11 @@ import PageCodec
 /// digest of the guest it restores to, and, for a diff snapshot, its parent's id and memory digest.
 public enum SnapshotFormat {
     public static let magic: [UInt8] = Array("MIGSNAP1".utf8)
-    public static let version: UInt32 = 1
+    /// The newest version this build reads. It writes version 2 only for a file with a DICTIONARY, which a
+    /// reader of version 1 would misread; every other file stays version 1, readable by older builds.
+    public static let version: UInt32 = 2
+    /// The longest DICTIONARY a reader accepts.
+    public static let maximumDictionaryLength = 1 << 20
     public static let pageSize = 4096
     public static let headerLength = 4096
     /// Fixed offset of the part table inside the header, and how many parts fit.
@@ -68,7 +73,7 @@ public enum PageState: UInt8, Sendable {
 }
 
 public enum PartType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
-    case layout = 1, pageMap = 2, pageChecksums = 3, memory = 4, blockIndex = 5, devices = 6
+    case layout = 1, pageMap = 2, pageChecksums = 3, memory = 4, blockIndex = 5, devices = 6, dictionary = 7
 
     public var description: String {
         switch self {
@@ -78,6 +83,7 @@ public enum PartType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
         case .memory: "memory"
         case .blockIndex: "block index"
         case .devices: "devices"
+        case .dictionary: "dictionary"
         }
     }
 }
@@ -129,12 +135,15 @@ public struct SnapshotHeader: Sendable, Equatable {
 
     public func part(_ type: PartType) -> Part? { parts.first { $0.type == type } }
 
+    /// The version this header is written as: the oldest that has every part it lists.
+    public var version: UInt32 { part(.dictionary) == nil ? 1 : 2 }
+
     /// The 4096 header bytes, checksum included.
     func encoded() -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: SnapshotFormat.headerLength)
         var field = FieldWriter()
         field.bytes(SnapshotFormat.magic)
-        field.u32(SnapshotFormat.version)
+        field.u32(version)
         field.u16(kind.rawValue)
         field.u16(memoryFormat.rawValue)
         field.u32(UInt32(SnapshotFormat.pageSize))
@@ -229,6 +238,14 @@ public struct SnapshotHeader: Sendable, Equatable {
         var required: [PartType] = [.layout, .pageMap, .pageChecksums, .memory, .devices]
         if format == .compressed { required.append(.blockIndex) }
         for type in required where header.part(type) == nil { throw .corrupt(part: "part table", "no \(type) part") }
+        if let dictionary = header.part(.dictionary) {
+            guard version >= 2, format == .compressed else {
+                throw .corrupt(part: "part table", "a dictionary in a \(format) file of version \(version)")
+            }
+            guard dictionary.length >= 4, dictionary.length <= UInt64(SnapshotFormat.maximumDictionaryLength) else {
+                throw .corrupt(part: "dictionary", "\(dictionary.length) bytes (4 to \(SnapshotFormat.maximumDictionaryLength))")
+            }
+        }
         return header
     }
 }
@@ -359,7 +376,7 @@ enum DevicesPart {
 
 /// One compressed block: where it lies in MEMORY, how it is encoded, and its CRC32C.
 struct BlockEntry: Equatable {
-    enum Encoding: UInt16 { case raw = 0, lz4 = 1, zstd = 2 }
+    enum Encoding: UInt16 { case raw = 0, lz4 = 1, zstd = 2, zstdDictionary = 3 }
     var offset: UInt64
     var length: UInt32
     var encoding: Encoding

@@ -2,6 +2,7 @@ import Foundation
 import MigrationEngine
 import MigrationWire
 import Synchronization
+import Threads
 
 /// How a snapshot is taken.
 public struct SnapshotSaveOptions: Sendable, Codable, Equatable {
@@ -42,8 +43,10 @@ public struct SnapshotSaveReport: Sendable {
     /// How long the guest was paused.
     public var pauseSeconds: Double
     public var totalSeconds: Double
-    /// Of which: writing metadata, syncing and, for a compressed file, compressing (the guest runs meanwhile).
+    /// Of which: writing metadata and syncing (the guest runs meanwhile).
     public var finishSeconds: Double
+    /// Of `totalSeconds`: the final fsync of the file written during the passes.
+    public var syncSeconds: Double = 0
     public var passes: [PassStatistics]
     /// What a diff of this snapshot needs; nil unless dirty tracking was kept on.
     public var base: SnapshotBase?
@@ -55,8 +58,9 @@ public struct SnapshotSaveReport: Sendable {
 /// its parent) at its fixed place in a plain file while the guest runs; each later pass rewrites the pages
 /// the dirty log reports, until `ConvergencePolicy` expects the rest to take less than the downtime limit.
 /// Then the guest is paused, the last pages and the device state are taken, and it runs again before the
-/// file is finished. A live compressed snapshot is written plain first and compressed after the guest resumed;
-/// a paused one is compressed as it is written.
+/// file is finished. A compressed snapshot is compressed as it is written: the pages a live one's later passes
+/// write again wait in a side file, and only the blocks that hold them are built again once the guest runs
+/// (`SnapshotWriter.finish`).
 ///
 /// Nothing is lost: any failure leaves the guest running as before, no file at `path`, and (for a diff) the
 /// dirty pages it harvested remembered by `base` for the next attempt.
@@ -86,34 +90,19 @@ public final class SnapshotSaver {
     private var trackingWasOn: Bool { base != nil }
 
     public func run() throws(SnapshotError) -> SnapshotSaveReport {
-        // A paused save writes each page once, in order, so it can compress as it goes; a live one rewrites
-        // pages the guest dirtied again, which only the plain layout allows: it is compressed afterwards.
-        let direct = options.memoryFormat == .plain || !options.live
-        let plainPath = direct ? path : hiddenPath(path, "plain")
-        let writer = try SnapshotWriter(path: plainPath, layout: source.layout, kind: base == nil ? .full : .diff,
-                                        memoryFormat: direct ? options.memoryFormat : .plain, compression: options.compression,
-                                        base: base, overwrite: options.overwrite || plainPath != path)
-        if !options.overwrite, plainPath != path, FileManager.default.fileExists(atPath: path) {
-            writer.discard()
-            throw .io("\(path) exists; refusing to overwrite it")
-        }
+        let writer = try SnapshotWriter(path: path, layout: source.layout, kind: base == nil ? .full : .diff,
+                                        memoryFormat: options.memoryFormat, compression: options.compression,
+                                        base: base, overwrite: options.overwrite)
         var state = SaveState()
         do throws(SnapshotError) {
             let deviceState = try capture(writer, &state)
             let finishStart = monotonicSeconds()
-            var header = try writer.finish(deviceState: deviceState)
-            if plainPath != path {
-                defer { unlink(plainPath) }
-                header = try SnapshotConvert.convert(plainPath, to: path, memoryFormat: options.memoryFormat,
-                                                     compression: options.compression, overwrite: options.overwrite)
-            }
+            let header = try writer.finish(deviceState: deviceState)
             if !options.keepTracking, state.tracking { try? source.stopDirtyTracking() }
             base?.forgetUnsaved()
-            let nextBase = options.keepTracking ? writer.base(header: header).map {
-                SnapshotBase(id: header.id, memoryDigest: header.memoryDigest, path: path, layout: $0.layout, pageHashes: $0.pageHashes)
-            } : nil
+            let nextBase = options.keepTracking ? writer.base(header: header) : nil
             return SnapshotSaveReport(header: header, path: path, pauseSeconds: state.pauseSeconds, totalSeconds: monotonicSeconds() - started,
-                                      finishSeconds: monotonicSeconds() - finishStart, passes: history, base: nextBase)
+                                      finishSeconds: monotonicSeconds() - finishStart, syncSeconds: writer.syncSeconds, passes: history, base: nextBase)
         } catch {
             writer.discard()
             source.setThrottle(0)
@@ -138,6 +127,7 @@ public final class SnapshotSaver {
         var frames: [UInt64] = []
         if options.live {
             frames = try initialFrames(&state)
+            try sampleDictionary(writer, frames)
             if !state.tracking {
                 try guest { try source.startDirtyTracking() }
                 state.tracking = true
@@ -147,19 +137,24 @@ public final class SnapshotSaver {
         let pausedAt = monotonicSeconds()
         try guest { try source.pause() }
         state.paused = true
-        var last = Set(frames)
+        // Sorted, without repeats: a frame left over from pre-copy may be dirty again, and a diff's unsaved frames
+        // may be harvested again.
+        var last = frames
         if !options.live {
-            last = Set(try initialFrames(&state))
+            last = try initialFrames(&state)
         } else {
-            try guest { try source.harvestDirtyFrames { last.insert($0) } }
-            state.harvested.append(contentsOf: last)
+            let before = last.count
+            try guest { try source.harvestDirtyFrames { last.append($0) } }
+            state.harvested.append(contentsOf: last[before...])
         }
+        last.sort()
+        let final = last.enumerated().filter { $0.offset == 0 || last[$0.offset - 1] != $0.element }.map(\.element)
+        if !options.live { try sampleDictionary(writer, final) }
         if options.keepTracking, !state.tracking {
             // Started while paused: every write after the snapshot is in the log for the next diff.
             try guest { try source.startDirtyTracking() }
             state.tracking = true
         }
-        let final = last.sorted()
         let passStart = monotonicSeconds()
         try write(final, writer, pass: history.count, paused: true)
         history.append(statistics(pass: history.count, pages: final.count, seconds: monotonicSeconds() - passStart, dirtyPages: 0))
@@ -170,6 +165,15 @@ public final class SnapshotSaver {
         state.pauseSeconds = monotonicSeconds() - pausedAt
         report(.completed, pass: history.count, done: final.count, total: final.count)
         return deviceState
+    }
+
+    /// Gives a compressed zstd file its dictionary, sampled from the pages the first pass will save.
+    private func sampleDictionary(_ writer: SnapshotWriter, _ frames: [UInt64]) throws(SnapshotError) {
+        guard options.memoryFormat == .compressed, options.compression == .zstd else { return }
+        let dictionary = try BlockDictionary.sample(count: frames.count) { (k) throws(SnapshotError) in
+            UnsafeRawBufferPointer(start: source.page(frame: frames[k]), count: SnapshotFormat.pageSize)
+        }
+        if let dictionary { try writer.useDictionary(dictionary) }
     }
 
     /// A full snapshot starts from every populated page; a diff from the pages dirtied since its parent.
@@ -216,32 +220,47 @@ public final class SnapshotSaver {
     /// first copied, so that its CRC and its bytes agree even if the guest writes to it meanwhile (a page
     /// changed after its copy is dirty, and the next pass writes it again). A paused guest's pages are
     /// written straight from its memory.
+    ///
+    /// A plain file takes the runs on two threads, this one and a helper, alternately: checking, hashing and
+    /// copying pages into the page cache is all CPU work, and one core did half of what two can.
     private func write(_ frames: [UInt64], _ writer: SnapshotWriter, pass: Int, paused: Bool) throws(SnapshotError) {
+        var runs: [Range<Int>] = []
         var position = 0
-        var lastReport = monotonicSeconds()
         while position < frames.count {
             var count = 1
             while position + count < frames.count, count < Self.runPages, frames[position + count] == frames[position] + UInt64(count) { count += 1 }
-            let first = source.page(frame: frames[position])
-            let pages: UnsafeRawBufferPointer
-            if paused, (1 ..< count).allSatisfy({ source.page(frame: frames[position + $0]) == first + $0 * SnapshotFormat.pageSize }) {
-                pages = UnsafeRawBufferPointer(start: first, count: count * SnapshotFormat.pageSize)
-            } else {
-                for k in 0 ..< count {
-                    (buffer.baseAddress! + k * SnapshotFormat.pageSize).copyMemory(from: source.page(frame: frames[position + k]), byteCount: SnapshotFormat.pageSize)
-                }
-                pages = UnsafeRawBufferPointer(rebasing: buffer[0 ..< count * SnapshotFormat.pageSize])
-            }
-            guard let index = writer.frames.index(of: frames[position]) else { throw .guest("frame \(frames[position]) lies outside the memory layout") }
-            try writer.write(pages: pages, firstIndex: index)
-            bytesWritten += count * SnapshotFormat.pageSize
+            runs.append(position ..< position + count)
             position += count
-            if monotonicSeconds() - lastReport > 0.25 {
-                report(.precopy, pass: pass, done: position, total: frames.count)
-                lastReport = monotonicSeconds()
+        }
+        if pass == 0, writer.memoryFormat == .plain {
+            writer.allocate(indices: frames.compactMap { writer.frames.index(of: $0) })
+        }
+        let work = RunWork(source: source, writer: writer, frames: frames, runs: runs, paused: paused)
+        let helped = writer.memoryFormat == .plain && runs.count >= 2 * Self.helperMinimumRuns
+        let helperDone = DispatchSemaphore(value: 0)
+        if helped {
+            let bufferBytes = buffer.count
+            startThread(named: "snapshot-writer") {
+                let helperBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferBytes, alignment: 4096)
+                work.run(worker: 1, of: 2, buffer: helperBuffer, onRun: {})
+                helperBuffer.deallocate()
+                helperDone.signal()
             }
         }
+        var lastReport = monotonicSeconds()
+        work.run(worker: 0, of: helped ? 2 : 1, buffer: buffer) {
+            guard monotonicSeconds() - lastReport > 0.25 else { return }
+            report(.precopy, pass: pass, done: work.pagesDone, total: frames.count)
+            lastReport = monotonicSeconds()
+        }
+        if helped { helperDone.wait() }
+        if let error = work.failure { throw error }
+        bytesWritten += frames.count * SnapshotFormat.pageSize
     }
+
+    /// Runs are shared out only when each thread gets this many (256 pages each): a last pass of a few pages is
+    /// not worth a thread.
+    private static let helperMinimumRuns = 16
 
     private func statistics(pass: Int, pages: Int, seconds: Double, dirtyPages: Int, throttle: Double = 0) -> PassStatistics {
         var statistics = PassStatistics(pass: pass)
@@ -277,7 +296,57 @@ extension SnapshotBase {
     func forgetUnsaved() { unsaved.withLock { $0.removeAll() } }
 }
 
-func hiddenPath(_ path: String, _ purpose: String) -> String {
-    let url = URL(fileURLWithPath: path)
-    return url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).\(purpose)-\(getpid())").path
+
+/// One pass's runs of pages, written by one or two threads: worker `w` of `n` takes runs `w, w + n, ...`.
+///
+/// Sendable: everything is immutable but `pagesDone` and `failure`, which are Locked; the writer takes plain
+/// writes from several threads (SnapshotWriter), and the source's pages are only read.
+private final class RunWork: @unchecked Sendable {
+    let source: GuestSource
+    let writer: SnapshotWriter
+    let frames: [UInt64]
+    let runs: [Range<Int>]
+    let paused: Bool
+    private let state = Locked<(done: Int, failure: SnapshotError?)>((0, nil))
+
+    init(source: GuestSource, writer: SnapshotWriter, frames: [UInt64], runs: [Range<Int>], paused: Bool) {
+        self.source = source
+        self.writer = writer
+        self.frames = frames
+        self.runs = runs
+        self.paused = paused
+    }
+
+    var pagesDone: Int { state.withLock { $0.done } }
+    var failure: SnapshotError? { state.withLock { $0.failure } }
+
+    /// Writes this worker's runs, through `buffer` (runPages pages) when the guest runs; stops at the first
+    /// failure of either worker.
+    func run(worker: Int, of workers: Int, buffer: UnsafeMutableRawBufferPointer, onRun: () -> Void) {
+        let pageSize = SnapshotFormat.pageSize
+        for run in stride(from: worker, to: runs.count, by: workers).lazy.map({ self.runs[$0] }) {
+            guard failure == nil else { return }
+            let first = source.page(frame: frames[run.lowerBound])
+            let pages: UnsafeRawBufferPointer
+            if paused, run.dropFirst().allSatisfy({ source.page(frame: frames[$0]) == first + ($0 - run.lowerBound) * pageSize }) {
+                pages = UnsafeRawBufferPointer(start: first, count: run.count * pageSize)
+            } else {
+                for (k, position) in run.enumerated() {
+                    (buffer.baseAddress! + k * pageSize).copyMemory(from: source.page(frame: frames[position]), byteCount: pageSize)
+                }
+                pages = UnsafeRawBufferPointer(rebasing: buffer[0 ..< run.count * pageSize])
+            }
+            do throws(SnapshotError) {
+                guard let index = writer.frames.index(of: frames[run.lowerBound]) else {
+                    throw .guest("frame \(frames[run.lowerBound]) lies outside the memory layout")
+                }
+                try writer.write(pages: pages, firstIndex: index)
+            } catch {
+                state.withLock { if $0.failure == nil { $0.failure = error } }
+                return
+            }
+            state.withLock { $0.done += run.count }
+            onRun()
+        }
+    }
 }

@@ -57,6 +57,14 @@ public enum SnapshotConvert {
         do throws(SnapshotError) {
             var done = 0
             let reader = PageReader(file)
+            let sampled = UnsafeMutableRawBufferPointer.allocate(byteCount: SnapshotFormat.pageSize, alignment: 4096)
+            defer { sampled.deallocate() }
+            if let dictionary = try BlockDictionary.sample(count: file.dataIndices.count, page: { (k) throws(SnapshotError) in
+                try reader.readPage(index: file.dataIndices[k], into: sampled.baseAddress!)
+                return UnsafeRawBufferPointer(sampled)
+            }) {
+                try writer.useDictionary(dictionary)
+            }
             var zeros = file.pageMap.enumerated().lazy.filter { $0.element == PageState.zero.rawValue }.map(\.offset).makeIterator()
             var nextZero = zeros.next()
             try reader.forEachDataPage { (index, page) throws(SnapshotError) in

@@ -1,5 +1,6 @@
 import Foundation
 import MigrationWire
+import PageCodec
 import Snapshots
 import TestSupport
 import XCTest
@@ -38,11 +39,15 @@ final class SnapshotFormatTests: XCTestCase {
     let devices = [DeviceState(componentID: DeviceComponent.kvmVM, instance: 0, componentVersion: 1, blob: ByteSlice(Array("state".utf8))),
                    DeviceState(componentID: DeviceComponent.vmmPrivateBase + 1, instance: 0, componentVersion: 1, blob: ByteSlice([1, 2, 3]))]
 
-    /// Writes the pages at `indices` of `memory` (all of them for a full snapshot).
+    /// Writes the pages at `indices` of `memory` (all of them for a full snapshot); a compressed file with a
+    /// dictionary of the first of them unless `dictionary` is false.
     @discardableResult
     func write(_ memory: Memory, to name: String, format: SnapshotMemoryFormat = .plain, base: SnapshotBase? = nil,
-               indices: [Int]? = nil) throws -> (SnapshotHeader, SnapshotBase?) {
+               indices: [Int]? = nil, dictionary: Bool = true) throws -> (SnapshotHeader, SnapshotBase?) {
         let writer = try SnapshotWriter(path: path(name), layout: layout, kind: base == nil ? .full : .diff, memoryFormat: format, base: base)
+        if dictionary, let first = (indices ?? Array(memory.pages.indices)).first(where: { memory.pages[$0].contains { $0 != 0 } }) {
+            try writer.useDictionary(memory.pages[first])
+        }
         for index in indices ?? Array(memory.pages.indices) {
             try memory.pages[index].withUnsafeBytes { try writer.write(pages: $0, firstIndex: index) }
         }
@@ -80,6 +85,65 @@ final class SnapshotFormatTests: XCTestCase {
         let plainSize = try FileManager.default.attributesOfItem(atPath: path("full-plain"))[.size] as! Int
         let compressedSize = try FileManager.default.attributesOfItem(atPath: path("full-compressed"))[.size] as! Int
         XCTAssertLessThan(compressedSize * 4, plainSize, "text pages compress")
+    }
+
+    /// A compressed file written as a live save writes it: every page once in order, then later passes that write
+    /// pages again (patched into their blocks), clear them (they stay data, of zeros), or give data to frames
+    /// that had none (every block after them is cut again); a full snapshot, and a diff on top of it.
+    func testCompressedFileTakesPagesAgainInLaterPasses() throws {
+        for kind in [SnapshotKind.full, .diff] {
+            var memory = sampleMemory()
+            var base: SnapshotBase?
+            if kind == .diff { base = try write(memory, to: "parent-\(kind)").1 }
+            let writer = try SnapshotWriter(path: path("live-\(kind)"), layout: layout, kind: kind, memoryFormat: .compressed, base: base)
+            func put(_ index: Int) throws { try memory.pages[index].withUnsafeBytes { try writer.write(pages: $0, firstIndex: index) } }
+            // Pass 0: a diff starts from the pages dirtied since its parent, one of them cleared.
+            if kind == .diff { memory.stamp(9, seed: 7); memory.pages[12] = [UInt8](repeating: 0, count: 4096) }
+            for index in kind == .full ? Array(memory.pages.indices) : [9, 12, 600] { try put(index) }
+            // Later passes, out of order and repeated.
+            var later: [Int] = []
+            memory.stamp(600, seed: 2); later.append(600)
+            memory.stamp(3, seed: 2); later.append(3)
+            memory.pages[6] = [UInt8](repeating: 0, count: 4096); later.append(6)
+            memory.stamp(1, seed: 2); later.append(1)       // data where there was none: the blocks after it move
+            memory.stamp(12, seed: 3); later.append(12)
+            memory.stamp(600, seed: 3); later.append(600)   // the same page again: the last write wins
+            memory.stamp(1535, seed: 2); later.append(1535)
+            for index in later { try put(index) }
+            let header = try writer.finish(deviceState: devices)
+            XCTAssertEqual(header.memoryFormat, .compressed)
+            let chain = try SnapshotChain.open(path("live-\(kind)"))
+            try assertRestores(chain, to: memory)
+            // The same memory written once, in order, has the same digest.
+            let once = kind == .full ? try write(memory, to: "once-\(kind)", format: .compressed).0 : nil
+            if let once { XCTAssertEqual(once.memoryDigest, header.memoryDigest) }
+        }
+    }
+
+    /// A compressed file with a dictionary is version 2, smaller than without, and restores; one without stays
+    /// version 1, which older builds read; a version 1 file that lists a dictionary is refused.
+    func testCompressedFileWithADictionaryIsVersionTwo() throws {
+        let memory = sampleMemory()
+        let (with, _) = try write(memory, to: "with", format: .compressed)
+        let (without, _) = try write(memory, to: "without", format: .compressed, dictionary: false)
+        XCTAssertEqual(with.version, 2)
+        XCTAssertEqual(without.version, 1)
+        XCTAssertEqual(with.memoryDigest, without.memoryDigest)
+        try assertRestores(try SnapshotChain.open(path("with")), to: memory)
+        try assertRestores(try SnapshotChain.open(path("without")), to: memory)
+        let size = { (name: String) in try FileManager.default.attributesOfItem(atPath: self.path(name))[.size] as! Int }
+        let memoryPart = { (name: String) in try SnapshotFile(path: self.path(name)).header.part(.memory)!.length }
+        XCTAssertLessThan(try memoryPart("with"), try memoryPart("without"), "blocks refer back to the dictionary")
+        XCTAssertGreaterThan(try size("with"), 0)
+        // Version 1 written over version 2, the header checksum made right again: the dictionary is refused.
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: path("with")))
+        bytes[8] = 1
+        let crc = [UInt8](bytes[0 ..< 4092]).withUnsafeBytes { FastCRC32C.update(0, $0) }
+        withUnsafeBytes(of: crc.littleEndian) { bytes.replaceSubrange(4092 ..< 4096, with: $0) }
+        try bytes.write(to: URL(fileURLWithPath: path("v1-with-dictionary")))
+        XCTAssertThrowsError(try SnapshotFile(path: path("v1-with-dictionary"))) { error in
+            XCTAssertTrue("\(error)".contains("dictionary"), "\(error)")
+        }
     }
 
     func testConvertKeepsIdentityAndContents() throws {

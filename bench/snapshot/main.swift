@@ -5,7 +5,7 @@
 //
 //   swift build -c release --scratch-path .build-bench --product snapshot-bench
 //   .build-bench/release/snapshot-bench [--repeat N] [--quick] [--dir PATH] [--json PATH] [--pattern text|random]
-//                                       [--skip-diff] [--guest guest/build/guest.elf]
+//                                       [--skip-diff] [--guest guest/build/guest.elf] [--rows paused-plain,live-zstd,eager,...]
 // `stdout`, a C global that Swift 6 cannot prove safe and that Foundation re-exports, is touched from the main
 // thread only.
 @preconcurrency import Foundation
@@ -28,10 +28,15 @@ struct Options {
     var pattern = "text"
     var skipDiff = false
     var guestPath = "guest/build/guest.elf"
+    /// Which rows of phase 1 to run (all by default): a profile or an A/B run of one row need not wait for the others.
+    var rows: Set<String> = allRows
 }
 
+let allRows: Set<String> = ["paused-plain", "paused-zstd", "live-plain", "live-lz4", "live-zstd", "eager", "lazy"]
+
 func usage() -> Never {
-    print("usage: snapshot-bench [--repeat N] [--quick] [--dir PATH] [--json PATH] [--pattern text|random|mixed] [--skip-diff] [--guest ELF]")
+    print("usage: snapshot-bench [--repeat N] [--quick] [--dir PATH] [--json PATH] [--pattern text|random|mixed] [--skip-diff] [--guest ELF]\n"
+        + "       [--rows \(allRows.sorted().joined(separator: ","))] (restores use the live files saved)")
     exit(2)
 }
 
@@ -51,6 +56,9 @@ do {
         case "--pattern": options.pattern = value(argument)
         case "--skip-diff": options.skipDiff = true
         case "--guest": options.guestPath = value(argument)
+        case "--rows":
+            options.rows = Set(value(argument).split(separator: ",").map(String.init))
+            guard options.rows.isSubset(of: allRows) else { print("unknown rows \(options.rows.subtracting(allRows).sorted())"); usage() }
         case "-h", "--help": usage()
         default: print("unknown argument \(argument)"); usage()
         }
@@ -181,6 +189,15 @@ func row(_ group: String, _ name: String) -> Row {
 
 func gigabytesPerSecond(pages: Int, seconds: Double) -> Double { Double(pages * 4096) / seconds / 1e9 }
 
+/// CPU time of this process so far (all threads, user + system). On a shared 2-core machine the wall time of a
+/// row depends on what else runs; its CPU time much less, so the table shows both.
+func processCPUSeconds() -> Double {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    func seconds(_ time: timeval) -> Double { Double(time.tv_sec) + Double(time.tv_usec) / 1e6 }
+    return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 // MARK: guests
 
 func boot(_ commandLine: String) throws -> (MicroVM, SerialConsole, Double) {
@@ -211,6 +228,8 @@ func recordSave(_ report: SnapshotSaveReport, into row: Row) -> SnapshotSaveRepo
     row.add("GB/s", gigabytesPerSecond(pages: pages, seconds: report.totalSeconds))
     row.add("pause ms", report.pauseSeconds * 1000)
     row.add("finish s", report.finishSeconds)
+    row.add("fsync s", report.syncSeconds)
+    row.add("GB/s before fsync", gigabytesPerSecond(pages: pages, seconds: report.totalSeconds - report.syncSeconds))
     row.add("passes", Double(report.passes.count))
     row.add("data pages", Double(pages))
     row.add("file bytes", Double(size.apparent))
@@ -220,7 +239,9 @@ func recordSave(_ report: SnapshotSaveReport, into row: Row) -> SnapshotSaveRepo
 
 @discardableResult
 func save(_ source: MicroVMGuestSource, _ name: String, base: SnapshotBase? = nil, _ options: SnapshotSaveOptions, row: Row) throws -> SnapshotSaveReport {
+    let cpuBefore = processCPUSeconds()
     let report = try SnapshotSaver(source: source, path: path(name), base: base, options: options).run()
+    row.add("CPU s", processCPUSeconds() - cpuBefore)
     recordSave(report, into: row)
     return report
 }
@@ -230,10 +251,12 @@ func eagerRestore(_ name: String, cold: Bool, row: Row) throws {
     if cold { row.add("resident before", evict(path(name))) } else { row.add("resident before", residentFraction(path(name))) }
     let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
     let started = now()
+    let cpuBefore = processCPUSeconds()
     let chain = try SnapshotChain.open(path(name))
     let opened = now()
     let report = try SnapshotRestore.restore(chain, into: sink)
     let seconds = now() - started
+    row.add("CPU s", processCPUSeconds() - cpuBefore)
     row.add("seconds", seconds)
     row.add("GB/s", gigabytesPerSecond(pages: report.dataPages, seconds: seconds))
     row.add("open ms", (opened - started) * 1000)
@@ -288,22 +311,37 @@ do {
     let source = MicroVMGuestSource(machine: machine)
     for repetition in 1 ... options.repeats {
         print("repetition \(repetition)/\(options.repeats): full saves")
-        try save(source, "full-plain-paused.snap", saveOptions(live: false), row: row("save", "full plain, paused"))
-        unlink(path("full-plain-paused.snap"))
-        try save(source, "full-zstd-paused.snap", saveOptions(live: false, format: .compressed, compression: .zstd),
-                 row: row("save", "full zstd, paused (compressed as written)"))
-        unlink(path("full-zstd-paused.snap"))
-        try save(source, "full-plain.snap", saveOptions(live: true), row: row("save", "full plain, live"))
-        try save(source, "full-lz4.snap", saveOptions(live: true, format: .compressed, compression: .lz4), row: row("save", "full lz4, live"))
-        try save(source, "full-zstd.snap", saveOptions(live: true, format: .compressed, compression: .zstd), row: row("save", "full zstd, live"))
+        let rowsWanted = options.rows
+        if rowsWanted.contains("paused-plain") {
+            try save(source, "full-plain-paused.snap", saveOptions(live: false), row: row("save", "full plain, paused"))
+            unlink(path("full-plain-paused.snap"))
+        }
+        if rowsWanted.contains("paused-zstd") {
+            try save(source, "full-zstd-paused.snap", saveOptions(live: false, format: .compressed, compression: .zstd),
+                     row: row("save", "full zstd, paused (compressed as written)"))
+            unlink(path("full-zstd-paused.snap"))
+        }
+        var saved: [(file: String, label: String)] = []
+        if rowsWanted.contains("live-plain") {
+            try save(source, "full-plain.snap", saveOptions(live: true), row: row("save", "full plain, live"))
+            saved.append(("full-plain.snap", "plain"))
+        }
+        if rowsWanted.contains("live-lz4") {
+            try save(source, "full-lz4.snap", saveOptions(live: true, format: .compressed, compression: .lz4), row: row("save", "full lz4, live"))
+            saved.append(("full-lz4.snap", "lz4"))
+        }
+        if rowsWanted.contains("live-zstd") {
+            try save(source, "full-zstd.snap", saveOptions(live: true, format: .compressed, compression: .zstd), row: row("save", "full zstd, live"))
+            saved.append(("full-zstd.snap", "zstd"))
+        }
         // Restores: the source guest is paused so that its once-a-second verification does not compete.
         try machine.pause()
         print("repetition \(repetition)/\(options.repeats): restores")
-        for (file, label) in [("full-plain.snap", "plain"), ("full-lz4.snap", "lz4"), ("full-zstd.snap", "zstd")] {
+        for (file, label) in saved where rowsWanted.contains("eager") {
             try eagerRestore(file, cold: false, row: row("eager restore", "\(label), warm cache"))
             try eagerRestore(file, cold: true, row: row("eager restore", "\(label), cold cache"))
         }
-        for (file, label) in [("full-plain.snap", "plain"), ("full-lz4.snap", "lz4"), ("full-zstd.snap", "zstd")] {
+        for (file, label) in saved where rowsWanted.contains("lazy") {
             try lazyRestore(file, cold: false, row: row("lazy restore", "\(label), warm cache"))
             if label == "plain" { try lazyRestore(file, cold: true, row: row("lazy restore", "\(label), cold cache")) }
         }
@@ -356,18 +394,19 @@ print("")
 print(String(format: "migrated snapshots: %d MiB guest, %d MiB of %@ data, medians of %d (min–max), run %.0f s, loadavg %@ → %@",
              memorySize >> 20, dataMiB, options.pattern, options.repeats, seconds, loadStart, loadEnd))
 print("")
-print("| save | seconds | GB/s | pause ms | passes | data pages | file MB apparent / on disk |")
-print("|---|---|---|---|---|---|---|")
+print("| save | seconds | GB/s | before fsync: GB/s | fsync s | CPU s | pause ms | passes | data pages | file MB apparent / on disk |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for row in rows where row.group == "save" || (row.group == "diff" && row.samples["pause ms"] != nil) {
-    print("| \(row.name) | \(spread(row, "seconds", "%.3f")) | \(format(row.median("GB/s"), "%.2f")) | \(spread(row, "pause ms", "%.1f")) | "
+    print("| \(row.name) | \(spread(row, "seconds", "%.3f")) | \(format(row.median("GB/s"), "%.2f")) | "
+        + "\(spread(row, "GB/s before fsync", "%.2f")) | \(spread(row, "fsync s", "%.3f")) | \(spread(row, "CPU s", "%.3f")) | \(spread(row, "pause ms", "%.1f")) | "
         + "\(format(row.median("passes"), "%.0f")) | \(format(row.median("data pages"), "%.0f")) | "
         + "\(megabytes(row.median("file bytes"))) / \(megabytes(row.median("file bytes on disk"))) |")
 }
 print("")
-print("| eager restore (not started) | seconds | GB/s | open ms | file resident before |")
-print("|---|---|---|---|---|")
+print("| eager restore (not started) | seconds | GB/s | CPU s | open ms | file resident before |")
+print("|---|---|---|---|---|---|")
 for row in rows where row.group == "eager restore" || (row.group == "diff" && row.samples["pause ms"] == nil) {
-    print("| \(row.name) | \(spread(row, "seconds", "%.3f")) | \(format(row.median("GB/s"), "%.2f")) | \(spread(row, "open ms", "%.1f")) | "
+    print("| \(row.name) | \(spread(row, "seconds", "%.3f")) | \(format(row.median("GB/s"), "%.2f")) | \(spread(row, "CPU s", "%.3f")) | \(spread(row, "open ms", "%.1f")) | "
         + "\(format(row.median("resident before").map { $0 * 100 }, "%.0f")) % |")
 }
 print("")

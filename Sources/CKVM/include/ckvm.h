@@ -128,6 +128,9 @@ static const unsigned int CKVM_MFD_HUGETLB = 4U; // MFD_HUGETLB: pages of the de
 // Starts writeback of every dirty page of the file without waiting for it (SYNC_FILE_RANGE_WRITE over all of
 // it), so that a later fsync finds little left to write.
 int ckvm_start_writeback(int fd);
+// Allocates a byte range of a file ahead of writing it, without changing its size (FALLOC_FL_KEEP_SIZE): the
+// range still reads as zeros, and writes into it need not reserve space one block at a time.
+int ckvm_allocate(int fd, long long offset, long long length);
 // Deallocates a byte range of a file without changing its size (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE):
 // the range reads as zeros and holds no memory (a memfd) or blocks (a file) afterwards.
 int ckvm_punch_hole(int fd, long long offset, long long length);

@@ -185,7 +185,7 @@ struct Migrate: AsyncParsableCommand {
         discussion: "Progress is one line per update when standard output is not a terminal, and a line updated in place when it is.")
     @OptionGroup var options: ClientOptions
     @Argument(help: "The VM's id.") var vm: String
-    @Option(help: "The peer's migration address: host:port, [v6]:port or unix:/path.") var to: String?
+    @Option(help: "The peer's migration address: host:port, [v6]:port or unix:/path (required, except with --resume).") var to: String?
     @Option(help: "Parallel channels (1-16).") var channels = 1
     @Option(help: "none, lz4, zstd or adaptive.") var compression = MigrationCompression.lz4
     @Flag(help: "Send without TLS (the peer must accept plaintext).") var plaintext = false
@@ -198,7 +198,7 @@ struct Migrate: AsyncParsableCommand {
     @Option(name: .customLong("postcopy-after"), help: ArgumentHelp("Switch to post-copy after this many pre-copy passes at the latest (implies --postcopy).", valueName: "passes"))
     var postcopyAfter: Int?
     @Flag(help: ArgumentHelp("Carry on the VM's post-copy whose link broke (phase postcopy-paused), and follow it.",
-                             discussion: "Both daemons wait --postcopy-recovery-timeout seconds (default 60) for this; the source reconnects to the same destination, the two agree on the pages still missing, and post-copy goes on. Takes no --to and no other migration option."))
+                             discussion: "Both daemons wait --postcopy-recovery-timeout seconds (default 60) for this; the source reconnects to the same destination, the two agree on the pages still missing, and post-copy goes on. Takes no --to; the other migration options are ignored: it carries on as the migration was asked."))
     var resume = false
     @Flag(help: "Return once the migration has started, without following it.") var detach = false
     @Option(help: "Seconds between progress updates.") var interval = 0.5

@@ -228,7 +228,10 @@ extension MigrationStatus {
         // cancelled must find its report too.
         if let next = MigrationPhase(rawValue: progress.phase.rawValue), !next.isFinal { phase = next }
         pass = progress.pass
-        percent = progress.pagesTotal > 0 ? 100 * Double(progress.pagesDone) / Double(progress.pagesTotal) : percent
+        // A paused post-copy keeps showing how far it had come.
+        if progress.phase != .postcopyPaused {
+            percent = progress.pagesTotal > 0 ? 100 * Double(progress.pagesDone) / Double(progress.pagesTotal) : percent
+        }
         bytesOnWire = UInt64(progress.bytesOnWire)
         rateBytesPerSecond = progress.bandwidth
         dirtyRateBytesPerSecond = progress.dirtyRate

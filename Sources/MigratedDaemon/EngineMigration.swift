@@ -302,8 +302,9 @@ final class ConfiguredGuestSource: GuestSource {
 /// runs long before the receiver returns.
 ///
 /// Sendable under the `GuestSink` thread contract: `reservedBytes`, `configuration` and `registration` change in the
-/// control calls alone, and are read on the receiver's thread once it has returned, or by the listener's resume of a
-/// paused post-copy, which the receiver announced (under the listener's lock) after they were set.
+/// control calls alone, and are read on the receiver's thread once it has returned, or by the listener once it has
+/// resumed a paused post-copy: the receiver began to wait (the lock of its resume point orders the two) after the guest
+/// had started, and so after they were set.
 final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     let base: MicroVMGuestSink
     private let desk: (any ArrivalDesk)?

@@ -423,7 +423,21 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     private let fault: FaultInjection?
     /// The migrations being received, by their receiver, with the peer they come from: a complete group of
     /// connections from the same peer with the migration ID of one of them resumes its post-copy.
-    private let receiving = Locked<[ObjectIdentifier: (peer: String, receiver: MigrationReceiver, sink: ConfiguredGuestSink)]>([:])
+    private let receiving = Locked<[ObjectIdentifier: Receiving]>([:])
+    private struct Receiving {
+        var peer: String, receiver: MigrationReceiver, sink: ConfiguredGuestSink
+        /// The post-copy's pauses as the receiver announced them, and the resumes it took. Each resume ends one pause,
+        /// but the receiver announces a pause after it can take the resume: the VM is marked paused while the pauses
+        /// outnumber the resumes, whatever the order of the two.
+        var pauses = 0, resumes = 0
+        var lastPause: (reason: String, until: Double)?
+
+        /// Tells the desk whether the post-copy waits now. Called under `receiving`'s lock, so that marks come in order.
+        func mark() {
+            let waiting = pauses > resumes ? lastPause : nil
+            sink.notePause(waiting.map { PostCopyPause(reason: $0.reason, waitSecondsLeft: max(0, $0.until - monotonicSeconds())) })
+        }
+    }
 
     /// `fault` arms a test hook (FaultInjection) in every migration this listener receives.
     public init(logger: Logger, fault: FaultInjection? = nil) {
@@ -486,10 +500,11 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     /// received; true when they were taken, or closed because that post-copy does not wait for them.
     private func resumePaused(_ channels: [MigrationChannel], from peer: String) -> Bool {
         guard let migrationID = IncomingChannels.migrationID(of: channels) else { return false }
-        func find() -> (receiver: MigrationReceiver, sink: ConfiguredGuestSink)? {
-            receiving.withLock { $0.values.first { $0.peer == peer && $0.receiver.migrationID == migrationID }.map { ($0.receiver, $0.sink) } }
+        func find() -> Receiving? {
+            receiving.withLock { $0.values.first { $0.peer == peer && $0.receiver.migrationID == migrationID } }
         }
-        guard let (receiver, sink) = find() else { return false }
+        guard let (receiver, sink) = find().map({ ($0.receiver, $0.sink) }) else { return false }
+        let key = ObjectIdentifier(receiver)
         // The source may have seen the link break a moment before this side: its receiver is then about to wait.
         // This runs on the group's own gathering thread, which may wait that moment.
         let deadline = monotonicSeconds() + 10
@@ -502,7 +517,10 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
             }
             usleep(10_000)
         }
-        sink.notePause(nil)
+        receiving.withLock {
+            $0[key]?.resumes += 1
+            $0[key]?.mark()
+        }
         logger.notice("post-copy resumed by its source", metadata: ["peer": "\(peer)", "migration_id": "\(migrationID)",
                                                                    "vm": "\(sink.configuration?.id ?? "-")"])
         return true
@@ -519,13 +537,18 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         do {
             let receiver = MigrationReceiver(sink: sink, channels: channels)
             receiver.postCopyRecoveryTimeout = settings.postCopyRecoveryTimeout
-            receiver.onPostCopyPaused = { [logger] reason, seconds in
-                sink.notePause(PostCopyPause(reason: reason, waitSecondsLeft: seconds))
+            let key = ObjectIdentifier(receiver)
+            receiver.onPostCopyPaused = { [logger, receiving] reason, seconds in
+                receiving.withLock {
+                    $0[key]?.pauses += 1
+                    $0[key]?.lastPause = (reason, monotonicSeconds() + seconds)
+                    $0[key]?.mark()
+                }
                 logger.error("post-copy link broke; the arriving guest runs, its threads that touch missing pages wait for the source to resume",
                              metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "reason": "\(reason)", "wait_seconds": "\(seconds)"])
             }
-            receiving.withLock { $0[ObjectIdentifier(receiver)] = (peer, receiver, sink) }
-            defer { receiving.withLock { $0[ObjectIdentifier(receiver)] = nil } }
+            receiving.withLock { $0[key] = Receiving(peer: peer, receiver: receiver, sink: sink) }
+            defer { receiving.withLock { $0[key] = nil } }
             let report = try receiver.run()
             let postCopy = report.postCopySeconds.map {
                 IncomingPostCopy(missingPages: UInt64(report.postCopyPages), requestedPages: UInt64(report.postCopyRequests), seconds: $0)

@@ -35,7 +35,11 @@ public enum Formatting {
         if status.throttle > 0 { parts.append(String(format: "throttle %.0f%%", status.throttle * 100)) }
         // In post-copy the source is paused and the guest runs at the destination: the dirty rate and the expected
         // downtime are still the last pre-copy pass's, and would mislead.
-        if status.phase == .postcopy { parts.removeAll { $0.hasPrefix("dirty ") || $0.hasPrefix("downtime ~") } }
+        if status.phase == .postcopy || status.phase == .postcopyPaused { parts.removeAll { $0.hasPrefix("dirty ") || $0.hasPrefix("downtime ~") } }
+        if let pause = status.postcopyPause {
+            parts.removeAll { $0.hasPrefix("rate ") || $0.hasPrefix("ETA ") }
+            parts.append("link broken: waits \(seconds(pause.waitSecondsLeft)) more for `migratectl migrate \(status.vm) --resume`")
+        }
         return parts.joined(separator: "  ")
     }
 

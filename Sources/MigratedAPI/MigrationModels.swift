@@ -33,19 +33,22 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
     /// With `postcopy`: switch to post-copy after this many pre-copy passes at the latest, 1 or more; nil to switch
     /// only when pre-copy alone would not meet the downtime limit.
     public var postcopyAfterPasses: Int?
+    /// Carry on the VM's post-copy whose link broke (phase `postcopy-paused`) over new connections to the same
+    /// destination, instead of starting a migration; the other fields, `peer` included, may be omitted and are ignored.
+    public var resume: Bool
 
     /// Do not migrate: measure the guest and the link, and answer with a `MigrationPrediction` (control-api.md §4.1.1).
     public var dryRun: Bool
 
     public static let fieldNames: Set<String> = [
         "peer", "channels", "compression", "security", "bandwidth_limit_bytes_per_second", "downtime_limit_ms", "auto_converge",
-        "postcopy", "postcopy_after_passes", "dry_run",
+        "postcopy", "postcopy_after_passes", "dry_run", "resume",
     ]
     public static let channelRange = 1 ... 16
 
     public init(peer: String, channels: Int = 1, compression: MigrationCompression = .lz4, security: MigrationSecurity = .tls,
                 bandwidthLimitBytesPerSecond: UInt64? = nil, downtimeLimitMs: UInt64 = 300, autoConverge: Bool = true,
-                postcopy: Bool = false, postcopyAfterPasses: Int? = nil, dryRun: Bool = false) {
+                postcopy: Bool = false, postcopyAfterPasses: Int? = nil, dryRun: Bool = false, resume: Bool = false) {
         self.peer = peer
         self.channels = channels
         self.compression = compression
@@ -56,11 +59,17 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
         self.postcopy = postcopy
         self.postcopyAfterPasses = postcopyAfterPasses
         self.dryRun = dryRun
+        self.resume = resume
     }
+
+    /// Asks to resume the VM's paused post-copy.
+    public static var resumingPostCopy: MigrationRequest { MigrationRequest(peer: "", resume: true) }
 
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        peer = try c.decode(String.self, forKey: .peer)
+        resume = try c.decodeIfPresent(Bool.self, forKey: .resume) ?? false
+        // A resume goes where the paused migration went.
+        peer = resume ? try c.decodeIfPresent(String.self, forKey: .peer) ?? "" : try c.decode(String.self, forKey: .peer)
         channels = try c.decodeIfPresent(Int.self, forKey: .channels) ?? 1
         compression = try c.decodeIfPresent(MigrationCompression.self, forKey: .compression) ?? .lz4
         security = try c.decodeIfPresent(MigrationSecurity.self, forKey: .security) ?? .tls
@@ -75,6 +84,7 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
 
     /// The checks that need no engine: nil when the request is well formed, else why not.
     public func problem() -> String? {
+        if resume { return nil }
         if PeerAddress(peer) == nil { return "peer '\(peer)' is not host:port, [v6-address]:port or unix:/path" }
         if !Self.channelRange.contains(channels) { return "channels must be in \(Self.channelRange), not \(channels)" }
         if bandwidthLimitBytesPerSecond == 0 { return "bandwidth_limit_bytes_per_second must be positive (omit it for no cap)" }
@@ -182,6 +192,9 @@ public struct MigrationPrediction: Codable, Sendable, Equatable {
 /// come and the digests agree.
 public enum MigrationPhase: String, Codable, Sendable, CaseIterable {
     case setup, precopy, switchover, postcopy, completed, failed, cancelled
+    /// The post-copy's link broke: the destination's guest runs, the threads that touch missing pages wait, the source
+    /// keeps the guest's memory; both wait `MigrationStatus.postcopyPause` for a resume (`"resume": true`).
+    case postcopyPaused = "postcopy-paused"
 
     /// No further change will come.
     public var isFinal: Bool { self == .completed || self == .failed || self == .cancelled }
@@ -214,11 +227,13 @@ public struct MigrationStatus: Codable, Sendable, Equatable {
     public var predictedDowntimeMs: Double?
     /// Set once `phase` is final.
     public var report: MigrationReportDocument?
+    /// Set while `phase` is `postcopy-paused`.
+    public var postcopyPause: PostCopyPause?
 
     public init(vm: String, peer: String, phase: MigrationPhase, pass: Int = 0, percent: Double = 0, bytesOnWire: UInt64 = 0,
                 rateBytesPerSecond: Double = 0, dirtyRateBytesPerSecond: Double = 0, expectedDowntimeMs: Double = 0,
                 throttle: Double = 0, elapsedSeconds: Double = 0, etaSeconds: Double? = nil, predictedDowntimeMs: Double? = nil,
-                report: MigrationReportDocument? = nil) {
+                report: MigrationReportDocument? = nil, postcopyPause: PostCopyPause? = nil) {
         self.predictedDowntimeMs = predictedDowntimeMs
         self.vm = vm
         self.peer = peer
@@ -233,6 +248,22 @@ public struct MigrationStatus: Codable, Sendable, Equatable {
         self.elapsedSeconds = elapsedSeconds
         self.etaSeconds = etaSeconds
         self.report = report
+        self.postcopyPause = postcopyPause
+    }
+}
+
+/// A post-copy whose link broke and which waits for a resume (phase `postcopy-paused` at the source,
+/// `VMInfo.postcopyPause` at the destination); when the wait ends without one, the destination stops the guest as
+/// failed and the source's VM stays paused, in doubt.
+public struct PostCopyPause: Codable, Sendable, Equatable {
+    /// Why the link broke, as this side saw it; nil when this side cannot tell.
+    public var reason: String?
+    /// Seconds this side will still wait for a resume.
+    public var waitSecondsLeft: Double
+
+    public init(reason: String?, waitSecondsLeft: Double) {
+        self.reason = reason
+        self.waitSecondsLeft = waitSecondsLeft
     }
 }
 

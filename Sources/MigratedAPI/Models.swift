@@ -88,11 +88,14 @@ public struct VMInfo: Codable, Sendable, Equatable {
     /// (host) it came from. In post-copy this lasts until the last missing page has come and the digests agree;
     /// meanwhile the VM is neither migrated nor saved (409 `vm_arriving`).
     public var arrivingFrom: String?
+    /// Set while the VM arrives in a post-copy whose link broke: its threads that touch missing pages wait for a
+    /// resume from the source, for at most `waitSecondsLeft` more seconds, after which it is stopped as failed.
+    public var postcopyPause: PostCopyPause?
 
     public init(id: String, state: VMState, image: String, memoryMib: UInt64, vcpus: Int, cmdline: String,
                 consoleLog: String?, dirtyTracking: VMCreateRequest.DirtyTracking, memoryBacking: String, startedAt: String,
                 uptimeSeconds: Double, stopReason: String?, exitCode: Int?, consoleLines: Int, lastConsoleLine: String?,
-                inDoubt: MigrationInDoubt? = nil, arrivingFrom: String? = nil) {
+                inDoubt: MigrationInDoubt? = nil, arrivingFrom: String? = nil, postcopyPause: PostCopyPause? = nil) {
         self.id = id
         self.state = state
         self.image = image
@@ -110,6 +113,7 @@ public struct VMInfo: Codable, Sendable, Equatable {
         self.lastConsoleLine = lastConsoleLine
         self.inDoubt = inDoubt
         self.arrivingFrom = arrivingFrom
+        self.postcopyPause = postcopyPause
     }
 }
 

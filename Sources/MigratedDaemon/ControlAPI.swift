@@ -115,6 +115,11 @@ public final class ControlAPI: Sendable {
         case (_, 3) where parts[0] == "vms" && parts[2] == "migrate":
             try allow(method, ["POST"])
             let request = try decode(MigrationRequest.self, body)
+            if request.resume {
+                // The VM is paused under its post-copy: none of a new migration's checks apply.
+                _ = try vms.vm(parts[1])
+                return try json(202, try await migrations.resume(vm: parts[1]))
+            }
             if request.dryRun { return try json(200, try await predictMigration(vm: parts[1], request)) }
             return try json(202, try await startMigration(vm: parts[1], request))
         case (_, 3) where parts[0] == "vms" && parts[2] == "migration":

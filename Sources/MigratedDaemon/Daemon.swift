@@ -18,7 +18,7 @@ public final class Daemon: Sendable {
         self.configuration = configuration
         self.logger = logger
         self.incoming = incoming ?? EngineIncomingListener(logger: logger)
-        let migrations = migrations ?? EngineMigrationService(logger: logger)
+        let migrations = migrations ?? EngineMigrationService(logger: logger, postCopyRecoveryTimeout: configuration.postCopyRecoveryTimeout)
         let vms = VMManager(memoryBudget: configuration.memoryBudget, memoryBacking: configuration.memoryBacking, logger: logger)
         api = ControlAPI(vms: vms, migrations: migrations, snapshots: SnapshotService(logger: logger), tls: configuration.tls, logger: logger)
         server = ControlServer(socketPath: configuration.socketPath, limits: configuration.controlLimits, api: api, logger: logger)

@@ -35,11 +35,16 @@ public struct IncomingMigrationSettings: Sendable, Equatable {
     public var security: Security
     /// What holds the RAM of the VMs that arrive.
     public var memoryBacking: GuestMemory.Backing
+    /// How long an arriving guest whose post-copy link broke waits for its source to resume; set by validation to
+    /// `ValidatedConfiguration.postCopyRecoveryTimeout`.
+    public var postCopyRecoveryTimeout: Double
 
-    public init(address: PeerAddress, security: Security, memoryBacking: GuestMemory.Backing = .sharedMemory) {
+    public init(address: PeerAddress, security: Security, memoryBacking: GuestMemory.Backing = .sharedMemory,
+                postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout) {
         self.address = address
         self.security = security
         self.memoryBacking = memoryBacking
+        self.postCopyRecoveryTimeout = postCopyRecoveryTimeout
     }
 }
 
@@ -69,6 +74,9 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     /// Where a daemon that shuts down saves each VM a migration left in doubt (control-api.md §3.7), since its guest
     /// may run nowhere else.
     public var inDoubtDirectory: String?
+    /// Seconds a post-copy whose link broke waits for a resume, on either side, before it gives up: the destination
+    /// then stops the guest as failed and the source's VM stays paused, in doubt (default 60; 0 gives up at once).
+    public var postcopyRecoveryTimeoutSeconds: Double?
 
     public struct Incoming: Codable, Sendable, Equatable {
         /// `host:port`, `[v6-address]:port` or `unix:/path`.
@@ -84,9 +92,11 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
 
     public static let defaultSocket = "/run/migrated/control.sock"
     public static let defaultInDoubtDirectory = "/var/lib/migrated/in-doubt"
+    public static let defaultPostCopyRecoveryTimeout: Double = 60
 
     public init(socket: String? = nil, logLevel: String? = nil, memoryBudgetMib: UInt64? = nil, guestMemory: String? = nil,
-                tls: TLSFiles? = nil, incoming: Incoming? = nil, inDoubtDirectory: String? = nil) {
+                tls: TLSFiles? = nil, incoming: Incoming? = nil, inDoubtDirectory: String? = nil,
+                postcopyRecoveryTimeoutSeconds: Double? = nil) {
         self.socket = socket
         self.logLevel = logLevel
         self.memoryBudgetMib = memoryBudgetMib
@@ -94,6 +104,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         self.tls = tls
         self.incoming = incoming
         self.inDoubtDirectory = inDoubtDirectory
+        self.postcopyRecoveryTimeoutSeconds = postcopyRecoveryTimeoutSeconds
     }
 
     /// Reads a configuration file; unknown keys are refused, so that a misspelt setting is not silently ignored.
@@ -130,6 +141,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         }
         if overrides.incomingPlaintext, merged.incoming != nil { merged.incoming?.plaintext = true }
         if let directory = overrides.inDoubtDirectory { merged.inDoubtDirectory = directory }
+        if let seconds = overrides.postcopyRecoveryTimeoutSeconds { merged.postcopyRecoveryTimeoutSeconds = seconds }
         return merged
     }
 
@@ -146,6 +158,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var incomingListen: String?
         public var incomingPlaintext = false
         public var inDoubtDirectory: String?
+        public var postcopyRecoveryTimeoutSeconds: Double?
 
         public init() {}
     }
@@ -167,15 +180,21 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
             throw ConfigurationError("guest_memory '\(backingName)' is not one of \(GuestMemory.Backing.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         if let tls { try Self.check(tls) }
+        let recovery = postcopyRecoveryTimeoutSeconds ?? Self.defaultPostCopyRecoveryTimeout
+        guard recovery.isFinite, recovery >= 0 else {
+            throw ConfigurationError("postcopy_recovery_timeout_seconds must be 0 or more, not \(recovery)")
+        }
         var incomingSettings: IncomingMigrationSettings?
         if let incoming {
             guard let address = PeerAddress(incoming.listen) else {
                 throw ConfigurationError("incoming.listen '\(incoming.listen)' is not host:port, [v6-address]:port or unix:/path")
             }
             if incoming.plaintext == true {
-                incomingSettings = IncomingMigrationSettings(address: address, security: .plaintext, memoryBacking: backing)
+                incomingSettings = IncomingMigrationSettings(address: address, security: .plaintext, memoryBacking: backing,
+                                                             postCopyRecoveryTimeout: recovery)
             } else if let tls {
-                incomingSettings = IncomingMigrationSettings(address: address, security: .tls(tls), memoryBacking: backing)
+                incomingSettings = IncomingMigrationSettings(address: address, security: .tls(tls), memoryBacking: backing,
+                                                             postCopyRecoveryTimeout: recovery)
             } else {
                 throw ConfigurationError("incoming migrations need the tls section (certificate, key, ca, allowed_peers), or \"plaintext\": true to accept them unencrypted")
             }
@@ -183,7 +202,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         let inDoubt = inDoubtDirectory ?? Self.defaultInDoubtDirectory
         guard inDoubt.hasPrefix("/") else { throw ConfigurationError("in_doubt_directory must be an absolute path, not '\(inDoubt)'") }
         return ValidatedConfiguration(socketPath: socket, logLevel: level, memoryBudget: budget, memoryBacking: backing,
-                                      tls: tls, incoming: incomingSettings, inDoubtDirectory: inDoubt)
+                                      tls: tls, incoming: incomingSettings, inDoubtDirectory: inDoubt, postCopyRecoveryTimeout: recovery)
     }
 
     private static func check(_ tls: TLSFiles) throws(ConfigurationError) {
@@ -206,7 +225,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
 
 extension DaemonConfiguration: StrictlyDecodable {
     public static let fieldNames: Set<String> = ["socket", "log_level", "memory_budget_mib", "guest_memory", "tls", "incoming",
-                                                 "in_doubt_directory"]
+                                                 "in_doubt_directory", "postcopy_recovery_timeout_seconds"]
 }
 
 /// The configuration the daemon runs with: defaults filled in, files checked.
@@ -220,12 +239,16 @@ public struct ValidatedConfiguration: Sendable, Equatable {
     public var incoming: IncomingMigrationSettings?
     /// Where VMs in doubt are saved when the daemon shuts down.
     public var inDoubtDirectory: String
+    /// Seconds a post-copy whose link broke waits for a resume, as the sender (incoming migrations have theirs in
+    /// `incoming`).
+    public var postCopyRecoveryTimeout: Double
     /// Not in the file: the stated limits of control-api.md §1.1; tests shorten the timeout.
     public var controlLimits: ControlLimits
 
     public init(socketPath: String, logLevel: Logger.Level = .info, memoryBudget: UInt64,
                 memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
                 incoming: IncomingMigrationSettings? = nil, inDoubtDirectory: String = DaemonConfiguration.defaultInDoubtDirectory,
+                postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout,
                 controlLimits: ControlLimits = ControlLimits()) {
         self.socketPath = socketPath
         self.logLevel = logLevel
@@ -234,6 +257,7 @@ public struct ValidatedConfiguration: Sendable, Equatable {
         self.tls = tls
         self.incoming = incoming
         self.inDoubtDirectory = inDoubtDirectory
+        self.postCopyRecoveryTimeout = postCopyRecoveryTimeout
         self.controlLimits = controlLimits
     }
 }

@@ -28,8 +28,13 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     private var migrations: [String: Migration] = [:]
     private var started = 0, succeeded = 0, failed = 0, inDoubt = 0
     private var bytesSent: UInt64 = 0
+    /// Seconds a post-copy whose link broke waits for `resume(vm:)`.
+    private let postCopyRecoveryTimeout: Double
 
-    public init(logger: Logger) { self.logger = logger }
+    public init(logger: Logger, postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout) {
+        self.logger = logger
+        self.postCopyRecoveryTimeout = postCopyRecoveryTimeout
+    }
 
     /// One migration's sender, while it runs, and where it stands.
     final class Migration: Sendable {
@@ -40,15 +45,49 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             /// keep all of that for good.
             var sender: MigrationSender?
             var status: MigrationStatus
+            /// While the post-copy waits for a resume: until when (`monotonicSeconds`).
+            var pausedUntil: Double?
         }
         private let state: Locked<State>
+        private let recoveryTimeout: Double
 
-        init(sender: MigrationSender, status: MigrationStatus) {
+        init(sender: MigrationSender, status: MigrationStatus, recoveryTimeout: Double) {
             state = Locked(State(sender: sender, status: status))
+            self.recoveryTimeout = recoveryTimeout
         }
 
-        var status: MigrationStatus { state.withLock { $0.status } }
-        func update(_ change: (inout MigrationStatus) -> Void) { state.withLock { change(&$0.status) } }
+        var status: MigrationStatus {
+            state.withLock { state in
+                var status = state.status
+                // The engine reports the pause once, as it begins; the seconds left are counted here.
+                status.postcopyPause = state.pausedUntil.map { PostCopyPause(reason: nil, waitSecondsLeft: max(0, $0 - monotonicSeconds())) }
+                return status
+            }
+        }
+
+        /// Takes in the engine's progress report, and notes when a post-copy pause began.
+        func update(_ progress: MigrationProgress) {
+            state.withLock { state in
+                state.status.apply(progress)
+                if state.status.phase != .postcopyPaused {
+                    state.pausedUntil = nil
+                } else if state.pausedUntil == nil {
+                    state.pausedUntil = monotonicSeconds() + recoveryTimeout
+                }
+            }
+        }
+
+        /// Hands a paused post-copy back to its sender, which reconnects to the same destination; false when the
+        /// migration does not wait for a resume.
+        func resume() -> Bool {
+            state.withLock { state in
+                guard state.status.phase == .postcopyPaused, let sender = state.sender, sender.resume(with: nil) else { return false }
+                // The sender reconnects and carries on; its next report says how post-copy goes.
+                state.status.phase = .postcopy
+                state.pausedUntil = nil
+                return true
+            }
+        }
 
         /// Asks the running sender to stop; nothing once the run has ended.
         func cancel() { state.withLock { $0.sender }?.cancel() }
@@ -58,6 +97,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             state.withLock {
                 change(&$0.status)
                 $0.sender = nil
+                $0.pausedUntil = nil
             }
         }
     }
@@ -82,9 +122,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         options.autoConverge = request.autoConverge
         options.postCopy = request.postcopy
         options.postCopyAfterPasses = request.postcopyAfterPasses
-        // The daemons cannot resume a post-copy yet (no `migratectl migrate --resume`): waiting for one would only keep
-        // a guest whose link broke waiting for pages that will not come.
-        options.postCopyRecoveryTimeout = 0
+        options.postCopyRecoveryTimeout = postCopyRecoveryTimeout
         return ({ _ in try MigrationNetwork.connect(to: endpoint, security: security) }, options)
     }
 
@@ -92,7 +130,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         let (connect, options) = try plan(vm, request)
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
         let sender = MigrationSender(source: source, options: options, openChannel: connect)
-        let migration = Migration(sender: sender, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup))
+        let migration = Migration(sender: sender, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup),
+                                  recoveryTimeout: postCopyRecoveryTimeout)
         let busyWith: String? = lock.withLock {
             if let running = migrations[vm.id], !running.status.phase.isFinal { return running.status.peer }
             migrations[vm.id] = migration
@@ -100,8 +139,14 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             return nil
         }
         if let busyWith { throw .conflict("migration_in_progress", "VM '\(vm.id)' is already migrating to \(busyWith)") }
-        sender.onProgress = { progress in migration.update { $0.apply(progress) } }
-        let logger = self.logger
+        let (logger, wait) = (self.logger, postCopyRecoveryTimeout)
+        sender.onProgress = { progress in
+            if progress.phase == .postcopyPaused, migration.status.phase != .postcopyPaused {
+                logger.error("post-copy link broke; the VM stays paused here, waiting for a resume (migratectl migrate VM --resume)",
+                             metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "wait_seconds": "\(wait)"])
+            }
+            migration.update(progress)
+        }
         logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)",
                                                     "postcopy": "\(request.postcopy)"])
         startThread(named: "migrate-\(vm.id)") { [self] in
@@ -157,6 +202,12 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         return migration.status
     }
 
+    public func resume(vm id: String) async throws(ControlError) -> MigrationStatus {
+        guard let migration = lock.withLock({ migrations[id] }), migration.resume() else { throw noPausedPostCopy(id) }
+        logger.notice("post-copy resumed: reconnecting to the destination", metadata: ["vm": "\(id)", "peer": "\(migration.status.peer)"])
+        return migration.status
+    }
+
     public func cancel(vm id: String) async throws(ControlError) -> MigrationStatus {
         guard let migration = lock.withLock({ migrations[id] }) else { throw Self.noMigration(id) }
         migration.cancel()
@@ -202,7 +253,10 @@ extension MigrationStatus {
         // cancelled must find its report too.
         if let next = MigrationPhase(rawValue: progress.phase.rawValue), !next.isFinal { phase = next }
         pass = progress.pass
-        percent = progress.pagesTotal > 0 ? 100 * Double(progress.pagesDone) / Double(progress.pagesTotal) : percent
+        // A paused post-copy keeps showing how far it had come.
+        if progress.phase != .postcopyPaused {
+            percent = progress.pagesTotal > 0 ? 100 * Double(progress.pagesDone) / Double(progress.pagesTotal) : percent
+        }
         bytesOnWire = UInt64(progress.bytesOnWire)
         rateBytesPerSecond = progress.bandwidth
         dirtyRateBytesPerSecond = progress.dirtyRate
@@ -298,7 +352,9 @@ final class ConfiguredGuestSource: GuestSource {
 /// runs long before the receiver returns.
 ///
 /// Sendable under the `GuestSink` thread contract: `reservedBytes`, `configuration` and `registration` change in the
-/// control calls alone, and are read on the receiver's thread once it has returned.
+/// control calls alone, and are read on the receiver's thread once it has returned, or by the listener once it has
+/// resumed a paused post-copy: the receiver began to wait (the lock of its resume point orders the two) after the guest
+/// had started, and so after they were set.
 final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
     let base: MicroVMGuestSink
     private let desk: (any ArrivalDesk)?
@@ -354,6 +410,12 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
         return result
     }
 
+    /// Tells the desk that the post-copy waits for a resume, or (nil) carries on.
+    func notePause(_ pause: PostCopyPause?) {
+        guard case .success(let id) = registration, let desk, let machine = base.machine else { return }
+        desk.notePostCopyPause(id: id, machine: machine, pause)
+    }
+
     /// Tells the desk that the migration has ended; with `failure`, after the guest had started, which the desk stops.
     func endArrival(failure: String?) {
         guard case .success(let id) = registration, let desk, let machine = base.machine else { return }
@@ -402,13 +464,30 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
 /// Incoming live migrations: a listener on the configured address; each migration is received on a thread of
 /// its own and the VM adopted by the daemon once it runs.
 ///
-/// Sendable: `listener` is guarded by `lock`; `refusals` is Sendable.
+/// Sendable: `listener` is guarded by `lock`; `refusals` and `receiving` are Sendable.
 public final class EngineIncomingListener: IncomingMigrationListener, @unchecked Sendable {
     private let logger: Logger
     private let refusals = RefusalLog()
     private let lock = NSLock()
     private var listener: Listener?
     private let fault: FaultInjection?
+    /// The migrations being received, by their receiver, with the peer they come from: a complete group of
+    /// connections from the same peer with the migration ID of one of them resumes its post-copy.
+    private let receiving = Locked<[ObjectIdentifier: Receiving]>([:])
+    private struct Receiving {
+        var peer: String, receiver: MigrationReceiver, sink: ConfiguredGuestSink
+        /// The post-copy's pauses as the receiver announced them, and the resumes it took. Each resume ends one pause,
+        /// but the receiver announces a pause after it can take the resume: the VM is marked paused while the pauses
+        /// outnumber the resumes, whatever the order of the two.
+        var pauses = 0, resumes = 0
+        var lastPause: (reason: String, until: Double)?
+
+        /// Tells the desk whether the post-copy waits now. Called under `receiving`'s lock, so that marks come in order.
+        func mark() {
+            let waiting = pauses > resumes ? lastPause : nil
+            sink.notePause(waiting.map { PostCopyPause(reason: $0.reason, waitSecondsLeft: max(0, $0.until - monotonicSeconds())) })
+        }
+    }
 
     /// `fault` arms a test hook (FaultInjection) in every migration this listener receives.
     public init(logger: Logger, fault: FaultInjection? = nil) {
@@ -430,7 +509,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         let listener = try Listener(endpoint: endpoint, security: security)
         lock.withLock { self.listener = listener }
         logger.info("listening for migrations", metadata: ["address": "\(listener.endpoint)"])
-        startThread(named: "migrate-listen") { [self] in acceptLoop(listener, memoryBacking: settings.memoryBacking, desk: desk) }
+        startThread(named: "migrate-listen") { [self] in acceptLoop(listener, settings: settings, desk: desk) }
     }
 
     public func stop() {
@@ -443,9 +522,10 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
     /// Accepts connections and hands them to a gatherer, which runs their TLS handshakes and reads their headers
     /// on threads of their own and groups them into migrations (stream.md §10.5): a peer that stalls holds up
     /// nobody else, and concurrent migrations are received side by side, each on a thread of its own.
-    private func acceptLoop(_ listener: Listener, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
+    private func acceptLoop(_ listener: Listener, settings: IncomingMigrationSettings, desk: any ArrivalDesk) {
         let gatherer = ChannelGatherer(ready: { [self] channels, peer in
-            startThread(named: "migrate-receive") { [self] in receive(channels, from: peer, memoryBacking: memoryBacking, desk: desk) }
+            if resumePaused(channels, from: peer) { return }
+            startThread(named: "migrate-receive") { [self] in receive(channels, from: peer, settings: settings, desk: desk) }
         }, refused: { [logger, refusals] peer, reason in
             guard case .log(let suppressed) = refusals.verdict(for: peer) else { return }
             logger.warning("incoming migration refused; more refusals of this peer in the next \(Int(refusals.window)) s are not logged",
@@ -466,9 +546,39 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         }
     }
 
-    private func receive(_ channels: [MigrationChannel], from peer: String, memoryBacking: GuestMemory.Backing, desk: any ArrivalDesk) {
+    /// Hands `channels` to the post-copy they resume, if a migration from `peer` with their migration ID is being
+    /// received; true when they were taken, or closed because that post-copy does not wait for them.
+    private func resumePaused(_ channels: [MigrationChannel], from peer: String) -> Bool {
+        guard let migrationID = IncomingChannels.migrationID(of: channels) else { return false }
+        func find() -> Receiving? {
+            receiving.withLock { $0.values.first { $0.peer == peer && $0.receiver.migrationID == migrationID } }
+        }
+        guard let (receiver, sink) = find().map({ ($0.receiver, $0.sink) }) else { return false }
+        let key = ObjectIdentifier(receiver)
+        // The source may have seen the link break a moment before this side: its receiver is then about to wait.
+        // This runs on the group's own gathering thread, which may wait that moment.
+        let deadline = monotonicSeconds() + 10
+        while !receiver.resume(with: channels) {
+            guard monotonicSeconds() < deadline, find()?.receiver === receiver else {
+                for channel in channels { channel.close() }
+                logger.warning("connections resuming a post-copy that does not wait for a resume are closed",
+                               metadata: ["peer": "\(peer)", "migration_id": "\(migrationID)"])
+                return true
+            }
+            usleep(10_000)
+        }
+        receiving.withLock {
+            $0[key]?.resumes += 1
+            $0[key]?.mark()
+        }
+        logger.notice("post-copy resumed by its source", metadata: ["peer": "\(peer)", "migration_id": "\(migrationID)",
+                                                                   "vm": "\(sink.configuration?.id ?? "-")"])
+        return true
+    }
+
+    private func receive(_ channels: [MigrationChannel], from peer: String, settings: IncomingMigrationSettings, desk: any ArrivalDesk) {
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
-        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: memoryBacking), desk: desk,
+        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: settings.memoryBacking), desk: desk,
                                        peer: peer, fault: fault.map { ($0, logger, channels) })
         func record(_ outcome: IncomingOutcome, vm: String?, error: String?, postCopy: IncomingPostCopy? = nil) {
             desk.recordArrival(IncomingMigrationRecord(peer: peer, vm: vm, outcome: outcome, error: error, memoryBytes: sink.reservedAtMost,
@@ -476,7 +586,19 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         }
         do {
             let receiver = MigrationReceiver(sink: sink, channels: channels)
-            receiver.postCopyRecoveryTimeout = 0 // no resume through the daemons yet; see the sender's options
+            receiver.postCopyRecoveryTimeout = settings.postCopyRecoveryTimeout
+            let key = ObjectIdentifier(receiver)
+            receiver.onPostCopyPaused = { [logger, receiving] reason, seconds in
+                receiving.withLock {
+                    $0[key]?.pauses += 1
+                    $0[key]?.lastPause = (reason, monotonicSeconds() + seconds)
+                    $0[key]?.mark()
+                }
+                logger.error("post-copy link broke; the arriving guest runs, its threads that touch missing pages wait for the source to resume",
+                             metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "reason": "\(reason)", "wait_seconds": "\(seconds)"])
+            }
+            receiving.withLock { $0[key] = Receiving(peer: peer, receiver: receiver, sink: sink) }
+            defer { receiving.withLock { $0[key] = nil } }
             let report = try receiver.run()
             let postCopy = report.postCopySeconds.map {
                 IncomingPostCopy(missingPages: UInt64(report.postCopyPages), requestedPages: UInt64(report.postCopyRequests), seconds: $0)

@@ -44,6 +44,11 @@ public protocol MigrationService: Sendable {
     /// The current or last migration of VM `id`.
     func status(ofVM id: String) async throws(ControlError) -> MigrationStatus
 
+    /// Carries on the post-copy of VM `id` whose link broke (phase `postcopy-paused`) over new connections to the same
+    /// destination; returns the status after asking. 409 `no_postcopy_paused` when no post-copy of that VM waits for
+    /// a resume.
+    func resume(vm id: String) async throws(ControlError) -> MigrationStatus
+
     /// Cancels the migration of VM `id` if it has not reached switchover; the source keeps running.
     /// Returns the status after cancelling (phase `cancelled`, or the final phase it had already reached).
     func cancel(vm id: String) async throws(ControlError) -> MigrationStatus
@@ -61,6 +66,17 @@ public protocol MigrationService: Sendable {
 extension MigrationService {
     public func predictMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationPrediction {
         throw ControlError(501, "dry_run_unsupported", "this daemon's migration service cannot predict a migration")
+    }
+}
+
+extension MigrationService {
+    /// For services that cannot resume a post-copy: none ever waits for one.
+    public func resume(vm id: String) async throws(ControlError) -> MigrationStatus { throw noPausedPostCopy(id) }
+
+    /// The answer to a resume when no post-copy of VM `id` waits for one.
+    public func noPausedPostCopy(_ id: String) -> ControlError {
+        .conflict("no_postcopy_paused", "VM '\(id)' has no post-copy waiting for a resume here (its migration is not in phase "
+            + "postcopy-paused: it runs, has ended, or gave up waiting); see GET /vms/\(id)/migration")
     }
 }
 
@@ -95,6 +111,9 @@ public protocol ArrivalDesk: Sendable {
     /// badly after the guest had started (in post-copy: pages will not come), and the VM is stopped as `failed` with
     /// that reason, before the receiver frees its memory. Nothing happens when the VM was deleted meanwhile.
     func endArrival(id: String, machine: MicroVM, failure: String?)
+    /// The post-copy of the VM registered as `id` with `machine` lost its link and waits for its source to resume
+    /// (`pause`), or was resumed (nil): shown in the VM's status until its migration ends.
+    func notePostCopyPause(id: String, machine: MicroVM, _ pause: PostCopyPause?)
     /// Records how an incoming migration ended, received or failed (with why), for the API and the metrics.
     func recordArrival(_ record: IncomingMigrationRecord)
 }

@@ -8,7 +8,7 @@ import MigratedAPI
 /// One VM the daemon knows about. While it runs it holds its MicroVM; once it has stopped, the MicroVM (and with
 /// it the guest's RAM) is released and only its final account is kept, until the VM is deleted.
 ///
-/// Sendable: the mutable fields (`consoleFD`, `final`, `paused`, `inDoubt`, `arrival`) are read and written only under
+/// Sendable: the mutable fields (`consoleFD`, `final`, `paused`, `inDoubt`, `arrival`, `arrivalPause`) are read and written only under
 /// the owning `VMManager`'s lock (hence fileprivate).
 public final class ManagedVM: @unchecked Sendable {
     public let id: String
@@ -31,6 +31,9 @@ public final class ManagedVM: @unchecked Sendable {
     /// its last page has come): where it came from, and the machine the receiver started, so that the end of the
     /// arrival is not taken for another VM's that got the id meanwhile.
     fileprivate var arrival: (peer: String, machine: ObjectIdentifier)?
+    /// While that migration's post-copy waits for its source to resume: why, and until when (DispatchTime uptime
+    /// nanoseconds).
+    fileprivate var arrivalPause: (reason: String?, until: UInt64)?
 
     struct Final {
         var state: VMState
@@ -185,12 +188,22 @@ public final class VMManager: @unchecked Sendable {
             return
         }
         vm.arrival = nil
+        vm.arrivalPause = nil
         // Stopped in the same step as the mark goes: nobody may see it running, arrived, with pages missing.
         let taken = failure.flatMap { take(vm, .failed, $0) }
         lock.unlock()
         if let (machine, fd) = taken {
             Self.dispose(machine, consoleFD: fd)
             logger.error("arrived VM stopped: its migration failed after it had started here", metadata: ["vm": "\(id)", "reason": "\(failure ?? "")"])
+        }
+    }
+
+    public func notePostCopyPause(id: String, machine: MicroVM, _ pause: PostCopyPause?) {
+        guard let vm = try? vm(id) else { return } // deleted meanwhile
+        let until = pause.map { DispatchTime.now().uptimeNanoseconds + UInt64(max(0, $0.waitSecondsLeft) * 1e9) }
+        lock.withLock {
+            guard vm.arrival?.machine == ObjectIdentifier(machine) else { return }
+            vm.arrivalPause = pause.map { ($0.reason, until!) }
         }
     }
 
@@ -350,7 +363,10 @@ public final class VMManager: @unchecked Sendable {
         let paused = vm.paused
         let inDoubt = final == nil ? vm.inDoubt : nil
         let arrivingFrom = final == nil ? vm.arrival?.peer : nil
+        let pause = final == nil ? vm.arrivalPause : nil
         lock.unlock()
+        let now = DispatchTime.now().uptimeNanoseconds
+        let postcopyPause = pause.map { PostCopyPause(reason: $0.reason, waitSecondsLeft: Double($0.until > now ? $0.until - now : 0) / 1e9) }
         let lines = machine?.console.receivedLines
         return VMInfo(
             id: vm.id, state: final?.state ?? (paused ? .paused : .running), image: vm.request.image, memoryMib: vm.request.memoryMib,
@@ -358,7 +374,8 @@ public final class VMManager: @unchecked Sendable {
             dirtyTracking: vm.request.dirtyTracking, memoryBacking: vm.memoryBacking.rawValue, startedAt: ISO8601DateFormatter().string(from: vm.startedAt),
             uptimeSeconds: final?.uptime ?? vm.uptime, stopReason: final?.reason, exitCode: final?.exitCode,
             consoleLines: final?.consoleLines ?? machine?.console.lineCount ?? 0,
-            lastConsoleLine: final?.lastConsoleLine ?? lines?.last, inDoubt: inDoubt, arrivingFrom: arrivingFrom)
+            lastConsoleLine: final?.lastConsoleLine ?? lines?.last, inDoubt: inDoubt, arrivingFrom: arrivingFrom,
+            postcopyPause: postcopyPause)
     }
 
     /// The running MicroVM of a VM, for a migration; 409 when it is not running.

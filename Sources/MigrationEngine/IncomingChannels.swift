@@ -77,12 +77,20 @@ struct PartialMigration {
             channel.close()
             throw MigrationError.protocolViolation("connection claims channel \(index) of \(count), which this migration already has")
         }
-        slots[index] = ReplayingChannel(channel, replay: header.bytes)
+        slots[index] = ReplayingChannel(channel, replay: header.bytes, migrationID: header.header.migrationID)
         placed += 1
         return placed == slots.count ? slots.map { $0! } : nil
     }
 
     func close() { for channel in slots { channel?.close() } }
+}
+
+extension IncomingChannels {
+    /// The migration ID in the stream headers of channels gathered by `collect` or a `ChannelGatherer`, nil for other
+    /// channels: a listener hands the channels of a resumed post-copy to the receiver of that migration.
+    public static func migrationID(of channels: [MigrationChannel]) -> UInt32? {
+        (channels.first as? ReplayingChannel)?.migrationID
+    }
 }
 
 /// Gathers the channels of concurrent incoming migrations: each connection is opened (its handshake) and its
@@ -260,10 +268,13 @@ private final class HeaderWait: @unchecked Sendable {
 final class ReplayingChannel: MigrationChannel, @unchecked Sendable {
     private let base: MigrationChannel
     private var replay: [UInt8]
+    /// From the header in `replay`.
+    let migrationID: UInt32
 
-    init(_ base: MigrationChannel, replay: [UInt8]) {
+    init(_ base: MigrationChannel, replay: [UInt8], migrationID: UInt32) {
         self.base = base
         self.replay = replay
+        self.migrationID = migrationID
     }
 
     func send(_ buffers: [UnsafeRawBufferPointer]) throws { try base.send(buffers) }

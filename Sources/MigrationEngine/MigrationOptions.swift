@@ -90,7 +90,8 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
     }
     public var phase: Phase
     public var pass: Int
-    /// Of the current pass.
+    /// Of the current pass; in post-copy, of the pages the destination lacked (`pagesTotal`), those sent since the
+    /// start of post-copy or its last resume.
     public var pagesDone: Int
     public var pagesTotal: Int
     public var bytesOnWire: Int

@@ -22,6 +22,10 @@ public final class MigrationReceiver: @unchecked Sendable {
     /// Called when a post-copy's link broke and the receiver waits for a resume: why, and the seconds it will wait.
     public var onPostCopyPaused: (@Sendable (String, Double) -> Void)?
     private let resumePoint = ResumePoint()
+    /// The migration ID of the sender's stream header, once `run` has read it: a resumed post-copy's new channels
+    /// carry the same one, by which a listener tells them from a new migration's.
+    public var migrationID: UInt32? { receivedID.withLock { $0 } }
+    private let receivedID = Locked<UInt32?>(nil)
     /// What this side accepts; the agreed set is the intersection with the sender's offer.
     public let capabilities: Capabilities
     /// The threads reading channels 1..<N; waited for before the sink is discarded, so none writes into
@@ -108,6 +112,7 @@ public final class MigrationReceiver: @unchecked Sendable {
             throw MigrationError.protocolViolation("sender uses \(header.channelCount) channels, \(channels.count) are open")
         }
         guard header.pageSize == 4096 else { throw MigrationError.protocolViolation("page size \(header.pageSize) (4096 expected)") }
+        receivedID.withLock { $0 = header.migrationID }
         guard case .capabilitiesOffer(let offer) = try main.next() else {
             throw MigrationError.protocolViolation("the main stream must offer capabilities first")
         }

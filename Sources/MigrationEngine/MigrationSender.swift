@@ -367,6 +367,9 @@ public final class MigrationSender: @unchecked Sendable {
         var missing: [UInt64] = []
         missing.reserveCapacity(gathered.count)
         for frame in gathered where frame != missing.last { missing.append(frame) }
+        // Progress in post-copy counts the missing pages pushed: not the last pass's pages, which would show the push
+        // as far along (or past 100 %) before the destination has even started the guest.
+        pagesDone.reset()
         report(.postcopy, pass: Int(finalPass), total: missing.count)
         // The receiver holds stale versions of these frames, which leave both digests; each frame's latest version
         // enters the digest of whichever channel it goes on.
@@ -601,7 +604,8 @@ public final class MigrationSender: @unchecked Sendable {
         let done = pagesDone.count
         let secondsLeft = phase == .precopy && done > 0 && passSeconds > 0.05 ? Double(max(total - done, 0)) * passSeconds / Double(done) : nil
         onProgress(MigrationProgress(
-            phase: phase, pass: pass, pagesDone: phase == .precopy ? pagesDone.count : total, pagesTotal: total,
+            // In post-copy, the missing pages pushed so far (MigrationProgress.pagesDone says so): a daemon shows it.
+            phase: phase, pass: pass, pagesDone: phase == .precopy || phase == .postcopy ? min(pagesDone.count, total) : total, pagesTotal: total,
             bytesOnWire: wireBytes + inPass, bandwidth: rate, dirtyRate: last?.dirtyRate ?? 0,
             expectedDowntime: last?.expectedDowntime ?? 0, throttle: last?.throttle ?? 0,
             elapsed: monotonicSeconds() - started, passSecondsLeft: secondsLeft,

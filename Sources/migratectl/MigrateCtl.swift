@@ -54,13 +54,17 @@ func describe(_ vm: VMInfo) -> String {
     if let line = vm.lastConsoleLine { lines.append("last line:    \(line)") }
     if let doubt = vm.inDoubt { lines.append("IN DOUBT:     \(doubt.reason)") }
     if let peer = vm.arrivingFrom { lines.append("arriving:     from \(peer); its migration has not ended (in post-copy, pages are still coming)") }
+    if let pause = vm.postcopyPause {
+        lines.append("postcopy-paused: the link to the source broke\(pause.reason.map { " (\($0))" } ?? ""); waits \(Formatting.seconds(pause.waitSecondsLeft)) "
+            + "more for the source to resume, then the VM is stopped as failed")
+    }
     return lines.joined(separator: "\n")
 }
 
 /// The state as lists show it: a VM paused by a migration in doubt stands out from one paused on request, and one
 /// whose migration here has not ended (its guest runs, in post-copy with pages missing) from one that has arrived.
 func stateLabel(_ vm: VMInfo) -> String {
-    vm.inDoubt != nil ? "in-doubt" : vm.arrivingFrom != nil ? "arriving" : vm.state.rawValue
+    vm.inDoubt != nil ? "in-doubt" : vm.postcopyPause != nil ? "postcopy-paused" : vm.arrivingFrom != nil ? "arriving" : vm.state.rawValue
 }
 
 // MARK: vm
@@ -98,10 +102,10 @@ struct VM: AsyncParsableCommand {
             try await reportingErrors {
                 let vms = try await options.client.listVMs()
                 try options.print(VMList(vms: vms)) { list in
-                    let header = "ID".padding(toLength: 20, withPad: " ", startingAt: 0) + "STATE     MEMORY  VCPUS  UPTIME    LAST CONSOLE LINE"
+                    let header = "ID".padding(toLength: 20, withPad: " ", startingAt: 0) + "STATE           MEMORY  VCPUS  UPTIME    LAST CONSOLE LINE"
                     return ([header] + list.vms.map { vm in
                         vm.id.padding(toLength: 20, withPad: " ", startingAt: 0)
-                            + stateLabel(vm).padding(toLength: 10, withPad: " ", startingAt: 0)
+                            + stateLabel(vm).padding(toLength: 16, withPad: " ", startingAt: 0)
                             + "\(vm.memoryMib)M".padding(toLength: 8, withPad: " ", startingAt: 0)
                             + "\(vm.vcpus)".padding(toLength: 7, withPad: " ", startingAt: 0)
                             + Formatting.seconds(vm.uptimeSeconds).padding(toLength: 10, withPad: " ", startingAt: 0)
@@ -189,7 +193,7 @@ struct Migrate: AsyncParsableCommand {
         """)
     @OptionGroup var options: ClientOptions
     @Argument(help: "The VM's id.") var vm: String
-    @Option(help: "The peer's migration address: host:port, [v6]:port or unix:/path.") var to: String
+    @Option(help: "The peer's migration address: host:port, [v6]:port or unix:/path (required, except with --resume).") var to: String?
     @Option(help: "Parallel channels (1-16).") var channels = 1
     @Option(help: "none, lz4, zstd or adaptive.") var compression = MigrationCompression.lz4
     @Flag(help: "Send without TLS (the peer must accept plaintext).") var plaintext = false
@@ -201,13 +205,21 @@ struct Migrate: AsyncParsableCommand {
     var postcopy = false
     @Option(name: .customLong("postcopy-after"), help: ArgumentHelp("Switch to post-copy after this many pre-copy passes at the latest (implies --postcopy).", valueName: "passes"))
     var postcopyAfter: Int?
+    @Flag(help: ArgumentHelp("Carry on the VM's post-copy whose link broke (phase postcopy-paused), and follow it.",
+                             discussion: "Both daemons wait --postcopy-recovery-timeout seconds (default 60) for this; the source reconnects to the same destination, the two agree on the pages still missing, and post-copy goes on. Takes no --to; the other migration options are ignored: it carries on as the migration was asked."))
+    var resume = false
     @Flag(help: "Return once the migration has started, without following it.") var detach = false
     @Flag(help: "Predict the migration without migrating: measure the guest and the link, print the prediction.") var dryRun = false
     @Option(help: "Seconds between progress updates.") var interval = 0.5
 
+    func validate() throws {
+        if resume && to != nil { throw ValidationError("--resume carries on the paused migration to where it went; it takes no --to") }
+        if !resume && to == nil { throw ValidationError("missing --to: the peer's migration address") }
+    }
+
     func run() async throws {
-        let request = MigrationRequest(
-            peer: to, channels: channels, compression: compression, security: plaintext ? .plaintext : .tls,
+        let request = resume ? MigrationRequest.resumingPostCopy : MigrationRequest(
+            peer: to ?? "", channels: channels, compression: compression, security: plaintext ? .plaintext : .tls,
             bandwidthLimitBytesPerSecond: try bandwidth.map(parseBytes), downtimeLimitMs: downtimeLimitMs,
             autoConverge: !noAutoConverge, postcopy: postcopy || postcopyAfter != nil, postcopyAfterPasses: postcopyAfter)
         if let problem = request.problem() { throw ValidationError(problem) }

@@ -47,6 +47,9 @@ struct MigratedCommand: AsyncParsableCommand {
     @Option(help: "Listen for incoming migrations here: host:port, [v6]:port or unix:/path.")
     var incomingListen: String?
 
+    @Option(help: "Seconds a post-copy whose link broke waits for `migratectl migrate VM --resume`, here as source or destination, before it gives up (default 60; 0: at once).")
+    var postcopyRecoveryTimeout: Double?
+
     @Flag(help: "Accept incoming migrations without TLS (only with --incoming-listen or incoming.listen).")
     var incomingPlaintext = false
 
@@ -64,6 +67,7 @@ struct MigratedCommand: AsyncParsableCommand {
         overrides.allowedPeers = allowPeer
         overrides.incomingListen = incomingListen
         overrides.incomingPlaintext = incomingPlaintext
+        overrides.postcopyRecoveryTimeoutSeconds = postcopyRecoveryTimeout
         let file = try config.map { path throws in try DaemonConfiguration.load(from: path) } ?? DaemonConfiguration()
         let settings: ValidatedConfiguration
         do { settings = try file.merging(overrides).validated() } catch { throw ValidationError(error.description) }

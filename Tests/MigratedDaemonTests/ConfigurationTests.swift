@@ -67,6 +67,23 @@ final class ConfigurationTests: XCTestCase {
         XCTAssertEqual(settings.logLevel, .info)
         XCTAssertEqual(settings.memoryBudget, 8 << 30)
         XCTAssertNil(settings.incoming, "no incoming listener unless asked for")
+        XCTAssertEqual(settings.postCopyRecoveryTimeout, 60)
+    }
+
+    /// One wait for both ends of a post-copy whose link broke: the file's, or the flag's over it.
+    func testPostCopyRecoveryTimeout() throws {
+        let file = try APIJSON.decodeRequest(DaemonConfiguration.self, from: Data(#"{"postcopy_recovery_timeout_seconds": 5, "incoming": {"listen": "127.0.0.1:7070", "plaintext": true}}"#.utf8))
+        let fromFile = try file.validated()
+        XCTAssertEqual(fromFile.postCopyRecoveryTimeout, 5)
+        XCTAssertEqual(fromFile.incoming?.postCopyRecoveryTimeout, 5)
+        var flags = DaemonConfiguration.Overrides()
+        flags.postcopyRecoveryTimeoutSeconds = 0
+        let fromFlag = try file.merging(flags).validated()
+        XCTAssertEqual(fromFlag.postCopyRecoveryTimeout, 0)
+        XCTAssertEqual(fromFlag.incoming?.postCopyRecoveryTimeout, 0)
+        XCTAssertThrowsError(try DaemonConfiguration(postcopyRecoveryTimeoutSeconds: -1).validated()) { error in
+            XCTAssertTrue("\(error)".contains("postcopy_recovery_timeout_seconds"), "\(error)")
+        }
     }
 
     func testPlaintextIncomingMustBeExplicit() throws {

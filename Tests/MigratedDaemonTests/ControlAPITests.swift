@@ -65,6 +65,21 @@ final class ControlAPITests: XCTestCase {
         }
     }
 
+    /// A resume names no peer: it carries on the migration that is paused. A request without it still must.
+    func testAResumeRequestNeedsNoPeer() async throws {
+        let resume = try APIJSON.decodeRequest(MigrationRequest.self, from: Data(#"{"resume": true}"#.utf8))
+        XCTAssertTrue(resume.resume)
+        XCTAssertNil(resume.problem())
+        XCTAssertThrowsError(try APIJSON.decodeRequest(MigrationRequest.self, from: Data(#"{"resume": false}"#.utf8))) { error in
+            XCTAssertTrue("\(error)".contains("peer"), "\(error)")
+        }
+        try await withDaemon { daemon in
+            let (status, error) = try await daemon.failure("POST", "/vms/nope/migrate", body: #"{"resume": true}"#)
+            XCTAssertEqual(status, 404)
+            XCTAssertEqual(error.error, "vm_not_found")
+        }
+    }
+
     func testUnusableRequestsAre422Or409() async throws {
         try await withDaemon(memoryBudgetMiB: 256) { daemon in
             _ = try TestGuest.image() // a real image, so that the console-log case gets past the image check

@@ -52,4 +52,23 @@ final class MigrationStatusTests: XCTestCase {
         XCTAssertTrue(Formatting.report(status.report!, vm: "vm", peer: "peer")
             .contains("post-copy: 5210 pages missing at the start, 312 asked for by the destination in 312 requests"))
     }
+
+    /// A post-copy whose link broke keeps the percent it had reached, and its line says how long the source waits and
+    /// what resumes it; the pause is in the JSON as `postcopy_pause`.
+    func testAPausedPostCopyKeepsItsPercentAndSaysHowToResume() throws {
+        var status = MigrationStatus(vm: "vm", peer: "peer", phase: .precopy)
+        status.apply(progress(.postcopy))
+        var paused = progress(.postcopyPaused)
+        paused.pagesDone = paused.pagesTotal
+        status.apply(paused)
+        XCTAssertEqual(status.phase, .postcopyPaused)
+        XCTAssertFalse(status.phase.isFinal)
+        XCTAssertEqual(status.percent, 50)
+        status.postcopyPause = PostCopyPause(reason: nil, waitSecondsLeft: 42)
+        let line = Formatting.progressLine(status)
+        XCTAssertTrue(line.hasPrefix("postcopy-paused  pass 1   50.0%"), line)
+        XCTAssertTrue(line.contains("waits 42.0 s more for `migratectl migrate vm --resume`"), line)
+        let json = String(decoding: try APIJSON.encode(status), as: UTF8.self)
+        XCTAssertTrue(json.contains(#""phase" : "postcopy-paused""#) && json.contains(#""wait_seconds_left" : 42"#), json)
+    }
 }

@@ -88,10 +88,10 @@ extension TwoDaemonMigrationKVMTests {
     /// The source daemon dies in post-copy, after B started the guest and before it had every page: B stops the guest,
     /// which cannot run on without them, shows its VM failed with the reason, frees its memory and records why, and
     /// answers throughout. A bandwidth cap keeps post-copy on the wire for seconds, and B lists the VM as arriving
-    /// from its start, so the kill lands after the start.
+    /// from its start, so the kill lands after the start. B waits 2 s for a resume that cannot come.
     func testASourceKilledInPostCopyStopsTheGuestAtTheDestination() async throws {
         let image = try { _ = try TestGuest.image(); return TestGuest.path }()
-        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames)
+        let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames, postCopyRecoveryTimeout: 2)
         do {
             let a = try DaemonProcess(bin: DaemonProcess.besideTests, certificate: "client", allowedPeers: TestCertificates.serverNames)
             defer { a.stop() }
@@ -170,7 +170,7 @@ final class ArrivingVMKVMTests: KVMTestCase {
             XCTAssertEqual(vm.state, .running)
             XCTAssertEqual(vm.arrivingFrom, "10.0.0.1")
             let list = try await runTool("migratectl", ["vm", "list", "--socket", daemon.socketPath])
-            XCTAssertTrue(list.text.contains("arriving  128M"), list.text)
+            XCTAssertTrue(list.text.contains("arriving        128M"), list.text)
             let (migrateStatus, migrate) = try await daemon.failure("POST", "/vms/arriving/migrate",
                                                                     body: #"{"peer": "127.0.0.1:1", "security": "plaintext"}"#)
             XCTAssertEqual(migrateStatus, 409)

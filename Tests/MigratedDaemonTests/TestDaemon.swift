@@ -16,7 +16,8 @@ final class TestDaemon {
 
     init(memoryBudgetMiB: UInt64 = 1024, memoryBacking: GuestMemory.Backing = .sharedMemory, tls: TLSFiles? = nil,
          migrations: (any MigrationService)? = nil, incoming: (IncomingMigrationSettings, any IncomingMigrationListener)? = nil,
-         controlLimits: ControlLimits = ControlLimits(), inDoubtDirectory: String? = nil) {
+         controlLimits: ControlLimits = ControlLimits(), inDoubtDirectory: String? = nil,
+         postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout) {
         directory = NSTemporaryDirectory() + "migrated-test-" + String(UUID().uuidString.prefix(8))
         socketPath = directory + "/control.sock"
         var logger = Logger(label: "migrated-test")
@@ -24,7 +25,7 @@ final class TestDaemon {
         daemon = Daemon(configuration: ValidatedConfiguration(socketPath: socketPath, memoryBudget: memoryBudgetMiB << 20,
                                                               memoryBacking: memoryBacking, tls: tls, incoming: incoming?.0,
                                                               inDoubtDirectory: inDoubtDirectory ?? directory + "/in-doubt",
-                                                              controlLimits: controlLimits),
+                                                              postCopyRecoveryTimeout: postCopyRecoveryTimeout, controlLimits: controlLimits),
                         logger: logger, migrations: migrations, incoming: incoming?.1)
         client = ControlClient(socketPath: socketPath)
     }

@@ -12,18 +12,21 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     /// The guest: 1 GiB of RAM, a 256 MiB working set written at 100 MiB/s.
     static let guest = "workload=memstress size_mib=256 rate_mib=100 pattern=mixed"
 
-    /// A daemon that listens for migrations on 127.0.0.1 with `certificate`, accepting peers named `allowed`.
+    /// A daemon that listens for migrations on 127.0.0.1 with `certificate`, accepting peers named `allowed`; a post-copy
+    /// whose link broke waits `postCopyRecoveryTimeout` seconds for a resume there, as source or destination.
     func makeDaemon(certificate: String, allowed: [String], memoryBacking: GuestMemory.Backing = .sharedMemory,
-                    budgetMiB: UInt64 = 4096, inDoubtDirectory: String? = nil) async throws -> (TestDaemon, EngineIncomingListener) {
+                    budgetMiB: UInt64 = 4096, inDoubtDirectory: String? = nil,
+                    postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout) async throws -> (TestDaemon, EngineIncomingListener) {
         let tls = TLSFiles(certificate: "\(TestCertificates.directory)/\(certificate).pem",
                            key: "\(TestCertificates.directory)/\(certificate).key",
                            ca: "\(TestCertificates.directory)/ca.pem", allowedPeers: allowed)
         var logger = Logger(label: "incoming")
         logger.logLevel = .error
         let listener = EngineIncomingListener(logger: logger)
-        let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls), memoryBacking: memoryBacking)
+        let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls), memoryBacking: memoryBacking,
+                                                 postCopyRecoveryTimeout: postCopyRecoveryTimeout)
         let daemon = TestDaemon(memoryBudgetMiB: budgetMiB, memoryBacking: memoryBacking, tls: tls, incoming: (settings, listener),
-                                inDoubtDirectory: inDoubtDirectory)
+                                inDoubtDirectory: inDoubtDirectory, postCopyRecoveryTimeout: postCopyRecoveryTimeout)
         try await daemon.start()
         return (daemon, listener)
     }
@@ -31,11 +34,13 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     /// Runs `body` with host A and host B, and shuts both down whatever happens. Host A presents the client
     /// certificate and accepts the server's name; host B the other way round.
     func withTwoDaemons(bMemory: GuestMemory.Backing = .sharedMemory, budgetMiB: UInt64 = 4096,
+                        postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout,
                         _ body: (_ a: TestDaemon, _ aListener: EngineIncomingListener,
                                  _ b: TestDaemon, _ bListener: EngineIncomingListener) async throws -> Void) async throws {
-        let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames, budgetMiB: budgetMiB)
+        let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames, budgetMiB: budgetMiB,
+                                                  postCopyRecoveryTimeout: postCopyRecoveryTimeout)
         let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames, memoryBacking: bMemory,
-                                                  budgetMiB: budgetMiB)
+                                                  budgetMiB: budgetMiB, postCopyRecoveryTimeout: postCopyRecoveryTimeout)
         do {
             try await body(a, aListener, b, bListener)
         } catch {

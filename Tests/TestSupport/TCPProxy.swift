@@ -1,11 +1,16 @@
 import Foundation
 import Glibc
+import Threads
 
 /// A TCP proxy on loopback between a migration's source and its destination, which can break what it carries:
 /// cut every connection once `cutAfter` bytes have gone from source to destination in all, or flip one bit of the
-/// byte at offset `corruptAt` of that direction. For the fault tests of processes the test cannot reach into.
-final class TCPProxy: @unchecked Sendable {
-    let port: UInt16
+/// byte at offset `corruptAt` of that direction; or cut every connection when the test says (`cut`), and carry the
+/// next ones on. For the fault tests of processes the test cannot reach into.
+///
+/// Sendable: `forwarded` and `sockets` are guarded by `lock`; the rest is set in `init`.
+public final class TCPProxy: @unchecked Sendable {
+    /// Where the proxy listens, on 127.0.0.1.
+    public let port: UInt16
     private let listener: Int32
     private let target: UInt16
     private let lock = NSLock()
@@ -14,7 +19,8 @@ final class TCPProxy: @unchecked Sendable {
     private let cutAfter: Int?
     private let corruptAt: Int?
 
-    init(to target: UInt16, cutAfter: Int? = nil, corruptAt: Int? = nil) throws {
+    /// Forwards connections to 127.0.0.1:`target`.
+    public init(to target: UInt16, cutAfter: Int? = nil, corruptAt: Int? = nil) throws {
         self.target = target
         self.cutAfter = cutAfter
         self.corruptAt = corruptAt
@@ -29,13 +35,19 @@ final class TCPProxy: @unchecked Sendable {
         guard fd >= 0, bound else { throw POSIXError(.EADDRNOTAVAIL) }
         listener = fd
         port = UInt16(bigEndian: address.sin_port)
-        Thread.detachNewThread { [self] in acceptLoop() }
+        startThread(named: "test-proxy") { [self] in acceptLoop() }
     }
 
     /// Bytes carried from source to destination so far.
-    var bytesForwarded: Int { lock.withLock { forwarded } }
+    public var bytesForwarded: Int { lock.withLock { forwarded } }
 
-    func close() {
+    /// Breaks every connection carried so far, as a link that fails does; later connections are carried as before.
+    public func cut() {
+        for fd in lock.withLock({ sockets }) { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    /// Stops listening and breaks every connection.
+    public func close() {
         shutdown(listener, Int32(SHUT_RDWR))
         Glibc.close(listener)
         for fd in lock.withLock({ sockets }) { shutdown(fd, Int32(SHUT_RDWR)) }
@@ -68,11 +80,11 @@ final class TCPProxy: @unchecked Sendable {
             for fd in [client, server] { setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, socklen_t(MemoryLayout<linger>.size)) }
             lock.withLock { sockets += [client, server] }
             let pair = PumpPair(client, server) { [self] in lock.withLock { sockets.removeAll { $0 == client || $0 == server } } }
-            Thread.detachNewThread { [self] in
+            startThread(named: "test-proxy-up") { [self] in
                 pump(from: client, to: server, downstream: true)
                 pair.finished()
             }
-            Thread.detachNewThread { [self] in
+            startThread(named: "test-proxy-down") { [self] in
                 pump(from: server, to: client, downstream: false)
                 pair.finished()
             }
@@ -119,6 +131,8 @@ final class TCPProxy: @unchecked Sendable {
 }
 
 /// The two sockets of one proxied connection, closed once both directions have stopped.
+///
+/// Sendable: `running` is guarded by `lock`; `forget` runs once, on the thread that finishes last.
 private final class PumpPair: @unchecked Sendable {
     private let lock = NSLock()
     private var running = 2

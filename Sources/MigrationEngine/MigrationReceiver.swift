@@ -154,6 +154,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         var missing: [FrameRun] = []
         var postCopyStart: (pages: UInt64, at: Double)?
         var postCopyFinalPass: UInt32?
+        /// Sends the page requests the guest made before STARTED went out, and from then on lets them go at once.
+        var releaseRequests: () throws -> Void = {}
         var postCopyEnd: (requests: Int, seconds: Double, waits: Percentiles?)?
         func digest() -> DigestRecord {
             var digest = MemoryDigest()
@@ -209,9 +211,27 @@ public final class MigrationReceiver: @unchecked Sendable {
                     throw MigrationError.protocolViolation("post-copy started before the pre-copy passes were applied")
                 }
                 do { try sink.restore(deviceState: deviceState) } catch { throw MigrationError.guestFailed("restoring device state: \(error)") }
+                // The guest may fault between its start and STARTED going out; its requests wait for STARTED, which the
+                // sender reads first (stream.md §10.4).
+                let heldRequests = Locked<[UInt64]?>([])
+                releaseRequests = {
+                    let held = heldRequests.withLock { held in
+                        defer { held = nil }
+                        return held ?? []
+                    }
+                    for start in stride(from: 0, to: held.count, by: WireLimits.maxRequestedPages) {
+                        try writer.send { encoder, out in
+                            encoder.encodePageRequest(held[start ..< min(start + WireLimits.maxRequestedPages, held.count)], into: &out)
+                        }
+                    }
+                }
                 let memory = try PostCopyMemory(sink: sink, layout: layout, missing: missing) { frame in
+                    let held = heldRequests.withLock { held in
+                        held?.append(frame)
+                        return held != nil
+                    }
                     // Fails only when the link does, which the channels' threads report.
-                    try? writer.send { encoder, out in encoder.encodePageRequest([frame], into: &out) }
+                    if !held { try? writer.send { encoder, out in encoder.encodePageRequest([frame], into: &out) } }
                 }
                 postCopy = memory
                 // The missing frames' stale versions leave the digest; their latest ones enter it as they come, on
@@ -249,6 +269,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
                 postCopyStart?.at = monotonicSeconds()
                 try writer.send { encoder, out in encoder.encodeStarted(into: &out) }
+                try releaseRequests()
                 postCopyRunning = true
             case .commit:
                 do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }

@@ -120,12 +120,8 @@ extension TwoDaemonMigrationKVMTests {
             XCTAssertEqual(record.vm, "cut")
             XCTAssertNil(record.postCopy)
             XCTAssertTrue(record.error?.hasPrefix("the guest had started here and was stopped: ") ?? false, record.error ?? "")
-            let stopped = try await b.client.vm("cut")
-            XCTAssertEqual(stopped.state, .failed)
-            XCTAssertTrue(stopped.stopReason?.contains("failed after the guest had started here") ?? false, stopped.stopReason ?? "")
+            let stopped = try await assertStoppedAfterItStarted("cut", on: b)
             XCTAssertNil(stopped.arrivingFrom)
-            let held = try await metric("migrated_guest_memory_bytes", of: b)
-            XCTAssertEqual(held, 0, "B freed the guest's memory")
             let list = try await runMigratectl(socket: b.socketPath, ["migration", "incoming"])
             print(list.text)
         } catch {
@@ -136,6 +132,18 @@ extension TwoDaemonMigrationKVMTests {
     }
 
     /// The first record of `daemon`'s incoming migrations, polled for at most a minute.
+    /// `daemon` stopped the arrived VM `id` as failed, saying its migration failed after the guest had started there,
+    /// and freed its memory; returns the VM as the daemon shows it.
+    @discardableResult
+    func assertStoppedAfterItStarted(_ id: String, on daemon: TestDaemon, file: StaticString = #filePath, line: UInt = #line) async throws -> VMInfo {
+        let stopped = try await daemon.client.vm(id)
+        XCTAssertEqual(stopped.state, .failed, file: file, line: line)
+        XCTAssertTrue(stopped.stopReason?.contains("failed after the guest had started here") ?? false, stopped.stopReason ?? "", file: file, line: line)
+        let held = try await metric("migrated_guest_memory_bytes", of: daemon)
+        XCTAssertEqual(held, 0, "the daemon freed the guest's memory", file: file, line: line)
+        return stopped
+    }
+
     func incomingRecord(on daemon: TestDaemon) async throws -> IncomingMigrationRecord {
         let deadline = Date(timeIntervalSinceNow: 60 * sanitizerSlowdown)
         var records = try await daemon.client.incomingMigrations()

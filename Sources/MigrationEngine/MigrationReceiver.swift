@@ -310,11 +310,32 @@ public final class MigrationReceiver: @unchecked Sendable {
         try? others.wait()
         for applier in appliers { try applier.drain() }
         let timeout = postCopyRecoveryTimeout
-        guard let handed = resumePoint.wait(timeout: timeout, announce: { onPostCopyPaused?("\(failure)", timeout) }), let fresh = handed else {
-            throw MigrationError.channel("the post-copy link broke (\(failure)) and no resume came within \(postCopyRecoveryTimeout) s")
+        let deadline = monotonicSeconds() + timeout
+        var lastFailure: MigrationError?
+        // Channels that do not carry this migration on, or whose link fails again during the handshake, cost that
+        // attempt only: the guest waits on until the wait is over.
+        while true {
+            guard let handed = resumePoint.wait(timeout: max(0, deadline - monotonicSeconds()),
+                                                announce: { onPostCopyPaused?("\(lastFailure ?? failure)", max(0, deadline - monotonicSeconds())) }),
+                  let fresh = handed else {
+                throw MigrationError.channel("the post-copy link broke (\(failure)) and no resume came within \(timeout) s"
+                                             + (lastFailure.map { "; the last one failed: \($0)" } ?? ""))
+            }
+            do {
+                return try carryOn(over: fresh, memory: memory, finalPass: finalPass, migrationID: migrationID, layout: layout,
+                                   agreed: agreed, reply: reply)
+            } catch {
+                for channel in fresh { channel.close() }
+                lastFailure = error as? MigrationError ?? .channel("\(error)")
+            }
         }
+    }
+
+    /// One attempt at resuming over `fresh`: checks that it carries this post-copy on, tells the sender what is still
+    /// missing, and starts reading the secondary channels.
+    private func carryOn(over fresh: [MigrationChannel], memory: PostCopyMemory, finalPass: UInt32, migrationID: UInt32,
+                         layout: GuestMemoryLayout, agreed: Capabilities, reply: RecordWriter) throws -> (RecordReader, ChannelThreads) {
         guard fresh.count == appliers.count else {
-            for channel in fresh { channel.close() }
             throw MigrationError.protocolViolation("a post-copy of \(appliers.count) channels resumed with \(fresh.count)")
         }
         current.withLock { $0 = fresh }

@@ -441,13 +441,32 @@ public final class MigrationSender: @unchecked Sendable {
     /// up to `options.postCopyRecoveryTimeout` for `resume`, opens as many channels as before (given, or opened as at
     /// the start), tells the receiver which pass it resumes, and learns which of `missing` it still lacks (the guest
     /// asked for some of them already: those requests follow). Returns the new session's streamers, reply and frames.
+    /// A resume whose link fails again (the destination is still unreachable, or the new link breaks during the
+    /// handshake) goes back to waiting, until the wait is over.
     private func awaitResume(after failure: MigrationError, finalPass: UInt32, missing: [UInt64], setup: StreamSetup,
                              phase: inout Phase) throws -> (streamers: [PageStreamer], reply: RecordReader, missing: [UInt64]) {
-        closeChannels()
         let timeout = options.postCopyRecoveryTimeout
-        guard let handed = resumePoint.wait(timeout: timeout, announce: { report(.postcopyPaused, pass: Int(finalPass), total: missing.count) }) else {
-            throw MigrationError.channel("the post-copy link broke (\(failure)) and no resume came within \(timeout) s")
+        let deadline = monotonicSeconds() + timeout
+        var lastFailure = failure
+        while true {
+            closeChannels()
+            guard let handed = resumePoint.wait(timeout: max(0, deadline - monotonicSeconds()),
+                                                announce: { report(.postcopyPaused, pass: Int(finalPass), total: missing.count) }) else {
+                throw MigrationError.channel("the post-copy link broke (\(failure)) and no resume came within \(timeout) s"
+                                             + (lastFailure == failure ? "" : "; the last one failed: \(lastFailure)"))
+            }
+            do {
+                return try reconnect(handed, finalPass: finalPass, missing: missing, setup: setup, phase: &phase)
+            } catch let error as MigrationError {
+                guard case .channel = error else { throw error }
+                lastFailure = error
+            }
         }
+    }
+
+    /// One attempt at resuming: opens (or takes) the channels, sends POSTCOPY_RESUME and reads what is still missing.
+    private func reconnect(_ handed: [MigrationChannel]?, finalPass: UInt32, missing: [UInt64], setup: StreamSetup,
+                           phase: inout Phase) throws -> (streamers: [PageStreamer], reply: RecordReader, missing: [UInt64]) {
         let count = options.channels
         var fresh: [MigrationChannel] = []
         do {

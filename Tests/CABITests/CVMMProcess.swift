@@ -41,7 +41,11 @@ final class CVMMProcess: @unchecked Sendable {
         signal(SIGPIPE, SIG_IGN)
         process.executableURL = URL(fileURLWithPath: try Self.binary(build))
         process.arguments = [arguments[0], "--console", console] + arguments.dropFirst()
-        process.environment = ProcessInfo.processInfo.environment.merging(["ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0"]) { $1 }
+        // No leak check at exit: LeakSanitizer stops every thread of the process with ptrace, KVM's own
+        // "kvm-nx-lpage-recovery" task among them (a thread of ours since Linux 6.13), and a thread still tearing the VM
+        // down then waits for that stopped task for ever (seen in CI: one thread in vhost_task_stop, the tracer in
+        // do_wait). Memory errors are still caught; leaks are checked by the contract test, which needs no KVM.
+        process.environment = ProcessInfo.processInfo.environment.merging(["ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0"]) { $1 }
         process.standardInput = input
         process.standardOutput = output
         let standardError = Pipe()
@@ -107,10 +111,16 @@ final class CVMMProcess: @unchecked Sendable {
         return process.isRunning ? nil : process.terminationStatus
     }
 
+    /// Asks c-vmm to quit, then terminates it, then kills it with whatever it started (a process stuck in a
+    /// tracing stop ignores SIGTERM), so that a test never waits for ever on it.
     func stop() {
         if process.isRunning {
             try? input.fileHandleForWriting.write(contentsOf: Data("quit\n".utf8))
             if waitForExit(timeout: 5) == nil { process.terminate() }
+            if waitForExit(timeout: 5) == nil {
+                _ = runCommand(["/usr/bin/pkill", "-KILL", "-P", "\(process.processIdentifier)"])
+                kill(process.processIdentifier, SIGKILL)
+            }
             process.waitUntilExit()
         }
     }

@@ -219,11 +219,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                         defer { held = nil }
                         return held ?? []
                     }
-                    for start in stride(from: 0, to: held.count, by: WireLimits.maxRequestedPages) {
-                        try writer.send { encoder, out in
-                            encoder.encodePageRequest(held[start ..< min(start + WireLimits.maxRequestedPages, held.count)], into: &out)
-                        }
-                    }
+                    if !held.isEmpty { try writer.send { encoder, out in encoder.encodePageRequests(held, into: &out) } }
                 }
                 let memory = try PostCopyMemory(sink: sink, layout: layout, missing: missing) { frame in
                     let held = heldRequests.withLock { held in
@@ -353,17 +349,12 @@ public final class MigrationReceiver: @unchecked Sendable {
         }
         let (runs, requested) = memory.stillMissing()
         reply.redirect(to: fresh[0], header: StreamHeader(channel: 0, channelCount: UInt16(fresh.count), migrationID: migrationID))
-        let runsPerRecord = StreamEncoder.maxMissingRuns()
         try reply.send { encoder, out in
             encoder.encodeHeader(into: &out)
             encoder.encodeCapabilities(agreed, agreed: true, into: &out)
-            for start in stride(from: 0, to: runs.count, by: runsPerRecord) {
-                encoder.encodeMissingPages(runs[start ..< min(start + runsPerRecord, runs.count)], into: &out)
-            }
+            encoder.encodeMissingPageRecords(runs, into: &out)
             encoder.encodePostCopy(PostCopyStart(finalPass: finalPass, missingPages: runs.reduce(0) { $0 + $1.count }), into: &out)
-            for start in stride(from: 0, to: requested.count, by: WireLimits.maxRequestedPages) {
-                encoder.encodePageRequest(requested[start ..< min(start + WireLimits.maxRequestedPages, requested.count)], into: &out)
-            }
+            encoder.encodePageRequests(requested, into: &out)
         }
         return (main, startOtherChannels(layout: layout, agreed: agreed, appliers: appliers))
     }
@@ -590,7 +581,7 @@ final class PageWriter: @unchecked Sendable {
     /// Takes the frames of `runs` out of the digest: their versions here are stale, and post-copy brings the latest.
     /// Called while the applier's thread is idle, between two passes.
     func forget(_ runs: [FrameRun]) {
-        for run in runs { digest.updateZero(frames: run.first, count: Int(run.count)) }
+        digest.forget(runs)
     }
 
     func apply(_ batch: PageBatch) throws {

@@ -374,14 +374,11 @@ public final class MigrationSender: @unchecked Sendable {
         // The receiver holds stale versions of these frames, which leave both digests; each frame's latest version
         // enters the digest of whichever channel it goes on.
         let runs = FrameRun.runs(of: missing, in: source.layout)
-        for streamer in streamers { for run in runs { streamer.digest.updateZero(frames: run.first, count: Int(run.count)) } }
+        for streamer in streamers { streamer.digest.forget(runs) }
         let deviceState = try guest { try source.captureDeviceState() }
-        let runsPerRecord = StreamEncoder.maxMissingRuns()
         try phase.writers[0].send { encoder, out in
             for state in deviceState { encoder.encodeDeviceState(state, into: &out) }
-            for start in stride(from: 0, to: runs.count, by: runsPerRecord) {
-                encoder.encodeMissingPages(runs[start ..< min(start + runsPerRecord, runs.count)], into: &out)
-            }
+            encoder.encodeMissingPageRecords(runs, into: &out)
             encoder.encodePostCopy(PostCopyStart(finalPass: finalPass, missingPages: UInt64(missing.count)), into: &out)
         }
         switch try reply.nextSkippingAcknowledgements() {
@@ -418,7 +415,7 @@ public final class MigrationSender: @unchecked Sendable {
                 bytesInPass.reset()
                 // What the receiver still lacks may have gone before and been lost: it leaves the digest, and goes again.
                 let runs = FrameRun.runs(of: session.missing, in: source.layout)
-                for streamer in retired { for run in runs { streamer.digest.updateZero(frames: run.first, count: Int(run.count)) } }
+                for streamer in retired { streamer.digest.forget(runs) }
             }
         }
         totals.seconds = monotonicSeconds() - postCopyStarted

@@ -90,12 +90,7 @@ final class PostCopyMemory: @unchecked Sendable {
         var present: [FrameRun] = []
         for region in regions {
             for offset in 0 ..< region.frameCount where !bits.contains(region.firstIndex + offset) {
-                let frame = region.firstFrame + UInt64(offset)
-                if offset > 0, let last = present.last, last.first + last.count == frame {
-                    present[present.count - 1].count += 1
-                } else {
-                    present.append(FrameRun(first: frame, count: 1))
-                }
+                present.append(frame: region.firstFrame + UInt64(offset), startsRegion: offset == 0)
             }
         }
         self.present = present
@@ -175,11 +170,7 @@ final class PostCopyMemory: @unchecked Sendable {
                 for offset in 0 ..< region.frameCount where state.missing.contains(region.firstIndex + offset) {
                     let frame = region.firstFrame + UInt64(offset)
                     if state.requested.contains(region.firstIndex + offset) { requested.append(frame) }
-                    if let last = runs.last, last.first + last.count == frame, offset > 0 {
-                        runs[runs.count - 1].count += 1
-                    } else {
-                        runs.append(FrameRun(first: frame, count: 1))
-                    }
+                    runs.append(frame: frame, startsRegion: offset == 0)
                 }
             }
             return (runs, requested)

@@ -267,13 +267,27 @@ extension FrameRun {
     static func runs(of frames: [UInt64], in layout: GuestMemoryLayout) -> [FrameRun] {
         let regionStarts = Set(layout.regions.map { $0.guestPhysicalAddress >> 12 })
         var runs: [FrameRun] = []
-        for frame in frames {
-            if let last = runs.last, last.first + last.count == frame, !regionStarts.contains(frame) {
-                runs[runs.count - 1].count += 1
-            } else {
-                runs.append(FrameRun(first: frame, count: 1))
-            }
-        }
+        for frame in frames { runs.append(frame: frame, startsRegion: regionStarts.contains(frame)) }
         return runs
+    }
+}
+
+extension DigestTracker {
+    /// Takes the frames of `runs` (each inside one region) out of the digest: post-copy sends their latest versions
+    /// later, whichever channel carries them (stream.md §6.13).
+    func forget(_ runs: [FrameRun]) {
+        for run in runs { updateZero(frames: run.first, count: Int(run.count)) }
+    }
+}
+
+extension Array where Element == FrameRun {
+    /// Adds `frame`, which comes after every frame so far: to the last run when it follows on from it in the same
+    /// region, else as a run of its own.
+    mutating func append(frame: UInt64, startsRegion: Bool) {
+        if !startsRegion, let last, last.first + last.count == frame {
+            self[count - 1].count += 1
+        } else {
+            append(FrameRun(first: frame, count: 1))
+        }
     }
 }

@@ -132,6 +132,14 @@ public struct StreamEncoder {
     /// Most runs one MISSING_PAGES record carries within the record limit.
     public static func maxMissingRuns(limits: WireLimits = .v1) -> Int { (limits.maxRecordBody - 8) / 16 }
 
+    /// All of `runs`, in as many MISSING_PAGES records as the record limit needs (none for no runs).
+    public func encodeMissingPageRecords(_ runs: [FrameRun], into out: inout [UInt8]) {
+        let perRecord = Self.maxMissingRuns()
+        for start in stride(from: 0, to: runs.count, by: perRecord) {
+            encodeMissingPages(runs[start ..< min(start + perRecord, runs.count)], into: &out)
+        }
+    }
+
     public func encodePostCopy(_ start: PostCopyStart, into out: inout [UInt8]) {
         record(.postCopy, length: 16, into: &out) { w in
             w.u32(start.finalPass)
@@ -148,6 +156,13 @@ public struct StreamEncoder {
     }
 
     public func encodePostCopyReady(into out: inout [UInt8]) { record(.postCopyReady, length: 8, into: &out) { w in w.u64(0) } }
+
+    /// All of `frames`, in as many PAGE_REQUEST records as their limit needs (none for no frames).
+    public func encodePageRequests(_ frames: [UInt64], into out: inout [UInt8]) {
+        for start in stride(from: 0, to: frames.count, by: WireLimits.maxRequestedPages) {
+            encodePageRequest(frames[start ..< min(start + WireLimits.maxRequestedPages, frames.count)], into: &out)
+        }
+    }
 
     /// One PAGE_REQUEST of 1 ... `WireLimits.maxRequestedPages` frames.
     public func encodePageRequest(_ frames: ArraySlice<UInt64>, into out: inout [UInt8]) {

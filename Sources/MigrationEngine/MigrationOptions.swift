@@ -1,4 +1,5 @@
 import PageCodec
+import MigrationWire
 
 /// How a migration runs; set per migration.
 public struct MigrationOptions: Sendable, Codable, Equatable {
@@ -41,6 +42,10 @@ public struct MigrationOptions: Sendable, Codable, Equatable {
     /// How long a post-copy whose link broke waits for `MigrationSender.resume` before it gives up (the source stays
     /// paused, in doubt), when the destination agreed to resume.
     public var postCopyRecoveryTimeout: Double = 60
+    /// Resume the pre-copy that left its memory at the destination under this ticket (the failed migration's
+    /// `MigrationReport.resumeTicket`, stream.md §6.15): only what the destination lacks, or holds in another version,
+    /// is sent. A destination that kept nothing for it gets all of memory, and the report says why.
+    public var resumeTicket: ResumeTicket?
 
     public init() {}
 }
@@ -52,7 +57,8 @@ public struct PassStatistics: Sendable, Codable, Equatable {
     public var zeroPages: Int = 0
     public var rawPages: Int = 0
     public var compressedPages: Int = 0
-    /// Of `pagesSent`, pages the receiver already held as they were, sent as a descriptor without payload.
+    /// Of `pagesSent`, pages the receiver already held as they were: sent as a descriptor without payload, or, in the
+    /// first pass of a resumed pre-copy, not sent at all.
     public var unchangedPages: Int = 0
     public var payloadBytes: Int = 0
     public var wireBytes: Int = 0
@@ -153,6 +159,23 @@ public struct MigrationReport: Sendable, Codable, Equatable {
     /// Every prediction of the migration's end made while it ran, oldest first (`ConvergencePrediction.afterPass`
     /// says when each was made).
     public var predictions: [ConvergencePrediction] = []
+    /// After a failure before commit, the ticket under which the destination may keep the memory it received, for its
+    /// grace period: `MigrationOptions.resumeTicket` of a migration that carries on from there. Nil when the destination
+    /// did not agree to keep memory.
+    public var resumeTicket: ResumeTicket?
+    /// For a migration that asked to resume: whether it did, from how many pages.
+    public var resumedPreCopy: ResumedPreCopyReport?
+}
+
+/// How a migration that asked to resume a pre-copy went (stream.md §6.15).
+public struct ResumedPreCopyReport: Sendable, Codable, Equatable {
+    /// The destination still held memory of the broken migration, and this one carried on from it.
+    public var resumed: Bool
+    /// Pages the destination held; those it held in the guest's current version were not sent again (the first pass's
+    /// `unchangedPages`).
+    public var heldPages: Int
+    /// Why the migration sent all of memory after all, when it did.
+    public var reason: String?
 }
 
 /// The post-copy phase of a migration, as the sender saw it.

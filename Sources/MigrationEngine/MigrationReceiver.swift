@@ -8,12 +8,25 @@ import Threads
 ///
 /// Every byte from the peer passes the streaming decoder, which checks every length, count and page frame
 /// against the declared layout before anything is written; pages then go straight into guest memory. On any
-/// failure the sink is discarded: no half-built guest ever runs.
+/// failure the sink is discarded: no half-built guest ever runs. With a `PreCopyLeftoverShelf`, a pre-copy whose link
+/// broke (or whose sender gave up) leaves its memory there instead, never started, for a resumed migration to claim
+/// (stream.md §6.15).
 ///
-/// Sendable: `run` is called once, and `otherChannels` and `appliers` are set and read on its thread only; other
-/// threads use only the Sendable `sink` and `channels`.
+/// Sendable: `run` is called once, and `otherChannels`, `appliers` and `resumable` are set and read on its thread
+/// only; `sink` changes only on that thread before any other thread of the migration starts; other threads use only
+/// the Sendable `sink` and `channels`.
 public final class MigrationReceiver: @unchecked Sendable {
-    public let sink: GuestSink
+    /// The guest being built: the sink given, or the one a resumed pre-copy left (`PreCopyLeftovers.sink`), in which
+    /// case the one given is never prepared.
+    public private(set) var sink: GuestSink
+    /// Where memory of broken pre-copies waits for their resumes, and who the channels come from, as it keys them.
+    public let leftoverShelf: PreCopyLeftoverShelf?
+    public let peer: String
+    /// After `run` failed: whether the memory received so far was left on the shelf rather than discarded.
+    public private(set) var keptForResume = false
+    /// What this migration may leave on the shelf if it fails before the guest starts: set once the ticket is read,
+    /// cleared when the guest starts or post-copy begins.
+    private var resumable: (ticket: ResumeTicket, layout: GuestMemoryLayout, writers: [PageWriter])?
     /// The channels in use: those given, or those of a resumed post-copy.
     public var channels: [MigrationChannel] { current.withLock { $0 } }
     private let current: Locked<[MigrationChannel]>
@@ -37,13 +50,19 @@ public final class MigrationReceiver: @unchecked Sendable {
     /// the sink is discarded, since vCPUs may wait in it.
     private var postCopy: PostCopyMemory?
 
-    public init(sink: GuestSink, channels: [MigrationChannel], capabilities: Capabilities? = nil) {
+    /// `leftoverShelf` lets this receiver resume a pre-copy whose memory waits there from `peer`, and leave its own
+    /// there should its link break.
+    public init(sink: GuestSink, channels: [MigrationChannel], capabilities: Capabilities? = nil,
+                leftoverShelf: PreCopyLeftoverShelf? = nil, peer: String = "") {
         precondition(!channels.isEmpty)
         self.sink = sink
+        self.leftoverShelf = leftoverShelf
+        self.peer = peer
         current = Locked(channels)
         var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum, .unchangedPages]
         // Post-copy places pages with userfaultfd, never straight into the mapping, where a missing page would fault.
         if sink.takesPostCopy && !sink.takesPagesInPlace { flags.formUnion([.postCopy, .resume]) }
+        if leftoverShelf != nil { flags.insert(.preCopyResume) }
         self.capabilities = capabilities ?? Capabilities(codecs: .all, maxChannels: UInt16(channels.count), flags: flags)
     }
 
@@ -98,12 +117,43 @@ public final class MigrationReceiver: @unchecked Sendable {
             }
             for channel in channels { channel.close() }
             try? otherChannels?.wait()
+            if let leftovers = leftovers(after: failure) {
+                leftoverShelf?.keep(leftovers)
+                keptForResume = true
+                throw failure
+            }
             for applier in appliers { applier.abandon() }
             // A guest started in post-copy is stopped here: it cannot run without the pages that will not come now.
             postCopy?.close()
             sink.discard()
             throw failure
         }
+    }
+
+    /// The memory received so far, to be kept for a resume, when `failure` leaves it worth keeping (stream.md §6.15):
+    /// the link broke or the sender gave up, before the guest started, with a ticket agreed. Every page read is written
+    /// first, and the pages of a payload that stopped halfway into memory are hashed again where they lie.
+    private func leftovers(after failure: MigrationError) -> PreCopyLeftovers? {
+        guard leftoverShelf != nil, let (ticket, layout, writers) = resumable else { return nil }
+        switch failure {
+        case .channel, .peerAborted: break
+        default: return nil
+        }
+        for applier in appliers { applier.stop() }
+        guard appliers.allSatisfy({ $0.failed == nil }) else { return nil }
+        let held = DigestTracker(regions: layout.digestRegions)
+        var conflicting: [UInt64] = []
+        for writer in writers {
+            for frame in writer.tornFrames { writer.digest.update(frame: frame, page: UnsafeRawBufferPointer(start: sink.page(frame: frame), count: 4096)) }
+            writer.digest.forEachHeld { frame, hash in
+                if held.hash(of: frame) != .zero { conflicting.append(frame) }
+                held.update(frame: frame, hash: hash)
+            }
+        }
+        // Two channels hold the frame, and only memory knows which copy came last: a sender that keeps each frame on one
+        // channel (stream.md §11) never causes this.
+        for frame in conflicting { held.update(frame: frame, page: UnsafeRawBufferPointer(start: sink.page(frame: frame), count: 4096)) }
+        return PreCopyLeftovers(sink: sink, layout: layout, ticket: ticket, peer: peer, held: held)
     }
 
     private func receive(_ main: RecordReader, reply: inout RecordWriter?) throws -> Report {
@@ -133,9 +183,35 @@ public final class MigrationReceiver: @unchecked Sendable {
             event = try main.next()
         }
         guard case .layout(let layout) = event else { throw MigrationError.protocolViolation("expected the memory layout") }
-        do { try sink.prepare(layout: layout) } catch { throw MigrationError.guestFailed("preparing memory: \(error)") }
+        var ticket: PreCopyTicket?
+        var resumed: PreCopyLeftovers?
+        if agreed.flags.contains(.preCopyResume) {
+            guard case .preCopyTicket(let carried) = try main.next() else {
+                throw MigrationError.protocolViolation("expected the pre-copy ticket after the layout (stream.md §6.15)")
+            }
+            ticket = carried
+            let claim = leftoverShelf?.claim(carried, peer: peer, layout: layout)
+            resumed = claim?.leftovers
+            if carried.resume {
+                try writer.send { encoder, out in
+                    resumed?.encodeHeldPages(with: encoder, into: &out)
+                    encoder.encodePreCopyResumed(PreCopyResumed(outcome: claim?.outcome ?? .nothingKept, heldPages: UInt64(resumed?.heldPages ?? 0)),
+                                                 into: &out)
+                }
+            }
+        }
+        if let resumed {
+            sink = resumed.sink
+        } else {
+            do { try sink.prepare(layout: layout) } catch { throw MigrationError.guestFailed("preparing memory: \(error)") }
+        }
 
         let writers = (0 ..< channels.count).map { _ in PageWriter(sink: sink, layout: layout) }
+        if let resumed {
+            // Each channel's digest starts with the pages kept of the frames it carries (stream.md §6.15).
+            resumed.held.forEachHeld { frame, hash in writers[channelIndex(of: frame, channels: writers.count)].digest.update(frame: frame, hash: hash) }
+        }
+        if let ticket { resumable = (ticket.ticket, layout, writers) }
         // Each channel's writer thread reports the passes it has written; once all have, the sender hears of it.
         let acknowledger = agreed.flags.contains(.passAcknowledgement) ? PassAcknowledger(channels: channels.count, reply: writer) : nil
         appliers = writers.enumerated().map { index, pageWriter in
@@ -205,6 +281,7 @@ public final class MigrationReceiver: @unchecked Sendable {
             case .missingPages(let runs):
                 missing += runs
             case .postCopy(let start):
+                resumable = nil
                 // Every page of the pre-copy passes must be in memory before the stale ones are dropped: the sender
                 // waits for PASS_APPLIED of the last one before it switches (stream.md §6.13).
                 guard let acknowledger, let lastPass, acknowledger.hasApplied(pass: lastPass) else {
@@ -239,6 +316,8 @@ public final class MigrationReceiver: @unchecked Sendable {
                 postCopyFinalPass = start.finalPass
                 try writer.send { encoder, out in encoder.encodePostCopyReady(into: &out) }
             case .verify(let theirs):
+                // From here on the device state is restored into the sink, or post-copy runs: nothing to resume.
+                resumable = nil
                 let ours = try compareDigests(theirs)
                 if let memory = postCopy, let started = postCopyStart {
                     guard memory.missingCount == 0 else {
@@ -268,6 +347,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 try releaseRequests()
                 postCopyRunning = true
             case .commit:
+                resumable = nil
                 do { try sink.start() } catch { throw MigrationError.guestFailed("starting the guest: \(error)") }
                 // The guest runs from here on, and its source stays paused until it reads STARTED, or died: nothing
                 // that fails now may discard the guest, so it is only reported.
@@ -495,8 +575,11 @@ final class PageApplier: @unchecked Sendable {
         stop()
     }
 
+    /// The error of a batch that failed, if one did.
+    var failed: Error? { lock.withLock { failure } }
+
     private func rethrowFailure() throws {
-        if let failure = lock.withLock({ failure }) { throw failure }
+        if let failed { throw failed }
     }
 }
 
@@ -521,6 +604,9 @@ final class PageWriter: @unchecked Sendable {
     private(set) var pagesReceivedInPlace = 0
     /// Pages the sender declared unchanged (stream.md §6.4.1): left as they were, in memory and in the digest.
     private(set) var pagesUnchanged = 0
+    /// The frames of a batch whose payload stopped halfway into guest memory (the channel broke): what they hold is
+    /// neither their old version nor their new one, and neither is in the digest. The channel's thread only.
+    private(set) var tornFrames: [UInt64] = []
     /// Set at the start of post-copy, from the receiver's thread while this writer is idle: pages then go in through
     /// it, each missing frame once, and nothing else.
     let postCopy = Locked<PostCopyMemory?>(nil)
@@ -542,10 +628,15 @@ final class PageWriter: @unchecked Sendable {
         }
         let compressed = channelExpander.scratch(for: batch.pages)
         var slot = 0
-        try reader.receivePayload { page in
-            guard page.encoding != .raw else { return sink.page(frame: page.frame) }
-            defer { slot += 1 }
-            return compressed.baseAddress! + slot * 4096
+        do {
+            try reader.receivePayload { page in
+                guard page.encoding != .raw else { return sink.page(frame: page.frame) }
+                defer { slot += 1 }
+                return compressed.baseAddress! + slot * 4096
+            }
+        } catch {
+            tornFrames += batch.pages.map(\.frame)
+            throw error
         }
         slot = 0
         for page in batch.pages {

@@ -56,6 +56,9 @@ public final class MigrationSender: @unchecked Sendable {
     private var harvests = 0
     private var harvestSeconds = 0.0
     private var postCopyReport: PostCopyReport?
+    /// This run's ticket, once the receiver agreed to keep memory for a resume; and how asking to resume went.
+    private var ticket: ResumeTicket?
+    private var resumed: ResumedPreCopyReport?
     private var forecast = ConvergenceForecast(options: MigrationOptions(), beforehand: nil)
 
     public init(source: GuestSource, options: MigrationOptions, openChannel: @escaping (Int) throws -> MigrationChannel) {
@@ -88,6 +91,8 @@ public final class MigrationSender: @unchecked Sendable {
         started = monotonicSeconds()
         failure = nil
         postCopyReport = nil
+        ticket = nil
+        resumed = nil
         forecast = ConvergenceForecast(options: options, beforehand: measuredBeforehand)
         var phase = Phase()
         gate.withLock { $0 = Gate() }
@@ -187,6 +192,7 @@ public final class MigrationSender: @unchecked Sendable {
         var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum]
         if options.unchangedPages { flags.insert(.unchangedPages) }
         if options.postCopy { flags.formUnion([.postCopy, .resume]) }
+        flags.insert(.preCopyResume)
         let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: flags)
         let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
@@ -227,6 +233,10 @@ public final class MigrationSender: @unchecked Sendable {
         }
         let streamers = try writers.map(makeStreamer)
         let setup = StreamSetup(agreed: agreed, migrationID: migrationID, makeStreamer: makeStreamer)
+        let held = try presentTicket(agreed: agreed, writer: writers[0], reply: reply, layout: layout)
+        if let held {
+            for (index, streamer) in streamers.enumerated() { streamer.seed(with: held, index: index, of: count) }
+        }
 
         try guest { try source.startDirtyTracking() }
         phase.tracking = true
@@ -235,6 +245,11 @@ public final class MigrationSender: @unchecked Sendable {
 
         var frames = [[UInt64]](repeating: [], count: count)
         try guest { try source.forEachPopulatedFrame { frames[channelIndex(of: $0, channels: count)].append($0) } }
+        if let held {
+            // A page the receiver holds that the guest has since let go of (zero, or never populated) must go too.
+            held.forEachHeld { frame, _ in frames[channelIndex(of: frame, channels: count)].append(frame) }
+            frames = frames.map(\.sortedUnique)
+        }
         let policy = ConvergencePolicy(options: options)
         var throttle = 0.0
         var pass: UInt32 = 0
@@ -272,6 +287,45 @@ public final class MigrationSender: @unchecked Sendable {
                 continue
             case .giveUp(let why):
                 throw MigrationError.didNotConverge(why)
+            }
+        }
+    }
+
+    /// With `preCopyResume` agreed, tells the receiver this migration's ticket (stream.md §6.15): the one to resume, or a
+    /// fresh one. Returns the pages the receiver kept for it, when it resumes them; nil for a migration from nothing.
+    private func presentTicket(agreed: Capabilities, writer: RecordWriter, reply: RecordReader, layout: GuestMemoryLayout) throws -> DigestTracker? {
+        guard agreed.flags.contains(.preCopyResume) else {
+            if options.resumeTicket != nil {
+                resumed = ResumedPreCopyReport(resumed: false, heldPages: 0, reason: "the destination cannot resume a pre-copy; all of memory is sent")
+            }
+            return nil
+        }
+        let ticket = options.resumeTicket ?? .random()
+        self.ticket = ticket
+        try writer.send { encoder, out in encoder.encodePreCopyTicket(PreCopyTicket(ticket: ticket, resume: options.resumeTicket != nil), into: &out) }
+        guard options.resumeTicket != nil else { return nil }
+        let held = DigestTracker(regions: layout.digestRegions)
+        while true {
+            switch try reply.next() {
+            case .heldPages(let run):
+                let inLayout = run.hashes.map { PageHash(low: $0.low, high: $0.high) }.withUnsafeBufferPointer { held.update(first: run.first, hashes: $0) }
+                guard inLayout else {
+                    throw MigrationError.protocolViolation("the destination holds pages \(run.first) ..< \(run.first + UInt64(run.hashes.count)), outside the layout")
+                }
+            case .preCopyResumed(let answer):
+                guard answer.outcome == .resumed else {
+                    let why = switch answer.outcome {
+                    case .layoutDiffers: "the memory it kept for this migration has another layout"
+                    case .peerDiffers: "the memory it kept for this migration came from another host"
+                    default: "it keeps nothing for this migration (its grace period ended, another migration started, or it restarted)"
+                    }
+                    resumed = ResumedPreCopyReport(resumed: false, heldPages: 0, reason: "the destination cannot resume: \(why); all of memory is sent")
+                    return nil
+                }
+                resumed = ResumedPreCopyReport(resumed: true, heldPages: Int(answer.heldPages), reason: nil)
+                return held
+            case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+            case let other: throw MigrationError.protocolViolation("expected the pages the destination kept, got \(other)")
             }
         }
     }
@@ -563,7 +617,7 @@ public final class MigrationSender: @unchecked Sendable {
             group.enter()
             startThread(named: "migrate-send-\(index)") { [self] in
                 let result = Result {
-                    try streamer.send(frames: frames[index], pass: pass, skipZero: pass == 0, progress: pagesDone, wireProgress: bytesInPass) { self.isCancelled }
+                    try streamer.send(frames: frames[index], pass: pass, skipHeld: pass == 0, progress: pagesDone, wireProgress: bytesInPass) { self.isCancelled }
                 }
                 if case .failure = result {
                     // A failed channel must not leave the others blocked on a peer that stopped reading.
@@ -667,7 +721,9 @@ public final class MigrationSender: @unchecked Sendable {
             setupSeconds: setup, downtimeSeconds: downtime, passes: history, wireBytes: wireBytes,
             pagesSent: history.reduce(0) { $0 + $1.pagesSent - ($1.pass == 0 ? $1.zeroPages : 0) },
             compression: options.compression.rawValue, channels: channels.count, harvests: harvests, harvestSeconds: harvestSeconds,
-            postCopy: postCopyReport, predictions: forecast.predictions)
+            postCopy: postCopyReport, predictions: forecast.predictions,
+            // After a failure before commit, the destination may keep what it received (stream.md §6.15).
+            resumeTicket: error != nil && !committed ? ticket : nil, resumedPreCopy: resumed)
     }
 
     // MARK: handshake
@@ -709,6 +765,16 @@ public final class MigrationSender: @unchecked Sendable {
         do { return try body() } catch let error as MigrationError { throw error } catch {
             throw MigrationError.guestFailed("\(error)")
         }
+    }
+}
+
+extension Array where Element == UInt64 {
+    /// The elements in ascending order, each once.
+    var sortedUnique: [UInt64] {
+        var unique: [UInt64] = []
+        unique.reserveCapacity(count)
+        for element in sorted() where element != unique.last { unique.append(element) }
+        return unique
     }
 }
 

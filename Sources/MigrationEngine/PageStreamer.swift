@@ -134,17 +134,39 @@ final class PageStreamer: @unchecked Sendable {
         probeOutput?.deallocate()
     }
 
+    /// Whether the receiver held pages before pass 0 (a resumed pre-copy, stream.md §6.15), whose hashes `seed` put in
+    /// `digest`: pass 0 then hashes every page, and skips those whose hash is the one the receiver holds.
+    private var comparesHeld = false
+
+    /// Starts this channel's digest with the pages the receiver kept of the frames it carries, channel `index` of
+    /// `count`, before pass 0.
+    func seed(with held: DigestTracker, index: Int, of count: Int) {
+        held.forEachHeldRun { first, hashes in
+            // The run in pieces that do not cross a channel's run of frames, each recorded at once if it is this channel's.
+            var offset = 0
+            while offset < hashes.count {
+                let frame = first + UInt64(offset)
+                let piece = min(hashes.count - offset, Int(framesPerChannelRun - frame % framesPerChannelRun))
+                if channelIndex(of: frame, channels: count) == index {
+                    digest.update(first: frame, hashes: UnsafeBufferPointer(rebasing: hashes[offset ..< offset + piece]))
+                }
+                offset += piece
+            }
+        }
+        comparesHeld = true
+    }
+
     /// Sends `frames` as pages of pass `pass`, encoding on a thread of its own while this thread sends. In pass
-    /// 0 zero pages are skipped: the receiver's memory starts zeroed. Later passes send them (as zero pages),
-    /// because they held data before.
-    func send(frames: [UInt64], pass: UInt32, skipZero: Bool, progress: ProgressCounter, wireProgress: ProgressCounter,
+    /// 0 (`skipHeld`) pages the receiver holds as they are are skipped: zero pages, where its memory starts zeroed,
+    /// and after `seed`, pages whose hash it holds. Later passes send zero pages, because they held data before.
+    func send(frames: [UInt64], pass: UInt32, skipHeld: Bool, progress: ProgressCounter, wireProgress: ProgressCounter,
               isCancelled: @escaping @Sendable () -> Bool) throws -> Counts {
         let free = HandOff<Batch>(pool), ready = HandOff<Batch>([])
         let encoded = EncoderResult()
         startThread(named: "migrate-encode") { [self] in
             defer { encoded.done.signal() }
             do {
-                encoded.counts = try encode(frames, pass: pass, skipZero: skipZero, free: free, ready: ready, isCancelled: isCancelled)
+                encoded.counts = try encode(frames, pass: pass, skipHeld: skipHeld, free: free, ready: ready, isCancelled: isCancelled)
             } catch {
                 encoded.error = error
             }
@@ -182,7 +204,7 @@ final class PageStreamer: @unchecked Sendable {
     }
 
     /// The encoder stage: fills free batches with encoded pages and hands them on, in order.
-    private func encode(_ frames: [UInt64], pass: UInt32, skipZero: Bool, free: HandOff<Batch>, ready: HandOff<Batch>,
+    private func encode(_ frames: [UInt64], pass: UInt32, skipHeld: Bool, free: HandOff<Batch>, ready: HandOff<Batch>,
                         isCancelled: () -> Bool) throws -> Counts {
         var counts = Counts()
         var index = 0
@@ -193,7 +215,7 @@ final class PageStreamer: @unchecked Sendable {
             guard let batch = free.take() else { break } // the sender failed; it reports why
             let slice = frames[index ..< min(index + batchPages, frames.count)]
             index += slice.count
-            encode(slice, into: batch, skipZero: skipZero, unchanged: &unchanged, counts: &counts)
+            encode(slice, into: batch, skipHeld: skipHeld, unchanged: &unchanged, counts: &counts)
             if batch.compression != .none {
                 batch.prefixLength = writer.encoder.encodeCompressedPageBatchPrefix(
                     pass: pass, pages: batch.pages.map { (frame: $0.frame, encoding: $0.encoding) }, pageSize: 4096,
@@ -212,7 +234,7 @@ final class PageStreamer: @unchecked Sendable {
         var wrongClaims: Int
     }
 
-    private func encode(_ frames: ArraySlice<UInt64>, into batch: Batch, skipZero: Bool, unchanged: inout UnchangedCheck?,
+    private func encode(_ frames: ArraySlice<UInt64>, into batch: Batch, skipHeld: Bool, unchanged: inout UnchangedCheck?,
                         counts: inout Counts) {
         batch.pages.removeAll(keepingCapacity: true)
         batch.frames = frames.count
@@ -236,7 +258,15 @@ final class PageStreamer: @unchecked Sendable {
             }
             // With `unchanged` on, pages are copies (`sendsFromGuestMemory` is off): the hash is of the bytes that go.
             var hash: PageHash?
-            if unchanged != nil {
+            if skipHeld && comparesHeld {
+                // A page the guest changes while it is hashed here hashes wrong and goes, and is dirty: a later pass sends it.
+                let current = PageHash.of(frame: frame, page: page)
+                if current == digest.hash(of: frame) {
+                    if current == .zero { counts.zero += 1 } else { counts.unchanged += 1 }
+                    continue
+                }
+                hash = current
+            } else if unchanged != nil {
                 let current = PageHash.of(frame: frame, page: page)
                 // A zero page goes as such: it costs the same descriptor and needs no earlier version.
                 if current != .zero {
@@ -258,8 +288,9 @@ final class PageStreamer: @unchecked Sendable {
                                                : (ZeroPage.isZero(page) ? .zero : .raw, 4096)
             if kind == .zero {
                 counts.zero += 1
+                // The receiver's memory starts zeroed, unless it held the page before pass 0.
+                if !skipHeld || digest.hash(of: frame) != .zero { batch.pages.append(.zero(frame: frame)) }
                 digest.updateZero(frame: frame)
-                if !skipZero { batch.pages.append(.zero(frame: frame)) }
                 continue
             }
             if let hash { digest.update(frame: frame, hash: hash) } else { digest.update(frame: frame, page: page) }

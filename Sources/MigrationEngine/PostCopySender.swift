@@ -153,7 +153,7 @@ final class PostCopySender: @unchecked Sendable {
     private func send(on index: Int, _ streamer: PageStreamer) throws {
         let answers = index == 0, pushes = index > 0 || streamers.count == 1
         while let frames = plan.next(requested: answers, pushed: pushes) {
-            _ = try streamer.send(frames: frames, pass: finalPass, skipZero: false, progress: pagesDone, wireProgress: bytesSent) { false }
+            _ = try streamer.send(frames: frames, pass: finalPass, skipHeld: false, progress: pagesDone, wireProgress: bytesSent) { false }
         }
     }
 }

@@ -158,8 +158,11 @@ final class RecordWriter: @unchecked Sendable {
 /// Which channel carries a frame: frames go in 2 MiB runs, round robin, so that every version of a page takes
 /// the same channel (a later copy can never overtake an earlier one) and runs stay sequential in memory.
 func channelIndex(of frame: UInt64, channels: Int) -> Int {
-    Int((frame >> 9) % UInt64(channels))
+    Int((frame / framesPerChannelRun) % UInt64(channels))
 }
+
+/// Frames in each run that `channelIndex` assigns to one channel: 2 MiB of 4 KiB pages.
+let framesPerChannelRun: UInt64 = 512
 
 extension GuestMemoryLayout {
     /// The layout's regions in frames, as the memory digest tracks them.

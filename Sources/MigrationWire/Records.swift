@@ -60,6 +60,9 @@ public struct CapabilityFlags: OptionSet, Hashable, Sendable {
     /// In passes after the first, a page whose content the receiver already holds may go as an `unchanged`
     /// descriptor without payload (stream.md §6.4.1).
     public static let unchangedPages = CapabilityFlags(rawValue: 1 << 5)
+    /// A pre-copy whose link broke may be resumed (stream.md §6.15): the receiver keeps the memory it received for a
+    /// while, and a resumed migration sends only what it lacks.
+    public static let preCopyResume = CapabilityFlags(rawValue: 1 << 6)
 }
 
 /// A side's offer, or the agreed set (stream.md §6.1).
@@ -320,6 +323,105 @@ public struct PostCopyStart: Hashable, Sendable {
     }
 }
 
+/// Names the memory a pre-copy leaves at its receiver when its link breaks, for a resumed migration to claim
+/// (stream.md §6.15): 128 random bits the sender chose, which only the sender knows.
+public struct ResumeTicket: Hashable, Sendable, Codable, CustomStringConvertible {
+    public var low: UInt64
+    public var high: UInt64
+    public init(low: UInt64, high: UInt64) {
+        self.low = low
+        self.high = high
+    }
+
+    /// A fresh ticket, never zero.
+    public static func random() -> ResumeTicket {
+        var generator = SystemRandomNumberGenerator()
+        return ResumeTicket(low: generator.next() | 1, high: generator.next())
+    }
+
+    /// As 32 hexadecimal digits, `high` first: how APIs and logs show it.
+    public var description: String {
+        String(high, radix: 16).leftPadded(to: 16) + String(low, radix: 16).leftPadded(to: 16)
+    }
+
+    /// The ticket `description` wrote, or nil.
+    public init?(_ text: String) {
+        guard text.count == 32, let high = UInt64(text.prefix(16), radix: 16), let low = UInt64(text.suffix(16), radix: 16) else { return nil }
+        self.init(low: low, high: high)
+    }
+
+    /// In JSON, as its `description`.
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let ticket = ResumeTicket(text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a resume ticket: \(text)"))
+        }
+        self = ticket
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
+    }
+}
+
+private extension String {
+    func leftPadded(to width: Int) -> String { String(repeating: "0", count: max(0, width - count)) + self }
+}
+
+/// PRECOPY_TICKET (stream.md §6.15): the ticket of this migration's memory at the receiver, and whether the
+/// migration resumes the memory an earlier one with the same ticket left there.
+public struct PreCopyTicket: Hashable, Sendable {
+    public var ticket: ResumeTicket
+    public var resume: Bool
+    public init(ticket: ResumeTicket, resume: Bool) {
+        self.ticket = ticket
+        self.resume = resume
+    }
+}
+
+/// A page hash as the memory digest defines it (stream.md §7), carried by HELD_PAGES.
+public struct HeldHash: Hashable, Sendable {
+    public var low: UInt64
+    public var high: UInt64
+    public init(low: UInt64, high: UInt64) {
+        self.low = low
+        self.high = high
+    }
+}
+
+/// Consecutive frames the receiver holds, from `first`, with the hash of each (stream.md §6.15).
+public struct HeldPageRun: Hashable, Sendable {
+    public var first: UInt64
+    public var hashes: [HeldHash]
+    public init(first: UInt64, hashes: [HeldHash]) {
+        self.first = first
+        self.hashes = hashes
+    }
+}
+
+/// The receiver's answer to a resumed pre-copy (PRECOPY_RESUMED, stream.md §6.15).
+public struct PreCopyResumed: Hashable, Sendable {
+    /// Whether the receiver kept memory for the ticket, and if not, why the migration starts from nothing.
+    public enum Outcome: UInt32, Sendable {
+        /// The receiver holds the pages listed before, in the versions their hashes name.
+        case resumed = 0
+        /// The receiver holds nothing for this ticket: it never did, its grace period ran out, another migration
+        /// started, the sender said so, or the receiver restarted.
+        case nothingKept = 1
+        /// The receiver kept memory of another layout under this ticket, and dropped it.
+        case layoutDiffers = 2
+        /// The receiver kept memory from another peer under this ticket, and dropped it.
+        case peerDiffers = 3
+    }
+    public var outcome: Outcome
+    public var heldPages: UInt64
+    public init(outcome: Outcome, heldPages: UInt64) {
+        self.outcome = outcome
+        self.heldPages = heldPages
+    }
+}
+
 /// What the decoder yields, in stream order: the events the engine speaks.
 public enum StreamEvent: Sendable {
     case header(StreamHeader)
@@ -354,6 +456,13 @@ public enum StreamEvent: Sendable {
     case pageRequest([UInt64])
     /// Sender, first record of a new main channel: carry on the post-copy of pass `finalPass` whose link broke.
     case postCopyResume(finalPass: UInt32)
+    /// Sender, main channel, right after the layout (`preCopyResume` agreed): this migration's ticket, and whether it
+    /// resumes the memory kept under it.
+    case preCopyTicket(PreCopyTicket)
+    /// Receiver, reply stream, answering a resume: pages it kept, with their hashes.
+    case heldPages(HeldPageRun)
+    /// Receiver, reply stream, after the held pages: whether it resumes, and how many pages it holds.
+    case preCopyResumed(PreCopyResumed)
     case note(String)
     /// Reply stream: every page of this pre-copy pass, on every channel, is in guest memory.
     case passApplied(pass: UInt32)

@@ -72,6 +72,12 @@ public final class StreamDecoder {
     /// Post-copy: frames listed missing so far, and the frame after the last run (runs ascend).
     private var missingListed: UInt64 = 0
     private var missingEnd: UInt64 = 0
+    /// Resumable pre-copy: whether the ticket and the receiver's answer came, the pages listed held so far, and the
+    /// frame after the last held run (runs ascend).
+    private var sawTicket = false
+    private var sawResumed = false
+    private var heldListed: UInt64 = 0
+    private var heldEnd: UInt64 = 0
     private var nextSequence: UInt64 = 0
     private var lastBatchPass: UInt32?
     private var lastBoundaryPass: UInt32?
@@ -324,7 +330,7 @@ public final class StreamDecoder {
     private static let knownTypes: Set<RecordType> = [
         .capabilitiesOffer, .capabilitiesAgreed, .memoryLayout, .pageBatch, .deviceState,
         .passBoundary, .switchover, .end, .abort, .note, .verify, .verified, .commit, .started, .passApplied,
-        .missingPages, .postCopy, .postCopyReady, .pageRequest, .postCopyResume,
+        .missingPages, .postCopy, .postCopyReady, .pageRequest, .postCopyResume, .preCopyTicket, .heldPages, .preCopyResumed,
     ]
 
     private func fail(_ at: UInt64, _ reason: WireError.Reason) -> WireError {
@@ -531,6 +537,46 @@ public final class StreamDecoder {
             try reservedZero(4, UInt64(body.le32(4)))
             sawPostCopy = true
             return .postCopyResume(finalPass: body.le32(0))
+
+        case .preCopyTicket:
+            try need(body.count == 24)
+            // On the main channel, after the layout and before any page or pass (§6.15).
+            if !isMain || layout == nil || rules?.flags.contains(.preCopyResume) != true || sawTicket || lastBatchPass != nil
+                || lastBoundaryPass != nil || sawSwitchover || sawPostCopy { throw unexpected() }
+            let flags = body.le32(16)
+            if flags & ~1 != 0 { throw fail(at + 16, .reservedNotZero) }
+            try reservedZero(20, UInt64(body.le32(20)))
+            sawTicket = true
+            return .preCopyTicket(PreCopyTicket(ticket: ResumeTicket(low: body.le64(0), high: body.le64(8)), resume: flags & 1 != 0))
+
+        case .heldPages:
+            try need(body.count >= 16)
+            // On a reply stream, before the receiver's answer; it has no layout, so the sender checks the frames.
+            if !isReply || rules?.flags.contains(.preCopyResume) != true || sawResumed { throw unexpected() }
+            let first = body.le64(0), count = Int(body.le32(8))
+            try reservedZero(12, UInt64(body.le32(12)))
+            guard count >= 1, count <= WireLimits.maxHeldPagesPerRecord, first >= heldEnd, first <= UInt64.max - UInt64(count) else {
+                throw fail(at, .badHeldRun)
+            }
+            try need(body.count == 16 + 16 * count)
+            let hashes = [HeldHash](unsafeUninitializedCapacity: count) { buffer, initialized in
+                for i in 0 ..< count { buffer[i] = HeldHash(low: body.le64(16 + 16 * i), high: body.le64(24 + 16 * i)) }
+                initialized = count
+            }
+            // A zero hash is a page the receiver does not hold (§7): it is never listed.
+            if let i = hashes.firstIndex(of: HeldHash(low: 0, high: 0)) { throw fail(at + 16 + 16 * UInt64(i), .badHeldRun) }
+            heldEnd = first + UInt64(count)
+            heldListed += UInt64(count)
+            return .heldPages(HeldPageRun(first: first, hashes: hashes))
+
+        case .preCopyResumed:
+            try need(body.count == 16)
+            if !isReply || rules?.flags.contains(.preCopyResume) != true || sawResumed { throw unexpected() }
+            try reservedZero(12, UInt64(body.le32(12)))
+            guard let outcome = PreCopyResumed.Outcome(rawValue: body.le32(8)), body.le64(0) == heldListed,
+                  outcome == .resumed || heldListed == 0 else { throw fail(at, .badPreCopyResumed) }
+            sawResumed = true
+            return .preCopyResumed(PreCopyResumed(outcome: outcome, heldPages: heldListed))
 
         case .postCopyReady:
             try need(body.count == 8)

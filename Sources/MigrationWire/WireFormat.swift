@@ -45,6 +45,8 @@ public struct WireLimits: Sendable, Equatable {
     public var maxDigest: Int
     /// Most frames in one PAGE_REQUEST.
     public static let maxRequestedPages = 512
+    /// Most page hashes in one HELD_PAGES record (1 MiB of hashes).
+    public static let maxHeldPagesPerRecord = 65536
     /// Most guest memory (sum of region sizes) a reader accepts in a layout. Not a format limit
     /// but a reader's budget: a receiver allocates memory (and digest state) for the layout, so
     /// it sets this to what it is prepared to allocate.
@@ -99,6 +101,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     /// Post-copy recovery (stream.md §6.14): the first record of a new main channel that carries on a post-copy
     /// whose link broke.
     public static let postCopyResume = RecordType(rawValue: 0x12)
+    public static let preCopyTicket = RecordType(rawValue: 0x13)
+    public static let heldPages = RecordType(rawValue: 0x14)
+    public static let preCopyResumed = RecordType(rawValue: 0x15)
     /// Optional: human-readable text (progress, provenance). Readers may ignore it.
     public static let note = RecordType(rawValue: 0x8000_0001)
     /// Optional, reply stream: every page of a pre-copy pass is in guest memory (capability `passAcknowledgement`).
@@ -124,6 +129,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .postCopyReady: return "postCopyReady"
         case .pageRequest: return "pageRequest"
         case .postCopyResume: return "postCopyResume"
+        case .preCopyTicket: return "preCopyTicket"
+        case .heldPages: return "heldPages"
+        case .preCopyResumed: return "preCopyResumed"
         case .note: return "note"
         case .passApplied: return "passApplied"
         default: return "0x" + String(rawValue, radix: 16)

@@ -128,6 +128,46 @@ public final class DigestTracker {
         return true
     }
 
+    /// Visits every frame whose recorded hash is not zero (a page held, not a zero page), in ascending order.
+    public func forEachHeld(_ visit: (UInt64, PageHash) throws -> Void) rethrows {
+        try forEachHeldRun { first, run in
+            for (k, hash) in run.enumerated() { try visit(first + UInt64(k), hash) }
+        }
+    }
+
+    /// Visits the runs of consecutive frames of one region whose recorded hashes are not zero, in ascending order:
+    /// the first frame, and the hashes (valid during the call only).
+    public func forEachHeldRun(_ visit: (UInt64, UnsafeBufferPointer<PageHash>) throws -> Void) rethrows {
+        try hashes.withUnsafeBufferPointer { all in
+            for (r, region) in regions.enumerated() {
+                let start = startIndex[r]
+                var k = 0
+                // Fields compared, not hashes: this loop visits every frame of memory.
+                func held(_ i: Int) -> Bool { all[start + i].low | all[start + i].high != 0 }
+                while k < region.frameCount {
+                    guard held(k) else { k += 1; continue }
+                    var end = k + 1
+                    while end < region.frameCount && held(end) { end += 1 }
+                    try visit(region.firstFrame + UInt64(k), UnsafeBufferPointer(rebasing: all[start + k ..< start + end]))
+                    k = end
+                }
+            }
+        }
+    }
+
+    /// Records the hashes of `run.count` frames from `first`, all in one region, at once. Returns false, changing
+    /// nothing, if they are not all in one region.
+    @discardableResult
+    public func update(first: UInt64, hashes run: UnsafeBufferPointer<PageHash>) -> Bool {
+        guard !run.isEmpty else { return true }
+        guard let start = index(of: first), let last = index(of: first + UInt64(run.count - 1)), last == start + run.count - 1 else { return false }
+        for (k, hash) in run.enumerated() {
+            digest.replace(hashes[start + k], with: hash)
+            hashes[start + k] = hash
+        }
+        return true
+    }
+
     /// The last recorded hash of `frame`.
     public func hash(of frame: UInt64) -> PageHash? { index(of: frame).map { hashes[$0] } }
 

@@ -20,25 +20,28 @@ class MigrationTestCase: KVMTestCase {
     /// Boots memstress and waits until it has written some of its working set, or, with `writtenPages`, that many
     /// pages of it (a guest writing at `rate_mib` fills its working set at that rate).
     func bootSource(_ commandLine: String, memory: UInt64 = 256 << 20, backing: GuestMemory.Backing = .sharedMemory,
-                    writtenPages: Int? = nil) throws -> (MicroVM, SerialConsole) {
+                    writtenPages: Int? = nil, timeout: TimeInterval = 10) throws -> (MicroVM, SerialConsole) {
         let console = SerialConsole(output: nil)
         let machine = try MicroVM(booting: try TestGuest.image(), commandLine: commandLine,
                                   configuration: MicroVMConfiguration(memorySize: memory, console: console, memoryBacking: backing))
         machine.start()
-        XCTAssertNotNil(console.waitForLine(timeout: 10) { line in
+        XCTAssertNotNil(console.waitForLine(timeout: timeout) { line in
             line.contains("verify=ok") && (writtenPages.map { line.contains("pages=\($0) ") } ?? !line.contains("pages=0 "))
         })
         return (machine, console)
     }
 
+    /// With `leftoverShelf`, the receiver keeps the memory of a broken pre-copy there, and resumes from it.
     func migrate(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
                  destinationBacking: GuestMemory.Backing = .sharedMemory, destinationTracking: DirtyTrackingMethod = .bitmap,
+                 leftoverShelf: PreCopyLeftoverShelf? = nil,
                  prepare: (MigrationSender, [SocketPairChannel]) -> Void = { _, _ in },
                  configureReceiver: (MigrationReceiver) -> Void = { _ in }) -> Outcome {
         let pairs = (0 ..< options.channels).map { _ in SocketPairChannel.pair() }
         let console = SerialConsole(output: nil)
         let sink = MicroVMGuestSink(console: console, dirtyTracking: destinationTracking, memoryBacking: destinationBacking)
-        let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1), capabilities: receiverCapabilities)
+        let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1), capabilities: receiverCapabilities,
+                                         leftoverShelf: leftoverShelf, peer: "the test's source")
         configureReceiver(receiver)
         let sender = MigrationSender(source: MicroVMGuestSource(machine: source), channels: pairs.map(\.0), options: options)
         prepare(sender, pairs.map(\.0))
@@ -49,18 +52,20 @@ class MigrationTestCase: KVMTestCase {
         }.start()
         let report = sender.run()
         receiverResult.done.wait()
+        // A resumed pre-copy rebuilds the guest in the sink the broken one left, with its console.
+        let used = receiver.sink as? MicroVMGuestSink ?? sink
         return Outcome(report: report, receiverError: receiverResult.error, receiverReport: receiverResult.report,
-                       destination: sink.machine, destinationConsole: console)
+                       destination: used.machine, destinationConsole: used.machine?.console ?? console)
     }
 
     /// Migrates `source`, which must succeed; stops the source and waits for `lines` verified status lines at the
     /// destination, which is returned running.
     func migrateSuccessfully(_ source: MicroVM, options: MigrationOptions, receiverCapabilities: Capabilities? = nil,
                              destinationBacking: GuestMemory.Backing = .sharedMemory,
-                             destinationTracking: DirtyTrackingMethod = .bitmap, lines: Int = 1,
+                             destinationTracking: DirtyTrackingMethod = .bitmap, leftoverShelf: PreCopyLeftoverShelf? = nil, lines: Int = 1,
                              file: StaticString = #filePath, line: UInt = #line) throws -> (Outcome, MicroVM) {
         let outcome = migrate(source, options: options, receiverCapabilities: receiverCapabilities,
-                              destinationBacking: destinationBacking, destinationTracking: destinationTracking)
+                              destinationBacking: destinationBacking, destinationTracking: destinationTracking, leftoverShelf: leftoverShelf)
         XCTAssertTrue(outcome.report.succeeded, outcome.report.error ?? "", file: file, line: line)
         source.stop()
         let destination = try XCTUnwrap(outcome.destination, file: file, line: line)

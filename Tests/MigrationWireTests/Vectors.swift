@@ -136,6 +136,51 @@ func allVectors() -> [Vector] {
             enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
         }))
 
+    // Resumable pre-copy (stream.md §6.15).
+    let resumeAgreement = Capabilities(codecs: [.zero, .raw], maxChannels: 1, flags: [.preCopyResume, .passAcknowledgement])
+    let vectorTicket = ResumeTicket(low: 0x0123_4567_89AB_CDEF, high: 0xFEDC_BA98_7654_3210)
+    v.append(Vector(name: "valid-precopy-resume", description:
+        "a resumed pre-copy: the agreement, the layout, the ticket asking to resume, pass 0 with only what the receiver lacks, end",
+        bytes: stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0005) { enc, out in
+            enc.encodeCapabilities(resumeAgreement, agreed: true, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            enc.encodePreCopyTicket(PreCopyTicket(ticket: vectorTicket, resume: true), into: &out)
+            batch(&enc, &out, pass: 0, pages: [(1, patternPage(14)), (2, nil)])
+            enc.encodePassBoundary(PassBoundary(pass: 0, dirtyPages: 0, pagesSent: 2), into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }))
+    v.append(Vector(name: "invalid-precopy-ticket-after-batch", description: "the ticket after a page batch: too late",
+        bytes: stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0005) { enc, out in
+            enc.encodeCapabilities(resumeAgreement, agreed: true, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            batch(&enc, &out, pass: 0, pages: [(1, patternPage(14))])
+            enc.encodePreCopyTicket(PreCopyTicket(ticket: vectorTicket, resume: false), into: &out)
+        }, expectedError: WireError(offset: 4296, reason: .unexpectedRecord(RecordType.preCopyTicket.rawValue))))
+    func resumeReply(hashes: [[HeldHash]], declared: UInt64) -> [UInt8] {
+        stream(features: .liveMigration, layout: nil) { enc, out in
+            enc.encodeCapabilities(resumeAgreement, agreed: true, into: &out)
+            for (index, run) in hashes.enumerated() {
+                run.withUnsafeBytes { enc.encodeHeldPageRecords(first: 0x100 * UInt64(index), hashes: $0, into: &out) }
+            }
+            enc.encodePreCopyResumed(PreCopyResumed(outcome: .resumed, heldPages: declared), into: &out)
+            enc.encodePassApplied(pass: 0, into: &out)
+            enc.encodeVerified(DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: Array(0..<16)), into: &out)
+            enc.encodeStarted(into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }
+    }
+    let heldRuns = [[HeldHash(low: 1, high: 2), HeldHash(low: 3, high: 4)], [HeldHash(low: 5, high: 0)]]
+    v.append(Vector(name: "valid-precopy-resume-reply", description:
+        "the reply to a resumed pre-copy: the agreement, the pages the receiver kept (frames 0, 1 and 0x100) with their hashes, "
+            + "PRECOPY_RESUMED, pass 0 applied, verified, started, end",
+        bytes: resumeReply(hashes: heldRuns, declared: 3)))
+    v.append(Vector(name: "invalid-precopy-resumed-count", description: "PRECOPY_RESUMED declares 4 held pages where HELD_PAGES list 3",
+        bytes: resumeReply(hashes: heldRuns, declared: 4),
+        expectedError: WireError(offset: 160, reason: .badPreCopyResumed)))
+    v.append(Vector(name: "invalid-held-zero-hash", description: "HELD_PAGES lists a page with a zero hash, which no held page has",
+        bytes: resumeReply(hashes: [[HeldHash(low: 1, high: 2), HeldHash(low: 0, high: 0)]], declared: 2),
+        expectedError: WireError(offset: 96, reason: .badHeldRun)))
+
     v.append(Vector(name: "valid-descriptor-checksum", description:
         "descriptor_checksum agreed: the batch checksum covers the batch header and descriptors, not the raw page",
         bytes: stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0002) { enc, out in

@@ -82,6 +82,13 @@ public enum Formatting {
                 + (pass.throttle > 0 ? String(format: ", throttle %.0f%%", pass.throttle * 100) : ""))
         }
         if let postCopy = report.postCopy { lines.append("  " + Self.postCopy(postCopy)) }
+        if let resumed = report.resumedPrecopy {
+            lines.append(resumed.resumed ? "  resumed: the destination held \(resumed.heldPages) pages of the broken migration"
+                                         : "  not resumed: \(resumed.reason ?? "the destination kept nothing")")
+        }
+        if report.resumable == true {
+            lines.append("  the destination may keep what it received for a while: migrate --resume sends only the rest")
+        }
         return lines.joined(separator: "\n")
     }
 

@@ -33,8 +33,11 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
     /// With `postcopy`: switch to post-copy after this many pre-copy passes at the latest, 1 or more; nil to switch
     /// only when pre-copy alone would not meet the downtime limit.
     public var postcopyAfterPasses: Int?
-    /// Carry on the VM's post-copy whose link broke (phase `postcopy-paused`) over new connections to the same
-    /// destination, instead of starting a migration; the other fields, `peer` included, may be omitted and are ignored.
+    /// Carry on the VM's broken migration instead of starting one: its post-copy whose link broke (phase
+    /// `postcopy-paused`), over new connections to the same destination; or else its last migration, when that failed
+    /// before the switchover and its destination keeps what it received (`MigrationReportDocument.resumable`), as a new
+    /// migration with that one's settings that sends only what the destination lacks. The other fields, `peer`
+    /// included, may be omitted and are ignored.
     public var resume: Bool
 
     /// Do not migrate: measure the guest and the link, and answer with a `MigrationPrediction` (control-api.md §4.1.1).
@@ -62,8 +65,8 @@ public struct MigrationRequest: Codable, Sendable, Equatable, StrictlyDecodable 
         self.resume = resume
     }
 
-    /// Asks to resume the VM's paused post-copy.
-    public static var resumingPostCopy: MigrationRequest { MigrationRequest(peer: "", resume: true) }
+    /// Asks to resume the VM's broken migration.
+    public static var resuming: MigrationRequest { MigrationRequest(peer: "", resume: true) }
 
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -287,6 +290,28 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
     /// Set when the migration finished in post-copy (`MigrationRequest.postcopy`); then `downtimeMs` is from the
     /// source's pause to the destination's start, which came before the destination had every page.
     public var postCopy: PostCopy?
+    /// The migration failed before the switchover, and its destination agreed to keep what it received for a while:
+    /// `"resume": true` carries it on, sending only what the destination lacks (control-api.md §4.6.2).
+    public var resumable: Bool?
+    /// For a resumed pre-copy (`"resume": true`): whether the destination still held the broken migration's memory.
+    public var resumedPrecopy: ResumedPreCopy?
+
+    /// How a resumed pre-copy went.
+    public struct ResumedPreCopy: Codable, Sendable, Equatable {
+        /// The destination held the broken migration's memory, and this migration carried on from it.
+        public var resumed: Bool
+        /// Pages the destination held; those it held in the guest's current version were not sent again (pass 0's
+        /// `unchanged_pages`).
+        public var heldPages: UInt64
+        /// Why all of memory was sent after all, when it was.
+        public var reason: String?
+
+        public init(resumed: Bool, heldPages: UInt64, reason: String?) {
+            self.resumed = resumed
+            self.heldPages = heldPages
+            self.reason = reason
+        }
+    }
 
     /// The post-copy phase, as the source saw it.
     public struct PostCopy: Codable, Sendable, Equatable {
@@ -343,7 +368,7 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
 
     public init(succeeded: Bool, error: String?, committed: Bool, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
                 wireBytes: UInt64, pagesSent: UInt64, compression: MigrationCompression, channels: Int, passes: [Pass],
-                postCopy: PostCopy? = nil) {
+                postCopy: PostCopy? = nil, resumable: Bool? = nil, resumedPrecopy: ResumedPreCopy? = nil) {
         self.succeeded = succeeded
         self.error = error
         self.committed = committed
@@ -356,6 +381,8 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         self.channels = channels
         self.passes = passes
         self.postCopy = postCopy
+        self.resumable = resumable
+        self.resumedPrecopy = resumedPrecopy
     }
 }
 

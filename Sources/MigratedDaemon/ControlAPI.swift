@@ -116,8 +116,13 @@ public final class ControlAPI: Sendable {
             try allow(method, ["POST"])
             let request = try decode(MigrationRequest.self, body)
             if request.resume {
-                // The VM is paused under its post-copy: none of a new migration's checks apply.
                 _ = try vms.vm(parts[1])
+                // A pre-copy that failed before the switchover: a new migration, as the broken one was asked.
+                if var again = await migrations.resumablePreCopy(of: parts[1]) {
+                    again.resume = true
+                    return try json(202, try await startMigration(vm: parts[1], again))
+                }
+                // The VM is paused under its post-copy: none of a new migration's checks apply.
                 return try json(202, try await migrations.resume(vm: parts[1]))
             }
             if request.dryRun { return try json(200, try await predictMigration(vm: parts[1], request)) }

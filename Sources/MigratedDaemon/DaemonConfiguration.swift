@@ -38,13 +38,17 @@ public struct IncomingMigrationSettings: Sendable, Equatable {
     /// How long an arriving guest whose post-copy link broke waits for its source to resume; set by validation to
     /// `ValidatedConfiguration.postCopyRecoveryTimeout`.
     public var postCopyRecoveryTimeout: Double
+    /// How long the memory of an arriving pre-copy whose link broke is kept for a resume (stream.md §6.15); 0 keeps none.
+    public var preCopyResumeGrace: Double
 
     public init(address: PeerAddress, security: Security, memoryBacking: GuestMemory.Backing = .sharedMemory,
-                postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout) {
+                postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout,
+                preCopyResumeGrace: Double = DaemonConfiguration.defaultPreCopyResumeGrace) {
         self.address = address
         self.security = security
         self.memoryBacking = memoryBacking
         self.postCopyRecoveryTimeout = postCopyRecoveryTimeout
+        self.preCopyResumeGrace = preCopyResumeGrace
     }
 }
 
@@ -77,6 +81,9 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     /// Seconds a post-copy whose link broke waits for a resume, on either side, before it gives up: the destination
     /// then stops the guest as failed and the source's VM stays paused, in doubt (default 60; 0 gives up at once).
     public var postcopyRecoveryTimeoutSeconds: Double?
+    /// Seconds the memory of an incoming pre-copy whose link broke is kept, never started, for its source to resume
+    /// the migration from (default 60; 0 keeps none). It counts against the memory budget meanwhile.
+    public var precopyResumeGraceSeconds: Double?
 
     public struct Incoming: Codable, Sendable, Equatable {
         /// `host:port`, `[v6-address]:port` or `unix:/path`.
@@ -93,10 +100,11 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
     public static let defaultSocket = "/run/migrated/control.sock"
     public static let defaultInDoubtDirectory = "/var/lib/migrated/in-doubt"
     public static let defaultPostCopyRecoveryTimeout: Double = 60
+    public static let defaultPreCopyResumeGrace: Double = 60
 
     public init(socket: String? = nil, logLevel: String? = nil, memoryBudgetMib: UInt64? = nil, guestMemory: String? = nil,
                 tls: TLSFiles? = nil, incoming: Incoming? = nil, inDoubtDirectory: String? = nil,
-                postcopyRecoveryTimeoutSeconds: Double? = nil) {
+                postcopyRecoveryTimeoutSeconds: Double? = nil, precopyResumeGraceSeconds: Double? = nil) {
         self.socket = socket
         self.logLevel = logLevel
         self.memoryBudgetMib = memoryBudgetMib
@@ -105,6 +113,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         self.incoming = incoming
         self.inDoubtDirectory = inDoubtDirectory
         self.postcopyRecoveryTimeoutSeconds = postcopyRecoveryTimeoutSeconds
+        self.precopyResumeGraceSeconds = precopyResumeGraceSeconds
     }
 
     /// Reads a configuration file; unknown keys are refused, so that a misspelt setting is not silently ignored.
@@ -142,6 +151,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         if overrides.incomingPlaintext, merged.incoming != nil { merged.incoming?.plaintext = true }
         if let directory = overrides.inDoubtDirectory { merged.inDoubtDirectory = directory }
         if let seconds = overrides.postcopyRecoveryTimeoutSeconds { merged.postcopyRecoveryTimeoutSeconds = seconds }
+        if let seconds = overrides.precopyResumeGraceSeconds { merged.precopyResumeGraceSeconds = seconds }
         return merged
     }
 
@@ -159,6 +169,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         public var incomingPlaintext = false
         public var inDoubtDirectory: String?
         public var postcopyRecoveryTimeoutSeconds: Double?
+        public var precopyResumeGraceSeconds: Double?
 
         public init() {}
     }
@@ -184,6 +195,10 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
         guard recovery.isFinite, recovery >= 0 else {
             throw ConfigurationError("postcopy_recovery_timeout_seconds must be 0 or more, not \(recovery)")
         }
+        let grace = precopyResumeGraceSeconds ?? Self.defaultPreCopyResumeGrace
+        guard grace.isFinite, grace >= 0 else {
+            throw ConfigurationError("precopy_resume_grace_seconds must be 0 or more, not \(grace)")
+        }
         var incomingSettings: IncomingMigrationSettings?
         if let incoming {
             guard let address = PeerAddress(incoming.listen) else {
@@ -191,10 +206,10 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
             }
             if incoming.plaintext == true {
                 incomingSettings = IncomingMigrationSettings(address: address, security: .plaintext, memoryBacking: backing,
-                                                             postCopyRecoveryTimeout: recovery)
+                                                             postCopyRecoveryTimeout: recovery, preCopyResumeGrace: grace)
             } else if let tls {
                 incomingSettings = IncomingMigrationSettings(address: address, security: .tls(tls), memoryBacking: backing,
-                                                             postCopyRecoveryTimeout: recovery)
+                                                             postCopyRecoveryTimeout: recovery, preCopyResumeGrace: grace)
             } else {
                 throw ConfigurationError("incoming migrations need the tls section (certificate, key, ca, allowed_peers), or \"plaintext\": true to accept them unencrypted")
             }
@@ -225,7 +240,7 @@ public struct DaemonConfiguration: Codable, Sendable, Equatable {
 
 extension DaemonConfiguration: StrictlyDecodable {
     public static let fieldNames: Set<String> = ["socket", "log_level", "memory_budget_mib", "guest_memory", "tls", "incoming",
-                                                 "in_doubt_directory", "postcopy_recovery_timeout_seconds"]
+                                                 "in_doubt_directory", "postcopy_recovery_timeout_seconds", "precopy_resume_grace_seconds"]
 }
 
 /// The configuration the daemon runs with: defaults filled in, files checked.

@@ -47,14 +47,22 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             var status: MigrationStatus
             /// While the post-copy waits for a resume: until when (`monotonicSeconds`).
             var pausedUntil: Double?
+            /// Once the run failed before the switchover: the ticket under which the destination may keep what it received.
+            var resumeTicket: ResumeTicket?
         }
         private let state: Locked<State>
         private let recoveryTimeout: Double
+        /// What was asked, for a resume that carries the migration on with the same settings.
+        let request: MigrationRequest
 
-        init(sender: MigrationSender, status: MigrationStatus, recoveryTimeout: Double) {
+        init(sender: MigrationSender, request: MigrationRequest, status: MigrationStatus, recoveryTimeout: Double) {
             state = Locked(State(sender: sender, status: status))
+            self.request = request
             self.recoveryTimeout = recoveryTimeout
         }
+
+        /// The ticket of a run that failed before the switchover, once it has ended.
+        var resumeTicket: ResumeTicket? { state.withLock { $0.status.phase.isFinal ? $0.resumeTicket : nil } }
 
         var status: MigrationStatus {
             state.withLock { state in
@@ -92,9 +100,10 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         /// Asks the running sender to stop; nothing once the run has ended.
         func cancel() { state.withLock { $0.sender }?.cancel() }
 
-        /// Records the final status and lets go of the sender.
-        func finish(_ change: (inout MigrationStatus) -> Void) {
+        /// Records the final status and the ticket of a resumable failure, and lets go of the sender.
+        func finish(resumeTicket: ResumeTicket?, _ change: (inout MigrationStatus) -> Void) {
             state.withLock {
+                $0.resumeTicket = resumeTicket
                 change(&$0.status)
                 $0.sender = nil
                 $0.pausedUntil = nil
@@ -103,7 +112,8 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     }
 
     /// How `request` connects to its peer, and the engine's options for it.
-    private func plan(_ vm: OutgoingVM, _ request: MigrationRequest) throws(ControlError)
+    /// With `resumeTicket`, the migration resumes the pre-copy that left memory at the destination under it.
+    private func plan(_ vm: OutgoingVM, _ request: MigrationRequest, resumeTicket: ResumeTicket? = nil) throws(ControlError)
         -> (connect: @Sendable (Int) throws -> MigrationChannel, options: MigrationOptions) {
         guard let peer = PeerAddress(request.peer) else { throw .badRequest("peer '\(request.peer)' is not an address") }
         let endpoint = Endpoint(peer)
@@ -123,14 +133,18 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         options.postCopy = request.postcopy
         options.postCopyAfterPasses = request.postcopyAfterPasses
         options.postCopyRecoveryTimeout = postCopyRecoveryTimeout
+        options.resumeTicket = resumeTicket
         return ({ _ in try MigrationNetwork.connect(to: endpoint, security: security) }, options)
     }
 
+    /// With `request.resume`, carries on the VM's last migration, which failed before the switchover
+    /// (`resumablePreCopy(of:)` gave `request`): its destination may still hold what it received.
     public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
-        let (connect, options) = try plan(vm, request)
+        let ticket = request.resume ? lock.withLock { migrations[vm.id]?.resumeTicket } : nil
+        let (connect, options) = try plan(vm, request, resumeTicket: ticket)
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
         let sender = MigrationSender(source: source, options: options, openChannel: connect)
-        let migration = Migration(sender: sender, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup),
+        let migration = Migration(sender: sender, request: request, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup),
                                   recoveryTimeout: postCopyRecoveryTimeout)
         let busyWith: String? = lock.withLock {
             if let running = migrations[vm.id], !running.status.phase.isFinal { return running.status.peer }
@@ -148,7 +162,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             migration.update(progress)
         }
         logger.info("migration started", metadata: ["vm": "\(vm.id)", "peer": "\(request.peer)", "channels": "\(request.channels)",
-                                                    "postcopy": "\(request.postcopy)"])
+                                                    "postcopy": "\(request.postcopy)", "resumes_precopy": "\(ticket != nil)"])
         startThread(named: "migrate-\(vm.id)") { [self] in
             let report = sender.run()
             let doubt = report.committed && !report.succeeded ? MigrationInDoubt(peer: request.peer, failure: report.error ?? "") : nil
@@ -159,7 +173,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             } else if let doubt {
                 vm.leaveInDoubt(doubt)
             }
-            migration.finish { $0.finish(report, compression: request.compression, inDoubt: doubt) }
+            migration.finish(resumeTicket: report.resumeTicket) { $0.finish(report, compression: request.compression, inDoubt: doubt) }
             lock.withLock {
                 if report.succeeded { succeeded += 1 } else if doubt != nil { inDoubt += 1 } else { failed += 1 }
                 bytesSent += UInt64(report.wireBytes)
@@ -170,7 +184,11 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             } else if let doubt {
                 logger.error("migration in doubt; the VM stays paused here", metadata: ["vm": "\(vm.id)", "reason": "\(doubt.reason)"])
             } else {
-                logger.warning("migration failed; the VM runs here as before", metadata: ["vm": "\(vm.id)", "error": "\(report.error ?? "")"])
+                logger.warning("migration failed; the VM runs here as before", metadata: ["vm": "\(vm.id)", "error": "\(report.error ?? "")",
+                                                                                        "resumable": "\(report.resumeTicket != nil)"])
+            }
+            if let resumed = report.resumedPreCopy, !resumed.resumed {
+                logger.notice("the migration could not resume the broken one; it sent all of memory", metadata: ["vm": "\(vm.id)", "reason": "\(resumed.reason ?? "")"])
             }
         }
         return migration.status
@@ -202,8 +220,12 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         return migration.status
     }
 
+    public func resumablePreCopy(of id: String) async -> MigrationRequest? {
+        lock.withLock { migrations[id].flatMap { $0.resumeTicket != nil ? $0.request : nil } }
+    }
+
     public func resume(vm id: String) async throws(ControlError) -> MigrationStatus {
-        guard let migration = lock.withLock({ migrations[id] }), migration.resume() else { throw noPausedPostCopy(id) }
+        guard let migration = lock.withLock({ migrations[id] }), migration.resume() else { throw nothingToResume(id) }
         logger.notice("post-copy resumed: reconnecting to the destination", metadata: ["vm": "\(id)", "peer": "\(migration.status.peer)"])
         return migration.status
     }
@@ -292,7 +314,9 @@ extension MigrationStatus {
             postCopy: report.postCopy.map {
                 MigrationReportDocument.PostCopy(missingPages: UInt64($0.missingPages), requestedPages: UInt64($0.requestedPages),
                                                  requests: UInt64($0.requests), wireBytes: UInt64($0.wireBytes), seconds: $0.seconds)
-            })
+            },
+            resumable: report.resumeTicket != nil ? true : nil,
+            resumedPrecopy: report.resumedPreCopy.map { .init(resumed: $0.resumed, heldPages: UInt64($0.heldPages), reason: $0.reason) })
     }
 }
 
@@ -464,18 +488,22 @@ final class ConfiguredGuestSink: GuestSink, @unchecked Sendable {
 /// Incoming live migrations: a listener on the configured address; each migration is received on a thread of
 /// its own and the VM adopted by the daemon once it runs.
 ///
-/// Sendable: `listener` is guarded by `lock`; `refusals` and `receiving` are Sendable.
+/// Sendable: `listener` and `leftovers` are guarded by `lock`; `refusals` and `receiving` are Sendable.
 public final class EngineIncomingListener: IncomingMigrationListener, @unchecked Sendable {
     private let logger: Logger
     private let refusals = RefusalLog()
     private let lock = NSLock()
     private var listener: Listener?
+    /// The memory of pre-copies whose links broke, kept for their resumes (none when the grace period is 0).
+    private var leftovers: PreCopyLeftoverShelf?
     private let fault: FaultInjection?
     /// The migrations being received, by their receiver, with the peer they come from: a complete group of
     /// connections from the same peer with the migration ID of one of them resumes its post-copy.
     private let receiving = Locked<[ObjectIdentifier: Receiving]>([:])
     private struct Receiving {
-        var peer: String, receiver: MigrationReceiver, sink: ConfiguredGuestSink
+        var peer: String, receiver: MigrationReceiver, given: ConfiguredGuestSink
+        /// The guest's sink: the one given, or that of the pre-copy the migration resumed.
+        var sink: ConfiguredGuestSink { receiver.sink as? ConfiguredGuestSink ?? given }
         /// The post-copy's pauses as the receiver announced them, and the resumes it took. Each resume ends one pause,
         /// but the receiver announces a pause after it can take the resume: the VM is marked paused while the pauses
         /// outnumber the resumes, whatever the order of the two.
@@ -507,16 +535,23 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         case .tls(let tls): .tls(TLSConfiguration(caFile: tls.ca, certificateFile: tls.certificate, keyFile: tls.key, allowedPeerNames: tls.allowedPeers))
         }
         let listener = try Listener(endpoint: endpoint, security: security)
-        lock.withLock { self.listener = listener }
+        let shelf = settings.preCopyResumeGrace > 0 ? PreCopyLeftoverShelf(gracePeriod: settings.preCopyResumeGrace) : nil
+        lock.withLock {
+            self.listener = listener
+            leftovers = shelf
+        }
         logger.info("listening for migrations", metadata: ["address": "\(listener.endpoint)"])
         startThread(named: "migrate-listen") { [self] in acceptLoop(listener, settings: settings, desk: desk) }
     }
 
     public func stop() {
-        lock.withLock {
+        let shelf = lock.withLock {
             listener?.close()
             listener = nil
+            defer { leftovers = nil }
+            return leftovers
         }
+        shelf?.discardAll()
     }
 
     /// Accepts connections and hands them to a gatherer, which runs their TLS handshakes and reads their headers
@@ -578,14 +613,17 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
 
     private func receive(_ channels: [MigrationChannel], from peer: String, settings: IncomingMigrationSettings, desk: any ArrivalDesk) {
         logger.info("incoming migration", metadata: ["peer": "\(peer)", "channels": "\(channels.count)"])
-        let sink = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: settings.memoryBacking), desk: desk,
-                                       peer: peer, fault: fault.map { ($0, logger, channels) })
+        let given = ConfiguredGuestSink(MicroVMGuestSink(console: SerialConsole(output: nil), memoryBacking: settings.memoryBacking), desk: desk,
+                                        peer: peer, fault: fault.map { ($0, logger, channels) })
+        let receiver = MigrationReceiver(sink: given, channels: channels, leftoverShelf: lock.withLock { leftovers }, peer: peer)
+        /// The guest's sink: the one made here, or that of the broken pre-copy this migration resumes (known once the
+        /// receiver has read the sender's ticket, before any page).
+        var sink: ConfiguredGuestSink { receiver.sink as? ConfiguredGuestSink ?? given }
         func record(_ outcome: IncomingOutcome, vm: String?, error: String?, postCopy: IncomingPostCopy? = nil) {
             desk.recordArrival(IncomingMigrationRecord(peer: peer, vm: vm, outcome: outcome, error: error, memoryBytes: sink.reservedAtMost,
                                                        finishedAt: ISO8601DateFormatter().string(from: Date()), postCopy: postCopy))
         }
         do {
-            let receiver = MigrationReceiver(sink: sink, channels: channels)
             receiver.postCopyRecoveryTimeout = settings.postCopyRecoveryTimeout
             let key = ObjectIdentifier(receiver)
             receiver.onPostCopyPaused = { [logger, receiving] reason, seconds in
@@ -597,7 +635,7 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
                 logger.error("post-copy link broke; the arriving guest runs, its threads that touch missing pages wait for the source to resume",
                              metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "reason": "\(reason)", "wait_seconds": "\(seconds)"])
             }
-            receiving.withLock { $0[key] = Receiving(peer: peer, receiver: receiver, sink: sink) }
+            receiving.withLock { $0[key] = Receiving(peer: peer, receiver: receiver, given: given) }
             defer { receiving.withLock { $0[key] = nil } }
             let report = try receiver.run()
             let postCopy = report.postCopySeconds.map {
@@ -608,7 +646,8 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
                 let id = try sink.register().get()
                 sink.endArrival(failure: nil)
                 logger.info("migration received; VM runs here", metadata: ["vm": "\(id)", "peer": "\(peer)", "pages": "\(report.pagesWritten)",
-                                                                         "postcopy_missing_pages": "\(report.postCopyPages)"])
+                                                                         "postcopy_missing_pages": "\(report.postCopyPages)",
+                                                                         "resumed_precopy_pages": "\(report.resumedFromPages ?? 0)"])
                 if let afterStart = report.afterStart {
                     // The source may not have heard that the guest started here: it then shows the VM in doubt,
                     // and its operator must find it here before deciding anything there.
@@ -622,6 +661,14 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
                 record(.received, vm: nil, error: "runs but could not be registered: \(error)", postCopy: postCopy)
             }
         } catch {
+            if receiver.keptForResume {
+                // Never started; its memory (and the budget's reservation for it) waits for the source's resume.
+                let grace = settings.preCopyResumeGrace
+                logger.warning("incoming migration failed before the switchover; what arrived is kept for a resume",
+                               metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "error": "\(error)", "keep_seconds": "\(grace)"])
+                record(.failed, vm: sink.configuration?.id, error: "\(error); what arrived is kept \(Int(grace)) s for its source to resume from")
+                return
+            }
             // The receiver discarded the guest (its memory is unmapped); the budget gets its reservation back.
             sink.cancelReservation()
             if case .success(let id) = sink.registration {

@@ -45,9 +45,14 @@ public protocol MigrationService: Sendable {
     func status(ofVM id: String) async throws(ControlError) -> MigrationStatus
 
     /// Carries on the post-copy of VM `id` whose link broke (phase `postcopy-paused`) over new connections to the same
-    /// destination; returns the status after asking. 409 `no_postcopy_paused` when no post-copy of that VM waits for
+    /// destination; returns the status after asking. 409 `nothing_to_resume` when no post-copy of that VM waits for
     /// a resume.
     func resume(vm id: String) async throws(ControlError) -> MigrationStatus
+
+    /// The request of VM `id`'s last migration, when it failed before the switchover and its destination may keep
+    /// what it received (stream.md §6.15): a migration started again with it and `resume` set sends only the rest.
+    /// Nil otherwise, and by default.
+    func resumablePreCopy(of id: String) async -> MigrationRequest?
 
     /// Cancels the migration of VM `id` if it has not reached switchover; the source keeps running.
     /// Returns the status after cancelling (phase `cancelled`, or the final phase it had already reached).
@@ -71,12 +76,16 @@ extension MigrationService {
 
 extension MigrationService {
     /// For services that cannot resume a post-copy: none ever waits for one.
-    public func resume(vm id: String) async throws(ControlError) -> MigrationStatus { throw noPausedPostCopy(id) }
+    public func resume(vm id: String) async throws(ControlError) -> MigrationStatus { throw nothingToResume(id) }
 
-    /// The answer to a resume when no post-copy of VM `id` waits for one.
-    public func noPausedPostCopy(_ id: String) -> ControlError {
-        .conflict("no_postcopy_paused", "VM '\(id)' has no post-copy waiting for a resume here (its migration is not in phase "
-            + "postcopy-paused: it runs, has ended, or gave up waiting); see GET /vms/\(id)/migration")
+    /// For services that cannot resume a pre-copy.
+    public func resumablePreCopy(of id: String) async -> MigrationRequest? { nil }
+
+    /// The answer to a resume when VM `id` has no broken migration to carry on.
+    public func nothingToResume(_ id: String) -> ControlError {
+        .conflict("nothing_to_resume", "VM '\(id)' has no broken migration to carry on here: no post-copy waits for a resume (phase "
+            + "postcopy-paused), and its last migration did not fail before the switchover to a destination that keeps what it received; "
+            + "see GET /vms/\(id)/migration")
     }
 }
 

@@ -85,6 +85,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         public var postCopySeconds: Double?
         /// How long the guest's faults waited for their pages, from request to placement.
         public var postCopyFaultWaits: Percentiles?
+        /// A resumed pre-copy (stream.md §6.15): the pages kept from the broken one that the migration started from.
+        public var resumedFromPages: Int?
     }
 
     /// Carries on a post-copy whose link broke, over `channels` (as many as before, freshly connected to the same
@@ -244,7 +246,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                    pagesUnchanged: writers.reduce(0) { $0 + $1.pagesUnchanged },
                    deviceComponents: deviceState.count, digest: hex(digest().digest), afterStart: afterStart,
                    postCopyPages: Int(postCopyStart?.pages ?? 0), postCopyRequests: postCopyEnd?.requests ?? 0,
-                   postCopySeconds: postCopyEnd?.seconds, postCopyFaultWaits: postCopyEnd?.waits)
+                   postCopySeconds: postCopyEnd?.seconds, postCopyFaultWaits: postCopyEnd?.waits, resumedFromPages: resumed?.heldPages)
         }
         /// Both the pre-copy and the post-copy handshakes end by comparing digests once every channel is done.
         func compareDigests(_ theirs: DigestRecord) throws -> DigestRecord {

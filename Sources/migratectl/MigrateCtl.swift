@@ -205,20 +205,20 @@ struct Migrate: AsyncParsableCommand {
     var postcopy = false
     @Option(name: .customLong("postcopy-after"), help: ArgumentHelp("Switch to post-copy after this many pre-copy passes at the latest (implies --postcopy).", valueName: "passes"))
     var postcopyAfter: Int?
-    @Flag(help: ArgumentHelp("Carry on the VM's post-copy whose link broke (phase postcopy-paused), and follow it.",
-                             discussion: "Both daemons wait --postcopy-recovery-timeout seconds (default 60) for this; the source reconnects to the same destination, the two agree on the pages still missing, and post-copy goes on. Takes no --to; the other migration options are ignored: it carries on as the migration was asked."))
+    @Flag(help: ArgumentHelp("Carry on the VM's broken migration, and follow it.",
+                             discussion: "A post-copy whose link broke (phase postcopy-paused): both daemons wait --postcopy-recovery-timeout seconds (default 60) for this; the source reconnects to the same destination, the two agree on the pages still missing, and post-copy goes on. A pre-copy that failed before the switchover: the destination keeps what it received for --precopy-resume-grace seconds (default 60), and a new migration to it sends only the pages it lacks or holds in an older version; when it kept nothing, all of memory goes, and the report says why. Takes no --to; the other migration options are ignored: it carries on as the migration was asked."))
     var resume = false
     @Flag(help: "Return once the migration has started, without following it.") var detach = false
     @Flag(help: "Predict the migration without migrating: measure the guest and the link, print the prediction.") var dryRun = false
     @Option(help: "Seconds between progress updates.") var interval = 0.5
 
     func validate() throws {
-        if resume && to != nil { throw ValidationError("--resume carries on the paused migration to where it went; it takes no --to") }
+        if resume && to != nil { throw ValidationError("--resume carries on the broken migration to where it went; it takes no --to") }
         if !resume && to == nil { throw ValidationError("missing --to: the peer's migration address") }
     }
 
     func run() async throws {
-        let request = resume ? MigrationRequest.resumingPostCopy : MigrationRequest(
+        let request = resume ? MigrationRequest.resuming : MigrationRequest(
             peer: to ?? "", channels: channels, compression: compression, security: plaintext ? .plaintext : .tls,
             bandwidthLimitBytesPerSecond: try bandwidth.map(parseBytes), downtimeLimitMs: downtimeLimitMs,
             autoConverge: !noAutoConverge, postcopy: postcopy || postcopyAfter != nil, postcopyAfterPasses: postcopyAfter)

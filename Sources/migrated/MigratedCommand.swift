@@ -50,6 +50,9 @@ struct MigratedCommand: AsyncParsableCommand {
     @Option(help: "Seconds a post-copy whose link broke waits for `migratectl migrate VM --resume`, here as source or destination, before it gives up (default 60; 0: at once).")
     var postcopyRecoveryTimeout: Double?
 
+    @Option(help: "Seconds an incoming pre-copy whose link broke keeps what it received, for `migratectl migrate VM --resume` at its source to carry on from (default 60; 0: keep nothing).")
+    var precopyResumeGrace: Double?
+
     @Flag(help: "Accept incoming migrations without TLS (only with --incoming-listen or incoming.listen).")
     var incomingPlaintext = false
 
@@ -68,6 +71,7 @@ struct MigratedCommand: AsyncParsableCommand {
         overrides.incomingListen = incomingListen
         overrides.incomingPlaintext = incomingPlaintext
         overrides.postcopyRecoveryTimeoutSeconds = postcopyRecoveryTimeout
+        overrides.precopyResumeGraceSeconds = precopyResumeGrace
         let file = try config.map { path throws in try DaemonConfiguration.load(from: path) } ?? DaemonConfiguration()
         let settings: ValidatedConfiguration
         do { settings = try file.merging(overrides).validated() } catch { throw ValidationError(error.description) }

@@ -49,7 +49,7 @@ extension TwoDaemonMigrationKVMTests {
                 // Nothing waits for a resume any more.
                 let (code, error) = try await a.failure("POST", "/vms/cut/migrate", body: #"{"resume": true}"#)
                 XCTAssertEqual(code, 409)
-                XCTAssertEqual(error.error, "no_postcopy_paused")
+                XCTAssertEqual(error.error, "nothing_to_resume")
             }
         }
     }
@@ -84,7 +84,7 @@ extension TwoDaemonMigrationKVMTests {
 
             let late = try await runMigratectl(socket: a.socketPath, ["migrate", "lost", "--resume"])
             XCTAssertEqual(late.status, 1, late.text)
-            XCTAssertTrue(late.text.contains("no_postcopy_paused"), late.text)
+            XCTAssertTrue(late.text.contains("nothing_to_resume"), late.text)
         }
     }
 

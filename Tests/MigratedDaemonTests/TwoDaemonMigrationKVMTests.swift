@@ -16,7 +16,8 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     /// whose link broke waits `postCopyRecoveryTimeout` seconds for a resume there, as source or destination.
     func makeDaemon(certificate: String, allowed: [String], memoryBacking: GuestMemory.Backing = .sharedMemory,
                     budgetMiB: UInt64 = 4096, inDoubtDirectory: String? = nil,
-                    postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout) async throws -> (TestDaemon, EngineIncomingListener) {
+                    postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout,
+                    preCopyResumeGrace: Double = DaemonConfiguration.defaultPreCopyResumeGrace) async throws -> (TestDaemon, EngineIncomingListener) {
         let tls = TLSFiles(certificate: "\(TestCertificates.directory)/\(certificate).pem",
                            key: "\(TestCertificates.directory)/\(certificate).key",
                            ca: "\(TestCertificates.directory)/ca.pem", allowedPeers: allowed)
@@ -24,7 +25,7 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
         logger.logLevel = .error
         let listener = EngineIncomingListener(logger: logger)
         let settings = IncomingMigrationSettings(address: .tcp(host: "127.0.0.1", port: 0), security: .tls(tls), memoryBacking: memoryBacking,
-                                                 postCopyRecoveryTimeout: postCopyRecoveryTimeout)
+                                                 postCopyRecoveryTimeout: postCopyRecoveryTimeout, preCopyResumeGrace: preCopyResumeGrace)
         let daemon = TestDaemon(memoryBudgetMiB: budgetMiB, memoryBacking: memoryBacking, tls: tls, incoming: (settings, listener),
                                 inDoubtDirectory: inDoubtDirectory, postCopyRecoveryTimeout: postCopyRecoveryTimeout)
         try await daemon.start()
@@ -35,12 +36,14 @@ final class TwoDaemonMigrationKVMTests: KVMTestCase {
     /// certificate and accepts the server's name; host B the other way round.
     func withTwoDaemons(bMemory: GuestMemory.Backing = .sharedMemory, budgetMiB: UInt64 = 4096,
                         postCopyRecoveryTimeout: Double = DaemonConfiguration.defaultPostCopyRecoveryTimeout,
+                        preCopyResumeGrace: Double = DaemonConfiguration.defaultPreCopyResumeGrace,
                         _ body: (_ a: TestDaemon, _ aListener: EngineIncomingListener,
                                  _ b: TestDaemon, _ bListener: EngineIncomingListener) async throws -> Void) async throws {
         let (a, aListener) = try await makeDaemon(certificate: "client", allowed: TestCertificates.serverNames, budgetMiB: budgetMiB,
                                                   postCopyRecoveryTimeout: postCopyRecoveryTimeout)
         let (b, bListener) = try await makeDaemon(certificate: "server", allowed: TestCertificates.clientNames, memoryBacking: bMemory,
-                                                  budgetMiB: budgetMiB, postCopyRecoveryTimeout: postCopyRecoveryTimeout)
+                                                  budgetMiB: budgetMiB, postCopyRecoveryTimeout: postCopyRecoveryTimeout,
+                                                  preCopyResumeGrace: preCopyResumeGrace)
         do {
             try await body(a, aListener, b, bListener)
         } catch {

@@ -5,11 +5,13 @@
 //   .build/release/migration-bench [guest.elf] --unchanged-ab RUNS [scenario...]
 //   .build/release/migration-bench [guest.elf] --postcopy RUNS [--precopy] [--json FILE] [dirty-800|hot-2g...]
 //   .build/release/migration-bench [guest.elf] --predict RUNS [--probe-mib N] [scenario...]
+//   .build/release/migration-bench [guest.elf] --resume RUNS
 // The second form runs each scenario RUNS times with unchanged pages (stream.md §6.4.1) on and off, alternating,
 // and prints medians with min-max of the wire bytes of the passes after pass 0 and of the total time. The third
 // runs the post-copy rows of issue 15 (PostCopy.swift) and writes every figure as JSON; with --precopy, the same rows
 // in pre-copy, for reference. The fourth runs a dry run (ConvergenceDryRun) before each migration and prints its
-// prediction of total time and downtime against what the migration then took (issue 16 item 6).
+// prediction of total time and downtime against what the migration then took (issue 16 item 6). The fifth measures
+// resumable pre-copy (Resume.swift).
 // `stdout`, a C global that Swift 6 cannot prove safe and that Foundation re-exports, is touched from the main
 // thread only.
 @preconcurrency import Foundation
@@ -28,9 +30,10 @@ let postCopyRuns = arguments.firstIndex(of: "--postcopy").map { Int(arguments[$0
 let jsonPath = arguments.firstIndex(of: "--json").map { arguments[$0 + 1] }
 let preCopyReference = arguments.contains("--precopy")
 let predictRuns = arguments.firstIndex(of: "--predict").map { Int(arguments[$0 + 1])! }
+let resumeRuns = arguments.firstIndex(of: "--resume").map { Int(arguments[$0 + 1])! }
 /// The dry run's link probe, in MiB (`--probe-mib N`); ConvergenceDryRun's default without it.
 let probePages = arguments.firstIndex(of: "--probe-mib").map { Int(arguments[$0 + 1])! * 256 } ?? ConvergenceDryRun.defaultProbePages
-let optionsWithValue: Set<String> = ["--unchanged-ab", "--postcopy", "--json", "--predict", "--probe-mib"]
+let optionsWithValue: Set<String> = ["--unchanged-ab", "--postcopy", "--json", "--predict", "--probe-mib", "--resume"]
 let chosen = Set(arguments.enumerated().filter { index, argument in
     !argument.hasSuffix(".elf") && argument != "--precopy" && !optionsWithValue.contains(argument) && (index == 0 || !optionsWithValue.contains(arguments[index - 1]))
 }.map(\.element))
@@ -145,6 +148,11 @@ func migrateOnce(_ scenario: Scenario, unchangedPages: Bool = true, dryRun: Bool
     source.stop()
     sink.machine?.stop()
     return (report, cpuUsed, result)
+}
+
+if let runs = resumeRuns {
+    _ = try resumeBenchmark(runs: runs)
+    exit(0)
 }
 
 if let runs = predictRuns {

@@ -97,6 +97,12 @@ public struct ControlClient: Sendable {
         try await call(.GET, "/migrations/incoming", as: IncomingMigrationList.self).migrations
     }
 
+    /// Tells the destination of the VM's last migration, which failed before the switchover, to drop what it keeps for
+    /// a resume (control-api.md §4.6.2).
+    public func discardKeptMemory(_ id: String) async throws -> MigrationStatus {
+        try await call(.POST, "/vms/\(Self.escape(id))/migration/discard")
+    }
+
     public func cancelMigration(_ id: String) async throws -> MigrationStatus {
         try await call(.POST, "/vms/\(Self.escape(id))/migration/cancel")
     }

@@ -131,6 +131,10 @@ public final class ControlAPI: Sendable {
             try allow(method, ["GET"])
             _ = try vms.vm(parts[1])
             return try json(200, try await migrations.status(ofVM: parts[1]))
+        case (_, 4) where parts[0] == "vms" && parts[2] == "migration" && parts[3] == "discard":
+            try allow(method, ["POST"])
+            _ = try vms.vm(parts[1])
+            return try json(200, try await migrations.discardKeptMemory(vm: parts[1]))
         case (_, 4) where parts[0] == "vms" && parts[2] == "migration" && parts[3] == "cancel":
             try allow(method, ["POST"])
             _ = try vms.vm(parts[1])

@@ -47,22 +47,34 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             var status: MigrationStatus
             /// While the post-copy waits for a resume: until when (`monotonicSeconds`).
             var pausedUntil: Double?
-            /// Once the run failed before the switchover: the ticket under which the destination may keep what it received.
-            var resumeTicket: ResumeTicket?
+            /// Once the run failed before the switchover: the ticket under which the destination may keep what it received,
+            /// and the guest's layout, which a message that drops it names.
+            var resumable: (ticket: ResumeTicket, layout: GuestMemoryLayout)?
         }
         private let state: Locked<State>
         private let recoveryTimeout: Double
-        /// What was asked, for a resume that carries the migration on with the same settings.
+        /// What was asked, and the daemon's TLS identity then, for a resume that carries the migration on with the same
+        /// settings (or tells the destination it will not).
         let request: MigrationRequest
+        let tls: TLSFiles?
 
-        init(sender: MigrationSender, request: MigrationRequest, status: MigrationStatus, recoveryTimeout: Double) {
+        init(sender: MigrationSender, request: MigrationRequest, tls: TLSFiles?, status: MigrationStatus, recoveryTimeout: Double) {
             state = Locked(State(sender: sender, status: status))
             self.request = request
+            self.tls = tls
             self.recoveryTimeout = recoveryTimeout
         }
 
-        /// The ticket of a run that failed before the switchover, once it has ended.
-        var resumeTicket: ResumeTicket? { state.withLock { $0.status.phase.isFinal ? $0.resumeTicket : nil } }
+        /// The ticket of a run that failed before the switchover, once it has ended, and the guest's layout.
+        var resumable: (ticket: ResumeTicket, layout: GuestMemoryLayout)? { state.withLock { $0.status.phase.isFinal ? $0.resumable : nil } }
+
+        /// Forgets that the migration may be resumed: its destination dropped what it kept.
+        func forgetResumable() {
+            state.withLock {
+                $0.resumable = nil
+                $0.status.report?.resumable = nil
+            }
+        }
 
         var status: MigrationStatus {
             state.withLock { state in
@@ -101,9 +113,9 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         func cancel() { state.withLock { $0.sender }?.cancel() }
 
         /// Records the final status and the ticket of a resumable failure, and lets go of the sender.
-        func finish(resumeTicket: ResumeTicket?, _ change: (inout MigrationStatus) -> Void) {
+        func finish(resumable: (ticket: ResumeTicket, layout: GuestMemoryLayout)?, _ change: (inout MigrationStatus) -> Void) {
             state.withLock {
-                $0.resumeTicket = resumeTicket
+                $0.resumable = resumable
                 change(&$0.status)
                 $0.sender = nil
                 $0.pausedUntil = nil
@@ -115,15 +127,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     /// With `resumeTicket`, the migration resumes the pre-copy that left memory at the destination under it.
     private func plan(_ vm: OutgoingVM, _ request: MigrationRequest, resumeTicket: ResumeTicket? = nil) throws(ControlError)
         -> (connect: @Sendable (Int) throws -> MigrationChannel, options: MigrationOptions) {
-        guard let peer = PeerAddress(request.peer) else { throw .badRequest("peer '\(request.peer)' is not an address") }
-        let endpoint = Endpoint(peer)
-        let security: Security
-        switch request.security {
-        case .plaintext: security = .plaintext
-        case .tls:
-            guard let tls = vm.tls else { throw .unprocessable("tls_not_configured", "this daemon has no TLS identity; configure one or ask for plaintext") }
-            security = .tls(TLSConfiguration(caFile: tls.ca, certificateFile: tls.certificate, keyFile: tls.key, allowedPeerNames: tls.allowedPeers))
-        }
+        let connect = try Self.connection(for: request, tls: vm.tls)
         var options = MigrationOptions()
         options.channels = request.channels
         options.compression = MigrationOptions.Compression(rawValue: request.compression.rawValue) ?? .lz4
@@ -134,17 +138,31 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
         options.postCopyAfterPasses = request.postcopyAfterPasses
         options.postCopyRecoveryTimeout = postCopyRecoveryTimeout
         options.resumeTicket = resumeTicket
-        return ({ _ in try MigrationNetwork.connect(to: endpoint, security: security) }, options)
+        return (connect, options)
+    }
+
+    /// How `request` connects to its peer: each call opens one connection, with the daemon's `tls` identity if it asks.
+    private static func connection(for request: MigrationRequest, tls: TLSFiles?) throws(ControlError) -> @Sendable (Int) throws -> MigrationChannel {
+        guard let peer = PeerAddress(request.peer) else { throw .badRequest("peer '\(request.peer)' is not an address") }
+        let endpoint = Endpoint(peer)
+        let security: Security
+        switch request.security {
+        case .plaintext: security = .plaintext
+        case .tls:
+            guard let tls else { throw .unprocessable("tls_not_configured", "this daemon has no TLS identity; configure one or ask for plaintext") }
+            security = .tls(TLSConfiguration(caFile: tls.ca, certificateFile: tls.certificate, keyFile: tls.key, allowedPeerNames: tls.allowedPeers))
+        }
+        return { _ in try MigrationNetwork.connect(to: endpoint, security: security) }
     }
 
     /// With `request.resume`, carries on the VM's last migration, which failed before the switchover
     /// (`resumablePreCopy(of:)` gave `request`): its destination may still hold what it received.
     public func startMigration(of vm: OutgoingVM, request: MigrationRequest) async throws(ControlError) -> MigrationStatus {
-        let ticket = request.resume ? lock.withLock { migrations[vm.id]?.resumeTicket } : nil
+        let ticket = request.resume ? lock.withLock { migrations[vm.id]?.resumable?.ticket } : nil
         let (connect, options) = try plan(vm, request, resumeTicket: ticket)
         let source = ConfiguredGuestSource(MicroVMGuestSource(machine: vm.machine), configuration: vm.configuration)
         let sender = MigrationSender(source: source, options: options, openChannel: connect)
-        let migration = Migration(sender: sender, request: request, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup),
+        let migration = Migration(sender: sender, request: request, tls: vm.tls, status: MigrationStatus(vm: vm.id, peer: request.peer, phase: .setup),
                                   recoveryTimeout: postCopyRecoveryTimeout)
         let busyWith: String? = lock.withLock {
             if let running = migrations[vm.id], !running.status.phase.isFinal { return running.status.peer }
@@ -173,7 +191,7 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
             } else if let doubt {
                 vm.leaveInDoubt(doubt)
             }
-            migration.finish(resumeTicket: report.resumeTicket) { $0.finish(report, compression: request.compression, inDoubt: doubt) }
+            migration.finish(resumable: report.resumeTicket.map { ($0, source.layout) }) { $0.finish(report, compression: request.compression, inDoubt: doubt) }
             lock.withLock {
                 if report.succeeded { succeeded += 1 } else if doubt != nil { inDoubt += 1 } else { failed += 1 }
                 bytesSent += UInt64(report.wireBytes)
@@ -221,7 +239,27 @@ public final class EngineMigrationService: MigrationService, @unchecked Sendable
     }
 
     public func resumablePreCopy(of id: String) async -> MigrationRequest? {
-        lock.withLock { migrations[id].flatMap { $0.resumeTicket != nil ? $0.request : nil } }
+        lock.withLock { migrations[id].flatMap { $0.resumable != nil ? $0.request : nil } }
+    }
+
+    public func discardKeptMemory(vm id: String) async throws(ControlError) -> MigrationStatus {
+        guard let migration = lock.withLock({ migrations[id] }), let (ticket, layout) = migration.resumable else { throw nothingToResume(id) }
+        let request = migration.request
+        let connect = try Self.connection(for: request, tls: migration.tls)
+        let result: Result<Bool, any Error> = await withCheckedContinuation { continuation in
+            startThread(named: "discard-\(id)") {
+                continuation.resume(returning: Result { try MigrationSender.discardKeptMemory(under: ticket, layout: layout, openChannel: connect) })
+            }
+        }
+        switch result {
+        case .success(let told):
+            migration.forgetResumable()
+            logger.notice("told the destination to drop what it kept of the broken migration", metadata: ["vm": "\(id)", "peer": "\(request.peer)",
+                                                                                                         "destination_kept_memory": "\(told)"])
+            return migration.status
+        case .failure(let error):
+            throw ControlError(502, "destination_unreachable", "could not tell \(request.peer) to drop what it kept: \(error)")
+        }
     }
 
     public func resume(vm id: String) async throws(ControlError) -> MigrationStatus {
@@ -638,6 +676,11 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
             receiving.withLock { $0[key] = Receiving(peer: peer, receiver: receiver, given: given) }
             defer { receiving.withLock { $0[key] = nil } }
             let report = try receiver.run()
+            if let dropped = report.droppedKeptMemory {
+                logger.notice("the source will not resume its broken migration; what arrived of it is dropped",
+                              metadata: ["peer": "\(peer)", "kept_memory": "\(dropped)"])
+                return
+            }
             let postCopy = report.postCopySeconds.map {
                 IncomingPostCopy(missingPages: UInt64(report.postCopyPages), requestedPages: UInt64(report.postCopyRequests), seconds: $0)
             }

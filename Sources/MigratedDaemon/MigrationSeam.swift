@@ -54,6 +54,10 @@ public protocol MigrationService: Sendable {
     /// Nil otherwise, and by default.
     func resumablePreCopy(of id: String) async -> MigrationRequest?
 
+    /// Tells the destination of VM `id`'s last migration, which failed before the switchover, to drop what it keeps for
+    /// a resume (stream.md §6.15); the migration is no longer resumable. 409 `nothing_to_resume` when it is not.
+    func discardKeptMemory(vm id: String) async throws(ControlError) -> MigrationStatus
+
     /// Cancels the migration of VM `id` if it has not reached switchover; the source keeps running.
     /// Returns the status after cancelling (phase `cancelled`, or the final phase it had already reached).
     func cancel(vm id: String) async throws(ControlError) -> MigrationStatus
@@ -80,6 +84,7 @@ extension MigrationService {
 
     /// For services that cannot resume a pre-copy.
     public func resumablePreCopy(of id: String) async -> MigrationRequest? { nil }
+    public func discardKeptMemory(vm id: String) async throws(ControlError) -> MigrationStatus { throw nothingToResume(id) }
 
     /// The answer to a resume when VM `id` has no broken migration to carry on.
     public func nothingToResume(_ id: String) -> ControlError {

@@ -87,6 +87,9 @@ public final class MigrationReceiver: @unchecked Sendable {
         public var postCopyFaultWaits: Percentiles?
         /// A resumed pre-copy (stream.md §6.15): the pages kept from the broken one that the migration started from.
         public var resumedFromPages: Int?
+        /// The stream only told this receiver to drop the memory a broken pre-copy left (stream.md §6.15): no guest
+        /// came, and the sink was never used. Whether there was memory to drop.
+        public var droppedKeptMemory: Bool?
     }
 
     /// Carries on a post-copy whose link broke, over `channels` (as many as before, freshly connected to the same
@@ -192,6 +195,13 @@ public final class MigrationReceiver: @unchecked Sendable {
                 throw MigrationError.protocolViolation("expected the pre-copy ticket after the layout (stream.md §6.15)")
             }
             ticket = carried
+            if carried.discard {
+                let dropped = leftoverShelf?.drop(carried.ticket, from: peer) ?? false
+                try writer.send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
+                guard case .end = try main.next() else { throw MigrationError.protocolViolation("a ticket that discards must end the stream") }
+                return Report(passes: 0, pagesWritten: 0, pagesReceivedInPlace: 0, pagesUnchanged: 0, deviceComponents: 0, digest: "",
+                              droppedKeptMemory: dropped)
+            }
             let claim = leftoverShelf?.claim(carried, peer: peer, layout: layout)
             resumed = claim?.leftovers
             if carried.resume {

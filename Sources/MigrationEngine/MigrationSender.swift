@@ -291,6 +291,37 @@ public final class MigrationSender: @unchecked Sendable {
         }
     }
 
+    /// Tells the receiver that the pre-copy whose memory it keeps under `ticket` will not be resumed, so that it drops that
+    /// memory now rather than at the end of its grace period (stream.md §6.15): one channel (from `openChannel(0)`) that
+    /// carries the agreement, the guest's `layout`, the ticket with `discard` set, and END. Returns false when the
+    /// receiver does not keep memory for resumes (it did not agree to `preCopyResume`), and so has none to drop.
+    public static func discardKeptMemory(under ticket: ResumeTicket, layout: GuestMemoryLayout,
+                                         openChannel: (Int) throws -> MigrationChannel) throws -> Bool {
+        let channel = try openChannel(0)
+        defer { channel.close() }
+        let writer = RecordWriter(channel: channel, header: StreamHeader(features: .liveMigration, channel: 0, channelCount: 1,
+                                                                         migrationID: UInt32.random(in: 1 ... .max)))
+        try writer.send { encoder, out in
+            encoder.encodeHeader(into: &out)
+            encoder.encodeCapabilities(Capabilities(codecs: .all, maxChannels: 1, flags: [.preCopyResume]), agreed: false, into: &out)
+            encoder.encodeLayout(layout, into: &out)
+        }
+        let reply = RecordReader(channel: channel)
+        guard case .header = try reply.next(), case .capabilitiesAgreed(let agreed) = try reply.next() else {
+            throw MigrationError.protocolViolation("the destination did not answer with its agreement")
+        }
+        guard agreed.flags.contains(.preCopyResume) else {
+            try? writer.send { encoder, out in encoder.encodeAbort(Abort(reason: .sourceError, message: "nothing to discard"), into: &out) }
+            return false
+        }
+        try writer.send { encoder, out in
+            encoder.encodePreCopyTicket(PreCopyTicket(ticket: ticket, resume: false, discard: true), into: &out)
+            encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }
+        guard case .end = try reply.next() else { throw MigrationError.protocolViolation("the destination did not end the stream") }
+        return true
+    }
+
     /// With `preCopyResume` agreed, tells the receiver this migration's ticket (stream.md §6.15): the one to resume, or a
     /// fresh one. Returns the pages the receiver kept for it, when it resumes them; nil for a migration from nothing.
     private func presentTicket(agreed: Capabilities, writer: RecordWriter, reply: RecordReader, layout: GuestMemoryLayout) throws -> DigestTracker? {

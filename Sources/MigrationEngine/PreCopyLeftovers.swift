@@ -43,7 +43,7 @@ public final class PreCopyLeftovers: @unchecked Sendable {
 /// Where a receiver keeps the memory of pre-copies whose links broke, for a grace period, and where a resumed
 /// migration claims it (stream.md §6.15). Kept memory is gone when the grace period ends, when a migration that is
 /// not a resume of it starts from the same peer, when a migration claims its ticket from another peer or with
-/// another layout, or on `discardAll`. It lives in this process's memory only: a receiver that restarts has none,
+/// another layout, when its sender says it will not resume (`MigrationSender.discardKeptMemory`), or on `discardAll`. It lives in this process's memory only: a receiver that restarts has none,
 /// and a resume then falls back to a full migration.
 ///
 /// Sendable: `kept` is guarded by its lock; a discarded set is discarded outside it.
@@ -120,6 +120,17 @@ public final class PreCopyLeftoverShelf: Sendable {
     struct Claim {
         let leftovers: PreCopyLeftovers?
         let outcome: PreCopyResumed.Outcome
+    }
+
+    /// Drops the memory `peer` left under `ticket`, its sender having said it will not resume it; false when none is kept.
+    func drop(_ ticket: ResumeTicket, from peer: String) -> Bool {
+        let gone = kept.withLock { entries in
+            let gone = entries.filter { $0.leftovers.ticket == ticket && $0.leftovers.peer == peer }
+            entries.removeAll { $0.leftovers.ticket == ticket && $0.leftovers.peer == peer }
+            return gone
+        }
+        for entry in gone { entry.leftovers.sink.discard() }
+        return !gone.isEmpty
     }
 
     /// Discards everything kept: the receiver stops, or its owner says so.

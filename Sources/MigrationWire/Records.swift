@@ -370,13 +370,17 @@ private extension String {
 }
 
 /// PRECOPY_TICKET (stream.md §6.15): the ticket of this migration's memory at the receiver, and whether the
-/// migration resumes the memory an earlier one with the same ticket left there.
+/// migration resumes the memory an earlier one with the same ticket left there; or, with `discard`, that the sender
+/// will not resume it, and the stream ends there.
 public struct PreCopyTicket: Hashable, Sendable {
     public var ticket: ResumeTicket
     public var resume: Bool
-    public init(ticket: ResumeTicket, resume: Bool) {
+    public var discard: Bool
+    public init(ticket: ResumeTicket, resume: Bool, discard: Bool = false) {
+        precondition(!(resume && discard), "a ticket either resumes or discards")
         self.ticket = ticket
         self.resume = resume
+        self.discard = discard
     }
 }
 

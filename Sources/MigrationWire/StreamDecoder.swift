@@ -544,10 +544,12 @@ public final class StreamDecoder {
             if !isMain || layout == nil || rules?.flags.contains(.preCopyResume) != true || sawTicket || lastBatchPass != nil
                 || lastBoundaryPass != nil || sawSwitchover || sawPostCopy { throw unexpected() }
             let flags = body.le32(16)
-            if flags & ~1 != 0 { throw fail(at + 16, .reservedNotZero) }
+            if flags & ~3 != 0 { throw fail(at + 16, .reservedNotZero) }
+            if flags == 3 { throw fail(at + 16, .badPreCopyTicket) }
             try reservedZero(20, UInt64(body.le32(20)))
             sawTicket = true
-            return .preCopyTicket(PreCopyTicket(ticket: ResumeTicket(low: body.le64(0), high: body.le64(8)), resume: flags & 1 != 0))
+            return .preCopyTicket(PreCopyTicket(ticket: ResumeTicket(low: body.le64(0), high: body.le64(8)), resume: flags & 1 != 0,
+                                                      discard: flags & 2 != 0))
 
         case .heldPages:
             try need(body.count >= 16)

@@ -159,7 +159,7 @@ public struct StreamEncoder {
         record(.preCopyTicket, length: 24, into: &out) { w in
             w.u64(ticket.ticket.low)
             w.u64(ticket.ticket.high)
-            w.u32(ticket.resume ? 1 : 0)
+            w.u32((ticket.resume ? 1 : 0) | (ticket.discard ? 2 : 0))
             w.u32(0)
         }
     }

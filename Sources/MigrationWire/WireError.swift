@@ -50,6 +50,8 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
         case missingPagesMismatch(declared: UInt64, listed: UInt64)
         /// A PAGE_REQUEST with no frames or more than `WireLimits.maxRequestedPages`.
         case badPageRequest(UInt32)
+        /// PRECOPY_TICKET both resumes and discards.
+        case badPreCopyTicket
         /// A HELD_PAGES run that is empty, too long, out of order or holds a zero hash.
         case badHeldRun
         /// PRECOPY_RESUMED declares another number of held pages than the HELD_PAGES before it list, or an outcome
@@ -95,6 +97,7 @@ public struct WireError: Error, Equatable, Sendable, CustomStringConvertible {
             case .badMissingRun: "badMissingRun"
             case .missingPagesMismatch: "missingPagesMismatch"
             case .badPageRequest: "badPageRequest"
+            case .badPreCopyTicket: "badPreCopyTicket"
             case .badHeldRun: "badHeldRun"
             case .badPreCopyResumed: "badPreCopyResumed"
             case .dataAfterEnd: "dataAfterEnd"

@@ -250,7 +250,7 @@ struct Migrate: AsyncParsableCommand {
 
 struct Migration: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "A VM's current or last migration; migrations into this daemon.",
-                                                    subcommands: [Show.self, Cancel.self, Incoming.self])
+                                                    subcommands: [Show.self, Cancel.self, Discard.self, Incoming.self])
 
     struct Incoming: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the latest migrations into this daemon that ended, and how.")
@@ -280,6 +280,20 @@ struct Migration: AsyncParsableCommand {
                 try options.print(try await options.client.migration(vm)) { status in
                     status.report.map { Formatting.report($0, vm: status.vm, peer: status.peer) } ?? Formatting.progressLine(status)
                 }
+            }
+        }
+    }
+
+    struct Discard: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Tell the destination of a broken migration to drop what it keeps for a resume.",
+            discussion: "For a VM whose last migration failed before the switchover (its report says the destination may keep what it received): the destination frees that memory now instead of at the end of its grace period, and migrate --resume no longer applies.")
+        @OptionGroup var options: ClientOptions
+        @Argument(help: "The VM's id.") var vm: String
+
+        func run() async throws {
+            try await reportingErrors {
+                try options.print(try await options.client.discardKeptMemory(vm)) { "migration of \($0.vm) to \($0.peer): the destination keeps nothing for a resume" }
             }
         }
     }

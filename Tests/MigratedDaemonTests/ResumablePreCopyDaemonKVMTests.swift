@@ -88,10 +88,31 @@ extension TwoDaemonMigrationKVMTests {
             XCTAssertEqual(report.passes.first?.unchangedPages, 0)
             _ = try XCTUnwrapAsync(await b.memstressStatus(after: 0, of: "late"), "the guest runs at B")
 
-            // The migration succeeded: there is nothing left to resume.
+            // The migration succeeded: there is nothing left to resume, or to discard.
+            let (discardCode, discardError) = try await a.failure("POST", "/vms/late/migration/discard", body: "")
+            XCTAssertEqual(discardCode, 409)
+            XCTAssertEqual(discardError.error, "nothing_to_resume")
             let (code, error) = try await a.failure("POST", "/vms/late/migrate", body: #"{"resume": true}"#)
             XCTAssertEqual(code, 409)
             XCTAssertEqual(error.error, "nothing_to_resume")
+        }
+    }
+
+    /// A source that will not resume says so: the destination drops what it kept, and the migration is no longer
+    /// resumable.
+    func testASourceThatWillNotResumeTellsTheDestinationToDropWhatItKept() async throws {
+        try await withTwoDaemons { a, _, _, bListener in
+            _ = try await createFilledGuest("gone", on: a)
+            let (proxy, _) = try await cutInPassZero("gone", at: 50, from: a, to: bListener)
+            defer { proxy.close() }
+            let discarded = try await runMigratectl(socket: a.socketPath, ["migration", "discard", "gone"])
+            XCTAssertEqual(discarded.status, 0, discarded.text)
+            XCTAssertTrue(discarded.text.contains("the destination keeps nothing for a resume"), discarded.text)
+            let status = try await a.client.migration("gone")
+            XCTAssertNil(status.report?.resumable)
+            let resumed = try await runMigratectl(socket: a.socketPath, ["migrate", "gone", "--resume"])
+            XCTAssertEqual(resumed.status, 1, resumed.text)
+            XCTAssertTrue(resumed.text.contains("nothing_to_resume"), resumed.text)
         }
     }
 }

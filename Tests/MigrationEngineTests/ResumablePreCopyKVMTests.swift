@@ -116,3 +116,34 @@ final class ResumablePreCopyKVMTests: MigrationTestCase {
         nextDestination.stop()
     }
 }
+
+extension ResumablePreCopyKVMTests {
+    /// A source that will not resume says so, and the destination drops what it kept at once: a resume after that finds
+    /// nothing and sends all of memory.
+    func testTheSourceCanTellTheDestinationToDropWhatItKept() throws {
+        let (source, _) = try bootSource("workload=memstress size_mib=64 rate_mib=50 pattern=random", writtenPages: 16384)
+        let shelf = PreCopyLeftoverShelf(gracePeriod: 60)
+        let ticket = try breakMigration(of: source, afterBytes: 16 << 20, shelf: shelf)
+        XCTAssertEqual(shelf.contents.count, 1)
+
+        let (near, far) = SocketPairChannel.pair()
+        let receiver = MigrationReceiver(sink: MicroVMGuestSink(console: SerialConsole(output: nil)), channels: [far],
+                                         leftoverShelf: shelf, peer: "the test's source")
+        let result = ReceiverResult()
+        Thread {
+            do { result.report = try receiver.run() } catch { result.error = error }
+            result.done.signal()
+        }.start()
+        XCTAssertTrue(try MigrationSender.discardKeptMemory(under: ticket, layout: MicroVMGuestSource(machine: source).layout) { _ in near })
+        result.done.wait()
+        XCTAssertNil(result.error)
+        XCTAssertEqual(result.report?.droppedKeptMemory, true)
+        XCTAssertTrue(shelf.contents.isEmpty, "the kept memory is gone")
+
+        var options = plainOptions
+        options.resumeTicket = ticket
+        let (outcome, destination) = try migrateSuccessfully(source, options: options, leftoverShelf: shelf)
+        XCTAssertEqual(outcome.report.resumedPreCopy?.resumed, false)
+        destination.stop()
+    }
+}

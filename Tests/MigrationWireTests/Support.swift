@@ -96,7 +96,7 @@ func json(_ event: StreamEvent) -> [String: Any] {
     case .postCopyReady: return ["record": "postcopy_ready"]
     case .pageRequest(let frames): return ["record": "page_request", "frames": frames.map { String($0, radix: 16) }]
     case .postCopyResume(let pass): return ["record": "postcopy_resume", "final_pass": Int(pass)]
-    case .preCopyTicket(let t): return ["record": "precopy_ticket", "ticket": t.ticket.description, "resume": t.resume]
+    case .preCopyTicket(let t): return ["record": "precopy_ticket", "ticket": t.ticket.description, "resume": t.resume, "discard": t.discard]
     case .heldPages(let run):
         return ["record": "held_pages", "first": String(run.first, radix: 16),
                 "hashes": run.hashes.map { String($0.high, radix: 16) + ":" + String($0.low, radix: 16) }]

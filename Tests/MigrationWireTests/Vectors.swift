@@ -156,6 +156,14 @@ func allVectors() -> [Vector] {
             batch(&enc, &out, pass: 0, pages: [(1, patternPage(14))])
             enc.encodePreCopyTicket(PreCopyTicket(ticket: vectorTicket, resume: false), into: &out)
         }, expectedError: WireError(offset: 4296, reason: .unexpectedRecord(RecordType.preCopyTicket.rawValue))))
+    v.append(Vector(name: "valid-precopy-discard", description:
+        "a source that will not resume tells the receiver to drop what it keeps: the agreement, the layout, the ticket with discard set, end",
+        bytes: stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0006) { enc, out in
+            enc.encodeCapabilities(resumeAgreement, agreed: true, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            enc.encodePreCopyTicket(PreCopyTicket(ticket: vectorTicket, resume: false, discard: true), into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }))
     func resumeReply(hashes: [[HeldHash]], declared: UInt64) -> [UInt8] {
         stream(features: .liveMigration, layout: nil) { enc, out in
             enc.encodeCapabilities(resumeAgreement, agreed: true, into: &out)

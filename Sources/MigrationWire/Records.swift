@@ -63,6 +63,9 @@ public struct CapabilityFlags: OptionSet, Hashable, Sendable {
     /// A pre-copy whose link broke may be resumed (stream.md §6.15): the receiver keeps the memory it received for a
     /// while, and a resumed migration sends only what it lacks.
     public static let preCopyResume = CapabilityFlags(rawValue: 1 << 6)
+    /// A migration of several channels goes on without a secondary channel that fails during pre-copy: the others take
+    /// over its pages (stream.md §6.16). In effect only with `passAcknowledgement`.
+    public static let channelLoss = CapabilityFlags(rawValue: 1 << 7)
 }
 
 /// A side's offer, or the agreed set (stream.md §6.1).
@@ -467,6 +470,9 @@ public enum StreamEvent: Sendable {
     case heldPages(HeldPageRun)
     /// Receiver, reply stream, after the held pages: whether it resumes, and how many pages it holds.
     case preCopyResumed(PreCopyResumed)
+    /// Main channel or reply stream, during pre-copy: the writer dropped secondary channel `channel`, in pass `pass`
+    /// (stream.md §6.16).
+    case channelLost(channel: UInt16, pass: UInt32)
     case note(String)
     /// Reply stream: every page of this pre-copy pass, on every channel, is in guest memory.
     case passApplied(pass: UInt32)

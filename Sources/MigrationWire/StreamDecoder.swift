@@ -81,6 +81,8 @@ public final class StreamDecoder {
     private var nextSequence: UInt64 = 0
     private var lastBatchPass: UInt32?
     private var lastBoundaryPass: UInt32?
+    /// Channels this stream said were lost (§6.16): each may be named once.
+    private var lostChannels: Set<UInt16> = []
 
     public init(options: Options = Options(), checksum: @escaping ChecksumFunction = CRC32C.software) {
         self.options = options
@@ -330,7 +332,7 @@ public final class StreamDecoder {
     private static let knownTypes: Set<RecordType> = [
         .capabilitiesOffer, .capabilitiesAgreed, .memoryLayout, .pageBatch, .deviceState,
         .passBoundary, .switchover, .end, .abort, .note, .verify, .verified, .commit, .started, .passApplied,
-        .missingPages, .postCopy, .postCopyReady, .pageRequest, .postCopyResume, .preCopyTicket, .heldPages, .preCopyResumed,
+        .missingPages, .postCopy, .postCopyReady, .pageRequest, .postCopyResume, .preCopyTicket, .heldPages, .preCopyResumed, .channelLost,
     ]
 
     private func fail(_ at: UInt64, _ reason: WireError.Reason) -> WireError {
@@ -579,6 +581,23 @@ public final class StreamDecoder {
                   outcome == .resumed || heldListed == 0 else { throw fail(at, .badPreCopyResumed) }
             sawResumed = true
             return .preCopyResumed(PreCopyResumed(outcome: outcome, heldPages: heldListed))
+
+        case .channelLost:
+            try need(body.count == 8)
+            // During pre-copy only: from the sender on the main channel, from the receiver on its reply stream (§6.16).
+            let fromSender = isMain && layout != nil && !sawSwitchover && !sawPostCopy
+            let fromReceiver = isReply && layout == nil && !sawVerified && !sawPostCopyReady
+            if rules?.flags.contains(.channelLoss) != true || !(fromSender || fromReceiver) { throw unexpected() }
+            try reservedZero(2, UInt64(body.le16(2)))
+            let channel = body.le16(0), pass = body.le32(4)
+            // Channel 0 carries the migration's control and cannot be lost; no channel is lost twice.
+            if channel == 0 || channel >= header!.channelCount || lostChannels.contains(channel) { throw fail(at, .wrongChannel(channel)) }
+            if fromSender {
+                if let last = lastBoundaryPass, pass <= last { throw fail(at + 4, .passOutOfOrder(previous: last, found: pass)) }
+                if let last = lastBatchPass, pass < last { throw fail(at + 4, .passOutOfOrder(previous: last, found: pass)) }
+            }
+            lostChannels.insert(channel)
+            return .channelLost(channel: channel, pass: pass)
 
         case .postCopyReady:
             try need(body.count == 8)

@@ -193,6 +193,15 @@ public struct StreamEncoder {
         }
     }
 
+    /// CHANNEL_LOST (stream.md §6.16): secondary channel `channel` was dropped in pass `pass`.
+    public func encodeChannelLost(channel: UInt16, pass: UInt32, into out: inout [UInt8]) {
+        record(.channelLost, length: 8, into: &out) { w in
+            w.u16(channel)
+            w.u16(0)
+            w.u32(pass)
+        }
+    }
+
     public func encodePostCopyReady(into out: inout [UInt8]) { record(.postCopyReady, length: 8, into: &out) { w in w.u64(0) } }
 
     /// All of `frames`, in as many PAGE_REQUEST records as their limit needs (none for no frames).

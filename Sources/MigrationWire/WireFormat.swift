@@ -104,6 +104,9 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
     public static let preCopyTicket = RecordType(rawValue: 0x13)
     public static let heldPages = RecordType(rawValue: 0x14)
     public static let preCopyResumed = RecordType(rawValue: 0x15)
+    /// Losing a secondary channel (stream.md §6.16): the sender stopped writing on it, or the receiver stopped reading
+    /// it and has applied what it read.
+    public static let channelLost = RecordType(rawValue: 0x16)
     /// Optional: human-readable text (progress, provenance). Readers may ignore it.
     public static let note = RecordType(rawValue: 0x8000_0001)
     /// Optional, reply stream: every page of a pre-copy pass is in guest memory (capability `passAcknowledgement`).
@@ -132,6 +135,7 @@ public struct RecordType: RawRepresentable, Hashable, Sendable, CustomStringConv
         case .preCopyTicket: return "preCopyTicket"
         case .heldPages: return "heldPages"
         case .preCopyResumed: return "preCopyResumed"
+        case .channelLost: return "channelLost"
         case .note: return "note"
         case .passApplied: return "passApplied"
         default: return "0x" + String(rawValue, radix: 16)

@@ -101,6 +101,7 @@ func json(_ event: StreamEvent) -> [String: Any] {
         return ["record": "held_pages", "first": String(run.first, radix: 16),
                 "hashes": run.hashes.map { String($0.high, radix: 16) + ":" + String($0.low, radix: 16) }]
     case .preCopyResumed(let r): return ["record": "precopy_resumed", "outcome": Int(r.outcome.rawValue), "held_pages": Int(r.heldPages)]
+    case .channelLost(let channel, let pass): return ["record": "channel_lost", "channel": Int(channel), "pass": Int(pass)]
     case .skippedOptional(let type, let length):
         return ["record": "skipped_optional", "type": String(type, radix: 16), "length": length]
     }

@@ -22,10 +22,11 @@ let vectorLayout = GuestMemoryLayout(regions: [
 
 func le32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }
 
-/// Builds a stream: header, layout, then `records` appended by the closure.
+/// Builds a stream (channel 0 of `channelCount`): header, layout, then `records` appended by the closure.
 func stream(features: StreamFeatures = .snapshotFile, layout: GuestMemoryLayout? = vectorLayout, migrationID: UInt32 = 0,
-            _ records: (inout StreamEncoder, inout [UInt8]) -> Void = { _, _ in }) -> [UInt8] {
-    var enc = StreamEncoder(header: StreamHeader(pageSize: UInt32(vectorPageSize), features: features, migrationID: migrationID))
+            channelCount: UInt16 = 1, _ records: (inout StreamEncoder, inout [UInt8]) -> Void = { _, _ in }) -> [UInt8] {
+    var enc = StreamEncoder(header: StreamHeader(pageSize: UInt32(vectorPageSize), features: features, channelCount: channelCount,
+                                                 migrationID: migrationID))
     var out: [UInt8] = []
     enc.encodeHeader(into: &out)
     if let layout { enc.encodeLayout(layout, into: &out) }
@@ -188,6 +189,41 @@ func allVectors() -> [Vector] {
     v.append(Vector(name: "invalid-held-zero-hash", description: "HELD_PAGES lists a page with a zero hash, which no held page has",
         bytes: resumeReply(hashes: [[HeldHash(low: 1, high: 2), HeldHash(low: 0, high: 0)]], declared: 2),
         expectedError: WireError(offset: 96, reason: .badHeldRun)))
+
+    // Losing a secondary channel (§6.16): the main channel of four says it dropped channel 2 during pass 0, before its
+    // boundary; the reply stream says so before PASS_APPLIED of that pass.
+    let channelLossAgreement = Capabilities(codecs: [.zero, .raw], maxChannels: 4, flags: [.passAcknowledgement, .channelLoss])
+    func channelLossStream(lost channel: UInt16, at lostAt: inout Int) -> [UInt8] {
+        stream(features: .liveMigration, layout: nil, migrationID: 0x5EED_0006, channelCount: 4) { enc, out in
+            enc.encodeCapabilities(channelLossAgreement, agreed: true, into: &out)
+            enc.encodeLayout(vectorLayout, into: &out)
+            batch(&enc, &out, pass: 0, pages: [(0, patternPage(14)), (1, nil)])
+            lostAt = out.count
+            enc.encodeChannelLost(channel: channel, pass: 0, into: &out)
+            enc.encodePassBoundary(PassBoundary(pass: 0, dirtyPages: 1, pagesSent: 2, zeroPages: 1), into: &out)
+            batch(&enc, &out, pass: 1, pages: [(0x101, patternPage(15))])
+            enc.encodePassBoundary(PassBoundary(pass: 1, dirtyPages: 0, pagesSent: 1), into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }
+    }
+    var channelLostAt = 0
+    v.append(Vector(name: "valid-channel-lost", description:
+        "channel 0 of 4 with channel_loss agreed: pass 0, channel 2 lost during it, the boundary, pass 1, end",
+        bytes: channelLossStream(lost: 2, at: &channelLostAt)))
+    v.append(Vector(name: "invalid-channel-lost-main", description: "CHANNEL_LOST names channel 0, which cannot be lost",
+                    bytes: channelLossStream(lost: 0, at: &channelLostAt),
+                    expectedError: WireError(offset: UInt64(channelLostAt + 8), reason: .wrongChannel(0))))
+    v.append(Vector(name: "valid-channel-lost-reply", description:
+        "the reply stream of a migration that lost channel 2 in pass 0: the loss, then pass 0 and 1 applied, the handshake, end",
+        bytes: stream(features: .liveMigration, layout: nil, channelCount: 4) { enc, out in
+            enc.encodeCapabilities(channelLossAgreement, agreed: true, into: &out)
+            enc.encodeChannelLost(channel: 2, pass: 0, into: &out)
+            enc.encodePassApplied(pass: 0, into: &out)
+            enc.encodePassApplied(pass: 1, into: &out)
+            enc.encodeVerified(DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: Array(0..<16)), into: &out)
+            enc.encodeStarted(into: &out)
+            enc.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out)
+        }))
 
     v.append(Vector(name: "valid-descriptor-checksum", description:
         "descriptor_checksum agreed: the batch checksum covers the batch header and descriptors, not the raw page",

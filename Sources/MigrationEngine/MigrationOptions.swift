@@ -108,6 +108,8 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
     public var elapsed: Double
     /// Seconds left in the current pass at its pace so far; nil between passes.
     public var passSecondsLeft: Double?
+    /// Secondary channels lost so far (stream.md §6.16): the migration goes on over the others.
+    public var lostChannels: Int
     /// Seconds until the destination runs the guest, as the latest `ConvergencePrediction` has it (made before the
     /// first pass from measurements taken beforehand, if any, and after every pass); nil before there is one, or
     /// when it says the migration will give up.
@@ -116,7 +118,7 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
     public var predictedDowntime: Double?
 
     public init(phase: Phase, pass: Int, pagesDone: Int, pagesTotal: Int, bytesOnWire: Int, bandwidth: Double, dirtyRate: Double,
-                expectedDowntime: Double, throttle: Double, elapsed: Double, passSecondsLeft: Double?,
+                expectedDowntime: Double, throttle: Double, elapsed: Double, passSecondsLeft: Double?, lostChannels: Int = 0,
                 predictedSecondsLeft: Double? = nil, predictedDowntime: Double? = nil) {
         self.predictedSecondsLeft = predictedSecondsLeft
         self.predictedDowntime = predictedDowntime
@@ -131,6 +133,7 @@ public struct MigrationProgress: Sendable, Codable, Equatable {
         self.throttle = throttle
         self.elapsed = elapsed
         self.passSecondsLeft = passSecondsLeft
+        self.lostChannels = lostChannels
     }
 }
 
@@ -150,7 +153,10 @@ public struct MigrationReport: Sendable, Codable, Equatable {
     public var wireBytes: Int
     public var pagesSent: Int
     public var compression: String
+    /// Channels opened; those of `lostChannels` were lost during pre-copy, and the migration finished on the others.
     public var channels: Int
+    /// Secondary channels that failed during pre-copy, whose pages the others took over (stream.md §6.16).
+    public var lostChannels: [LostChannel] = []
     /// Dirty-log harvests of the source during pre-copy, and the seconds they took in all.
     public var harvests: Int
     public var harvestSeconds: Double

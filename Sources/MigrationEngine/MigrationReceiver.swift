@@ -10,11 +10,12 @@ import Threads
 /// against the declared layout before anything is written; pages then go straight into guest memory. On any
 /// failure the sink is discarded: no half-built guest ever runs. With a `PreCopyLeftoverShelf`, a pre-copy whose link
 /// broke (or whose sender gave up) leaves its memory there instead, never started, for a resumed migration to claim
-/// (stream.md §6.15).
+/// (stream.md §6.15). A secondary channel that fails during pre-copy, with the sender's agreement, is lost alone
+/// (stream.md §6.16): its pages come again on the others.
 ///
-/// Sendable: `run` is called once, and `otherChannels`, `appliers` and `resumable` are set and read on its thread
-/// only; `sink` changes only on that thread before any other thread of the migration starts; other threads use only
-/// the Sendable `sink` and `channels`.
+/// Sendable: `run` is called once, and `otherChannels`, `appliers`, `acknowledger` and `resumable` are set and read on
+/// its thread only; `sink` changes only on that thread before any other thread of the migration starts; other threads
+/// use only the Sendable `sink` and `channels`, and what is handed to them.
 public final class MigrationReceiver: @unchecked Sendable {
     /// The guest being built: the sink given, or the one a resumed pre-copy left (`PreCopyLeftovers.sink`), in which
     /// case the one given is never prepared.
@@ -46,6 +47,8 @@ public final class MigrationReceiver: @unchecked Sendable {
     private var otherChannels: ChannelThreads?
     /// One per channel: the threads that write pages into the sink; stopped before the sink is discarded.
     private var appliers: [PageApplier] = []
+    /// Tells the sender which passes are in memory and which channels were lost; nil without `pass_acknowledgement`.
+    private var acknowledger: PassAcknowledger?
     /// Guest memory with the pages still missing, from the start of post-copy until the last one came; closed before
     /// the sink is discarded, since vCPUs may wait in it.
     private var postCopy: PostCopyMemory?
@@ -60,6 +63,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         self.peer = peer
         current = Locked(channels)
         var flags: CapabilityFlags = [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum, .unchangedPages]
+        if channels.count > 1 { flags.insert(.channelLoss) }
         // Post-copy places pages with userfaultfd, never straight into the mapping, where a missing page would fault.
         if sink.takesPostCopy && !sink.takesPagesInPlace { flags.formUnion([.postCopy, .resume]) }
         if leftoverShelf != nil { flags.insert(.preCopyResume) }
@@ -90,6 +94,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         /// The stream only told this receiver to drop the memory a broken pre-copy left (stream.md §6.15): no guest
         /// came, and the sink was never used. Whether there was memory to drop.
         public var droppedKeptMemory: Bool?
+        /// Secondary channels lost during pre-copy, whose pages came again on the others (stream.md §6.16).
+        public var lostChannels: [LostChannel] = []
     }
 
     /// Carries on a post-copy whose link broke, over `channels` (as many as before, freshly connected to the same
@@ -225,9 +231,11 @@ public final class MigrationReceiver: @unchecked Sendable {
         }
         if let ticket { resumable = (ticket.ticket, layout, writers) }
         // Each channel's writer thread reports the passes it has written; once all have, the sender hears of it.
-        let acknowledger = agreed.flags.contains(.passAcknowledgement) ? PassAcknowledger(channels: channels.count, reply: writer) : nil
+        let acknowledger = agreed.flags.contains(.passAcknowledgement)
+            ? PassAcknowledger(channels: channels.count, reply: writer, losesChannels: agreed.flags.contains(.channelLoss)) : nil
+        self.acknowledger = acknowledger
         appliers = writers.enumerated().map { index, pageWriter in
-            PageApplier(writer: pageWriter, name: "migrate-write-\(index)") { pass in try acknowledger?.applied(pass: pass) }
+            PageApplier(writer: pageWriter, name: "migrate-write-\(index)") { pass in try acknowledger?.applied(pass: pass, channel: index) }
         }
         let appliers = self.appliers
         var others = startOtherChannels(layout: layout, agreed: agreed, appliers: appliers)
@@ -256,7 +264,8 @@ public final class MigrationReceiver: @unchecked Sendable {
                    pagesUnchanged: writers.reduce(0) { $0 + $1.pagesUnchanged },
                    deviceComponents: deviceState.count, digest: hex(digest().digest), afterStart: afterStart,
                    postCopyPages: Int(postCopyStart?.pages ?? 0), postCopyRequests: postCopyEnd?.requests ?? 0,
-                   postCopySeconds: postCopyEnd?.seconds, postCopyFaultWaits: postCopyEnd?.waits, resumedFromPages: resumed?.heldPages)
+                   postCopySeconds: postCopyEnd?.seconds, postCopyFaultWaits: postCopyEnd?.waits, resumedFromPages: resumed?.heldPages,
+                   lostChannels: acknowledger?.lost ?? [])
         }
         /// Both the pre-copy and the post-copy handshakes end by comparing digests once every channel is done.
         func compareDigests(_ theirs: DigestRecord) throws -> DigestRecord {
@@ -286,8 +295,11 @@ public final class MigrationReceiver: @unchecked Sendable {
                 passes += 1
                 lastPass = boundary.pass
                 try appliers[0].passEnded(boundary.pass)
-            case .switchover:
-                break
+            case .switchover(let switchover):
+                try acknowledger?.endLosses(finalPass: switchover.finalPass)
+            case .channelLost(let channel, _):
+                // The sender dropped it (stream.md §6.16): closed here too, its reader applies what it read and says so.
+                channels[Int(channel)].close()
             case .deviceState(let state):
                 deviceState.append(state)
             case .missingPages(let runs):
@@ -299,6 +311,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 guard let acknowledger, let lastPass, acknowledger.hasApplied(pass: lastPass) else {
                     throw MigrationError.protocolViolation("post-copy started before the pre-copy passes were applied")
                 }
+                try acknowledger.endLosses(finalPass: start.finalPass)
                 do { try sink.restore(deviceState: deviceState) } catch { throw MigrationError.guestFailed("restoring device state: \(error)") }
                 // The guest may fault between its start and STARTED going out; its requests wait for STARTED, which the
                 // sender reads first (stream.md §10.4).
@@ -463,12 +476,16 @@ public final class MigrationReceiver: @unchecked Sendable {
     }
 
     /// Reads channels 1..<N on threads of their own, held to the agreement, each handing its pages to its own applier.
+    /// A channel lost during pre-copy (stream.md §6.16) ends its thread without an error.
     private func startOtherChannels(layout: GuestMemoryLayout, agreed: Capabilities, appliers: [PageApplier]) -> ChannelThreads {
         let threads = ChannelThreads()
+        let acknowledger = acknowledger
         for index in channels.indices.dropFirst() {
             threads.start(name: "migrate-receive-\(index)") { [self] in
                 let reader = RecordReader(channel: channels[index], payloadsInPlace: sink.takesPagesInPlace)
                 reader.decoder.hold(to: agreed)
+                /// The first pass whose boundary this channel has not brought.
+                var pass: UInt32 = 0
                 do {
                     guard case .header(let header) = try reader.next(), Int(header.channel) == index,
                           Int(header.channelCount) == channels.count, header.pageSize == 4096 else {
@@ -481,7 +498,9 @@ public final class MigrationReceiver: @unchecked Sendable {
                         switch try reader.next() {
                         case .pageBatch(let batch): try appliers[index].submit(batch)
                         case .pageBatchAwaitingPayload(let batch): try appliers[index].receiveInPlace(batch, from: reader)
-                        case .passBoundary(let boundary): try appliers[index].passEnded(boundary.pass)
+                        case .passBoundary(let boundary):
+                            try appliers[index].passEnded(boundary.pass)
+                            pass = boundary.pass + 1
                         case .note, .skippedOptional: continue
                         case .end: return try appliers[index].drain()
                         case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
@@ -489,13 +508,35 @@ public final class MigrationReceiver: @unchecked Sendable {
                         }
                     }
                 } catch {
+                    var failure: Error? = error
+                    if let acknowledger, acknowledger.losesChannels, case .channel = error as? MigrationError {
+                        failure = lose(index, pass: pass, after: error, applier: appliers[index], acknowledger: acknowledger)
+                    }
+                    guard let failure else { return }
                     // Unblock the main channel, which may be waiting for records this channel's failure will stop.
                     for channel in channels { channel.close() }
-                    throw error
+                    throw failure
                 }
             }
         }
         return threads
+    }
+
+    /// Loses secondary channel `index`, whose link failed (`failure`) before it brought the boundary of `pass`
+    /// (stream.md §6.16): closes it, so that the sender's writes there fail too; writes into guest memory every batch
+    /// read from it; takes its share out of the digest, since the sender sends all its frames again on the channels left;
+    /// and only then tells the sender, which waits for that before it sends any of them. Returns nil once the channel is
+    /// lost, or the error that fails the migration: `failure` when it is too late for a loss (the final pass began), or
+    /// what went wrong on the way.
+    private func lose(_ index: Int, pass: UInt32, after failure: Error, applier: PageApplier, acknowledger: PassAcknowledger) -> Error? {
+        channels[index].close()
+        do {
+            try applier.drain()
+            applier.writer.forgetAll()
+            return try acknowledger.lose(channel: index, pass: pass, reason: "\(failure)") ? nil : failure
+        } catch {
+            return error
+        }
     }
 }
 
@@ -602,7 +643,8 @@ final class PageApplier: @unchecked Sendable {
 /// Sendable by thread discipline: the channel's thread alone calls `receiveInPlace` (with `channelExpander`), the
 /// applier's thread alone calls `apply` and `hashInPlace` (with `applierExpander`, `runs`, `batchPayload`, the
 /// digest and the counters). Others read the digest and counters only after `PageApplier.stop()` has joined the
-/// applier's thread.
+/// applier's thread, or after its `drain()` with nothing queued since: the receiver's thread between passes (`forget`),
+/// a lost channel's thread (`forgetAll`), the receiver's thread once every channel is done.
 final class PageWriter: @unchecked Sendable {
     let digest: DigestTracker
     /// One per thread that expands pages: the applier's (`apply`) and the channel's (`receiveInPlace`).
@@ -685,6 +727,12 @@ final class PageWriter: @unchecked Sendable {
     /// Called while the applier's thread is idle, between two passes.
     func forget(_ runs: [FrameRun]) {
         digest.forget(runs)
+    }
+
+    /// Takes every frame out of the digest: this writer's channel is lost, and the sender sends all its frames again on
+    /// others (stream.md §6.16). Called once the applier has drained, with nothing queued after.
+    func forgetAll() {
+        digest.reset()
     }
 
     func apply(_ batch: PageBatch) throws {
@@ -783,35 +831,80 @@ final class PageExpander {
 /// measures the dirty set, so that what the receiver still had queued is neither counted as sent nor left for the
 /// downtime.
 ///
-/// Sendable: `written` is guarded by `lock`; `reply` serializes its own sends.
-final class PassAcknowledger: @unchecked Sendable {
-    private let channels: Int
+/// With `channel_loss` agreed, a secondary channel lost during pre-copy (stream.md §6.16) stops counting: its loss goes
+/// to the sender first, then every pass the channels left have all written.
+///
+/// Sendable: its state is locked, and records go out under that lock, so that they leave in the order the state
+/// changed: passes in order, a loss before the first PASS_APPLIED that counts without the channel.
+final class PassAcknowledger: Sendable {
+    private struct State {
+        /// The channels that count.
+        var channels: Set<Int>
+        /// Per pass still open: the channels that have written it.
+        var written: [UInt32: Set<Int>] = [:]
+        /// The last pass every channel that counts has written.
+        var lastComplete: UInt32?
+        var lost: [LostChannel] = []
+        /// Set once the final pass begins, which needs every channel it runs on.
+        var lossesEnded = false
+    }
+    /// Whether a secondary channel may be lost during pre-copy: agreed with the sender.
+    let losesChannels: Bool
     private let reply: RecordWriter
-    private let lock = NSLock()
-    /// Per pass still open: how many channels have written it.
-    private var written: [UInt32: Int] = [:]
-    /// The last pass every channel has written.
-    private var lastComplete: UInt32?
+    private let state: Locked<State>
 
-    init(channels: Int, reply: RecordWriter) {
-        self.channels = channels
+    init(channels: Int, reply: RecordWriter, losesChannels: Bool) {
         self.reply = reply
+        self.losesChannels = losesChannels
+        state = Locked(State(channels: Set(0 ..< channels)))
     }
 
-    /// One channel has written all its batches of `pass`.
-    func applied(pass: UInt32) throws {
-        let complete: Bool = lock.withLock {
-            written[pass, default: 0] += 1
-            guard written[pass] == channels else { return false }
-            written[pass] = nil
-            lastComplete = pass
+    /// Channel `channel` has written all its batches of `pass`.
+    func applied(pass: UInt32, channel: Int) throws {
+        try state.withLock { state in
+            state.written[pass, default: []].insert(channel)
+            try acknowledgeComplete(&state)
+        }
+    }
+
+    /// Secondary channel `channel` is lost before the boundary of `pass`: every batch it brought is in guest memory, and
+    /// its share is out of the digest. Tells the sender, and from now on counts without it. Returns false, telling
+    /// nothing, when no channel may be lost: not agreed, or the final pass began.
+    func lose(channel: Int, pass: UInt32, reason: String) throws -> Bool {
+        try state.withLock { state in
+            guard losesChannels, !state.lossesEnded else { return false }
+            state.lost.append(LostChannel(channel: channel, pass: Int(pass), reason: reason))
+            state.channels.remove(channel)
+            try reply.send { encoder, out in encoder.encodeChannelLost(channel: UInt16(channel), pass: pass, into: &out) }
+            try acknowledgeComplete(&state)
             return true
         }
-        if complete { try reply.send { encoder, out in encoder.encodePassApplied(pass: pass, into: &out) } }
     }
 
+    /// No channel may be lost from now on: the final pass `finalPass` (or post-copy) begins, on every channel it runs on.
+    /// Throws if one was lost in it already: a loss the receiver saw before it knew the pass was the last.
+    func endLosses(finalPass: UInt32) throws {
+        let late = state.withLock { state in
+            state.lossesEnded = true
+            return state.lost.first { $0.pass >= Int(finalPass) }
+        }
+        if let late { throw MigrationError.channel("channel \(late.channel) was lost in the final pass \(finalPass): \(late.reason)") }
+    }
+
+    /// The channels lost so far.
+    var lost: [LostChannel] { state.withLock { $0.lost } }
+
     /// Whether every channel has written all its batches of `pass`.
-    func hasApplied(pass: UInt32) -> Bool { lock.withLock { lastComplete == pass } }
+    func hasApplied(pass: UInt32) -> Bool { state.withLock { $0.lastComplete == pass } }
+
+    /// Sends PASS_APPLIED for each open pass, in order, that every channel that counts has written.
+    private func acknowledgeComplete(_ state: inout State) throws {
+        while let pass = state.written.keys.min(), state.written[pass]!.isSuperset(of: state.channels) {
+            state.written[pass] = nil
+            state.lastComplete = pass
+            try reply.send { encoder, out in encoder.encodePassApplied(pass: pass, into: &out) }
+        }
+    }
 }
 
 /// Threads whose first error is kept, to be rethrown when they are waited for.

@@ -19,9 +19,12 @@ import Threads
 /// lifted, tracking stopped) and the report says `committed`: only someone who can ask the destination may decide
 /// whether it runs again. `started` that does not come within `options.startedTimeout` of `commit` ends the wait.
 ///
+/// With several channels and a receiver that agreed to it, a secondary channel that fails during pre-copy costs that
+/// channel only (stream.md §6.16): the others finish the pass, take over its pages in the next, and the report lists it.
+///
 /// Sendable: `run` works on one thread; what others touch is atomic (`cancelled`, the progress counters, `watching`),
-/// locked (`gate`, `opened`) or set before `run` (`onProgress`, `corruptDigestForTesting`,
-/// `claimWrongUnchangedForTesting`, `measuredBeforehand`).
+/// locked (`gate`, `opened`), set before `run` (`onProgress`, `corruptDigestForTesting`,
+/// `claimWrongUnchangedForTesting`, `measuredBeforehand`) or, `losesChannels`, before the first pass.
 /// `failure` and the report are read after `run` returns.
 public final class MigrationSender: @unchecked Sendable {
     public let source: GuestSource
@@ -59,6 +62,11 @@ public final class MigrationSender: @unchecked Sendable {
     /// This run's ticket, once the receiver agreed to keep memory for a resume; and how asking to resume went.
     private var ticket: ResumeTicket?
     private var resumed: ResumedPreCopyReport?
+    /// Whether a secondary channel may be lost during pre-copy (stream.md §6.16): agreed with the receiver.
+    private var losesChannels = false
+    /// Which channel carries each frame; the channels lost so far have left it.
+    private var channelMap = ChannelMap(channels: 1)
+    private var lostChannels: [LostChannel] = []
     private var forecast = ConvergenceForecast(options: MigrationOptions(), beforehand: nil)
 
     public init(source: GuestSource, options: MigrationOptions, openChannel: @escaping (Int) throws -> MigrationChannel) {
@@ -93,6 +101,9 @@ public final class MigrationSender: @unchecked Sendable {
         postCopyReport = nil
         ticket = nil
         resumed = nil
+        losesChannels = false
+        channelMap = ChannelMap(channels: options.channels)
+        lostChannels = []
         forecast = ConvergenceForecast(options: options, beforehand: measuredBeforehand)
         var phase = Phase()
         gate.withLock { $0 = Gate() }
@@ -193,6 +204,7 @@ public final class MigrationSender: @unchecked Sendable {
         if options.unchangedPages { flags.insert(.unchangedPages) }
         if options.postCopy { flags.formUnion([.postCopy, .resume]) }
         flags.insert(.preCopyResume)
+        if count > 1 { flags.insert(.channelLoss) }
         let offer = Capabilities(codecs: .all, maxChannels: UInt16(count), flags: flags)
         let migrationID = UInt32.random(in: 1 ... .max)
         for index in 0 ..< count {
@@ -223,6 +235,8 @@ public final class MigrationSender: @unchecked Sendable {
         try checkAgreement(agreed)
         let wholeBatches = agreed.flags.contains(.wholeBatchCompression)
         let acknowledged = agreed.flags.contains(.passAcknowledgement)
+        // A loss is confirmed by the receiver before the next pass, which waits for PASS_APPLIED anyway (§6.16).
+        losesChannels = agreed.flags.isSuperset(of: [.channelLoss, .passAcknowledgement])
         if agreed.flags.contains(.descriptorChecksum) {
             for writer in writers { writer.encoder.checksumsPayload = false }
         }
@@ -244,10 +258,11 @@ public final class MigrationSender: @unchecked Sendable {
         forecast.start(setupSeconds: phase.setupSeconds)
 
         var frames = [[UInt64]](repeating: [], count: count)
-        try guest { try source.forEachPopulatedFrame { frames[channelIndex(of: $0, channels: count)].append($0) } }
+        let map = channelMap
+        try guest { try source.forEachPopulatedFrame { frames[map.channel(of: $0)].append($0) } }
         if let held {
             // A page the receiver holds that the guest has since let go of (zero, or never populated) must go too.
-            held.forEachHeld { frame, _ in frames[channelIndex(of: frame, channels: count)].append(frame) }
+            held.forEachHeld { frame, _ in frames[map.channel(of: frame)].append(frame) }
             frames = frames.map(\.sortedUnique)
         }
         let policy = ConvergencePolicy(options: options)
@@ -255,31 +270,37 @@ public final class MigrationSender: @unchecked Sendable {
         var pass: UInt32 = 0
         while true {
             let passStart = monotonicSeconds()
-            let counts = try sendPass(frames, pass: pass, streamers: streamers)
-            var dirty = try harvest(channels: count)
+            let (counts, dropped) = try sendPass(frames, pass: pass, streamers: streamers)
+            var dirty = try harvest()
             var statistics = measure(pass: Int(pass), counts: counts, seconds: monotonicSeconds() - passStart,
                                      dirtyPages: dirty.reduce(0) { $0 + $1.count }, throttle: throttle)
-            try sendBoundary(statistics, counts: counts, on: writers)
+            var lost = try sendBoundary(statistics, counts: counts, on: writers, lost: dropped)
             if acknowledged {
                 // Sent is not yet received: wait until the receiver has the whole pass in memory, so that the pass's
                 // time is the link's real rate and a switchover never waits on the receiver's backlog. What the
                 // guest dirtied meanwhile joins the next pass.
-                try awaitApplied(pass: pass, on: reply)
-                dirty = zip(dirty, try harvest(channels: count)).map { Array(Set($0).union($1)).sorted() }
+                lost = try awaitApplied(pass: pass, on: reply, dropped: lost)
+                dirty = zip(dirty, try harvest()).map { Array(Set($0).union($1)).sorted() }
                 statistics = measure(pass: Int(pass), counts: counts, seconds: monotonicSeconds() - passStart,
                                      dirtyPages: dirty.reduce(0) { $0 + $1.count }, throttle: throttle)
             }
+            lostChannels += lost
             history.append(statistics)
             forecast.update(history: history, elapsed: monotonicSeconds() - started, throttle: throttle, setupSeconds: phase.setupSeconds,
                             harvests: harvests, harvestSeconds: harvestSeconds, memoryPages: Int(layout.totalBytes / 4096))
             if isCancelled { throw MigrationError.cancelled }
-            frames = dirty
+            frames = lost.isEmpty ? dirty : try takeOver(lost.map(\.channel), dirty: dirty, streamers: streamers)
             pass += 1
-            switch policy.decide(history: history, elapsed: monotonicSeconds() - started, throttle: throttle) {
+            var decision = policy.decide(history: history, elapsed: monotonicSeconds() - started, throttle: throttle)
+            // The pass after a loss also carries the lost channels' pages, which the dirty rate the policy judged leaves
+            // out: it goes while the guest runs, and the policy judges again after it.
+            if !lost.isEmpty, decision == .switchover || decision == .postCopy { decision = .nextPass }
+            switch decision {
             case .switchover:
                 return try switchOver(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers, throttle: throttle)
             case .postCopy:
-                return try postCopy(&phase, reply: reply, frames: frames, finalPass: pass, streamers: streamers, setup: setup)
+                return try postCopy(&phase, reply: reply, frames: frames, finalPass: pass, streamers: channelMap.live.map { streamers[$0] },
+                                    setup: setup)
             case .throttle(let fraction):
                 throttle = fraction
                 source.setThrottle(fraction)
@@ -373,21 +394,23 @@ public final class MigrationSender: @unchecked Sendable {
         try writers[0].send { encoder, out in encoder.encodeSwitchover(Switchover(finalPass: finalPass), into: &out) }
         // What the last pre-copy harvest found, plus what the guest dirtied since; a page in both goes once.
         var lastSets = frames.map { Set($0) }
-        try guest { try source.harvestDirtyFrames { lastSets[channelIndex(of: $0, channels: channels.count)].insert($0) } }
+        let map = channelMap
+        try guest { try source.harvestDirtyFrames { lastSets[map.channel(of: $0)].insert($0) } }
         let last = lastSets.map { $0.sorted() }
-        let counts = try sendPass(last, pass: finalPass, streamers: streamers, phase: .switchover)
+        let counts = try sendPass(last, pass: finalPass, streamers: streamers, phase: .switchover).counts
         let final = measure(pass: Int(finalPass), counts: counts, seconds: monotonicSeconds() - pausedAt, dirtyPages: 0, throttle: throttle)
         history.append(final)
-        try sendBoundary(final, counts: counts, on: writers)
+        _ = try sendBoundary(final, counts: counts, on: writers, phase: .switchover)
         let deviceState = try guest { try source.captureDeviceState() }
 
+        // A lost channel's share is zero, on both sides: its pages went again on the others.
         var digest = MemoryDigest()
         for streamer in streamers { digest.add(PageHash(low: streamer.digest.digest.low, high: streamer.digest.digest.high)) }
         var sent = digest.bytes
         if corruptDigestForTesting { sent[0] ^= 1 }
         let digestRecord = DigestRecord(algorithm: DigestAlgorithm.pageSum128, digest: sent)
-        for writer in writers.dropFirst() {
-            try writer.send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
+        for index in channelMap.live.dropFirst() {
+            try writers[index].send { encoder, out in encoder.encodeEnd(End(digestAlgorithm: DigestAlgorithm.none, digest: []), into: &out) }
         }
         try writers[0].send { encoder, out in
             for state in deviceState { encoder.encodeDeviceState(state, into: &out) }
@@ -604,57 +627,122 @@ public final class MigrationSender: @unchecked Sendable {
         return (try writers.map(setup.makeStreamer), reply, still)
     }
 
-    /// Ends the pass on every channel: the receiver knows each channel's share of it is complete.
-    private func sendBoundary(_ statistics: PassStatistics, counts: PageStreamer.Counts, on writers: [RecordWriter]) throws {
+    /// Ends the pass on every channel in use: the receiver knows each channel's share of it is complete. The channels
+    /// `lost` in the pass, and any other secondary one whose boundary fails to go when it may be lost alone, are named on
+    /// the main channel before its boundary (stream.md §6.16). Returns them all.
+    private func sendBoundary(_ statistics: PassStatistics, counts: PageStreamer.Counts, on writers: [RecordWriter], lost: [LostChannel] = [],
+                              phase: MigrationProgress.Phase = .precopy) throws -> [LostChannel] {
         let boundary = PassBoundary(pass: UInt32(statistics.pass), dirtyPages: UInt64(statistics.dirtyPages),
                                     pagesSent: UInt64(counts.pages), zeroPages: UInt64(counts.zero),
                                     wireBytes: UInt64(counts.wireBytes), durationNanoseconds: UInt64(statistics.seconds * 1e9))
-        for writer in writers {
-            try writer.send { encoder, out in encoder.encodePassBoundary(boundary, into: &out) }
+        var lost = lost
+        // The secondary channels first: one lost here is still named before the main channel's boundary.
+        for index in channelMap.live.dropFirst() where !lost.contains(where: { $0.channel == index }) {
+            do {
+                try writers[index].send { encoder, out in encoder.encodePassBoundary(boundary, into: &out) }
+            } catch let error where losesOnly(index, to: error, in: phase) {
+                channels[index].close()
+                lost.append(LostChannel(channel: index, pass: statistics.pass, reason: "\(error)"))
+            }
         }
+        try writers[0].send { encoder, out in
+            for loss in lost { encoder.encodeChannelLost(channel: UInt16(loss.channel), pass: UInt32(loss.pass), into: &out) }
+            encoder.encodePassBoundary(boundary, into: &out)
+        }
+        return lost
+    }
+
+    /// Whether a failure of channel `index` in a pass of `phase` costs that channel only (stream.md §6.16): a secondary
+    /// channel that failed as a channel, during pre-copy, with the receiver's agreement. Anything else, a cancel
+    /// included, fails the migration.
+    private func losesOnly(_ index: Int, to error: Error, in phase: MigrationProgress.Phase) -> Bool {
+        guard losesChannels, index > 0, phase == .precopy, !isCancelled, case .channel = error as? MigrationError else { return false }
+        return true
     }
 
     /// The frames written since the last harvest, per channel, in ascending order.
-    private func harvest(channels count: Int) throws -> [[UInt64]] {
-        var dirty = [[UInt64]](repeating: [], count: count)
+    private func harvest() throws -> [[UInt64]] {
+        var dirty = [[UInt64]](repeating: [], count: options.channels)
         let start = monotonicSeconds()
-        try guest { try source.harvestDirtyFrames { dirty[channelIndex(of: $0, channels: count)].append($0) } }
+        let map = channelMap
+        try guest { try source.harvestDirtyFrames { dirty[map.channel(of: $0)].append($0) } }
         harvests += 1
         harvestSeconds += monotonicSeconds() - start
         return dirty
     }
 
-    /// Waits for the receiver's word that pass `pass` is wholly in its memory. A cancel, or the time budget
-    /// running out, ends the wait: the watchdog closes the channels, which fails the blocked read.
-    private func awaitApplied(pass: UInt32, on reply: RecordReader) throws {
-        switch try reply.next() {
-        case .passApplied(let applied) where applied == pass: return
-        case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
-        case let other: throw MigrationError.protocolViolation("expected pass \(pass) applied, got \(other)")
+    /// Waits for the receiver's word that pass `pass` is wholly in its memory. On the way it may name channels it lost
+    /// (stream.md §6.16): every one the sender `dropped` in the pass must be among them, and one the sender still used
+    /// is closed here. Returns the channels lost in the pass. A cancel, or the time budget running out, ends the wait:
+    /// the watchdog closes the channels, which fails the blocked read.
+    private func awaitApplied(pass: UInt32, on reply: RecordReader, dropped: [LostChannel]) throws -> [LostChannel] {
+        var lost = dropped
+        var unconfirmed = Set(dropped.map(\.channel))
+        while true {
+            switch try reply.next() {
+            // The receiver's pass is this one, or the next when the channel failed after this pass's boundary went through.
+            case .channelLost(let channel, let at) where at == pass || at == pass + 1:
+                if unconfirmed.remove(Int(channel)) == nil {
+                    channels[Int(channel)].close()
+                    lost.append(LostChannel(channel: Int(channel), pass: Int(pass), reason: "the destination lost it"))
+                }
+            case .passApplied(let applied) where applied == pass:
+                guard unconfirmed.isEmpty else {
+                    throw MigrationError.protocolViolation("pass \(pass) applied without word of lost channels \(unconfirmed.sorted())")
+                }
+                return lost
+            case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
+            case let other: throw MigrationError.protocolViolation("expected pass \(pass) applied, got \(other)")
+            }
         }
     }
 
-    /// Sends one pass on every channel at once, one thread each, reporting progress meanwhile: at once, so that the
-    /// phase a client reads is the one the migration is in, then every quarter second.
+    /// Moves the frames of the channels `lost` in the pass just ended onto the channels left (stream.md §6.16), once the
+    /// receiver has said that nothing more comes from them: each frame such a channel carried, or would have, goes again
+    /// in the next pass, zero pages included (the receiver may hold older contents for them), and the lost channels'
+    /// shares leave the digest, as they have at the receiver. Frames of the channels left stay on them. Returns the next
+    /// pass's frames per channel: `dirty` with the lost channels' frames moved.
+    private func takeOver(_ lost: [Int], dirty: [[UInt64]], streamers: [PageStreamer]) throws -> [[UInt64]] {
+        let before = channelMap
+        for channel in lost {
+            channelMap.lose(channel)
+            streamers[channel].digest.reset()
+        }
+        let gone = Set(lost), after = channelMap
+        var moved = [[UInt64]](repeating: [], count: options.channels)
+        // Every frame written is populated, so these include the lost channels' dirty frames.
+        try guest { try source.forEachPopulatedFrame { frame in
+            if gone.contains(before.channel(of: frame)) { moved[after.channel(of: frame)].append(frame) }
+        } }
+        return dirty.indices.map { channel in
+            gone.contains(channel) ? [] : moved[channel].isEmpty ? dirty[channel] : (dirty[channel] + moved[channel]).sorted()
+        }
+    }
+
+    /// Sends one pass on every channel in use at once, one thread each, reporting progress meanwhile: at once, so that
+    /// the phase a client reads is the one the migration is in, then every quarter second. Returns what was sent, and
+    /// the channels lost in the pass (stream.md §6.16); the others sent their whole share.
     private func sendPass(_ frames: [[UInt64]], pass: UInt32, streamers: [PageStreamer],
-                          phase: MigrationProgress.Phase = .precopy) throws -> PageStreamer.Counts {
+                          phase: MigrationProgress.Phase = .precopy) throws -> (counts: PageStreamer.Counts, lost: [LostChannel]) {
         let total = frames.reduce(0) { $0 + $1.count }
         pagesDone.reset()
         bytesInPass.reset()
         passStartedAt = monotonicSeconds()
-        let results = PassResults(count: streamers.count)
+        let results = Locked([Int: Result<PageStreamer.Counts, Error>]())
         let group = DispatchGroup()
-        for (index, streamer) in streamers.enumerated() {
+        for index in channelMap.live {
+            let streamer = streamers[index]
             group.enter()
             startThread(named: "migrate-send-\(index)") { [self] in
                 let result = Result {
                     try streamer.send(frames: frames[index], pass: pass, skipHeld: pass == 0, progress: pagesDone, wireProgress: bytesInPass) { self.isCancelled }
                 }
-                if case .failure = result {
-                    // A failed channel must not leave the others blocked on a peer that stopped reading.
-                    closeChannels()
+                if case .failure(let error) = result {
+                    // A failed channel must not leave the others blocked on a peer that stopped reading, unless it is
+                    // lost alone: then the others finish the pass.
+                    if losesOnly(index, to: error, in: phase) { channels[index].close() } else { closeChannels() }
                 }
-                results.set(index, result)
+                results.withLock { $0[index] = result }
                 group.leave()
             }
         }
@@ -662,20 +750,24 @@ public final class MigrationSender: @unchecked Sendable {
         while group.wait(timeout: .now() + 0.25) == .timedOut {
             report(phase, pass: Int(pass), total: total)
         }
+        let all = results.withLock { $0 }.sorted { $0.key < $1.key }
         var counts = PageStreamer.Counts()
         // After a cancel, a channel may fail on one another closed: the cancel is the reason.
-        if isCancelled, results.all.contains(where: { if case .failure = $0 { true } else { false } }) {
+        if isCancelled, all.contains(where: { if case .failure = $0.value { true } else { false } }) {
             throw MigrationError.cancelled
         }
         // The first failure in channel order explains best; later ones are usually "closed" echoes of it.
-        for result in results.all {
+        var lost: [LostChannel] = []
+        for (index, result) in all {
             switch result {
             case .success(let partial): counts.add(partial)
+            case .failure(let error) where losesOnly(index, to: error, in: phase):
+                lost.append(LostChannel(channel: index, pass: Int(pass), reason: "\(error)"))
             case .failure(let error): throw error
             }
         }
         wireBytes += counts.wireBytes
-        return counts
+        return (counts, lost)
     }
 
     private func measure(pass: Int, counts: PageStreamer.Counts, seconds: Double, dirtyPages: Int, throttle: Double) -> PassStatistics {
@@ -709,7 +801,7 @@ public final class MigrationSender: @unchecked Sendable {
             phase: phase, pass: pass, pagesDone: phase == .precopy || phase == .postcopy ? min(pagesDone.count, total) : total, pagesTotal: total,
             bytesOnWire: wireBytes + inPass, bandwidth: rate, dirtyRate: last?.dirtyRate ?? 0,
             expectedDowntime: last?.expectedDowntime ?? 0, throttle: last?.throttle ?? 0,
-            elapsed: monotonicSeconds() - started, passSecondsLeft: secondsLeft,
+            elapsed: monotonicSeconds() - started, passSecondsLeft: secondsLeft, lostChannels: lostChannels.count,
             predictedSecondsLeft: forecast.secondsLeft(elapsed: monotonicSeconds() - started), predictedDowntime: forecast.downtime))
     }
 
@@ -751,8 +843,8 @@ public final class MigrationSender: @unchecked Sendable {
             succeeded: error == nil, error: error.map { "\($0)" }, committed: committed, totalSeconds: monotonicSeconds() - started,
             setupSeconds: setup, downtimeSeconds: downtime, passes: history, wireBytes: wireBytes,
             pagesSent: history.reduce(0) { $0 + $1.pagesSent - ($1.pass == 0 ? $1.zeroPages : 0) },
-            compression: options.compression.rawValue, channels: channels.count, harvests: harvests, harvestSeconds: harvestSeconds,
-            postCopy: postCopyReport, predictions: forecast.predictions,
+            compression: options.compression.rawValue, channels: channels.count, lostChannels: lostChannels, harvests: harvests,
+            harvestSeconds: harvestSeconds, postCopy: postCopyReport, predictions: forecast.predictions,
             // After a failure before commit, the destination may keep what it received (stream.md §6.15).
             resumeTicket: error != nil && !committed ? ticket : nil, resumedPreCopy: resumed)
     }
@@ -822,17 +914,4 @@ private final class PeerAbort: @unchecked Sendable {
 
     func set(_ error: MigrationError) { lock.withLock { found = error } }
     var value: MigrationError? { lock.withLock { found } }
-}
-
-/// What each channel's thread of a pass ended with.
-///
-/// Sendable: `results` is guarded by `lock`.
-private final class PassResults: @unchecked Sendable {
-    private let lock = NSLock()
-    private var results: [Result<PageStreamer.Counts, Error>?]
-
-    init(count: Int) { results = Array(repeating: nil, count: count) }
-
-    func set(_ index: Int, _ result: Result<PageStreamer.Counts, Error>) { lock.withLock { results[index] = result } }
-    var all: [Result<PageStreamer.Counts, Error>] { lock.withLock { results.map { $0! } } }
 }

@@ -99,11 +99,15 @@ final class RecordReader: @unchecked Sendable {
 }
 
 extension RecordReader {
-    /// The next event that is not a pass acknowledgement (those of the final pass arrive during the switchover).
+    /// The next event that is not a pass acknowledgement (those of the final pass arrive during the switchover). A
+    /// channel the receiver lost (stream.md §6.16) fails the migration here: the final pass and post-copy need them all.
     func nextSkippingAcknowledgements() throws -> StreamEvent {
         while true {
             let event = try next()
             if case .passApplied = event { continue }
+            if case .channelLost(let channel, let pass) = event {
+                throw MigrationError.channel("the destination lost channel \(channel) in pass \(pass), after pre-copy")
+            }
             return event
         }
     }

@@ -44,8 +44,8 @@ public protocol GuestSource: AnyObject, Sendable {
 /// Threads: `prepare`, `restore`, `start` and `discard` come from the receiver's control thread, one at a time,
 /// `prepare` before any channel's thread starts and the others after every one has been joined. `page`, `write`
 /// and `zero` come from the channels' threads at once, never for the same frame at a time (every version of a
-/// frame travels on the same channel). A sink whose mutable state only the control calls touch needs no lock, and
-/// says so where it declares itself Sendable.
+/// frame travels on the same channel, and moves to another only once the receiver is done with a lost one). A sink
+/// whose mutable state only the control calls touch needs no lock, and says so where it declares itself Sendable.
 public protocol GuestSink: AnyObject, Sendable {
     /// Creates guest memory for `layout`, zero filled. Throws if this sink cannot hold it.
     func prepare(layout: GuestMemoryLayout) throws

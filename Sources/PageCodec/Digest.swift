@@ -168,6 +168,12 @@ public final class DigestTracker {
         return true
     }
 
+    /// Forgets every page, as if none had been recorded: the digest is zero again.
+    public func reset() {
+        hashes = [PageHash](repeating: .zero, count: hashes.count)
+        digest = MemoryDigest()
+    }
+
     /// The last recorded hash of `frame`.
     public func hash(of frame: UInt64) -> PageHash? { index(of: frame).map { hashes[$0] } }
 

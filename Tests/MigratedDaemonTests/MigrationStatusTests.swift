@@ -40,7 +40,7 @@ final class MigrationStatusTests: XCTestCase {
         XCTAssertFalse(line.contains("dirty") || line.contains("downtime"), "stale pre-copy figures: \(line)")
         let report = try JSONDecoder().decode(MigrationReport.self, from: Data(#"""
             {"succeeded": true, "committed": true, "totalSeconds": 2, "setupSeconds": 0.1, "downtimeSeconds": 0.004, "passes": [],
-             "wireBytes": 1000, "pagesSent": 10, "compression": "lz4", "channels": 1, "harvests": 1, "harvestSeconds": 0, "predictions": [],
+             "wireBytes": 1000, "pagesSent": 10, "compression": "lz4", "channels": 1, "lostChannels": [], "harvests": 1, "harvestSeconds": 0, "predictions": [],
              "postCopy": {"missingPages": 5210, "requestedPages": 312, "requests": 312, "wireBytes": 21000000, "seconds": 0.085}}
             """#.utf8))
         status.finish(report, compression: .lz4)

@@ -215,4 +215,19 @@ final class DigestTests: XCTestCase {
         XCTAssertNotEqual(destination.digest, full)
         XCTAssertEqual(full.bytes.count, 16)
     }
+
+    /// A reset tracker holds nothing, as a new one: its digest is zero and a page sent again counts once.
+    func testResetForgetsEveryPage() {
+        let tracker = DigestTracker(regions: [DigestTracker.Region(firstFrame: 16, frameCount: 8)])
+        let page = noise(4096, seed: 7)
+        page.withUnsafeBytes { for frame in UInt64(16) ..< 24 { tracker.update(frame: frame, page: $0) } }
+        tracker.reset()
+        XCTAssertEqual(tracker.digest, MemoryDigest())
+        XCTAssertEqual(tracker.hash(of: 20), .zero)
+        let hash = page.withUnsafeBytes { PageHash.of(frame: 20, page: $0) }
+        tracker.update(frame: 20, hash: hash)
+        var once = MemoryDigest()
+        once.add(hash)
+        XCTAssertEqual(tracker.digest, once)
+    }
 }

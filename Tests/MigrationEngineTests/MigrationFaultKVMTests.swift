@@ -23,18 +23,6 @@ final class MigrationFaultKVMTests: MigrationTestCase {
         return options
     }
 
-    /// The source carries on: running, not throttled, and verifying its memory with rising ticks.
-    func assertSourceIntact(_ source: MicroVM, _ console: SerialConsole, _ outcome: Outcome, file: StaticString = #filePath, line: UInt = #line) {
-        XCTAssertFalse(outcome.report.succeeded, file: file, line: line)
-        XCTAssertNil(outcome.destination, "no destination guest may exist", file: file, line: line)
-        XCTAssertNil(source.stopped, file: file, line: line)
-        XCTAssertEqual(source.throttle, 0, file: file, line: line)
-        let seen = statuses(console, after: console.lineCount, count: 2)
-        XCTAssertEqual(seen.count, 2, "the source must keep running and verifying", file: file, line: line)
-        if seen.count == 2 { XCTAssertGreaterThan(seen[1].ticks, seen[0].ticks, file: file, line: line) }
-        source.stop()
-    }
-
     func testConnectionCutAt10_50_90PercentOfPassZero() throws {
         for fraction in [0.1, 0.5, 0.9] {
             let (source, console) = try bootSource(guest, writtenPages: workingSetPages)

@@ -73,6 +73,19 @@ class MigrationTestCase: KVMTestCase {
         return (outcome, destination)
     }
 
+    /// After a failed migration, the source carries on: running, not throttled, and verifying its memory with rising
+    /// ticks; no destination guest exists. Stops the source.
+    func assertSourceIntact(_ source: MicroVM, _ console: SerialConsole, _ outcome: Outcome, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertFalse(outcome.report.succeeded, file: file, line: line)
+        XCTAssertNil(outcome.destination, "no destination guest may exist", file: file, line: line)
+        XCTAssertNil(source.stopped, file: file, line: line)
+        XCTAssertEqual(source.throttle, 0, file: file, line: line)
+        let seen = statuses(console, after: console.lineCount, count: 2)
+        XCTAssertEqual(seen.count, 2, "the source must keep running and verifying", file: file, line: line)
+        if seen.count == 2 { XCTAssertGreaterThan(seen[1].ticks, seen[0].ticks, file: file, line: line) }
+        source.stop()
+    }
+
     /// Status lines after `line`, waiting up to `timeout` for `count` of them; all must verify.
     func statuses(_ console: SerialConsole, after line: Int, count: Int, timeout: TimeInterval = 10) -> [MemstressStatus] {
         var found: [MemstressStatus] = []

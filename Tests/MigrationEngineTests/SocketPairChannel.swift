@@ -1,5 +1,6 @@
 import Glibc
 import MigrationEngine
+import Threads
 
 /// A real Unix stream socket pair, for engine tests that need no TLS; `cutAfter` closes the sending side
 /// after that many bytes, as a failing network would, and `corruptByteAt` flips the bits of the byte sent at
@@ -13,6 +14,11 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
     var whenSent: (bytes: Int, action: () -> Void)?
     /// Fails receiving once this many bytes came in, as a crashed receiver would.
     var dieAfterReceiving: Int?
+    /// Fails receiving once this many bytes came in, and from then on reads and drops whatever comes, and lets `close`
+    /// close nothing: a link cut only on its way to this side (a proxy that stopped forwarding one direction), where
+    /// the peer's writes go on succeeding until the peer closes its end.
+    var deafAfterReceiving: Int?
+    private var deaf = false
     private(set) var sent = 0
     private(set) var received = 0
 
@@ -72,6 +78,17 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
                 close()
                 throw ChannelError("receiver died after \(received) bytes")
             }
+            if let deafAfterReceiving, received >= deafAfterReceiving {
+                if !deaf {
+                    deaf = true
+                    // Holds the channel, and so its descriptor, until the peer closes its end.
+                    startThread(named: "deaf-channel") { [self] in
+                        var dropped = [UInt8](repeating: 0, count: 1 << 16)
+                        while recv(fd, &dropped, dropped.count, 0) > 0 {}
+                    }
+                }
+                throw ChannelError("the link towards the receiver was cut after \(received) bytes")
+            }
             let n = recv(fd, buffer.baseAddress, buffer.count, 0)
             if n >= 0 {
                 received += n
@@ -84,7 +101,7 @@ final class SocketPairChannel: MigrationChannel, @unchecked Sendable {
 
     func close() {
         // shutdown wakes a thread blocked in recv on this descriptor; the descriptor itself is closed in deinit.
-        shutdown(fd, Int32(SHUT_RDWR))
+        if !deaf { shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
     /// Ends this side's stream (the peer reads end of file) while replies can still arrive.

@@ -523,17 +523,20 @@ public final class MigrationReceiver: @unchecked Sendable {
     }
 
     /// Loses secondary channel `index`, whose link failed (`failure`) before it brought the boundary of `pass`
-    /// (stream.md §6.16): closes it, so that the sender's writes there fail too; writes into guest memory every batch
-    /// read from it; takes its share out of the digest, since the sender sends all its frames again on the channels left;
-    /// and only then tells the sender, which waits for that before it sends any of them. Returns nil once the channel is
-    /// lost, or the error that fails the migration: `failure` when it is too late for a loss (the final pass began), or
-    /// what went wrong on the way.
+    /// (stream.md §6.16), unless it is too late for that (the final pass began): closes it, so that the sender's writes
+    /// there fail too; writes into guest memory every batch read from it; takes its share out of the digest, since the
+    /// sender sends all its frames again on the channels left; and only then tells the sender, which waits for that
+    /// before it sends any of them. Returns nil once the channel is lost, or the error that fails the migration:
+    /// `failure` when it may not be lost, with nothing changed (a post-copy may still resume), or what went wrong on the
+    /// way.
     private func lose(_ index: Int, pass: UInt32, after failure: Error, applier: PageApplier, acknowledger: PassAcknowledger) -> Error? {
+        guard acknowledger.admitLoss(channel: index, pass: pass, reason: "\(failure)") else { return failure }
         channels[index].close()
         do {
             try applier.drain()
             applier.writer.forgetAll()
-            return try acknowledger.lose(channel: index, pass: pass, reason: "\(failure)") ? nil : failure
+            try acknowledger.announceLoss(channel: index, pass: pass)
+            return nil
         } catch {
             return error
         }
@@ -867,17 +870,24 @@ final class PassAcknowledger: Sendable {
         }
     }
 
-    /// Secondary channel `channel` is lost before the boundary of `pass`: every batch it brought is in guest memory, and
-    /// its share is out of the digest. Tells the sender, and from now on counts without it. Returns false, telling
-    /// nothing, when no channel may be lost: not agreed, or the final pass began.
-    func lose(channel: Int, pass: UInt32, reason: String) throws -> Bool {
-        try state.withLock { state in
+    /// Whether secondary channel `channel`, which failed (`reason`) before the boundary of `pass`, may be lost; if so,
+    /// records the loss, for the report and for `endLosses`. No channel may be lost without the agreement, or once the
+    /// final pass began.
+    func admitLoss(channel: Int, pass: UInt32, reason: String) -> Bool {
+        state.withLock { state in
             guard losesChannels, !state.lossesEnded else { return false }
             state.lost.append(LostChannel(channel: channel, pass: Int(pass), reason: reason))
+            return true
+        }
+    }
+
+    /// Channel `channel`, whose loss was admitted, is done with: every batch it brought is in guest memory, and its
+    /// share is out of the digest. Tells the sender, and from now on counts without it.
+    func announceLoss(channel: Int, pass: UInt32) throws {
+        try state.withLock { state in
             state.channels.remove(channel)
             try reply.send { encoder, out in encoder.encodeChannelLost(channel: UInt16(channel), pass: pass, into: &out) }
             try acknowledgeComplete(&state)
-            return true
         }
     }
 

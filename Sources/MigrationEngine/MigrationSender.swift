@@ -671,14 +671,15 @@ public final class MigrationSender: @unchecked Sendable {
         return dirty
     }
 
-    /// Waits for the receiver's word that pass `pass` is wholly in its memory. On the way it may name channels it lost
-    /// (stream.md §6.16): every one the sender `dropped` in the pass must be among them, and one the sender still used
-    /// is closed here. Returns the channels lost in the pass. A cancel, or the time budget running out, ends the wait:
-    /// the watchdog closes the channels, which fails the blocked read.
+    /// Waits for the receiver's word that pass `pass` is wholly in its memory, and, for each channel the sender `dropped`
+    /// in the pass, that it is done with it (stream.md §6.16). On the way the receiver may name other channels it lost,
+    /// which the sender closes too. Returns the channels lost in the pass. A cancel, or the time budget running out,
+    /// ends the wait: the watchdog closes the channels, which fails the blocked read.
     private func awaitApplied(pass: UInt32, on reply: RecordReader, dropped: [LostChannel]) throws -> [LostChannel] {
         var lost = dropped
         var unconfirmed = Set(dropped.map(\.channel))
-        while true {
+        var applied = false
+        while !applied || !unconfirmed.isEmpty {
             switch try reply.next() {
             // The receiver's pass is this one, or the next when the channel failed after this pass's boundary went through.
             case .channelLost(let channel, let at) where at == pass || at == pass + 1:
@@ -686,15 +687,12 @@ public final class MigrationSender: @unchecked Sendable {
                     channels[Int(channel)].close()
                     lost.append(LostChannel(channel: Int(channel), pass: Int(pass), reason: "the destination lost it"))
                 }
-            case .passApplied(let applied) where applied == pass:
-                guard unconfirmed.isEmpty else {
-                    throw MigrationError.protocolViolation("pass \(pass) applied without word of lost channels \(unconfirmed.sorted())")
-                }
-                return lost
+            case .passApplied(let done) where done == pass && !applied: applied = true
             case .abort(let abort): throw MigrationError.peerAborted(reason: abort.reason.rawValue, message: abort.message)
             case let other: throw MigrationError.protocolViolation("expected pass \(pass) applied, got \(other)")
             }
         }
+        return lost
     }
 
     /// Moves the frames of the channels `lost` in the pass just ended onto the channels left (stream.md §6.16), once the

@@ -56,6 +56,18 @@ final class ChannelLossKVMTests: MigrationTestCase {
         try assertCompleted(outcome, from: source, losing: 2)
     }
 
+    /// Onto huge pages, pages are received straight into guest memory: the cut tears a batch's payload there, and the
+    /// pages it left half written come again with the rest of the lost channel's.
+    func testAChannelCutInsideAPayloadReceivedInPlaceIsTakenOverByTheOthers() throws {
+        try requireFreeHugePages(128)
+        let (source, _) = try bootSource(guest, writtenPages: workingSetPages)
+        let outcome = migrate(source, options: fourChannels, destinationBacking: .hugePages) { _, channels in
+            channels[2].cutAfter = (8 << 20) + 1000 // 1000 bytes into a batch's payload
+        }
+        XCTAssertGreaterThan(outcome.receiverReport?.pagesReceivedInPlace ?? 0, workingSetPages / 2)
+        try assertCompleted(outcome, from: source, losing: 2)
+    }
+
     /// The guest keeps dirtying its memory; the cut comes 64 KiB into pass 1 on channel 2, which the bandwidth cap makes
     /// long enough to be sure it falls inside that pass.
     func testAChannelCutDuringALaterPassIsTakenOverByTheOthers() throws {

@@ -50,7 +50,8 @@ final class MigrationFaultKVMTests: MigrationTestCase {
     func testReceiverDyingMidStream() throws {
         let (source, console) = try bootSource(guest)
         let pairs = (0 ..< 2).map { _ in SocketPairChannel.pair() }
-        pairs[1].1.dieAfterReceiving = 8 << 20
+        // On the main channel: a secondary one would be lost alone, and the migration go on (ChannelLossKVMTests).
+        pairs[0].1.dieAfterReceiving = 8 << 20
         let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
         let receiver = MigrationReceiver(sink: sink, channels: pairs.map(\.1))
         let done = DispatchSemaphore(value: 0)
@@ -112,7 +113,8 @@ final class MigrationFaultKVMTests: MigrationTestCase {
         for fault in ["corrupt", "cut"] {
             let (source, console) = try bootSource(guest)
             let outcome = migrate(source, options: plainOptions, destinationBacking: .hugePages) { _, channels in
-                if fault == "corrupt" { channels[0].corruptByteAt = 16 << 20 } else { channels[1].cutAfter = (16 << 20) + 1000 }
+                // Both on the main channel: a secondary one would be lost alone, and the migration go on (ChannelLossKVMTests).
+                if fault == "corrupt" { channels[0].corruptByteAt = 16 << 20 } else { channels[0].cutAfter = (16 << 20) + 1000 }
             }
             let expected = fault == "corrupt" ? "digest mismatch" : "channel failed"
             XCTAssertTrue(outcome.report.error?.contains(expected) ?? false, "\(fault): \(outcome.report.error ?? "")")

@@ -81,6 +81,9 @@ public enum Formatting {
                 + "dirty \(bytes(pass.dirtyRateBytesPerSecond))/s, expected downtime \(seconds(pass.expectedDowntimeMs / 1000))"
                 + (pass.throttle > 0 ? String(format: ", throttle %.0f%%", pass.throttle * 100) : ""))
         }
+        for lost in report.lostChannels ?? [] {
+            lines.append("  channel \(lost.channel) lost in pass \(lost.pass), its pages taken over by the others: \(lost.reason)")
+        }
         if let postCopy = report.postCopy { lines.append("  " + Self.postCopy(postCopy)) }
         if let resumed = report.resumedPrecopy {
             lines.append(resumed.resumed ? "  resumed: the destination held \(resumed.heldPages) pages of the broken migration"

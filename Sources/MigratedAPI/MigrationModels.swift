@@ -313,6 +313,26 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         }
     }
 
+    /// Secondary channels that failed during pre-copy and whose pages the others took over (`protocol/stream.md`
+    /// §6.16); the migration went on over the rest of `channels`. Absent when none was lost.
+    public var lostChannels: [LostChannel]?
+
+    /// A channel lost during pre-copy.
+    public struct LostChannel: Codable, Sendable, Equatable {
+        /// Its index, 1 or more: the main channel, 0, cannot be lost.
+        public var channel: Int
+        /// The pass during which it was lost; the next pass sent its pages again.
+        public var pass: Int
+        /// What failed, as the source saw it.
+        public var reason: String
+
+        public init(channel: Int, pass: Int, reason: String) {
+            self.channel = channel
+            self.pass = pass
+            self.reason = reason
+        }
+    }
+
     /// The post-copy phase, as the source saw it.
     public struct PostCopy: Codable, Sendable, Equatable {
         /// Pages the destination lacked when its guest started.
@@ -368,7 +388,8 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
 
     public init(succeeded: Bool, error: String?, committed: Bool, totalSeconds: Double, setupSeconds: Double, downtimeMs: Double?,
                 wireBytes: UInt64, pagesSent: UInt64, compression: MigrationCompression, channels: Int, passes: [Pass],
-                postCopy: PostCopy? = nil, resumable: Bool? = nil, resumedPrecopy: ResumedPreCopy? = nil) {
+                postCopy: PostCopy? = nil, resumable: Bool? = nil, resumedPrecopy: ResumedPreCopy? = nil,
+                lostChannels: [LostChannel]? = nil) {
         self.succeeded = succeeded
         self.error = error
         self.committed = committed
@@ -383,6 +404,7 @@ public struct MigrationReportDocument: Codable, Sendable, Equatable {
         self.postCopy = postCopy
         self.resumable = resumable
         self.resumedPrecopy = resumedPrecopy
+        self.lostChannels = lostChannels
     }
 }
 

@@ -354,7 +354,9 @@ extension MigrationStatus {
                                                  requests: UInt64($0.requests), wireBytes: UInt64($0.wireBytes), seconds: $0.seconds)
             },
             resumable: report.resumeTicket != nil ? true : nil,
-            resumedPrecopy: report.resumedPreCopy.map { .init(resumed: $0.resumed, heldPages: UInt64($0.heldPages), reason: $0.reason) })
+            resumedPrecopy: report.resumedPreCopy.map { .init(resumed: $0.resumed, heldPages: UInt64($0.heldPages), reason: $0.reason) },
+            lostChannels: report.lostChannels.isEmpty ? nil
+                : report.lostChannels.map { MigrationReportDocument.LostChannel(channel: $0.channel, pass: $0.pass, reason: $0.reason) })
     }
 }
 

@@ -53,6 +53,28 @@ final class MigrationStatusTests: XCTestCase {
             .contains("post-copy: 5210 pages missing at the start, 312 asked for by the destination in 312 requests"))
     }
 
+    /// A channel lost during pre-copy shows in the report, in the JSON as `lost_channels`; a report without one leaves
+    /// the field out.
+    func testALostChannelShowsInTheReport() throws {
+        let report = try JSONDecoder().decode(MigrationReport.self, from: Data(#"""
+            {"succeeded": true, "committed": true, "totalSeconds": 2, "setupSeconds": 0.1, "downtimeSeconds": 0.004, "passes": [],
+             "wireBytes": 1000, "pagesSent": 10, "compression": "none", "channels": 4, "harvests": 1, "harvestSeconds": 0, "predictions": [],
+             "lostChannels": [{"channel": 2, "pass": 0, "reason": "channel failed: connection reset"}]}
+            """#.utf8))
+        var status = MigrationStatus(vm: "vm", peer: "peer", phase: .precopy)
+        status.finish(report, compression: .none)
+        XCTAssertEqual(status.report?.lostChannels, [MigrationReportDocument.LostChannel(channel: 2, pass: 0, reason: "channel failed: connection reset")])
+        let json = String(decoding: try APIJSON.encode(status), as: UTF8.self)
+        XCTAssertTrue(json.contains(#""lost_channels" : ["#) && json.contains(#""channel" : 2"#), json)
+        XCTAssertTrue(Formatting.report(status.report!, vm: "vm", peer: "peer")
+            .contains("channel 2 lost in pass 0, its pages taken over by the others: channel failed: connection reset"))
+        var without = report
+        without.lostChannels = []
+        var plain = MigrationStatus(vm: "vm", peer: "peer", phase: .precopy)
+        plain.finish(without, compression: .none)
+        XCTAssertFalse(String(decoding: try APIJSON.encode(plain), as: UTF8.self).contains("lost_channels"))
+    }
+
     /// A post-copy whose link broke keeps the percent it had reached, and its line says how long the source waits and
     /// what resumes it; the pause is in the JSON as `postcopy_pause`.
     func testAPausedPostCopyKeepsItsPercentAndSaysHowToResume() throws {

@@ -524,21 +524,21 @@ public final class MigrationReceiver: @unchecked Sendable {
 
     /// Loses secondary channel `index`, whose link failed (`failure`) before it brought the boundary of `pass`
     /// (stream.md §6.16), unless it is too late for that (the final pass began): closes it, so that the sender's writes
-    /// there fail too; writes into guest memory every batch read from it; takes its share out of the digest, since the
-    /// sender sends all its frames again on the channels left; and only then tells the sender, which waits for that
-    /// before it sends any of them. Returns nil once the channel is lost, or the error that fails the migration:
-    /// `failure` when it may not be lost, with nothing changed (a post-copy may still resume), or what went wrong on the
-    /// way.
+    /// there fail too; writes into guest memory every batch read from it; takes its pages out of memory and its share out
+    /// of the digest, since the sender sends all its frames again on the channels left; and only then tells the sender,
+    /// which waits for that before it sends any of them. Returns nil once the channel is lost, or the error that fails
+    /// the migration: `failure` when it may not be lost, with nothing changed (a post-copy may still resume), or what
+    /// went wrong on the way.
     private func lose(_ index: Int, pass: UInt32, after failure: Error, applier: PageApplier, acknowledger: PassAcknowledger) -> Error? {
         guard acknowledger.admitLoss(channel: index, pass: pass, reason: "\(failure)") else { return failure }
         channels[index].close()
         do {
             try applier.drain()
-            applier.writer.forgetAll()
+            try applier.writer.forgetAll()
             try acknowledger.announceLoss(channel: index, pass: pass)
             return nil
         } catch {
-            return error
+            return error as? MigrationError ?? .guestFailed("dropping channel \(index)'s pages: \(error)")
         }
     }
 }
@@ -647,7 +647,7 @@ final class PageApplier: @unchecked Sendable {
 /// applier's thread alone calls `apply` and `hashInPlace` (with `applierExpander`, `runs`, `batchPayload`, the
 /// digest and the counters). Others read the digest and counters only after `PageApplier.stop()` has joined the
 /// applier's thread, or after its `drain()` with nothing queued since: the receiver's thread between passes (`forget`),
-/// a lost channel's thread (`forgetAll`), the receiver's thread once every channel is done.
+/// a lost channel's thread (`forgetAll`, with `tornFrames`), the receiver's thread once every channel is done.
 final class PageWriter: @unchecked Sendable {
     let digest: DigestTracker
     /// One per thread that expands pages: the applier's (`apply`) and the channel's (`receiveInPlace`).
@@ -732,9 +732,14 @@ final class PageWriter: @unchecked Sendable {
         digest.forget(runs)
     }
 
-    /// Takes every frame out of the digest: this writer's channel is lost, and the sender sends all its frames again on
-    /// others (stream.md §6.16). Called once the applier has drained, with nothing queued after.
-    func forgetAll() {
+    /// Takes this channel's pages out of guest memory and out of the digest: the channel is lost, and the sender sends
+    /// every frame it carried again on the others (stream.md §6.16). Until they come, memory holds what the digest says
+    /// of each of them, nothing, as memory kept for a resume must (§6.15); pages a torn batch left half written go too.
+    /// On the channel's thread, once the applier has drained, with nothing queued after.
+    func forgetAll() throws {
+        try digest.forEachHeldRun { first, run in try sink.zero(frames: first, count: run.count) }
+        for frame in tornFrames { try sink.zero(frames: frame, count: 1) }
+        tornFrames = []
         digest.reset()
     }
 

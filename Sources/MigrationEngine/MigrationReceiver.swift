@@ -113,6 +113,8 @@ public final class MigrationReceiver: @unchecked Sendable {
             return report
         } catch {
             var failure = error as? MigrationError ?? .guestFailed("\(error)")
+            // The channels about to be closed fail as they close: none of them is a loss to take over (stream.md §6.16).
+            try? acknowledger?.endLosses()
             if case .channel = failure, let others = otherChannels {
                 // A failing secondary channel closes every channel to stop this one: its error is the cause.
                 for channel in channels { channel.close() }
@@ -513,7 +515,9 @@ public final class MigrationReceiver: @unchecked Sendable {
                         failure = lose(index, pass: pass, after: error, applier: appliers[index], acknowledger: acknowledger)
                     }
                     guard let failure else { return }
-                    // Unblock the main channel, which may be waiting for records this channel's failure will stop.
+                    // Unblock the main channel, which may be waiting for records this channel's failure will stop; the
+                    // channels that fail from that are no losses.
+                    try? acknowledger?.endLosses()
                     for channel in channels { channel.close() }
                     throw failure
                 }
@@ -896,14 +900,17 @@ final class PassAcknowledger: Sendable {
         }
     }
 
-    /// No channel may be lost from now on: the final pass `finalPass` (or post-copy) begins, on every channel it runs on.
-    /// Throws if one was lost in it already: a loss the receiver saw before it knew the pass was the last.
-    func endLosses(finalPass: UInt32) throws {
+    /// No channel may be lost from now on: the final pass `finalPass` (or post-copy) begins, on every channel it runs on,
+    /// or, without one, the migration fails and its channels are closed. Throws if one was lost in the final pass
+    /// already: a loss the receiver saw before it knew the pass was the last.
+    func endLosses(finalPass: UInt32? = nil) throws {
         let late = state.withLock { state in
             state.lossesEnded = true
-            return state.lost.first { $0.pass >= Int(finalPass) }
+            return finalPass.flatMap { final in state.lost.first { $0.pass >= Int(final) } }
         }
-        if let late { throw MigrationError.channel("channel \(late.channel) was lost in the final pass \(finalPass): \(late.reason)") }
+        if let late, let finalPass {
+            throw MigrationError.channel("channel \(late.channel) was lost in the final pass \(finalPass): \(late.reason)")
+        }
     }
 
     /// The channels lost so far.

@@ -121,6 +121,31 @@ final class ChannelLossKVMTests: MigrationTestCase {
         destination.stop()
     }
 
+    /// A pre-copy that lost a channel in pass 0 and then broke in pass 1, while the others took over its pages
+    /// (stream.md §6.15): the destination keeps what it holds, the lost channel's pages out of it until they came again,
+    /// and a resume sends what it lacks; the guest verifies all its memory.
+    func testAPreCopyThatLostAChannelAndThenBrokeIsResumed() throws {
+        let (source, _) = try bootSource(guest, writtenPages: workingSetPages)
+        let shelf = PreCopyLeftoverShelf(gracePeriod: 60)
+        let broken = migrate(source, options: fourChannels, leftoverShelf: shelf) { sender, channels in
+            channels[2].cutAfter = 4 << 20
+            sender.onProgress = { progress in
+                if progress.phase == .precopy, progress.pass == 1, channels[0].cutAfter == nil { channels[0].cutAfter = channels[0].sent + (1 << 20) }
+            }
+        }
+        XCTAssertFalse(broken.report.succeeded)
+        XCTAssertEqual(broken.report.lostChannels.map(\.channel), [2])
+        XCTAssertEqual(broken.report.passes.count, 1, "the break came in pass 1")
+        XCTAssertNil(source.stopped, "the source runs on")
+        let kept = try XCTUnwrap(shelf.contents.first)
+        var options = fourChannels
+        options.resumeTicket = try XCTUnwrap(broken.report.resumeTicket)
+        let (resumed, destination) = try migrateSuccessfully(source, options: options, leftoverShelf: shelf, lines: 2)
+        XCTAssertEqual(resumed.report.resumedPreCopy?.heldPages, kept.heldPages)
+        XCTAssertGreaterThan(resumed.report.passes.first?.unchangedPages ?? 0, 0, "kept pages are not sent again")
+        destination.stop()
+    }
+
     func testWithoutTheReceiversAgreementALostChannelFailsTheMigration() throws {
         let (source, console) = try bootSource(guest, writtenPages: workingSetPages)
         let older = Capabilities(codecs: .all, maxChannels: 4, flags: [.wholeBatchCompression, .passAcknowledgement, .descriptorChecksum])

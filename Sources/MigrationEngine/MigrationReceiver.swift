@@ -164,8 +164,8 @@ public final class MigrationReceiver: @unchecked Sendable {
             }
         }
         // Two channels hold the frame, and only memory knows which copy came last: a sender that keeps each frame on one
-        // channel (stream.md §11) never causes this.
-        for frame in conflicting { held.update(frame: frame, page: UnsafeRawBufferPointer(start: sink.page(frame: frame), count: 4096)) }
+        // channel (stream.md §11) never causes this. A lost channel's pages left its digest but not memory (§6.16).
+        for frame in conflicting + writers.flatMap(\.droppedFrames) { held.update(frame: frame, page: UnsafeRawBufferPointer(start: sink.page(frame: frame), count: 4096)) }
         return PreCopyLeftovers(sink: sink, layout: layout, ticket: ticket, peer: peer, held: held)
     }
 
@@ -528,9 +528,9 @@ public final class MigrationReceiver: @unchecked Sendable {
 
     /// Loses secondary channel `index`, whose link failed (`failure`) before it brought the boundary of `pass`
     /// (stream.md §6.16), unless it is too late for that (the final pass began): closes it, so that the sender's writes
-    /// there fail too; writes into guest memory every batch read from it; takes its pages out of memory and its share out
-    /// of the digest, since the sender sends all its frames again on the channels left; and only then tells the sender,
-    /// which waits for that before it sends any of them. Returns nil once the channel is lost, or the error that fails
+    /// there fail too; writes into guest memory every batch read from it; takes its share out of the digest, since the
+    /// sender sends every frame of it this side may hold a page of again on the channels left; and only then tells the
+    /// sender, which waits for that before it sends any of them. Returns nil once the channel is lost, or the error that fails
     /// the migration: `failure` when it may not be lost, with nothing changed (a post-copy may still resume), or what
     /// went wrong on the way.
     private func lose(_ index: Int, pass: UInt32, after failure: Error, applier: PageApplier, acknowledger: PassAcknowledger) -> Error? {
@@ -538,11 +538,11 @@ public final class MigrationReceiver: @unchecked Sendable {
         channels[index].close()
         do {
             try applier.drain()
-            try applier.writer.forgetAll()
+            applier.writer.forgetAll()
             try acknowledger.announceLoss(channel: index, pass: pass)
             return nil
         } catch {
-            return error as? MigrationError ?? .guestFailed("dropping channel \(index)'s pages: \(error)")
+            return error
         }
     }
 }
@@ -651,7 +651,7 @@ final class PageApplier: @unchecked Sendable {
 /// applier's thread alone calls `apply` and `hashInPlace` (with `applierExpander`, `runs`, `batchPayload`, the
 /// digest and the counters). Others read the digest and counters only after `PageApplier.stop()` has joined the
 /// applier's thread, or after its `drain()` with nothing queued since: the receiver's thread between passes (`forget`),
-/// a lost channel's thread (`forgetAll`, with `tornFrames`), the receiver's thread once every channel is done.
+/// a lost channel's thread (`forgetAll`), the receiver's thread once every channel is done.
 final class PageWriter: @unchecked Sendable {
     let digest: DigestTracker
     /// One per thread that expands pages: the applier's (`apply`) and the channel's (`receiveInPlace`).
@@ -668,6 +668,9 @@ final class PageWriter: @unchecked Sendable {
     /// The frames of a batch whose payload stopped halfway into guest memory (the channel broke): what they hold is
     /// neither their old version nor their new one, and neither is in the digest. The channel's thread only.
     private(set) var tornFrames: [UInt64] = []
+    /// The frames whose pages a lost channel had written (`forgetAll`): in memory, no longer in the digest. The channel's
+    /// thread only, until it has ended.
+    private(set) var droppedFrames: [UInt64] = []
     /// Set at the start of post-copy, from the receiver's thread while this writer is idle: pages then go in through
     /// it, each missing frame once, and nothing else.
     let postCopy = Locked<PostCopyMemory?>(nil)
@@ -736,14 +739,12 @@ final class PageWriter: @unchecked Sendable {
         digest.forget(runs)
     }
 
-    /// Takes this channel's pages out of guest memory and out of the digest: the channel is lost, and the sender sends
-    /// every frame it carried again on the others (stream.md §6.16). Until they come, memory holds what the digest says
-    /// of each of them, nothing, as memory kept for a resume must (§6.15); pages a torn batch left half written go too.
-    /// On the channel's thread, once the applier has drained, with nothing queued after.
-    func forgetAll() throws {
-        try digest.forEachHeldRun { first, run in try sink.zero(frames: first, count: run.count) }
-        for frame in tornFrames { try sink.zero(frames: frame, count: 1) }
-        tornFrames = []
+    /// Takes every frame out of the digest: this writer's channel is lost, and the sender sends every frame of it that
+    /// this side may hold a page of again on the others (stream.md §6.16). Memory keeps what the channel wrote until
+    /// then; `droppedFrames` says where, for memory kept for a resume, which must know what it holds (§6.15). On the
+    /// channel's thread, once the applier has drained, with nothing queued after.
+    func forgetAll() {
+        digest.forEachHeld { frame, _ in droppedFrames.append(frame) }
         digest.reset()
     }
 

@@ -289,7 +289,7 @@ public final class MigrationSender: @unchecked Sendable {
             forecast.update(history: history, elapsed: monotonicSeconds() - started, throttle: throttle, setupSeconds: phase.setupSeconds,
                             harvests: harvests, harvestSeconds: harvestSeconds, memoryPages: Int(layout.totalBytes / 4096))
             if isCancelled { throw MigrationError.cancelled }
-            frames = lost.isEmpty ? dirty : try takeOver(lost.map(\.channel), dirty: dirty, streamers: streamers)
+            frames = lost.isEmpty ? dirty : try takeOver(lost.map(\.channel), dirty: dirty, streamers: streamers, held: held)
             pass += 1
             var decision = policy.decide(history: history, elapsed: monotonicSeconds() - started, throttle: throttle)
             // The pass after a loss also carries the lost channels' pages, which the dirty rate the policy judged leaves
@@ -696,24 +696,29 @@ public final class MigrationSender: @unchecked Sendable {
     }
 
     /// Moves the frames of the channels `lost` in the pass just ended onto the channels left (stream.md §6.16), once the
-    /// receiver has said that nothing more comes from them: each frame such a channel carried, or would have, goes again
-    /// in the next pass, zero pages included (the receiver may hold older contents for them), and the lost channels'
-    /// shares leave the digest, as they have at the receiver. Frames of the channels left stay on them. Returns the next
-    /// pass's frames per channel: `dirty` with the lost channels' frames moved.
-    private func takeOver(_ lost: [Int], dirty: [[UInt64]], streamers: [PageStreamer]) throws -> [[UInt64]] {
+    /// receiver has said that nothing more comes from them: every frame of such a channel that the receiver may hold a
+    /// page of goes again in the next pass, zero pages included (the receiver keeps what the channel wrote until then),
+    /// and the lost channels' shares leave the digest, as they have at the receiver. Frames of the channels left stay on
+    /// them. `held` is what the receiver kept for a resumed pre-copy (§6.15). Returns the next pass's frames per channel:
+    /// `dirty` with the lost channels' frames moved.
+    private func takeOver(_ lost: [Int], dirty: [[UInt64]], streamers: [PageStreamer], held: DigestTracker?) throws -> [[UInt64]] {
         let before = channelMap
-        for channel in lost {
-            channelMap.lose(channel)
-            streamers[channel].digest.reset()
-        }
+        for channel in lost { channelMap.lose(channel) }
         let gone = Set(lost), after = channelMap
         var moved = [[UInt64]](repeating: [], count: options.channels)
-        // Every frame written is populated, so these include the lost channels' dirty frames.
-        try guest { try source.forEachPopulatedFrame { frame in
+        func take(_ frame: UInt64) {
             if gone.contains(before.channel(of: frame)) { moved[after.channel(of: frame)].append(frame) }
-        } }
+        }
+        // Every frame written is populated, so these include the lost channels' dirty frames; the others are frames the
+        // source no longer populates: one a lost channel last sent with data, or that the receiver kept for a resume.
+        try guest { try source.forEachPopulatedFrame(take) }
+        for channel in lost {
+            streamers[channel].digest.forEachHeld { frame, _ in take(frame) }
+            streamers[channel].digest.reset()
+        }
+        held?.forEachHeld { frame, _ in take(frame) }
         return dirty.indices.map { channel in
-            gone.contains(channel) ? [] : moved[channel].isEmpty ? dirty[channel] : (dirty[channel] + moved[channel]).sorted()
+            gone.contains(channel) ? [] : moved[channel].isEmpty ? dirty[channel] : (dirty[channel] + moved[channel]).sortedUnique
         }
     }
 

@@ -81,4 +81,19 @@ final class PageWriterTests: XCTestCase {
         XCTAssertTrue(holds(4000, page(4000, 0xAB)))
         XCTAssertEqual(writer.pagesWritten, 10)
     }
+
+    /// A lost channel's writer (stream.md §6.16) drops its share of the digest and leaves its pages in memory, naming the
+    /// frames that held data, for memory kept for a resume to hash again.
+    func testALostChannelsWriterDropsItsShareAndNamesWhatItWrote() throws {
+        let batches = try decodedBatches([[(3, .raw, page(3, 0x33)), (4, .zero, []), (700, .raw, page(700, 0x70))]])
+        let sink = MicroVMGuestSink(console: SerialConsole(output: nil))
+        try sink.prepare(layout: layout)
+        let writer = PageWriter(sink: sink, layout: layout)
+        try writer.apply(batches[0])
+        XCTAssertNotEqual(writer.digest.digest, MemoryDigest())
+        writer.forgetAll()
+        XCTAssertEqual(writer.digest.digest, MemoryDigest())
+        XCTAssertEqual(writer.droppedFrames, [3, 700])
+        XCTAssertTrue(page(700, 0x70).elementsEqual(UnsafeRawBufferPointer(start: sink.page(frame: 700), count: 4096)), "memory keeps it")
+    }
 }

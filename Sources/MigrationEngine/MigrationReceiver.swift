@@ -165,7 +165,9 @@ public final class MigrationReceiver: @unchecked Sendable {
         }
         // Two channels hold the frame, and only memory knows which copy came last: a sender that keeps each frame on one
         // channel (stream.md §11) never causes this. A lost channel's pages left its digest but not memory (§6.16).
-        for frame in conflicting + writers.flatMap(\.droppedFrames) { held.update(frame: frame, page: UnsafeRawBufferPointer(start: sink.page(frame: frame), count: 4096)) }
+        for frame in conflicting + writers.flatMap(\.droppedFrames) {
+            held.update(frame: frame, page: UnsafeRawBufferPointer(start: sink.page(frame: frame), count: 4096))
+        }
         return PreCopyLeftovers(sink: sink, layout: layout, ticket: ticket, peer: peer, held: held)
     }
 

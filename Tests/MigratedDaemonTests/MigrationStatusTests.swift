@@ -40,7 +40,8 @@ final class MigrationStatusTests: XCTestCase {
         XCTAssertFalse(line.contains("dirty") || line.contains("downtime"), "stale pre-copy figures: \(line)")
         let report = try JSONDecoder().decode(MigrationReport.self, from: Data(#"""
             {"succeeded": true, "committed": true, "totalSeconds": 2, "setupSeconds": 0.1, "downtimeSeconds": 0.004, "passes": [],
-             "wireBytes": 1000, "pagesSent": 10, "compression": "lz4", "channels": 1, "lostChannels": [], "harvests": 1, "harvestSeconds": 0, "predictions": [],
+             "wireBytes": 1000, "pagesSent": 10, "compression": "lz4", "channels": 1, "lostChannels": [], "harvests": 1, "harvestSeconds": 0,
+             "predictions": [],
              "postCopy": {"missingPages": 5210, "requestedPages": 312, "requests": 312, "wireBytes": 21000000, "seconds": 0.085}}
             """#.utf8))
         status.finish(report, compression: .lz4)
@@ -63,7 +64,8 @@ final class MigrationStatusTests: XCTestCase {
             """#.utf8))
         var status = MigrationStatus(vm: "vm", peer: "peer", phase: .precopy)
         status.finish(report, compression: .none)
-        XCTAssertEqual(status.report?.lostChannels, [MigrationReportDocument.LostChannel(channel: 2, pass: 0, reason: "channel failed: connection reset")])
+        XCTAssertEqual(status.report?.lostChannels,
+                       [MigrationReportDocument.LostChannel(channel: 2, pass: 0, reason: "channel failed: connection reset")])
         let json = String(decoding: try APIJSON.encode(status), as: UTF8.self)
         XCTAssertTrue(json.contains(#""lost_channels" : ["#) && json.contains(#""channel" : 2"#), json)
         XCTAssertTrue(Formatting.report(status.report!, vm: "vm", peer: "peer")

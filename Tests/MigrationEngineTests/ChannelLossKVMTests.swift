@@ -76,7 +76,9 @@ final class ChannelLossKVMTests: MigrationTestCase {
         options.bandwidthLimit = 100e6
         let outcome = migrate(source, options: options) { sender, channels in
             sender.onProgress = { progress in
-                if progress.phase == .precopy, progress.pass == 1, channels[2].cutAfter == nil { channels[2].cutAfter = channels[2].sent + (64 << 10) }
+                if progress.phase == .precopy, progress.pass == 1, channels[2].cutAfter == nil {
+                    channels[2].cutAfter = channels[2].sent + (64 << 10)
+                }
             }
         }
         let lost = try XCTUnwrap(outcome.report.lostChannels.first)
@@ -95,7 +97,8 @@ final class ChannelLossKVMTests: MigrationTestCase {
                 if oneWay { channel?.deafAfterReceiving = 8 << 20 } else { channel?.dieAfterReceiving = 8 << 20 }
             })
             XCTAssertEqual(outcome.report.lostChannels.first?.pass, 0)
-            XCTAssertTrue(outcome.receiverReport?.lostChannels.first?.reason.contains("after 8") ?? false, "\(outcome.receiverReport?.lostChannels ?? [])")
+            let atReceiver = outcome.receiverReport?.lostChannels ?? []
+            XCTAssertTrue(atReceiver.first?.reason.contains("after 8") ?? false, "\(atReceiver)")
             if oneWay { XCTAssertEqual(outcome.report.lostChannels.first?.reason, "the destination lost it") }
             try assertCompleted(outcome, from: source, losing: 2)
         }

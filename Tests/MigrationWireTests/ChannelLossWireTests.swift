@@ -109,7 +109,8 @@ final class ChannelLossWireTests: XCTestCase {
             enc.encodeChannelLost(channel: 1, pass: 1, into: &out)
         }), .passOutOfOrder(previous: 2, found: 1))
         // Reserved bytes are zero.
-        XCTAssertEqual(reason(main { enc, out in enc.encodeRawRecord(type: RecordType.channelLost.rawValue, body: [1, 0, 1, 0, 1, 0, 0, 0], into: &out) }),
-                       .reservedNotZero)
+        XCTAssertEqual(reason(main { enc, out in
+            enc.encodeRawRecord(type: RecordType.channelLost.rawValue, body: [1, 0, 1, 0, 1, 0, 0, 0], into: &out)
+        }), .reservedNotZero)
     }
 }

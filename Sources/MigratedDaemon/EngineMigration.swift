@@ -666,14 +666,17 @@ public final class EngineIncomingListener: IncomingMigrationListener, @unchecked
         do {
             receiver.postCopyRecoveryTimeout = settings.postCopyRecoveryTimeout
             let key = ObjectIdentifier(receiver)
+            // The receiver keeps this closure: it reaches the guest's sink through `receiving`, never through the receiver
+            // itself (`sink` would hold it, and the two would keep each other, their connections and the guest's memory).
             receiver.onPostCopyPaused = { [logger, receiving] reason, seconds in
-                receiving.withLock {
-                    $0[key]?.pauses += 1
-                    $0[key]?.lastPause = (reason, monotonicSeconds() + seconds)
-                    $0[key]?.mark()
+                let vm = receiving.withLock { entries in
+                    entries[key]?.pauses += 1
+                    entries[key]?.lastPause = (reason, monotonicSeconds() + seconds)
+                    entries[key]?.mark()
+                    return entries[key]?.sink.configuration?.id
                 }
                 logger.error("post-copy link broke; the arriving guest runs, its threads that touch missing pages wait for the source to resume",
-                             metadata: ["peer": "\(peer)", "vm": "\(sink.configuration?.id ?? "-")", "reason": "\(reason)", "wait_seconds": "\(seconds)"])
+                             metadata: ["peer": "\(peer)", "vm": "\(vm ?? "-")", "reason": "\(reason)", "wait_seconds": "\(seconds)"])
             }
             receiving.withLock { $0[key] = Receiving(peer: peer, receiver: receiver, given: given) }
             defer { receiving.withLock { $0[key] = nil } }
